@@ -1,0 +1,31 @@
+# Two commands from a fresh clone: `make demo` (the main job) and `make test` (lint + the test suite).
+# Both create and use the local virtual environment .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU machines: torch 2.13.0 installs a CPU build in seconds. On a CUDA machine: make TORCH_SPEC=torch ...
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= edge,cloud,train,dev
+STAMP := $(VENV)/.installed-$(shell echo "$(EXTRAS)" | tr ',' '-')
+
+.PHONY: setup demo test lint clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(BIN)/coexit smoke
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""coexit cloud package (filled in by later issues)."""

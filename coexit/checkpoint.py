@@ -1,0 +1,157 @@
+"""Checkpoint io: `load(path)` and `save(model, path)` on a directory of config.json, model.safetensors and
+tokenizer.json.
+
+model.safetensors holds the backbone under HF parameter names plus `exits.{e}.*` tensors. A plain HF Llama or
+Qwen2 directory (no exits, possibly sharded with model.safetensors.index.json) loads too: missing exit heads are
+initialised from the final norm and LM head, and the load logs that it did. Every problem with a directory is
+raised as CheckpointError naming the file and the tensor, never as a traceback from inside torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from coexit.config import Config, EarlyExitConfig
+from coexit.errors import CheckpointError, ConfigError
+from coexit.model import EarlyExitLM, rope_inv_freq
+from coexit.tokenizer import Tokenizer
+
+log = logging.getLogger("coexit.checkpoint")
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def read_config(path: str | Path, early_exit: EarlyExitConfig | None = None) -> Config:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} is missing: a checkpoint directory needs config.json, "
+                              f"{WEIGHTS} and (optionally) tokenizer.json")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        if early_exit is None and "early_exit" not in raw:
+            log.warning("%s has no early_exit block: using exits %s with split %d", cfg_path,
+                        list(EarlyExitConfig.default_for(int(raw.get("num_hidden_layers", 0))).exit_layers),
+                        EarlyExitConfig.default_for(int(raw.get("num_hidden_layers", 0))).split_layer)
+        return Config.from_dict(raw, early_exit=early_exit)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
+    except ConfigError as exc:
+        raise CheckpointError(f"{cfg_path}: {exc}") from None
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it."""
+    single, index = path / WEIGHTS, path / WEIGHTS_INDEX
+    if single.is_file():
+        try:
+            with safe_open(single, "pt") as f:
+                return {k: single for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{single} is not a readable safetensors file: {exc}") from None
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are missing: {missing}")
+        return {k: path / f for k, f in weight_map.items()}
+    raise CheckpointError(f"{single} is missing: no weights in {path} (expected {WEIGHTS} or {WEIGHTS_INDEX})")
+
+
+def _source_name(config: Config, name: str) -> str:
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return "model.embed_tokens.weight"
+    return name
+
+
+def _fallback_name(config: Config, name: str) -> str | None:
+    """Where a missing exit-head tensor is initialised from: the final norm / LM head."""
+    parts = name.split(".")
+    if parts[0] != "exits":
+        return None
+    if parts[2] == "norm":
+        return "model.norm.weight"
+    return _source_name(config, "lm_head.weight")
+
+
+def load(path: str | Path, layers: tuple[int, int] | None = None, dtype: torch.dtype | None = None,
+         device: str | torch.device = "cpu", early_exit: EarlyExitConfig | None = None) -> EarlyExitLM:
+    """Load a checkpoint directory into an EarlyExitLM.
+
+    layers=(a, b) loads only layers [a, b) with the exits, embeddings and heads that range needs (the edge
+    loads [0, split), the cloud [split, L)). dtype defaults to the file's; early_exit overrides config.json's.
+    """
+    path = Path(path)
+    config = read_config(path, early_exit)
+    files = _weight_files(path)
+    with torch.device("meta"):
+        try:
+            model = EarlyExitLM(config, layers)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    model.to_empty(device=device)
+    model.rotary.inv_freq = rope_inv_freq(config).to(device)
+    if config.tie_word_embeddings and hasattr(model, "lm_head") and model.start == 0:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+    handles: dict[Path, object] = {}
+    initialised: list[str] = []
+    try:
+        for name, param in model.state_dict(keep_vars=True).items():
+            src = _source_name(config, name)
+            if src not in files:
+                src = _fallback_name(config, name)
+                if src is None or src not in files:
+                    raise CheckpointError(f"{files.get(name, path / WEIGHTS)} lacks tensor {name!r} (expected shape "
+                                          f"{list(param.shape)} from config.json)")
+                initialised.append(name)
+            file = files[src]
+            if file not in handles:
+                handles[file] = safe_open(file, "pt", device="cpu")
+            tensor = handles[file].get_tensor(src)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CheckpointError(f"{file.name}: tensor {src!r} has shape {list(tensor.shape)} but config.json "
+                                      f"implies {list(param.shape)} for {name!r}; the weights and config.json do "
+                                      f"not belong together")
+            target_dtype = dtype or tensor.dtype
+            with torch.no_grad():
+                param.data = tensor.to(device=device, dtype=target_dtype)
+    finally:
+        handles.clear()
+    if config.tie_word_embeddings and hasattr(model, "lm_head") and model.start == 0:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if initialised:
+        exits = sorted({int(n.split(".")[1]) for n in initialised})
+        log.warning("%s has no exit heads for layers %s: initialised them from the final norm and LM head "
+                    "(ready for EE-tuning)", path, exits)
+    model.initialised_exits = tuple(sorted({int(n.split(".")[1]) for n in initialised}))
+    tok = path / "tokenizer.json"
+    if tok.is_file():
+        model.tokenizer = Tokenizer.from_file(tok, bos_id=config.bos_token_id, eos_id=config.eos_token_id)
+    return model.eval()
+
+
+def save(model: EarlyExitLM, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    """Write config.json, model.safetensors (HF names + exit heads) and, when known, tokenizer.json."""
+    if model.layer_range != (0, model.config.num_hidden_layers):
+        raise ValueError(f"save() writes whole models; this one holds only layers {model.layer_range}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.to_json(path / "config.json")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
+    tokenizer = tokenizer or model.tokenizer
+    if tokenizer is not None:
+        tokenizer.save(path / "tokenizer.json")
+    return path

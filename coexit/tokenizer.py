@@ -1,0 +1,62 @@
+"""A thin wrapper over an HF `tokenizers` tokenizer.json: encode, decode, streaming decode, special tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from coexit.errors import CheckpointError
+
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<|bos|>", "<bos>")
+_EOS_NAMES = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<|eos|>", "<eos>", "<|im_end|>")
+
+
+class Tokenizer:
+    def __init__(self, hf: _HFTokenizer, bos_id: int | None = None, eos_id: int | None = None) -> None:
+        self.hf = hf
+        self.bos_id = bos_id if bos_id is not None else self._find(_BOS_NAMES)
+        self.eos_id = eos_id if eos_id is not None else self._find(_EOS_NAMES)
+
+    @classmethod
+    def from_file(cls, path: str | Path, bos_id: int | None = None, eos_id: int | None = None) -> Tokenizer:
+        try:
+            hf = _HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+            raise CheckpointError(f"{path} is not a readable tokenizer.json: {exc}") from None
+        return cls(hf, bos_id, eos_id)
+
+    def _find(self, names: tuple[str, ...]) -> int | None:
+        for name in names:
+            tid = self.hf.token_to_id(name)
+            if tid is not None:
+                return tid
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def stream_piece(self, ids: list[int], n_done: int) -> str:
+        """Text that token ids[n_done:] add after ids[:n_done] (whole characters only, for streaming)."""
+        before = self.decode(ids[:n_done])
+        after = self.decode(ids)
+        if after.endswith("\ufffd"):
+            return ""
+        return after[len(before):] if after.startswith(before) else after
+
+    def save(self, path: str | Path) -> None:
+        self.hf.save(str(path))

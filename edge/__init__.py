@@ -1,0 +1,1 @@
+"""coexit edge package (filled in by later issues)."""

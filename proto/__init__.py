@@ -1,0 +1,1 @@
+"""Wire contract sources (.proto), package coexit.v1."""

@@ -1,0 +1,30 @@
+"""Tokenizer wrapper over a real tokenizer.json: round trip, special tokens, streaming pieces."""
+
+from __future__ import annotations
+
+import coexit
+from coexit.tiny import train_bpe
+
+
+def test_round_trip_and_specials(tiny_dir):
+    tok = coexit.load(tiny_dir).tokenizer
+    text = "def add(a, b):\n    return a + b  # ünïcode ✓\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.encode(text, add_bos=True) == [tok.bos_id, *ids]
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    assert tok.special_tokens == {"<|pad|>": 0, "<|begin_of_text|>": 1, "<|end_of_text|>": 2}
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == text
+
+
+def test_stream_pieces_rebuild_text():
+    tok = train_bpe(["héllo wörld ✓✓ def f(): pass"] * 3, 300)
+    text = "wörld ✓ pass"
+    ids = tok.encode(text)
+    pieces, done = [], 0
+    for n in range(1, len(ids) + 1):
+        piece = tok.stream_piece(ids[:n], done)
+        if piece:
+            pieces.append(piece)
+            done = n
+    assert "".join(pieces) == text

@@ -1,0 +1,1 @@
+"""coexit training package (filled in by later issues)."""
