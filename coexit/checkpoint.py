@@ -9,6 +9,7 @@ raised as CheckpointError naming the file and the tensor, never as a traceback f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -65,6 +66,17 @@ def _weight_files(path: Path) -> dict[str, Path]:
             raise CheckpointError(f"{index} names shard files that are missing: {missing}")
         return {k: path / f for k, f in weight_map.items()}
     raise CheckpointError(f"{single} is missing: no weights in {path} (expected {WEIGHTS} or {WEIGHTS_INDEX})")
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 over config.json's model fields and the weight files' bytes: what edge and cloud must share."""
+    path = Path(path)
+    h = hashlib.sha256(json.dumps(read_config(path).to_dict(), sort_keys=True).encode())
+    for file in sorted(set(_weight_files(path).values())):
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _source_name(config: Config, name: str) -> str:
@@ -133,6 +145,7 @@ def load(path: str | Path, layers: tuple[int, int] | None = None, dtype: torch.d
         exits = sorted({int(n.split(".")[1]) for n in initialised})
         log.warning("%s has no exit heads for layers %s: initialised them from the final norm and LM head "
                     "(ready for EE-tuning)", path, exits)
+    model.fingerprint = fingerprint(path)
     model.initialised_exits = tuple(sorted({int(n.split(".")[1]) for n in initialised}))
     tok = path / "tokenizer.json"
     if tok.is_file():

@@ -183,6 +183,8 @@ class EarlyExitLM(nn.Module):
                 self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(config)
         self.tokenizer = None  # set by coexit.load when the checkpoint has a tokenizer.json
+        self.fingerprint = ""  # set by coexit.load: sha256 of config + weights
+        self.initialised_exits: tuple[int, ...] = ()
 
     # ---- pieces --------------------------------------------------------------------------------------------
     @property

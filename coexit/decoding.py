@@ -1,0 +1,148 @@
+"""Depth-aware decoding over a layer range: early exits with exact KV recomputation, one implementation for the
+edge (layers [0, split)) and the cloud (layers [split, L)).
+
+Each position has a depth: how many layers hold its KV. A row that exits at layer e is *parked* at depth e with
+its hidden state. Before any row is computed at layer l, every earlier position must have KV at layer l: the
+parked rows at depth l are prepended and computed in the same batch (KV recomputation). So a layer's filled
+positions are always a prefix, `cache.length(l)`, and the parked rows at depth l are exactly the positions
+[cache.length(l), cache.length(l - 1)).
+
+Rows that reach the top of the range (`stop`) are parked there too unless the range ends the model: for the edge
+that is the outbox of split-depth hidden states the cloud has not seen yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from coexit.kv_cache import KVCache
+from coexit.model import EarlyExitLM
+
+# decide(exit_layer, logits (V,) of the newest row) -> True to stop there
+Decide = Callable[[int, Tensor], bool]
+
+
+@dataclass
+class RunResult:
+    depth: int  # where the newest row stopped: an exit layer, or the range's stop
+    exited: bool  # True when a decide() said stop at `depth` (even if depth == stop)
+    exit_logits: dict[int, Tensor] = field(default_factory=dict)  # logits (V,) of the newest row at checked exits
+    logits: Tensor | None = None  # final logits (V,) of the newest row when the range ends the model
+    rows_computed: int = 0  # layer-row computations (layer-tokens) this call performed
+
+
+class LayerRunner:
+    """Runs layers [start, stop) of `model` for one sequence, letting rows stop at exit layers."""
+
+    def __init__(self, model: EarlyExitLM, start: int, stop: int, cache: KVCache | None = None,
+                 max_len: int | None = None) -> None:
+        self.model, self.start, self.stop = model, start, stop
+        self.cache = cache or model.new_cache(max_len=max_len)
+        self.ends_model = stop == model.config.num_hidden_layers
+        # depth -> (first position, hidden rows (n, C)) parked at that depth, contiguous by the invariant
+        self.parked: dict[int, tuple[int, Tensor]] = {}
+        self.layer_tokens = 0  # total layer-row computations so far
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------------
+    @property
+    def next_position(self) -> int:
+        """First position this runner has not seen at all."""
+        top = max((first + rows.shape[0] for first, rows in self.parked.values()), default=0)
+        return max(top, self.cache.length(self.start))
+
+    def depth_of(self, position: int) -> int:
+        for d, (first, rows) in self.parked.items():
+            if first <= position < first + rows.shape[0]:
+                return d
+        return self.stop if position < self.cache.length(self.stop - 1) else self.start
+
+    def _park(self, depth: int, first: int, rows: Tensor) -> None:
+        if depth in self.parked:
+            f0, r0 = self.parked[depth]
+            assert f0 + r0.shape[0] == first, "parked rows must stay contiguous"
+            rows = torch.cat([r0, rows], 0)
+            first = f0
+        self.parked[depth] = (first, rows)
+
+    def park(self, rows: Tensor, first: int) -> None:
+        """Accept rows (n, C) at depth `start` without computing them yet (they catch up with the next run)."""
+        self._check_first(first)
+        self._park(self.start, first, rows)
+
+    def _check_first(self, first: int) -> None:
+        if first != self.next_position:
+            raise ValueError(f"rows start at position {first} but this runner expects position "
+                             f"{self.next_position}; positions must continue without gap or overlap")
+
+    def take_top(self, upto: int | None = None) -> tuple[int, Tensor]:
+        """Remove and return (first position, rows) parked at depth `stop` (the edge's upload outbox)."""
+        first, rows = self.parked.get(self.stop, (self.cache.length(self.stop - 1), None))
+        if rows is None:
+            return first, torch.zeros(0, self.model.config.hidden_size)
+        if upto is None or upto >= first + rows.shape[0]:
+            del self.parked[self.stop]
+            return first, rows
+        n = upto - first
+        self.parked[self.stop] = (upto, rows[n:])
+        return first, rows[:n]
+
+    def peek_top(self) -> tuple[int, Tensor | None]:
+        return self.parked.get(self.stop, (self.cache.length(self.stop - 1), None))
+
+    # ---- compute -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, x: Tensor, first: int, decide: Decide | None = None, exits: list[int] | None = None) -> RunResult:
+        """Advance new rows for positions [first, first + T) through the range.
+
+        x is token ids (T,) when start == 0, else hidden states (T, C) at depth `start`. Exit heads in `exits`
+        (default: every exit in (start, stop]) are evaluated on the newest row in order; the first one that
+        `decide` accepts stops the rows there (parked at that depth). Without `decide`, rows run to `stop`.
+        """
+        self._check_first(first)
+        model = self.model
+        if self.start == 0 and not x.is_floating_point():
+            x = model.embed(x[None, :].long())[0]
+        h = x[None]  # (1, T, C)
+        lo = first  # first position of the rows in h
+        check = [e for e in (exits if exits is not None else model.config.exit_layers) if self.start < e <= self.stop]
+        result = RunResult(depth=self.stop, exited=False)
+        layer = self.start
+        while layer < self.stop:
+            if layer in self.parked:  # catch up rows parked at this depth (KV recomputation)
+                pf, prow = self.parked.pop(layer)
+                assert pf + prow.shape[0] == lo, "parked rows must end where the batch begins"
+                h, lo = torch.cat([prow[None].to(h.dtype), h], 1), pf
+            # run up to the next place something happens: an exit check, parked rows, or the top
+            nxt = min([b for b in (*check, *self.parked) if b > layer] + [self.stop])
+            positions = torch.arange(lo, lo + h.shape[1])
+            h = model.run_layers(h, positions, self.cache, layer, nxt).hidden
+            self.layer_tokens += h.shape[1] * (nxt - layer)
+            result.rows_computed += h.shape[1] * (nxt - layer)
+            layer = nxt
+            if layer in check and layer < model.config.num_hidden_layers:
+                logits = model.head_logits(layer, h[0, -1])
+                result.exit_logits[layer] = logits
+                if decide is not None and decide(layer, logits):
+                    result.depth, result.exited = layer, True
+                    if layer < self.stop or not self.ends_model:
+                        self._park(layer, lo, h[0])
+                    return result
+        if self.ends_model:
+            result.logits = model.head_logits(self.stop, h[0, -1])
+        else:
+            self._park(self.stop, lo, h[0])
+        return result
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (rollback)."""
+        self.cache.truncate(length)
+        for d in list(self.parked):
+            first, rows = self.parked[d]
+            if first >= length:
+                del self.parked[d]
+            else:
+                self.parked[d] = (first, rows[: length - first])

@@ -1,0 +1,66 @@
+"""Exit criteria and the per-exit threshold policy, shared by the edge and the cloud's optional exits.
+
+Criteria on an exit head's logits: `max_prob` (top-1 probability), `margin` (top-1 minus top-2 probability) and
+`entropy` (stop when the entropy is at most the threshold). A policy holds one threshold per exit layer and checks
+exits in order; the first confident exit wins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+CRITERIA = ("max_prob", "margin", "entropy")
+
+
+def confidence(logits: Tensor, criterion: str) -> float:
+    """Score of logits (V,) under a criterion; for entropy, lower means more confident."""
+    p = torch.softmax(logits.float(), dim=-1)
+    if criterion == "max_prob":
+        return float(p.max())
+    if criterion == "margin":
+        top2 = torch.topk(p, 2).values
+        return float(top2[0] - top2[1])
+    if criterion == "entropy":
+        return float(-(p * torch.log(p.clamp_min(1e-30))).sum())
+    raise ValueError(f"unknown exit criterion {criterion!r}; use one of {CRITERIA}")
+
+
+@dataclass
+class ExitPolicy:
+    """thresholds: exit layer -> threshold. An exit absent from the map is never taken."""
+
+    thresholds: dict[int, float] = field(default_factory=dict)
+    criterion: str = "max_prob"
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown exit criterion {self.criterion!r}; use one of {CRITERIA}")
+
+    @classmethod
+    def never(cls) -> ExitPolicy:
+        return cls({})
+
+    @classmethod
+    def always(cls, exit_layer: int) -> ExitPolicy:
+        return cls({exit_layer: -math.inf})
+
+    @classmethod
+    def uniform(cls, exit_layers, threshold: float, criterion: str = "max_prob") -> ExitPolicy:
+        return cls({int(e): threshold for e in exit_layers}, criterion)
+
+    def decide(self, exit_layer: int, logits: Tensor) -> bool:
+        t = self.thresholds.get(exit_layer)
+        if t is None:
+            return False
+        if t == -math.inf:
+            return True
+        score = confidence(logits, self.criterion)
+        return score <= t if self.criterion == "entropy" else score >= t
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.thresholds)

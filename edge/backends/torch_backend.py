@@ -1,0 +1,48 @@
+"""The torch edge backend: coexit's own model over layers [0, split), fp32 or bf16. A token that exits early
+really skips the remaining edge layers; its missing KV is recomputed in one batch when a later token needs
+those layers (coexit.decoding.LayerRunner, the same mechanism the cloud uses)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from coexit.checkpoint import load, read_config
+from coexit.decoding import Decide, LayerRunner, RunResult
+from coexit.model import EarlyExitLM
+from edge.backends.base import EdgeBackend
+
+
+class TorchBackend(EdgeBackend):
+    name = "torch"
+
+    def __init__(self, model: EarlyExitLM, max_len: int | None = None) -> None:
+        self.model, self.config = model, model.config
+        self.fingerprint = model.fingerprint
+        self.max_len = max_len
+        if model.start != 0 or model.stop < self.config.split_layer:
+            raise ValueError(f"the edge needs layers [0, {self.config.split_layer}); model holds {model.layer_range}")
+        self.reset()
+
+    @classmethod
+    def from_checkpoint(cls, path, dtype: torch.dtype | None = torch.float32, max_len: int | None = None):
+        split = read_config(path).split_layer
+        return cls(load(path, layers=(0, split), dtype=dtype), max_len=max_len)
+
+    def reset(self) -> None:
+        self.runner = LayerRunner(self.model, 0, self.config.split_layer, max_len=self.max_len)
+
+    def step(self, token_ids: list[int], first: int, decide: Decide | None) -> RunResult:
+        return self.runner.run(torch.tensor(token_ids, dtype=torch.long), first, decide, self.exit_layers)
+
+    def take_split_rows(self) -> tuple[int, Tensor]:
+        first, rows = self.runner.take_top()
+        return first, rows.float()
+
+    @property
+    def next_position(self) -> int:
+        return self.runner.next_position
+
+    @property
+    def layer_tokens(self) -> int:
+        return self.runner.layer_tokens
