@@ -147,10 +147,17 @@ def load(path: str | Path, layers: tuple[int, int] | None = None, dtype: torch.d
                     "(ready for EE-tuning)", path, exits)
     model.fingerprint = fingerprint(path)
     model.initialised_exits = tuple(sorted({int(n.split(".")[1]) for n in initialised}))
-    tok = path / "tokenizer.json"
-    if tok.is_file():
-        model.tokenizer = Tokenizer.from_file(tok, bos_id=config.bos_token_id, eos_id=config.eos_token_id)
+    model.tokenizer = load_tokenizer(path)
     return model.eval()
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer.json (special ids from config.json), or None when it has none."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        return None
+    config = read_config(path)
+    return Tokenizer.from_file(path / "tokenizer.json", bos_id=config.bos_token_id, eos_id=config.eos_token_id)
 
 
 def save(model: EarlyExitLM, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:

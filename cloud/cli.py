@@ -1,0 +1,37 @@
+"""`coexit serve --model DIR [--port P]`: run the cloud service in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+from cloud.server import serve_forever
+from cloud.sessions import Limits
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="coexit serve", description="Serve an early-exit model's deep layers over gRPC.")
+    ap.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors)")
+    ap.add_argument("--port", type=int, default=50151)
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
+    ap.add_argument("--max-sessions", type=int, default=64)
+    ap.add_argument("--kv-budget-mib", type=float, default=2048)
+    ap.add_argument("--max-length", type=int, default=0, help="positions per session (0: the model's maximum)")
+    ap.add_argument("--max-rows", type=int, default=4096, help="rows per Append")
+    ap.add_argument("--idle-ttl", type=float, default=300.0, help="seconds a broken session stays resumable")
+    ap.add_argument("--deep-only", action="store_true", help="load only layers [split, L) (no cloud-only mode)")
+    ap.add_argument("--token", default=os.environ.get("COEXIT_TOKEN"), help="require this bearer token")
+    ap.add_argument("--tls-key", help="PEM private key (with --tls-cert) to serve TLS")
+    ap.add_argument("--tls-cert")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    limits = Limits(max_sessions=args.max_sessions, kv_budget_bytes=int(args.kv_budget_mib * 2**20),
+                    max_length=args.max_length, max_rows_per_append=args.max_rows, idle_ttl_s=args.idle_ttl)
+    tls = (args.tls_key, args.tls_cert) if args.tls_key and args.tls_cert else None
+    try:
+        asyncio.run(serve_forever(args.model, args.port, args.host, limits, args.token, args.deep_only, tls))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,83 @@
+"""`coexit generate --model DIR --cloud HOST:PORT "prompt"`: print the text with each token's origin, then a
+summary line (edge share, fallbacks, bytes, latency)."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+from coexit.exits import CRITERIA, ExitPolicy
+from coexit.sampling import SamplingParams
+from edge.backends import BACKENDS
+from edge.client import MODES, EdgeClient, Generation
+
+COLOURS = {"edge": "\033[32m", "cloud": "\033[34m", "edge-standalone": "\033[33m"}
+RESET = "\033[0m"
+
+
+def render(gen: Generation, colour: bool) -> str:
+    out = []
+    for e in gen.events:
+        if colour:
+            out.append(f"{COLOURS[e.origin]}{e.text}{RESET}")
+        else:
+            tag = "C" if e.origin == "cloud" else ("S" if e.origin == "edge-standalone" else f"E{e.exit_layer}")
+            out.append(f"{e.text}[{tag}]")
+    return "".join(out)
+
+
+def summary(gen: Generation) -> str:
+    c, n = gen.counters, max(1, len(gen.events))
+    edge = sum(e.origin != "cloud" for e in gen.events)
+    lat = [e.latency_s * 1e3 for e in gen.events] or [0.0]
+    return (f"{len(gen.events)} tokens: {edge / n:.0%} on the edge, {c.fallbacks} cloud fallbacks, "
+            f"{c.standalone} standalone; up {c.bytes_up / n:.0f} B/token, down {c.bytes_down / n:.0f} B/token; "
+            f"latency p50 {statistics.median(lat):.1f} ms, max {max(lat):.1f} ms")
+
+
+def parse_thresholds(text: str | None) -> dict[int, float]:
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        layer, _, value = item.partition("=")
+        out[int(layer)] = float(value)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="coexit generate", description=__doc__)
+    ap.add_argument("prompt")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--cloud", help="HOST:PORT of `coexit serve` (not needed for --mode standalone)")
+    ap.add_argument("--mode", choices=MODES, default="collaborative")
+    ap.add_argument("--backend", choices=BACKENDS, default="torch")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--threshold", type=float, default=0.9, help="exit threshold for every edge exit")
+    ap.add_argument("--thresholds", help="per-exit thresholds, e.g. 2=0.8,4=0.9 (overrides --threshold)")
+    ap.add_argument("--criterion", choices=CRITERIA, default="max_prob")
+    ap.add_argument("--encoding", choices=["fp32", "fp16", "bf16", "int8"], default="fp16")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deadline", type=float, default=5.0, help="seconds to wait for the cloud per step")
+    ap.add_argument("--token", help="bearer token the cloud requires")
+    ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    args = ap.parse_args(argv)
+    client = EdgeClient.from_checkpoint(args.model, cloud=args.cloud, backend=args.backend, mode=args.mode,
+                                        encoding=args.encoding, deadline_s=args.deadline, token=args.token)
+    edge_exits = client.backend.exit_layers
+    thresholds = parse_thresholds(args.thresholds) or {e: args.threshold for e in edge_exits}
+    policy = ExitPolicy(thresholds, args.criterion)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    gen = client.generate(args.prompt, args.max_new_tokens, sampling, policy)
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(args.prompt + render(gen, colour))
+    legend = "green = edge exit, blue = cloud, yellow = edge while the cloud was unreachable" if colour else \
+        "[E<layer>] = edge exit at that layer, [C] = cloud, [S] = edge while the cloud was unreachable"
+    print(f"-- {legend}")
+    print(summary(gen))
+    client.close()
+    return 0

@@ -1,0 +1,298 @@
+"""The edge SDK: EdgeClient runs the shallow stage, takes confident exits locally and falls back to the cloud.
+
+Modes:
+  collaborative  (default) edge exits when confident, else the cloud finishes the token; the edge uploads exactly
+                 the split-layer rows the cloud lacks, each position once per cloud session.
+  standalone     edge exits only (the deepest edge exit when none is confident); never the network.
+  cloud-only     baseline: token ids go up and the cloud runs the whole model.
+  naive-split    baseline: no exits; every token crosses and the whole context is resent each step.
+
+When the cloud is unreachable or misses its deadline, a collaborative run continues standalone (tokens marked
+origin "edge-standalone") and retries the cloud every `retry_s`; on its return it resumes the session, or opens a
+new one and replays the split rows it kept. Tokens already emitted never change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from coexit.exits import ExitPolicy
+from coexit.sampling import GREEDY, SamplingParams, sample
+from coexit.tokenizer import Tokenizer
+from coexit.v1 import coexit_pb2 as pb
+from coexit.v1.convert import ENCODING_CODES, sampling_to_proto, tensor_to_proto
+from edge.backends.base import EdgeBackend
+from edge.link import CloudError, CloudLink, CloudUnavailable, SessionStream
+
+MODES = ("collaborative", "standalone", "cloud-only", "naive-split")
+
+
+@dataclass
+class TokenEvent:
+    position: int  # where the token sits in the sequence
+    token_id: int
+    text: str  # the text this token adds (may be "" mid-character)
+    origin: str  # "edge", "cloud" or "edge-standalone" (cloud unreachable)
+    exit_layer: int  # layer count whose head produced it
+    logprob: float
+    latency_s: float
+
+
+@dataclass
+class Counters:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    fallbacks: int = 0  # tokens that asked the cloud
+    standalone: int = 0  # tokens made on the edge because the cloud was unreachable
+    exits: Counter = field(default_factory=Counter)  # exit layer -> tokens (edge and cloud heads)
+    rtts_s: list[float] = field(default_factory=list)
+    cloud_layer_tokens: int = 0  # layer-row computations the cloud reported
+    edge_layer_tokens: int = 0
+    uploads: list[list[int]] = field(default_factory=list)  # per cloud session: positions uploaded, in order
+    sessions_opened: int = 0
+
+    def merge_stream(self, s: SessionStream | None) -> None:
+        if s is not None:
+            self.bytes_up += s.bytes_up
+            self.bytes_down += s.bytes_down
+            s.bytes_up = s.bytes_down = 0
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    events: list[TokenEvent]
+    text: str
+    counters: Counters
+
+    @property
+    def tokens(self) -> list[int]:
+        return [e.token_id for e in self.events]
+
+
+class EdgeClient:
+    def __init__(self, backend: EdgeBackend, tokenizer: Tokenizer | None = None, cloud: str | None = None,
+                 encoding: str = "fp32", policy: ExitPolicy | None = None, mode: str = "collaborative",
+                 deadline_s: float = 5.0, retry_s: float = 0.5, prefill_chunk: int = 256,
+                 token: str | None = None, cloud_exits: dict[int, float] | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+        if encoding not in ENCODING_CODES:
+            raise ValueError(f"unknown encoding {encoding!r}; use one of {sorted(ENCODING_CODES)}")
+        self.backend, self.tokenizer, self.encoding = backend, tokenizer, encoding
+        self.policy = policy or ExitPolicy.never()
+        self.mode, self.deadline_s, self.retry_s, self.prefill_chunk = mode, deadline_s, retry_s, prefill_chunk
+        self.cloud_exits = cloud_exits or {}
+        self.link = CloudLink(cloud, token=token, deadline_s=deadline_s) if cloud else None
+        self.max_rows = 4096
+
+    @classmethod
+    def from_checkpoint(cls, model_dir, cloud: str | None = None, backend: str = "torch", **kw) -> EdgeClient:
+        from edge.backends import make_backend
+
+        be = make_backend(backend, model_dir)
+        from coexit.checkpoint import load_tokenizer
+
+        return cls(be, load_tokenizer(model_dir), cloud=cloud, **kw)
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+
+    # ---- public API ----------------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 32, sampling: SamplingParams = GREEDY,
+                 policy: ExitPolicy | None = None, mode: str | None = None, stop_at_eos: bool = True) -> Generation:
+        run = _Run(self, prompt, max_new_tokens, sampling, policy or self.policy, mode or self.mode, stop_at_eos)
+        events = list(run)
+        text = self.tokenizer.decode([e.token_id for e in events]) if self.tokenizer else ""
+        return Generation(run.prompt_ids, events, text, run.counters)
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 32, sampling: SamplingParams = GREEDY,
+               policy: ExitPolicy | None = None, mode: str | None = None,
+               stop_at_eos: bool = True) -> Iterator[TokenEvent]:
+        """Yield each token as it is made, with its origin and timing; `.counters` of the iterator hold totals."""
+        return _Run(self, prompt, max_new_tokens, sampling, policy or self.policy, mode or self.mode, stop_at_eos)
+
+
+class _Run:
+    """One generation: the edge position, the split-row history kept for replay, and the cloud session."""
+
+    def __init__(self, client: EdgeClient, prompt, max_new: int, sampling: SamplingParams, policy: ExitPolicy,
+                 mode: str, stop_at_eos: bool) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+        if mode != "standalone" and client.link is None:
+            raise ValueError(f"mode {mode!r} needs a cloud address")
+        self.c, self.mode, self.sampling, self.policy = client, mode, sampling, policy
+        tok = client.tokenizer
+        self.prompt_ids = list(prompt) if not isinstance(prompt, str) else tok.encode(prompt, add_bos=True)
+        if not self.prompt_ids:
+            raise ValueError("empty prompt")
+        self.max_new, self.stop_at_eos = max_new, stop_at_eos
+        self.max_length = len(self.prompt_ids) + max_new
+        self.counters = Counters()
+        self.ids = list(self.prompt_ids)
+        self.history: list[torch.Tensor] = []  # split-layer rows, position order
+        self.history_len = 0
+        self.stream: SessionStream | None = None
+        self.session_id = ""
+        self.cloud_len = 0
+        self.retry_at = 0.0
+
+    # ---- cloud session -------------------------------------------------------------------------------------
+    def _open(self) -> None:
+        now = time.monotonic()
+        if now < self.retry_at:
+            raise CloudUnavailable(grpc.StatusCode.UNAVAILABLE, "cloud marked down; retrying later")
+        fp = self.c.backend.fingerprint
+        enc = ENCODING_CODES[self.c.encoding]
+        try:
+            if self.session_id and self.mode == "collaborative":
+                self.stream = self.c.link.stream()
+                try:
+                    reply = self.stream.request(pb.SessionRequest(open=pb.OpenRequest(
+                        fingerprint=fp, resume_id=self.session_id)))
+                    self.cloud_len = reply.opened.length
+                    return
+                except CloudError as exc:
+                    if exc.code != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    self.counters.merge_stream(self.stream)
+            self.stream = self.c.link.stream()
+            opening = pb.OpenRequest(
+                fingerprint=fp, max_length=self.max_length, encoding=enc,
+                input=pb.TOKENS if self.mode == "cloud-only" else pb.HIDDEN, stateless=self.mode == "naive-split",
+                cloud_exits=[pb.CloudExit(layer=k, threshold=v) for k, v in sorted(self.c.cloud_exits.items())])
+            reply = self.stream.request(pb.SessionRequest(open=opening))
+        except CloudUnavailable:
+            self.counters.merge_stream(self.stream)
+            self.stream = None
+            self.retry_at = time.monotonic() + self.c.retry_s
+            raise
+        self.session_id, self.cloud_len = reply.opened.session_id, 0
+        self.counters.sessions_opened += 1
+        self.counters.uploads.append([])
+
+    def _append(self, first: int, hidden: torch.Tensor | None, token_ids: list[int] | None,
+                want: bool) -> pb.AppendReply:
+        req = pb.AppendRequest(first_position=first, want_token=want, sampling=sampling_to_proto(self.sampling))
+        if hidden is not None:
+            req.hidden.CopyFrom(tensor_to_proto(hidden, self.c.encoding))
+        else:
+            req.token_ids.extend(token_ids)
+        reply = self.stream.request(pb.SessionRequest(append=req)).appended
+        self.counters.cloud_layer_tokens += reply.layer_tokens
+        return reply
+
+    def _cloud_token(self, upto: int) -> pb.AppendReply:
+        """Send what the cloud lacks of positions [0, upto) and get the token for position `upto`."""
+        if self.stream is None or self.stream.broken:
+            self._open()
+        t0 = time.perf_counter()
+        try:
+            if self.mode == "naive-split":
+                reply = self._append(0, self._rows(0, upto), None, True)
+            elif self.mode == "cloud-only":
+                reply = self._append(self.cloud_len, None, self.ids[self.cloud_len:upto], True)
+            else:
+                first = self.cloud_len
+                while True:
+                    last = min(upto, first + self.c.max_rows)
+                    reply = self._append(first, self._rows(first, last), None, last == upto)
+                    self.counters.uploads[-1].extend(range(first, last))
+                    first = last
+                    if first == upto:
+                        break
+            self.cloud_len = reply.length
+        except CloudUnavailable:
+            self.counters.merge_stream(self.stream)
+            self.stream = None
+            self.retry_at = time.monotonic() + self.c.retry_s
+            raise
+        self.counters.rtts_s.append(time.perf_counter() - t0)
+        self.counters.merge_stream(self.stream)
+        return reply
+
+    def _rows(self, a: int, b: int) -> torch.Tensor:
+        rows = torch.cat(self.history, 0) if len(self.history) > 1 else self.history[0]
+        self.history = [rows]
+        return rows[a:b]
+
+    # ---- edge ----------------------------------------------------------------------------------------------
+    def _collect_rows(self) -> None:
+        first, rows = self.c.backend.take_split_rows()
+        if rows.shape[0]:
+            assert first == self.history_len, "split rows must arrive in position order"
+            self.history.append(rows)
+            self.history_len += rows.shape[0]
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        be, mode = self.c.backend, self.mode
+        if mode != "cloud-only":
+            be.reset()
+        decide = None if mode == "naive-split" else self.policy.decide
+        chunk = self.c.prefill_chunk
+        pos, pending = 0, self.prompt_ids
+        try:
+            if self.c.link is not None and mode != "standalone":
+                try:
+                    self.c.max_rows = self.c.link.info().limits.max_rows_per_append or self.c.max_rows
+                except CloudUnavailable:
+                    pass
+            for _ in range(self.max_new):
+                t0 = time.perf_counter()
+                if mode != "cloud-only":
+                    while len(pending) > chunk:  # long prompts: earlier chunks need no exit decision
+                        be.step(pending[:chunk], pos, None)
+                        pos, pending = pos + chunk, pending[chunk:]
+                    res = be.step(pending, pos, decide)
+                    self._collect_rows()
+                pos += len(pending)
+                event = self._token(res if mode != "cloud-only" else None, pos, t0)
+                self.ids.append(event.token_id)
+                yield event
+                pending = [event.token_id]
+                eos = self.c.tokenizer.eos_id if self.c.tokenizer else None
+                if self.stop_at_eos and event.token_id == eos:
+                    break
+        finally:
+            if mode != "cloud-only":
+                self.counters.edge_layer_tokens = be.layer_tokens
+            if self.stream is not None:
+                self.stream.close()
+                self.counters.merge_stream(self.stream)
+
+    def _token(self, res, pos: int, t0: float) -> TokenEvent:
+        """Make the token at position `pos` from the edge's result or the cloud."""
+        if res is not None and (res.exited or self.mode == "standalone"):
+            layer = res.depth if res.exited else max(res.exit_logits)
+            return self._event(pos, res.exit_logits[layer], layer, "edge", t0)
+        self.counters.fallbacks += 1
+        try:
+            reply = self._cloud_token(pos)
+        except CloudUnavailable:
+            if res is None:
+                raise
+            self.counters.standalone += 1
+            layer = max(res.exit_logits)
+            return self._event(pos, res.exit_logits[layer], layer, "edge-standalone", t0)
+        self.counters.exits[reply.exit_layer] += 1
+        return TokenEvent(pos, reply.token_id, self._piece(reply.token_id), "cloud", reply.exit_layer, reply.logprob,
+                          time.perf_counter() - t0)
+
+    def _event(self, pos: int, logits: torch.Tensor, layer: int, origin: str, t0: float) -> TokenEvent:
+        token, logprob = sample(logits, self.sampling, position=pos)
+        self.counters.exits[layer] += 1
+        return TokenEvent(pos, token, self._piece(token), origin, layer, logprob, time.perf_counter() - t0)
+
+    def _piece(self, token: int) -> str:
+        tok = self.c.tokenizer
+        if tok is None:
+            return ""
+        return tok.stream_piece(self.ids + [token], len(self.ids))
