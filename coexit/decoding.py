@@ -146,3 +146,22 @@ class LayerRunner:
                 del self.parked[d]
             else:
                 self.parked[d] = (first, rows[: length - first])
+
+
+@torch.no_grad()
+def generate_full(model: EarlyExitLM, prompt_ids: list[int], max_new_tokens: int, sampling=None,
+                  stop_id: int | None = None) -> list[int]:
+    """Reference decoding with the whole model and its KV cache (what cloud-only serving computes)."""
+    from coexit.sampling import GREEDY, sample
+
+    sampling = sampling or GREEDY
+    cache = model.new_cache(max_len=len(prompt_ids) + max_new_tokens)
+    x, out, pos = torch.tensor([prompt_ids]), [], len(prompt_ids)
+    for _ in range(max_new_tokens):
+        logits = model(x, cache=cache, head_rows="last").logits[0, -1]
+        token, _ = sample(logits, sampling, position=pos)
+        out.append(token)
+        if token == stop_id:
+            break
+        x, pos = torch.tensor([[token]]), pos + 1
+    return out

@@ -55,7 +55,9 @@ class Counters:
     cloud_layer_tokens: int = 0  # layer-row computations the cloud reported
     edge_layer_tokens: int = 0
     uploads: list[list[int]] = field(default_factory=list)  # per cloud session: positions uploaded, in order
+    payload_up: int = 0  # hidden-state payload bytes (data + scales) sent
     sessions_opened: int = 0
+    server_bytes: list[tuple[int, int]] = field(default_factory=list)  # per closed session: (received, sent)
 
     def merge_stream(self, s: SessionStream | None) -> None:
         if s is not None:
@@ -152,6 +154,8 @@ class _Run:
             raise CloudUnavailable(grpc.StatusCode.UNAVAILABLE, "cloud marked down; retrying later")
         fp = self.c.backend.fingerprint
         enc = ENCODING_CODES[self.c.encoding]
+        if self.retry_at:  # coming back after an outage
+            self.c.link.reconnect()
         try:
             if self.session_id and self.mode == "collaborative":
                 self.stream = self.c.link.stream()
@@ -184,6 +188,7 @@ class _Run:
         req = pb.AppendRequest(first_position=first, want_token=want, sampling=sampling_to_proto(self.sampling))
         if hidden is not None:
             req.hidden.CopyFrom(tensor_to_proto(hidden, self.c.encoding))
+            self.counters.payload_up += len(req.hidden.data) + len(req.hidden.scales)
         else:
             req.token_ids.extend(token_ids)
         reply = self.stream.request(pb.SessionRequest(append=req)).appended
@@ -265,8 +270,10 @@ class _Run:
             if mode != "cloud-only":
                 self.counters.edge_layer_tokens = be.layer_tokens
             if self.stream is not None:
-                self.stream.close()
+                closed = self.stream.close()
                 self.counters.merge_stream(self.stream)
+                if closed is not None:
+                    self.counters.server_bytes.append((closed.bytes_received, closed.bytes_sent))
 
     def _token(self, res, pos: int, t0: float) -> TokenEvent:
         """Make the token at position `pos` from the edge's result or the cloud."""

@@ -42,6 +42,11 @@ class CloudLink:
                  root_cert: bytes | None = None) -> None:
         self.address, self.deadline_s = address, deadline_s
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.root_cert = root_cert
+        self._connect()
+
+    def _connect(self) -> None:
+        address, root_cert = self.address, self.root_cert
         opts = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20),
                 # reconnect quickly once a restarted cloud is back
                 ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
@@ -51,6 +56,11 @@ class CloudLink:
         else:
             self.channel = grpc.insecure_channel(address, opts)
         self.stub = pb_grpc.CoexitStub(self.channel)
+
+    def reconnect(self) -> None:
+        """A fresh channel: after an outage it connects at once instead of waiting out the reconnect backoff."""
+        self.channel.close()
+        self._connect()
 
     def info(self) -> pb.InfoReply:
         try:

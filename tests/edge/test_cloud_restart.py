@@ -1,0 +1,86 @@
+"""Kill the cloud process mid-generation and restart it: the edge goes standalone (marked), emitted tokens never
+change, and once the cloud is back the edge opens a new session, replays what it lacks, and falls back to it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import coexit
+from coexit.decoding import generate_full
+from coexit.exits import ExitPolicy
+from edge.backends import TorchBackend
+from edge.client import EdgeClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cloud(model_dir, port) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "coexit.cli", "serve", "--model", str(model_dir),
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                channel.close()
+                return proc
+        except grpc.RpcError:
+            time.sleep(0.2)
+    raise TimeoutError("cloud did not become healthy")
+
+
+def test_cloud_restart_mid_generation(tiny_dir):
+    full = coexit.load(tiny_dir)
+    port = free_port()
+    proc = start_cloud(tiny_dir, port)
+    retry_s = 0.3
+    client = EdgeClient(TorchBackend.from_checkpoint(tiny_dir), full.tokenizer, cloud=f"127.0.0.1:{port}",
+                        deadline_s=3.0, retry_s=retry_s)
+    ids = full.tokenizer.encode("class Point:\n    def __init__(self, x, y):", add_bos=True)
+    expected = generate_full(full, ids, 8)
+    run = client.stream(ids, 30, policy=ExitPolicy.never(), stop_at_eos=False)
+    events = []
+    try:
+        for ev in run:
+            events.append(ev)
+            if len(events) == 8:
+                proc.kill()
+                proc.wait()
+            if len(events) == 14:
+                proc = start_cloud(tiny_dir, port)
+                time.sleep(retry_s)
+    finally:
+        proc.kill()
+        proc.wait()
+        client.close()
+    origins = [e.origin for e in events]
+    assert len(events) == 30
+    assert [e.token_id for e in events[:8]] == expected and set(origins[:8]) == {"cloud"}
+    assert set(origins[8:14]) == {"edge-standalone"}
+    assert origins[14] == "cloud" and set(origins[14:]) == {"cloud"}
+    c = run.counters
+    assert c.sessions_opened == 2 and c.standalone == 6
+    first_session, second_session = c.uploads
+    assert second_session == list(range(len(second_session)))  # the new cloud got the whole context replayed
+    assert len(second_session) == events[-1].position
+    # every token the new cloud made is the full model's greedy choice for the sequence actually emitted
+    seq = ids + [e.token_id for e in events]
+    with torch.no_grad():
+        logits = full(torch.tensor([seq])).logits[0]
+    for e in events[14:]:
+        assert e.token_id == int(logits[e.position - 1].argmax())
