@@ -16,7 +16,8 @@ from coexit.exits import ExitPolicy
 from edge.backends import TorchBackend
 from edge.client import EdgeClient
 
-PROMPTS = ["def add(a, b):", "import os\nimport sys\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n",
+PROMPTS = ["def add(a, b):",
+           "import os\nimport sys\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n",
            "for i in range(10):"]
 
 
