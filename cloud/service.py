@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -144,11 +145,13 @@ class CoexitService(pb_grpc.CoexitServicer):
             raise invalid("sampling temperature must be finite")
 
         def work():
+            t0 = time.perf_counter()
             with session.lock:
-                return session.append(x, int(req.first_position), req.want_token, sampling, int(req.top_logprobs))
+                out = session.append(x, int(req.first_position), req.want_token, sampling, int(req.top_logprobs))
+            return (*out, time.perf_counter() - t0)
 
-        result, layer_tokens = await self._compute(work)
-        reply = pb.AppendReply(length=session.length, layer_tokens=layer_tokens)
+        result, layer_tokens, seconds = await self._compute(work)
+        reply = pb.AppendReply(length=session.length, layer_tokens=layer_tokens, compute_us=int(seconds * 1e6))
         if result is not None:
             reply.has_token = True
             reply.token_id, reply.logprob, reply.exit_layer = result.token_id, result.logprob, result.exit_layer

@@ -51,7 +51,8 @@ class Counters:
     fallbacks: int = 0  # tokens that asked the cloud
     standalone: int = 0  # tokens made on the edge because the cloud was unreachable
     exits: Counter = field(default_factory=Counter)  # exit layer -> tokens (edge and cloud heads)
-    rtts_s: list[float] = field(default_factory=list)
+    rtts_s: list[float] = field(default_factory=list)  # per fallback: edge-measured round trip
+    cloud_compute_s: list[float] = field(default_factory=list)  # per fallback: server-reported compute
     cloud_layer_tokens: int = 0  # layer-row computations the cloud reported
     edge_layer_tokens: int = 0
     uploads: list[list[int]] = field(default_factory=list)  # per cloud session: positions uploaded, in order
@@ -146,6 +147,7 @@ class _Run:
         self.session_id = ""
         self.cloud_len = 0
         self.retry_at = 0.0
+        self._compute_us = 0
 
     # ---- cloud session -------------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -193,13 +195,14 @@ class _Run:
             req.token_ids.extend(token_ids)
         reply = self.stream.request(pb.SessionRequest(append=req)).appended
         self.counters.cloud_layer_tokens += reply.layer_tokens
+        self._compute_us += reply.compute_us
         return reply
 
     def _cloud_token(self, upto: int) -> pb.AppendReply:
         """Send what the cloud lacks of positions [0, upto) and get the token for position `upto`."""
         if self.stream is None or self.stream.broken:
             self._open()
-        t0 = time.perf_counter()
+        t0, self._compute_us = time.perf_counter(), 0
         try:
             if self.mode == "naive-split":
                 reply = self._append(0, self._rows(0, upto), None, True)
@@ -221,6 +224,7 @@ class _Run:
             self.retry_at = time.monotonic() + self.c.retry_s
             raise
         self.counters.rtts_s.append(time.perf_counter() - t0)
+        self.counters.cloud_compute_s.append(self._compute_us / 1e6)
         self.counters.merge_stream(self.stream)
         return reply
 

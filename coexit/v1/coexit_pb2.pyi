@@ -162,7 +162,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class AppendReply(_message.Message):
-    __slots__ = ("length", "has_token", "token_id", "logprob", "exit_layer", "top", "logits", "layer_tokens")
+    __slots__ = ("length", "has_token", "token_id", "logprob", "exit_layer", "top", "logits", "layer_tokens", "compute_us")
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class AppendReply(_message.Message):
     TOP_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     LAYER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     length: int
     has_token: bool
     token_id: int
@@ -179,7 +180,8 @@ class AppendReply(_message.Message):
     top: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     logits: Tensor
     layer_tokens: int
-    def __init__(self, length: _Optional[int] = ..., has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., exit_layer: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., layer_tokens: _Optional[int] = ...) -> None: ...
+    compute_us: int
+    def __init__(self, length: _Optional[int] = ..., has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., exit_layer: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., layer_tokens: _Optional[int] = ..., compute_us: _Optional[int] = ...) -> None: ...
 
 class CloseRequest(_message.Message):
     __slots__ = ()

@@ -3,51 +3,22 @@ change, and once the cloud is back the edge opens a new session, replays what it
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 
-import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import coexit
+from cloud.launch import free_port, start_cloud
 from coexit.decoding import generate_full
 from coexit.exits import ExitPolicy
 from edge.backends import TorchBackend
 from edge.client import EdgeClient
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_cloud(model_dir, port) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "coexit.cli", "serve", "--model", str(model_dir),
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                channel.close()
-                return proc
-        except grpc.RpcError:
-            time.sleep(0.2)
-    raise TimeoutError("cloud did not become healthy")
-
-
 def test_cloud_restart_mid_generation(tiny_dir):
     full = coexit.load(tiny_dir)
     port = free_port()
-    proc = start_cloud(tiny_dir, port)
+    proc, _ = start_cloud(tiny_dir, port)
     retry_s = 0.3
     client = EdgeClient(TorchBackend.from_checkpoint(tiny_dir), full.tokenizer, cloud=f"127.0.0.1:{port}",
                         deadline_s=3.0, retry_s=retry_s)
@@ -62,7 +33,7 @@ def test_cloud_restart_mid_generation(tiny_dir):
                 proc.kill()
                 proc.wait()
             if len(events) == 14:
-                proc = start_cloud(tiny_dir, port)
+                proc, _ = start_cloud(tiny_dir, port)
                 time.sleep(retry_s)
     finally:
         proc.kill()

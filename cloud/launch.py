@@ -1,0 +1,56 @@
+"""Start `coexit serve` as a child process on a free loopback port and wait until grpc.health says SERVING.
+Used by the demo, the benchmarks and the restart test (a real separate process, a real loopback link)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(address: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    channel = grpc.insecure_channel(address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"the cloud process exited with {proc.returncode}: {err[-2000:]}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+        raise TimeoutError(f"the cloud at {address} did not report SERVING within {timeout_s:.0f} s")
+    finally:
+        channel.close()
+
+
+def start_cloud(model_dir, port: int | None = None, extra_args: list[str] | None = None,
+                threads: int = 1) -> tuple[subprocess.Popen, str]:
+    """Returns (process, "127.0.0.1:PORT") once the server is healthy."""
+    port = port or free_port()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "coexit.cli", "serve", "--model", str(model_dir), "--port", str(port),
+           *(extra_args or [])]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_healthy(address, proc=proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, address
