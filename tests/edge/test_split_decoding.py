@@ -191,3 +191,24 @@ def test_sampling_is_identical_on_both_sides(tiny_dir, served):
     collab = client.generate(ids, 16, sampling=s, policy=ExitPolicy.never(), stop_at_eos=False)
     assert collab.tokens == generate_full(full, ids, 16, sampling=s)
     client.close()
+
+
+def test_cloud_side_exits_with_kv_catch_up(tiny_dir, served):
+    """Cloud exits at layer 4 (half the time, by threshold): each token equals the head it came from, applied to
+    the exact hidden state of the full model, so the layers above a cloud exit were caught up correctly."""
+    full = coexit.load(tiny_dir)
+    ids = full.tokenizer.encode(PROMPTS[1], add_bos=True)
+    seq0 = ids + generate_full(full, ids, 24)
+    with torch.no_grad():
+        conf = torch.softmax(full(torch.tensor([seq0]), exits=[4]).exit_logits[4][0], -1).max(-1).values
+    client = client_for(tiny_dir, served.address, cloud_exits={4: float(conf.median())})
+    gen = client.generate(ids, 24, policy=ExitPolicy.never(), stop_at_eos=False)
+    layers = [e.exit_layer for e in gen.events]
+    assert 4 in layers and 6 in layers, layers
+    seq = ids + gen.tokens
+    with torch.no_grad():
+        out = full(torch.tensor([seq]), exits=[4])
+    for e in gen.events:
+        logits = out.exit_logits[4] if e.exit_layer == 4 else out.logits
+        assert e.token_id == int(logits[0, e.position - 1].argmax())
+    client.close()
