@@ -97,12 +97,14 @@ class EdgeClient:
 
     @classmethod
     def from_checkpoint(cls, model_dir, cloud: str | None = None, backend: str = "torch", **kw) -> EdgeClient:
-        from edge.backends import make_backend
-
-        be = make_backend(backend, model_dir)
+        """Build the backend by name; the default exit policy is DIR/exit_policy.json (coexit calibrate)."""
         from coexit.checkpoint import load_tokenizer
+        from edge.backends import make_backend
+        from edge.calibrate import load_policy
 
-        return cls(be, load_tokenizer(model_dir), cloud=cloud, **kw)
+        if kw.get("policy") is None:
+            kw["policy"] = load_policy(model_dir)
+        return cls(make_backend(backend, model_dir), load_tokenizer(model_dir), cloud=cloud, **kw)
 
     def close(self) -> None:
         if self.link is not None:
