@@ -50,13 +50,26 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
-    def stream_piece(self, ids: list[int], n_done: int) -> str:
-        """Text that token ids[n_done:] add after ids[:n_done] (whole characters only, for streaming)."""
-        before = self.decode(ids[:n_done])
-        after = self.decode(ids)
-        if after.endswith("\ufffd"):
-            return ""
-        return after[len(before):] if after.startswith(before) else after
+    def stream(self) -> StreamDecoder:
+        """A decoder that turns tokens, pushed one at a time, into text pieces (whole characters only)."""
+        return StreamDecoder(self)
 
     def save(self, path: str | Path) -> None:
         self.hf.save(str(path))
+
+
+class StreamDecoder:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        """The text this token adds; "" while it ends inside a multi-byte character."""
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd"):
+            return ""
+        i = 0  # a decode may revise earlier characters (bytes completing a character): emit from the first change
+        while i < min(len(full), len(self.text)) and full[i] == self.text[i]:
+            i += 1
+        self.text = full
+        return full[i:]

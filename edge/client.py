@@ -142,6 +142,7 @@ class _Run:
         self.max_new, self.stop_at_eos = max_new, stop_at_eos
         self.max_length = len(self.prompt_ids) + max_new
         self.counters = Counters()
+        self.decoder = tok.stream() if tok is not None else None
         self.ids = list(self.prompt_ids)
         self.history: list[torch.Tensor] = []  # split-layer rows, position order
         self.history_len = 0
@@ -305,7 +306,4 @@ class _Run:
         return TokenEvent(pos, token, self._piece(token), origin, layer, logprob, time.perf_counter() - t0)
 
     def _piece(self, token: int) -> str:
-        tok = self.c.tokenizer
-        if tok is None:
-            return ""
-        return tok.stream_piece(self.ids + [token], len(self.ids))
+        return self.decoder.push(token) if self.decoder is not None else ""
