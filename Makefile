@@ -12,6 +12,9 @@ STAMP := $(VENV)/.installed-$(shell echo "$(EXTRAS)" | tr ',' '-')
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@# Debian's docker-compose validates docker-compose.yml in the tests (installed when root and missing)
+	command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null); } || true
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
