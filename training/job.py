@@ -228,6 +228,11 @@ def validate(job: Job, world_size: int) -> Job:
         _need(len(b) == p.pp - 1 and b == sorted(set(b)) and all(0 < x < cfg.num_hidden_layers for x in b),
               f"[parallel] stage_boundaries must be {p.pp - 1} ascending layer indices inside "
               f"1..{cfg.num_hidden_layers - 1}, got {b}")
+    if t.mode == "ee-tune":
+        for s, (a, b) in enumerate(stage_ranges(job)):
+            _need(any(a < e <= b for e in cfg.exit_layers),
+                  f"[parallel] ee-tune trains only exit heads, but stage {s} (layers {a}..{b - 1}) holds none; "
+                  f"move stage_boundaries so every stage has an exit")
     for name in ("steps", "micro_batch_size", "grad_accum"):
         _need(getattr(t, name) >= 1, f"[train] {name} must be >= 1")
     _need(t.optimizer in ("adamw", "sgd"), f"[train] optimizer {t.optimizer!r} is unknown; use adamw or sgd")

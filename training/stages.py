@@ -151,8 +151,9 @@ class PipeLoss:
         logits, losses = outputs
         final = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         total = self.config.loss_weight(self.config.num_hidden_layers) * final
-        for i, w in enumerate(self.weights()):
-            total = total + w * losses[i]
+        w = torch.zeros(losses.numel(), dtype=losses.dtype, device=losses.device)  # a slot even without exits,
+        w[:len(self.exits)] = torch.tensor(self.weights(), dtype=losses.dtype)   # so the carried tensor gets a grad
+        total = total + (w * losses).sum()
         self.records.append(torch.cat([losses.detach().float()[:len(self.exits)], final.detach()[None].float()]))
         return total
 
