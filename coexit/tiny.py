@@ -24,12 +24,12 @@ SAMPLE_TEXT = [
 ]
 
 
-def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: list[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
     """A byte-level BPE tokenizer (the GPT-2/Llama-3 kind) trained on texts, with SPECIALS at ids 0..2."""
     hf = _HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator(texts, trainer)
     return Tokenizer(hf, bos_id=1, eos_id=2)

@@ -1,0 +1,88 @@
+"""EE-tuning (real torchrun processes, PP=2): only exit heads change, every backbone tensor stays bit-identical,
+and a run resumed from a mid-run DeepSpeed checkpoint ends exactly where the uninterrupted run ended."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.data import prepare
+from training.launch import launch
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from coexit.tiny import SAMPLE_TEXT
+
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "a.jsonl").write_text("".join(json.dumps({"text": t * 3}) + "\n" for t in SAMPLE_TEXT * 6))
+    out = tmp_path_factory.mktemp("data")
+    prepare([root], out, vocab_size=384, val_fraction=0.2, seed=1)
+    return out
+
+
+def job_text(source, data_dir, steps: int) -> str:
+    return f"""
+[model]
+source = "{source}"
+[data]
+path = "{data_dir}"
+seq_len = 16
+[train]
+mode = "ee-tune"
+steps = {steps}
+micro_batch_size = 2
+grad_accum = 2
+lr = 0.01
+grad_clip = 1.0
+exit_warmup_steps = 2
+log_file = "metrics.jsonl"
+log_every = 1
+progress = false
+[parallel]
+pp = 2
+[checkpoint]
+dir = "ckpt"
+every = 1
+[export]
+dir = "export"
+"""
+
+
+def test_ee_tune_freezes_backbone_and_resumes(tmp_path, data_dir, checkpoint_factory):
+    source = checkpoint_factory("tiny-mha")  # exits 1, 2, 4 with LM heads of their own
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "job.toml").write_text(job_text(source, data_dir, 3))
+    launch(2, full / "job.toml")
+
+    before = load_file(str(source / "model.safetensors"))
+    after = load_file(str(full / "export" / "model.safetensors"))
+    assert set(after) == set(before)
+    backbone = [k for k in before if not k.startswith("exits.")]
+    assert backbone and all(torch.equal(before[k], after[k]) for k in backbone), "EE-tuning changed the backbone"
+    changed = [k for k in before if k.startswith("exits.") and not torch.equal(before[k], after[k])]
+    assert sorted(changed) == sorted(k for k in before if k.startswith("exits.")), "some exit head did not train"
+
+    recs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    w = [r["exit_weights"][0] for r in recs]
+    assert w[0] == pytest.approx(w[2] / 2) and w[1] == pytest.approx(w[2])  # linear warm-up over 2 steps
+    assert all(r["exit1"] > 0 and r["exit2"] > 0 and r["exit4"] > 0 for r in recs)
+
+    # resume: start again from the step-2 checkpoint; the third step must reproduce the uninterrupted run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "ckpt" / "step2", resumed / "ckpt" / "step2")
+    (resumed / "ckpt" / "latest").write_text("step2")
+    (resumed / "job.toml").write_text(job_text(source, data_dir, 3))
+    proc = launch(2, resumed / "job.toml")
+    assert "resumed from" in proc.stdout + proc.stderr
+    again = load_file(str(resumed / "export" / "model.safetensors"))
+    for k in after:
+        torch.testing.assert_close(again[k], after[k], atol=1e-7, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    assert [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()] == [3]
