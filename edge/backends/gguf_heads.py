@@ -62,6 +62,11 @@ class EdgeGGUF:
     heads: dict[int, ExitHead] = field(default_factory=dict)  # exits before the split
 
 
+def gguf_fingerprint(path: str | Path) -> str | None:
+    """The `coexit.fingerprint` of a GGUF (None when it has none), without loading its tensors."""
+    return _field(gguf.GGUFReader(str(path)), "coexit.fingerprint")
+
+
 def read_edge_gguf(path: str | Path) -> EdgeGGUF:
     from edge.export_gguf import sidecar_path
 
