@@ -236,3 +236,16 @@ def test_bnb_nf4_computes_with_its_dequantized_weights(qdir):
 def test_make_backend_rejects_unknown_kind(qdir):
     with pytest.raises(ValueError, match="unknown edge backend"):
         make_backend("onnx", qdir)
+
+
+@pytest.mark.parametrize("flavour", ["tiny-mha", "tiny-tied", "tiny-llama3", "tiny-qwen2"])
+def test_gguf_f32_flavours(flavour, checkpoint_factory, tmp_path):
+    """Unshared heads (sidecar), tied embeddings, llama3 RoPE scaling (rope_freqs), Qwen2 qkv bias (arch qwen2)."""
+    ckpt = checkpoint_factory(flavour)
+    path = tmp_path / "e.gguf"
+    assert export_main(["--model", str(ckpt), "--quant", "f32", "--out", str(path)]) == 0
+    b, t = LlamaCppBackend(path, kv_type="f32"), TorchBackend.from_checkpoint(ckpt)
+    rb, rt = b.step(STREAM[:20], 0, None), t.step(STREAM[:20], 0, None)
+    assert rel(b.take_split_rows()[1], t.take_split_rows()[1]) < 1e-4
+    for e in b.exit_layers:
+        assert rel(rb.exit_logits[e], rt.exit_logits[e]) < 1e-4
