@@ -9,7 +9,7 @@ import sys
 
 from coexit.exits import CRITERIA, ExitPolicy
 from coexit.sampling import SamplingParams
-from edge.backends import BACKENDS
+from edge.backends import KINDS
 from edge.client import MODES, EdgeClient, Generation
 
 COLOURS = {"edge": "\033[32m", "cloud": "\033[34m", "edge-standalone": "\033[33m"}
@@ -52,7 +52,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--cloud", help="HOST:PORT of `coexit serve` (not needed for --mode standalone)")
     ap.add_argument("--mode", choices=MODES, default="collaborative")
-    ap.add_argument("--backend", choices=BACKENDS, default="torch")
+    ap.add_argument("--backend", choices=KINDS, default="torch", help="edge runtime (gguf exports on first use)")
+    ap.add_argument("--quant", default="q8_0", help="GGUF quantization for --backend gguf")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threshold", type=float, default=0.9, help="exit threshold for every edge exit")
     ap.add_argument("--thresholds", help="per-exit thresholds, e.g. 2=0.8,4=0.9 (overrides --threshold)")
@@ -66,8 +67,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--token", help="bearer token the cloud requires")
     ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     args = ap.parse_args(argv)
+    backend_kw = {"quant": args.quant} if args.backend == "gguf" else {}
     client = EdgeClient.from_checkpoint(args.model, cloud=args.cloud, backend=args.backend, mode=args.mode,
-                                        encoding=args.encoding, deadline_s=args.deadline, token=args.token)
+                                        encoding=args.encoding, deadline_s=args.deadline, token=args.token,
+                                        backend_kw=backend_kw)
     edge_exits = client.backend.exit_layers
     thresholds = parse_thresholds(args.thresholds) or {e: args.threshold for e in edge_exits}
     policy = ExitPolicy(thresholds, args.criterion)

@@ -96,7 +96,8 @@ class EdgeClient:
         self.max_rows = 4096
 
     @classmethod
-    def from_checkpoint(cls, model_dir, cloud: str | None = None, backend: str = "torch", **kw) -> EdgeClient:
+    def from_checkpoint(cls, model_dir, cloud: str | None = None, backend: str = "torch",
+                        backend_kw: dict | None = None, **kw) -> EdgeClient:
         """Build the backend by name; the default exit policy is DIR/exit_policy.json (coexit calibrate)."""
         from coexit.checkpoint import load_tokenizer
         from edge.backends import make_backend
@@ -104,7 +105,7 @@ class EdgeClient:
 
         if kw.get("policy") is None:
             kw["policy"] = load_policy(model_dir)
-        return cls(make_backend(backend, model_dir), load_tokenizer(model_dir), cloud=cloud, **kw)
+        return cls(make_backend(backend, model_dir, **(backend_kw or {})), load_tokenizer(model_dir), cloud=cloud, **kw)
 
     def close(self) -> None:
         if self.link is not None:

@@ -1,17 +1,8 @@
-"""Shallow-stage runtimes for the edge, chosen by name with make_backend()."""
-
-from __future__ import annotations
+"""Shallow-stage runtimes for the edge: torch (fp32/bf16), bitsandbytes int8/nf4 (bnb.py) and llama.cpp GGUF
+(llamacpp.py); `make_backend(kind, path, **kw)` (registry.py) builds any of them, importing its runtime lazily."""
 
 from edge.backends.base import EdgeBackend
+from edge.backends.registry import KINDS, make_backend
 from edge.backends.torch_backend import TorchBackend
 
-BACKENDS = ("torch",)
-
-
-def make_backend(kind: str, model_dir, **kw) -> EdgeBackend:
-    if kind == "torch":
-        return TorchBackend.from_checkpoint(model_dir, **kw)
-    raise ValueError(f"unknown edge backend {kind!r}; use one of {BACKENDS}")
-
-
-__all__ = ["BACKENDS", "EdgeBackend", "TorchBackend", "make_backend"]
+__all__ = ["EdgeBackend", "KINDS", "TorchBackend", "make_backend"]

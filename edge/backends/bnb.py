@@ -1,0 +1,96 @@
+"""The bitsandbytes edge backend: coexit's torch edge stage with the Linear layers of blocks [0, split) replaced
+by bitsandbytes Linear8bitLt (LLM.int8(), outlier threshold 6.0) or Linear4bit (NF4, blocksize 64, fp32 compute).
+
+The model code is coexit's own: `quantize_layers` swaps modules in place (module selection: every nn.Linear inside
+`model.model.layers`), so attention, RoPE, the KV cache and coexit.decoding.LayerRunner are unchanged and an early
+exit still skips the remaining edge layers. Embeddings and exit heads stay fp32 (bitsandbytes' usual practice of
+keeping the LM head in full precision; the heads decide exits). On CPU, bitsandbytes saves weight memory (about
+4x for int8, 8x for NF4) but is slower than fp32: its CPU kernels dequantize the weight on every forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from coexit.checkpoint import load, read_config
+from coexit.model import EarlyExitLM
+from edge.backends.torch_backend import TorchBackend
+
+MODES = ("int8", "nf4")
+
+
+@contextmanager
+def _quiet(*loggers: str):
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def _bnb():
+    # bitsandbytes warns at import that an optional hub-downloaded CPU kernel is missing: not an error here
+    with _quiet("bitsandbytes.backends.cpu.ops", "bitsandbytes"):
+        import bitsandbytes
+
+    # int8 logs a dtype-cast warning on every forward; it is expected on CPU
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    return bitsandbytes
+
+
+def quantized_linear(lin: nn.Linear, mode: str) -> nn.Module:
+    """A bitsandbytes copy of `lin` (weights quantized on the CPU)."""
+    bnb = _bnb()
+    w = lin.weight.data.detach().float().contiguous()
+    bias = lin.bias is not None
+    if mode == "int8":
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=bias, has_fp16_weights=False,
+                                threshold=6.0)
+        q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    elif mode == "nf4":
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=bias, compute_dtype=torch.float32,
+                              compress_statistics=False, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=False,
+                                     blocksize=64)
+    else:
+        raise ValueError(f"unknown bitsandbytes mode {mode!r}; use one of {MODES}")
+    if bias:
+        q.bias = nn.Parameter(lin.bias.data.detach().float().clone(), requires_grad=False)
+    return q.to("cpu")  # moving to the device is what quantizes the weight
+
+
+def quantize_layers(model: EarlyExitLM, mode: str, stop: int | None = None) -> int:
+    """Replace every nn.Linear inside blocks [model.start, stop) in place; returns how many were replaced."""
+    stop = model.stop if stop is None else stop
+    n = 0
+    for i in range(model.start, stop):
+        block = model.model.layers[str(i)]
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, quantized_linear(child, mode))
+                    n += 1
+    return n
+
+
+class BnbBackend(TorchBackend):
+    """TorchBackend over a model whose edge blocks hold bitsandbytes layers (mode "int8" or "nf4")."""
+
+    def __init__(self, model: EarlyExitLM, mode: str, max_len: int | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown bitsandbytes mode {mode!r}; use one of {MODES}")
+        quantize_layers(model, mode, model.config.split_layer)
+        self.mode, self.name = mode, f"bnb-{mode}"
+        super().__init__(model, max_len=max_len)
+
+    @classmethod
+    def from_checkpoint(cls, path, mode: str = "nf4", max_len: int | None = None) -> BnbBackend:
+        split = read_config(path).split_layer
+        return cls(load(path, layers=(0, split), dtype=torch.float32), mode, max_len=max_len)

@@ -1,0 +1,216 @@
+"""`coexit export-edge`: write the edge stage of a checkpoint (embeddings, layers [0, split), exit heads) as a GGUF
+file that stock llama.cpp loads, optionally quantized by llama.cpp's own quantizer.
+
+File layout (arch "llama", or "qwen2" for Qwen2 checkpoints, whose qkv bias llama.cpp supports under that arch):
+- `block_count` = split, tensors under llama.cpp's names (token_embd, blk.N.attn_q, ...). For arch "llama" the Q/K
+  weights (and biases) are permuted from HF's rotate-half layout to llama.cpp's interleaved RoPE layout, exactly
+  as convert_hf_to_gguf.py's LlamaModel.permute does; qwen2 uses NEOX RoPE in llama.cpp, so it needs none.
+  Llama-3 RoPE scaling is written as the `rope_freqs` tensor (per-frequency divisors).
+- The split exit is the GGUF's output head: `output_norm` = exits.{split}.norm, `output` = its projection. So
+  llama.cpp's own logits are the split exit's logits.
+- Earlier exits (e < split) run in Python on the captured residual: their RMSNorm weights are metadata arrays
+  `coexit.exit_norm.{e}`; their projection is `output` itself when the checkpoint shares the LM head
+  (`coexit.exit_head.{e}` = "output"), otherwise a tensor `exit.{e}.output.weight` in a sidecar GGUF next to the
+  file (`<name>.exits.gguf`, `coexit.exit_head.{e}` = "sidecar"; Q8_0, or F16 for f16/f32 exports). Extra
+  tensors cannot live in the main file: llama.cpp refuses files with tensors it does not expect.
+- `coexit.config` (the full model's config.json), `coexit.fingerprint` (coexit.checkpoint.fingerprint of the
+  source directory, so the backend presents the same fingerprint as the torch edge), `coexit.tokenizer_json`.
+
+Quantization: an f32 GGUF is written with gguf-py, then `llama_model_quantize` (llama.cpp's quantizer, the one
+llama-quantize uses) converts it; its rules apply (e.g. q4_k_m keeps some tensors at q6_K, and tensors whose
+rows are not a multiple of the block size fall back to a compatible type).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from coexit.checkpoint import fingerprint, load, read_config
+from coexit.config import Config
+from coexit.model import EarlyExitLM, rope_inv_freq
+from edge.gguf_vocab import add_vocab
+
+QUANTS = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+          "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+
+
+def sidecar_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".gguf") + ".exits.gguf")
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half rows -> llama.cpp interleaved rows, per head (convert_hf_to_gguf LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def stage_tensors(model: EarlyExitLM) -> dict[str, np.ndarray]:
+    """llama.cpp tensor name -> fp32 array (torch orientation) for the edge stage."""
+    cfg = model.config
+    split, llama_arch = cfg.split_layer, cfg.model_type == "llama"
+    out = {"token_embd.weight": _np(model.model.embed_tokens.weight)}
+    for i in range(split):
+        blk, p = model.model.layers[str(i)], f"blk.{i}."
+        att = blk.self_attn
+        for ours, theirs, heads in ((att.q_proj, "attn_q", cfg.num_attention_heads),
+                                    (att.k_proj, "attn_k", cfg.num_key_value_heads), (att.v_proj, "attn_v", 0)):
+            for kind in ("weight", "bias"):
+                t = getattr(ours, kind)
+                if t is None:
+                    continue
+                a = _np(t)
+                out[f"{p}{theirs}.{kind}"] = permute_qk(a, heads) if llama_arch and heads else a
+        out[p + "attn_output.weight"] = _np(att.o_proj.weight)
+        out[p + "attn_norm.weight"] = _np(blk.input_layernorm.weight)
+        out[p + "ffn_norm.weight"] = _np(blk.post_attention_layernorm.weight)
+        out[p + "ffn_gate.weight"] = _np(blk.mlp.gate_proj.weight)
+        out[p + "ffn_up.weight"] = _np(blk.mlp.up_proj.weight)
+        out[p + "ffn_down.weight"] = _np(blk.mlp.down_proj.weight)
+    head = model.exits[str(split)]
+    out["output_norm.weight"] = _np(head.norm.weight)
+    out["output.weight"] = _np(head.lm_head.weight if hasattr(head, "lm_head") else model.lm_head.weight)
+    if cfg.rope_scaling is not None:  # llama.cpp divides the base frequencies by these factors
+        base = rope_inv_freq(cfg.replace(rope_scaling=None))
+        out["rope_freqs.weight"] = _np(base / rope_inv_freq(cfg))
+    return out
+
+
+def _add_hparams(w: gguf.GGUFWriter, cfg: Config) -> None:
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.split_layer)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+
+
+def write_f32_gguf(model: EarlyExitLM, model_dir: Path, out: Path, f16: bool = False) -> None:
+    """The unquantized edge GGUF (2-D weights in f16 when `f16`), plus the sidecar when exits need one."""
+    cfg = model.config
+    split = cfg.split_layer
+    w = gguf.GGUFWriter(str(out), cfg.model_type)
+    w.add_name(f"coexit edge stage [0, {split}) of {model_dir.name}")
+    w.add_file_type(QUANTS["f16" if f16 else "f32"])
+    _add_hparams(w, cfg)
+    w.add_string("coexit.config", json.dumps(cfg.to_dict(), sort_keys=True))
+    w.add_string("coexit.fingerprint", model.fingerprint)
+    w.add_uint32("coexit.split_layer", split)
+    w.add_array("coexit.exit_layers", [int(e) for e in cfg.exit_layers if e <= split])
+    sidecar: dict[str, np.ndarray] = {}
+    for e in (e for e in cfg.exit_layers if e < split):
+        head = model.exits[str(e)]
+        w.add_array(f"coexit.exit_norm.{e}", [float(x) for x in _np(head.norm.weight)])
+        w.add_string(f"coexit.exit_head.{e}", "sidecar" if hasattr(head, "lm_head") else "output")
+        if hasattr(head, "lm_head"):
+            sidecar[f"exit.{e}.output.weight"] = _np(head.lm_head.weight)
+    tok = model_dir / "tokenizer.json"
+    if tok.is_file():
+        w.add_string("coexit.tokenizer_json", tok.read_text())
+    add_vocab(w, tok, cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)
+    for name, a in stage_tensors(model).items():
+        w.add_tensor(name, a.astype(np.float16) if f16 and a.ndim == 2 else a.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if sidecar:
+        write_sidecar(sidecar, sidecar_path(out), "f16" if f16 else "f32")
+
+
+def write_sidecar(heads: dict[str, np.ndarray], path: Path, quant: str) -> None:
+    """Exit projections that llama.cpp does not run: Q8_0 for quantized exports (F16 if rows don't fit)."""
+    w = gguf.GGUFWriter(str(path), "coexit-exits")
+    for name, a in heads.items():
+        if quant in ("f16", "f32") or a.shape[-1] % 32:
+            w.add_tensor(name, a.astype(np.float16 if quant != "f32" else np.float32))
+        else:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(a.astype(np.float32), q8), raw_dtype=q8)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 2) -> None:
+    """Run llama.cpp's quantizer (llama_model_quantize) from an f32 GGUF to `quant`."""
+    from edge.llamacpp_lib import llama
+
+    lc = llama()
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = int(QUANTS[quant])
+    params.nthread = threads
+    rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {quant}) failed with code {rc}; set the "
+                           f"'edge.llamacpp' logger to DEBUG to see llama.cpp's message")
+
+
+def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | None = None,
+                threads: int = 2) -> Path:
+    """Export layers [0, split) and the edge exits of a checkpoint directory as a GGUF; returns its path."""
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {sorted(QUANTS)}")
+    model_dir = Path(model_dir)
+    model = _load_edge(model_dir)
+    out = Path(out) if out else model_dir / f"edge-{quant}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if quant in ("f32", "f16"):
+        write_f32_gguf(model, model_dir, out, f16=quant == "f16")
+        return out
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / "edge-f32.gguf"
+        write_f32_gguf(model, model_dir, src)
+        quantize_gguf(src, out, quant, threads)
+        if sidecar_path(src).exists():
+            heads = {}
+            reader = gguf.GGUFReader(str(sidecar_path(src)))
+            for t in reader.tensors:
+                heads[t.name] = np.array(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
+            del reader
+            write_sidecar(heads, sidecar_path(out), quant)
+    return out
+
+
+def _load_edge(model_dir: Path) -> EarlyExitLM:
+    split = read_config(model_dir).split_layer
+    model = load(model_dir, layers=(0, split), dtype=torch.float32)
+    model.fingerprint = model.fingerprint or fingerprint(model_dir)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="coexit export-edge", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors)")
+    ap.add_argument("--format", default="gguf", choices=["gguf"])
+    ap.add_argument("--quant", default="f16", choices=sorted(QUANTS))
+    ap.add_argument("--out", help="output file (default: MODEL/edge-QUANT.gguf)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    try:
+        path = export_gguf(args.model, args.quant, args.out, args.threads)
+    except Exception as exc:  # a CLI prints a message a person can act on, not a traceback
+        print(f"coexit export-edge: {exc}", file=sys.stderr)
+        return 1
+    extra = f" (+ {sidecar_path(path).name})" if sidecar_path(path).exists() else ""
+    print(f"wrote {path}{extra}: {path.stat().st_size / 2**20:.2f} MiB")
+    return 0
