@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/coexit smoke
+	$(BIN)/coexit demo
 
 lint: setup
 	$(BIN)/ruff check .
