@@ -118,6 +118,17 @@ def run(job: Job) -> int:
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                            config=ds_config(job, bf16))
     grid = engine.grid
+    prof: dict[str, float] = {}
+    if os.environ.get("COEXIT_PROFILE"):  # seconds per pipeline instruction, printed at the end
+        def timed(fn):
+            def run_instr(self, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return fn(self, **kw)
+                finally:
+                    prof[fn.__name__] = prof.get(fn.__name__, 0.0) + time.perf_counter() - t0
+            return run_instr
+        engine._INSTRUCTION_MAP = {k: timed(v) for k, v in engine._INSTRUCTION_MAP.items()}
     stage = module.forward_funcs[0]
     is_last = engine.is_last_stage()
     reporter = is_last and coord.data == 0 and coord.model == 0
@@ -146,7 +157,12 @@ def run(job: Job) -> int:
         loss_fn.step = step
         loss_fn.records.clear()
         tic = time.perf_counter()
-        loss = engine.train_batch(data_iter=batches(step))
+        if os.environ.get("COEXIT_PROFILE") == "torch" and step == t.steps - 1:
+            with torch.profiler.profile() as tp:
+                loss = engine.train_batch(data_iter=batches(step))
+            print(f"PROFILE rank {rank}\n" + tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+        else:
+            loss = engine.train_batch(data_iter=batches(step))
         dt = time.perf_counter() - tic
         if is_last:  # per-exit losses, averaged over micro-batches and data-parallel ranks
             per = torch.stack(loss_fn.records).mean(0)
@@ -165,6 +181,9 @@ def run(job: Job) -> int:
         if ckpt is not None and job.checkpoint.every and (step + 1) % job.checkpoint.every == 0:
             engine.save_checkpoint(str(ckpt), tag=f"step{step + 1}", client_state={"step": step + 1})
     bar.close()
+    if os.environ.get("COEXIT_PROFILE"):
+        print(f"PROFILE rank {rank} stage {coord.pipe} cpu {time.process_time():.2f} " +
+              " ".join(f"{k[6:]}={v:.2f}" for k, v in sorted(prof.items())), flush=True)
     if ckpt is not None and start < t.steps and not (job.checkpoint.every and t.steps % job.checkpoint.every == 0):
         engine.save_checkpoint(str(ckpt), tag=f"step{t.steps}", client_state={"step": t.steps})
 
