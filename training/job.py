@@ -8,6 +8,7 @@ mode/source consistency and the stage boundaries. Errors are JobError with a mes
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,5 +242,9 @@ def validate(job: Job, world_size: int) -> Job:
     _need(job.data.seq_len >= 1 and job.data.seq_len <= cfg.max_position_embeddings,
           f"[data] seq_len must be in 1..{cfg.max_position_embeddings}")
     _need(bool(job.data.path), "[data] path is required: a directory written by `coexit prepare-data`")
-    _need(job.path(job.data.path).is_dir(), f"[data] path {job.path(job.data.path)} is not a directory")
+    data = job.path(job.data.path)
+    _need((data / "meta.json").is_file(), f"[data] path {data} has no meta.json; write it with `coexit prepare-data`")
+    vocab = json.loads((data / "meta.json").read_text()).get("vocab_size", 0)
+    _need(vocab <= cfg.vocab_size, f"[data] the tokenizer of {data} has {vocab} tokens but the model's vocab_size "
+                                   f"is {cfg.vocab_size}")
     return job

@@ -199,6 +199,9 @@ class EEPipelineModule(PipelineModule):
                 group = dist.new_group(ranks)
                 if dp == me.data and mp == me.model and me.pipe in holders:
                     self._head_group = group
+        w = self.head_weight()
+        if w is not None and me.pipe != holders[0]:
+            w.ds_pipe_replicated = True  # count the shared head once in the gradient norm (as DeepSpeed's ties do)
 
     def head_weight(self) -> nn.Parameter | None:
         stage = self.forward_funcs[0]

@@ -102,9 +102,6 @@ def run(job: Job) -> int:
     torch.manual_seed(job.model.seed)
 
     data = TokenShards(job.path(job.data.path), "train", job.data.seq_len, job.data.seed)
-    if data.meta["vocab_size"] > cfg.vocab_size:
-        raise SystemExit(f"coexit train: the data's tokenizer has {data.meta['vocab_size']} tokens but the model's "
-                         f"vocab_size is {cfg.vocab_size}")
     ranges = stage_ranges(job)
     plan = StagePlan(config=cfg, ranges=ranges, mode=t.mode,
                      source=str(job.path(job.model.source)) if job.model.source else None, seed=job.model.seed,
