@@ -63,6 +63,8 @@ class TrainSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # 0 disables clipping (DeepSpeed's own default would silently be 1.0)
     exit_warmup_steps: int = 0  # exit loss weights ramp linearly from 0 to their value over this many steps
+    eval_every: int = 0  # steps between held-out evaluations; 0: only after the last step
+    eval_batches: int = 0  # micro-batches per held-out evaluation (per data-parallel rank); 0: no evaluation
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     log_every: int = 10
     log_file: str = ""  # JSONL metrics (per-exit losses); default <export.dir>/../metrics.jsonl when empty

@@ -148,6 +148,40 @@ def run(job: Job) -> int:
 
     log_path = job.path(t.log_file) if t.log_file else None
     names = [f"exit{e}" for e in cfg.exit_layers] + ["final"]
+
+    def to_device(ids, labels):
+        return (ids.cuda(), labels.cuda()) if cuda else (ids, labels)
+
+    def record(rec: dict) -> None:
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def per_exit() -> list[float]:  # mean over micro-batches, then over data-parallel ranks (last stage only)
+        per = torch.stack(loss_fn.records).mean(0)
+        dist.all_reduce(per, group=grid.get_data_parallel_group())
+        return (per / p.dp).tolist()
+
+    val = None
+    if t.eval_batches:
+        val = TokenShards(job.path(job.data.path), "val", job.data.seq_len, job.data.seed)
+
+    def evaluate(step: int) -> None:
+        n = t.eval_batches
+        items = []
+        for m in range(n):
+            ids, labels = to_device(*val.batch(sample_index(0, m, coord.data, n, p.dp, t.micro_batch_size),
+                                               t.micro_batch_size))
+            items.append(((ids, labels), labels))
+        loss_fn.records.clear()
+        engine.eval_batch(iter(items), bcast_loss=False, num_micro_batches=n)
+        if is_last:
+            per = per_exit()
+            if reporter:
+                record({"step": step, "split": "val", **{f"val_{k}": v for k, v in zip(names, per)}})
+                bar.write(f"step {step} held-out: " + " ".join(f"{k}={v:.3f}" for k, v in zip(names, per)))
+
     bar = tqdm(total=t.steps, initial=start, desc="train", disable=not (reporter and t.progress), unit="step")
     tokens_per_step = t.micro_batch_size * t.grad_accum * p.dp * job.data.seq_len
     for step in range(start, t.steps):
@@ -162,19 +196,17 @@ def run(job: Job) -> int:
             loss = engine.train_batch(data_iter=batches(step))
         dt = time.perf_counter() - tic
         if is_last:  # per-exit losses, averaged over micro-batches and data-parallel ranks
-            per = torch.stack(loss_fn.records).mean(0)
-            dist.all_reduce(per, group=grid.get_data_parallel_group())
-            per = (per / p.dp).tolist()
+            per = per_exit()
             if reporter:
                 rec = {"step": step + 1, "loss": float(loss), "lr": engine.get_lr()[0], "step_s": dt,
                        "tokens_per_s": tokens_per_step / dt, **dict(zip(names, per)),
                        "exit_weights": loss_fn.weights(step)}
                 bar.set_postfix({k: f"{v:.3f}" for k, v in zip(names, per)})
-                if log_path and ((step + 1) % t.log_every == 0 or step + 1 == t.steps or step == start):
-                    log_path.parent.mkdir(parents=True, exist_ok=True)
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                if (step + 1) % t.log_every == 0 or step + 1 == t.steps or step == start:
+                    record(rec)
         bar.update(1)
+        if val is not None and (step + 1 == t.steps or (t.eval_every and (step + 1) % t.eval_every == 0)):
+            evaluate(step + 1)
         if ckpt is not None and job.checkpoint.every and (step + 1) % job.checkpoint.every == 0:
             engine.save_checkpoint(str(ckpt), tag=f"step{step + 1}", client_state={"step": step + 1})
     bar.close()
@@ -185,9 +217,10 @@ def run(job: Job) -> int:
         engine.save_checkpoint(str(ckpt), tag=f"step{t.steps}", client_state={"step": t.steps})
 
     if job.debug.dump_logits:
-        val = TokenShards(job.path(job.data.path), "val", job.data.seq_len, job.data.seed)
-        ids, labels = val.batch(0, t.micro_batch_size)
-        item = ((ids.cuda(), labels.cuda()), labels.cuda()) if cuda else ((ids, labels), labels)
+        ids, labels = TokenShards(job.path(job.data.path), "val", job.data.seq_len, job.data.seed).batch(
+            0, t.micro_batch_size)
+        dev_ids, dev_labels = to_device(ids, labels)
+        item = ((dev_ids, dev_labels), dev_labels)
         _, outputs = engine.eval_batch(iter([item]), return_logits=True, bcast_loss=False, num_micro_batches=1)
         if reporter:
             torch.save({"ids": ids, "logits": outputs[0].float().cpu()}, job.path(job.debug.dump_logits))

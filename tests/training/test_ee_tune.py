@@ -40,6 +40,7 @@ grad_accum = 2
 lr = 0.01
 grad_clip = 1.0
 exit_warmup_steps = 2
+eval_batches = 1
 log_file = "metrics.jsonl"
 log_every = 1
 progress = false
@@ -69,6 +70,9 @@ def test_ee_tune_freezes_backbone_and_resumes(tmp_path, data_dir, checkpoint_fac
     assert sorted(changed) == sorted(k for k in before if k.startswith("exits.")), "some exit head did not train"
 
     recs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in recs if r.get("split") == "val"]
+    assert len(val) == 1 and val[0]["step"] == 3 and all(val[0][f"val_exit{e}"] > 0 for e in (1, 2, 4))
+    recs = [r for r in recs if "split" not in r]
     assert [r["step"] for r in recs] == [1, 2, 3]
     w = [r["exit_weights"][0] for r in recs]
     assert w[0] == pytest.approx(w[2] / 2) and w[1] == pytest.approx(w[2])  # linear warm-up over 2 steps
@@ -85,4 +89,4 @@ def test_ee_tune_freezes_backbone_and_resumes(tmp_path, data_dir, checkpoint_fac
     again = load_file(str(resumed / "export" / "model.safetensors"))
     for k in after:
         torch.testing.assert_close(again[k], after[k], atol=1e-7, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-    assert [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()] == [3]
+    assert [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()] == [3, 3]
