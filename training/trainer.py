@@ -89,6 +89,23 @@ def _tokenizer(job: Job) -> Tokenizer | None:
     return None
 
 
+def _instrument(engine) -> dict[str, float]:
+    """Debug aid (COEXIT_PROFILE=1): seconds spent per pipeline instruction, printed per rank at the end."""
+    prof: dict[str, float] = {}
+
+    def timed(fn):
+        def run_instr(self, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, **kw)
+            finally:
+                prof[fn.__name__] = prof.get(fn.__name__, 0.0) + time.perf_counter() - t0
+        return run_instr
+
+    engine._INSTRUCTION_MAP = {k: timed(v) for k, v in engine._INSTRUCTION_MAP.items()}
+    return prof
+
+
 def run(job: Job) -> int:
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
@@ -115,17 +132,7 @@ def run(job: Job) -> int:
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                            config=ds_config(job, bf16))
     grid = engine.grid
-    prof: dict[str, float] = {}
-    if os.environ.get("COEXIT_PROFILE"):  # seconds per pipeline instruction, printed at the end
-        def timed(fn):
-            def run_instr(self, **kw):
-                t0 = time.perf_counter()
-                try:
-                    return fn(self, **kw)
-                finally:
-                    prof[fn.__name__] = prof.get(fn.__name__, 0.0) + time.perf_counter() - t0
-            return run_instr
-        engine._INSTRUCTION_MAP = {k: timed(v) for k, v in engine._INSTRUCTION_MAP.items()}
+    prof = _instrument(engine) if os.environ.get("COEXIT_PROFILE") else {}
     stage = module.forward_funcs[0]
     is_last = engine.is_last_stage()
     reporter = is_last and coord.data == 0 and coord.model == 0
@@ -140,17 +147,15 @@ def run(job: Job) -> int:
 
     def batches(step: int):
         for m in range(t.grad_accum):
-            ids, labels = data.batch(sample_index(step, m, coord.data, t.grad_accum, p.dp, t.micro_batch_size),
-                                     t.micro_batch_size)
-            if cuda:
-                ids, labels = ids.cuda(), labels.cuda()
+            ids, labels = to_device(*data.batch(sample_index(step, m, coord.data, t.grad_accum, p.dp,
+                                                             t.micro_batch_size), t.micro_batch_size))
             yield (ids, labels), labels
-
-    log_path = job.path(t.log_file) if t.log_file else None
-    names = [f"exit{e}" for e in cfg.exit_layers] + ["final"]
 
     def to_device(ids, labels):
         return (ids.cuda(), labels.cuda()) if cuda else (ids, labels)
+
+    log_path = job.path(t.log_file) if t.log_file else None
+    names = [f"exit{e}" for e in cfg.exit_layers] + ["final"]
 
     def record(rec: dict) -> None:
         if log_path is not None:
