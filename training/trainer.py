@@ -108,10 +108,10 @@ def _instrument(engine) -> dict[str, float]:
 
 def run(job: Job) -> int:
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-    rank = dist.get_rank()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank = dist.get_rank()
     bf16 = job.train.precision == "bf16" or (job.train.precision == "auto" and cuda)
     cfg, t, p = job.config, job.train, job.parallel
     topo = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=p.dp)
