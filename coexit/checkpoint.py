@@ -137,6 +137,8 @@ def load(path: str | Path, layers: tuple[int, int] | None = None, dtype: torch.d
             target_dtype = dtype or tensor.dtype
             with torch.no_grad():
                 param.data = tensor.to(device=device, dtype=target_dtype)
+                if initialised and initialised[-1] == name:  # a copy of the final norm/head, never an alias of it
+                    param.data = param.data.clone()
     finally:
         handles.clear()
     if config.tie_word_embeddings and hasattr(model, "lm_head") and model.start == 0:

@@ -8,6 +8,7 @@ mode/source consistency and the stage boundaries. Errors are JobError with a mes
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class TrainSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # 0 disables clipping (DeepSpeed's own default would silently be 1.0)
     exit_warmup_steps: int = 0  # exit loss weights ramp linearly from 0 to their value over this many steps
+    eval_every: int = 0  # steps between held-out evaluations; 0: only after the last step
+    eval_batches: int = 0  # micro-batches per held-out evaluation (per data-parallel rank); 0: no evaluation
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     log_every: int = 10
     log_file: str = ""  # JSONL metrics (per-exit losses); default <export.dir>/../metrics.jsonl when empty
@@ -241,5 +244,9 @@ def validate(job: Job, world_size: int) -> Job:
     _need(job.data.seq_len >= 1 and job.data.seq_len <= cfg.max_position_embeddings,
           f"[data] seq_len must be in 1..{cfg.max_position_embeddings}")
     _need(bool(job.data.path), "[data] path is required: a directory written by `coexit prepare-data`")
-    _need(job.path(job.data.path).is_dir(), f"[data] path {job.path(job.data.path)} is not a directory")
+    data = job.path(job.data.path)
+    _need((data / "meta.json").is_file(), f"[data] path {data} has no meta.json; write it with `coexit prepare-data`")
+    vocab = json.loads((data / "meta.json").read_text()).get("vocab_size", 0)
+    _need(vocab <= cfg.vocab_size, f"[data] the tokenizer of {data} has {vocab} tokens but the model's vocab_size "
+                                   f"is {cfg.vocab_size}")
     return job

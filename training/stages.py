@@ -61,6 +61,29 @@ class _ZeroGradLink(torch.autograd.Function):
         return grad, torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
 
 
+class _JoinBackward(torch.autograd.Function):
+    """(hidden, exit_losses) -> the same two tensors, made by one autograd node whose backward waits until it has
+    both gradients and then propagates once. DeepSpeed 0.19 calls backward separately for each tensor a stage
+    sends; without this the layers below an exit head would be back-propagated twice per micro-batch."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, losses: Tensor):
+        ctx.set_materialize_grads(False)
+        ctx.pending = None
+        return hidden.clone(), losses.clone()
+
+    @staticmethod
+    def backward(ctx, g_hidden, g_losses):
+        if g_hidden is not None and g_losses is not None:
+            return g_hidden, g_losses
+        if ctx.pending is None:  # first of two calls: hold the gradient, propagate nothing yet
+            ctx.pending = (g_hidden, g_losses)
+            return None, None
+        held_h, held_l = ctx.pending
+        ctx.pending = None
+        return (g_hidden if g_hidden is not None else held_h), (g_losses if g_losses is not None else held_l)
+
+
 @dataclass
 class StagePlan:
     config: Config
@@ -126,6 +149,8 @@ class PipeStage(nn.Module):
             return self.head_logits(self.stop, hidden), losses
         if frozen:
             hidden = hidden.detach().requires_grad_()
+        else:
+            hidden, losses = _JoinBackward.apply(hidden, losses)
         return hidden, losses, labels
 
 
@@ -174,6 +199,9 @@ class EEPipelineModule(PipelineModule):
                 group = dist.new_group(ranks)
                 if dp == me.data and mp == me.model and me.pipe in holders:
                     self._head_group = group
+        w = self.head_weight()
+        if w is not None and me.pipe != holders[0]:
+            w.ds_pipe_replicated = True  # count the shared head once in the gradient norm (as DeepSpeed's ties do)
 
     def head_weight(self) -> nn.Parameter | None:
         stage = self.forward_funcs[0]

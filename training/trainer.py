@@ -89,12 +89,29 @@ def _tokenizer(job: Job) -> Tokenizer | None:
     return None
 
 
+def _instrument(engine) -> dict[str, float]:
+    """Debug aid (COEXIT_PROFILE=1): seconds spent per pipeline instruction, printed per rank at the end."""
+    prof: dict[str, float] = {}
+
+    def timed(fn):
+        def run_instr(self, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, **kw)
+            finally:
+                prof[fn.__name__] = prof.get(fn.__name__, 0.0) + time.perf_counter() - t0
+        return run_instr
+
+    engine._INSTRUCTION_MAP = {k: timed(v) for k, v in engine._INSTRUCTION_MAP.items()}
+    return prof
+
+
 def run(job: Job) -> int:
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-    rank = dist.get_rank()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank = dist.get_rank()
     bf16 = job.train.precision == "bf16" or (job.train.precision == "auto" and cuda)
     cfg, t, p = job.config, job.train, job.parallel
     topo = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=p.dp)
@@ -102,9 +119,6 @@ def run(job: Job) -> int:
     torch.manual_seed(job.model.seed)
 
     data = TokenShards(job.path(job.data.path), "train", job.data.seq_len, job.data.seed)
-    if data.meta["vocab_size"] > cfg.vocab_size:
-        raise SystemExit(f"coexit train: the data's tokenizer has {data.meta['vocab_size']} tokens but the model's "
-                         f"vocab_size is {cfg.vocab_size}")
     ranges = stage_ranges(job)
     plan = StagePlan(config=cfg, ranges=ranges, mode=t.mode,
                      source=str(job.path(job.model.source)) if job.model.source else None, seed=job.model.seed,
@@ -118,6 +132,7 @@ def run(job: Job) -> int:
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                            config=ds_config(job, bf16))
     grid = engine.grid
+    prof = _instrument(engine) if os.environ.get("COEXIT_PROFILE") else {}
     stage = module.forward_funcs[0]
     is_last = engine.is_last_stage()
     reporter = is_last and coord.data == 0 and coord.model == 0
@@ -132,46 +147,85 @@ def run(job: Job) -> int:
 
     def batches(step: int):
         for m in range(t.grad_accum):
-            ids, labels = data.batch(sample_index(step, m, coord.data, t.grad_accum, p.dp, t.micro_batch_size),
-                                     t.micro_batch_size)
-            if cuda:
-                ids, labels = ids.cuda(), labels.cuda()
+            ids, labels = to_device(*data.batch(sample_index(step, m, coord.data, t.grad_accum, p.dp,
+                                                             t.micro_batch_size), t.micro_batch_size))
             yield (ids, labels), labels
+
+    def to_device(ids, labels):
+        return (ids.cuda(), labels.cuda()) if cuda else (ids, labels)
 
     log_path = job.path(t.log_file) if t.log_file else None
     names = [f"exit{e}" for e in cfg.exit_layers] + ["final"]
+
+    def record(rec: dict) -> None:
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def per_exit() -> list[float]:  # mean over micro-batches, then over data-parallel ranks (last stage only)
+        per = torch.stack(loss_fn.records).mean(0)
+        dist.all_reduce(per, group=grid.get_data_parallel_group())
+        return (per / p.dp).tolist()
+
+    val = None
+    if t.eval_batches:
+        val = TokenShards(job.path(job.data.path), "val", job.data.seq_len, job.data.seed)
+
+    def evaluate(step: int) -> None:
+        n = t.eval_batches
+        items = []
+        for m in range(n):
+            ids, labels = to_device(*val.batch(sample_index(0, m, coord.data, n, p.dp, t.micro_batch_size),
+                                               t.micro_batch_size))
+            items.append(((ids, labels), labels))
+        loss_fn.records.clear()
+        engine.eval_batch(iter(items), bcast_loss=False, num_micro_batches=n)
+        if is_last:
+            per = per_exit()
+            if reporter:
+                record({"step": step, "split": "val", **{f"val_{k}": v for k, v in zip(names, per)}})
+                bar.write(f"step {step} held-out: " + " ".join(f"{k}={v:.3f}" for k, v in zip(names, per)))
+
     bar = tqdm(total=t.steps, initial=start, desc="train", disable=not (reporter and t.progress), unit="step")
     tokens_per_step = t.micro_batch_size * t.grad_accum * p.dp * job.data.seq_len
     for step in range(start, t.steps):
         loss_fn.step = step
         loss_fn.records.clear()
         tic = time.perf_counter()
-        loss = engine.train_batch(data_iter=batches(step))
+        if os.environ.get("COEXIT_PROFILE") == "torch" and step == t.steps - 1:
+            with torch.profiler.profile() as tp:
+                loss = engine.train_batch(data_iter=batches(step))
+            print(f"PROFILE rank {rank}\n" + tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+        else:
+            loss = engine.train_batch(data_iter=batches(step))
         dt = time.perf_counter() - tic
         if is_last:  # per-exit losses, averaged over micro-batches and data-parallel ranks
-            per = torch.stack(loss_fn.records).mean(0)
-            dist.all_reduce(per, group=grid.get_data_parallel_group())
-            per = (per / p.dp).tolist()
+            per = per_exit()
             if reporter:
                 rec = {"step": step + 1, "loss": float(loss), "lr": engine.get_lr()[0], "step_s": dt,
                        "tokens_per_s": tokens_per_step / dt, **dict(zip(names, per)),
                        "exit_weights": loss_fn.weights(step)}
                 bar.set_postfix({k: f"{v:.3f}" for k, v in zip(names, per)})
-                if log_path and ((step + 1) % t.log_every == 0 or step + 1 == t.steps or step == start):
-                    log_path.parent.mkdir(parents=True, exist_ok=True)
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                if (step + 1) % t.log_every == 0 or step + 1 == t.steps or step == start:
+                    record(rec)
         bar.update(1)
+        if val is not None and (step + 1 == t.steps or (t.eval_every and (step + 1) % t.eval_every == 0)):
+            evaluate(step + 1)
         if ckpt is not None and job.checkpoint.every and (step + 1) % job.checkpoint.every == 0:
             engine.save_checkpoint(str(ckpt), tag=f"step{step + 1}", client_state={"step": step + 1})
     bar.close()
+    if os.environ.get("COEXIT_PROFILE"):
+        print(f"PROFILE rank {rank} stage {coord.pipe} cpu {time.process_time():.2f} " +
+              " ".join(f"{k[6:]}={v:.2f}" for k, v in sorted(prof.items())), flush=True)
     if ckpt is not None and start < t.steps and not (job.checkpoint.every and t.steps % job.checkpoint.every == 0):
         engine.save_checkpoint(str(ckpt), tag=f"step{t.steps}", client_state={"step": t.steps})
 
     if job.debug.dump_logits:
-        val = TokenShards(job.path(job.data.path), "val", job.data.seq_len, job.data.seed)
-        ids, labels = val.batch(0, t.micro_batch_size)
-        item = ((ids.cuda(), labels.cuda()), labels.cuda()) if cuda else ((ids, labels), labels)
+        ids, labels = TokenShards(job.path(job.data.path), "val", job.data.seq_len, job.data.seed).batch(
+            0, t.micro_batch_size)
+        dev_ids, dev_labels = to_device(ids, labels)
+        item = ((dev_ids, dev_labels), dev_labels)
         _, outputs = engine.eval_batch(iter([item]), return_logits=True, bcast_loss=False, num_micro_batches=1)
         if reporter:
             torch.save({"ids": ids, "logits": outputs[0].float().cpu()}, job.path(job.debug.dump_logits))

@@ -1,5 +1,6 @@
-"""EE-tuning (real torchrun processes, PP=2): only exit heads change, every backbone tensor stays bit-identical,
-and a run resumed from a mid-run DeepSpeed checkpoint ends exactly where the uninterrupted run ended."""
+"""EE-tuning (real torchrun processes, PP=2) from a plain HF-style checkpoint (no exit heads: they start as copies
+of the final norm and LM head): only exit heads change, every backbone tensor stays bit-identical, and a run
+resumed from a mid-run DeepSpeed checkpoint ends exactly where the uninterrupted run ended."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from training.data import prepare
 from training.launch import launch
@@ -25,10 +26,25 @@ def data_dir(tmp_path_factory):
     return out
 
 
+def hf_style(src, dst):
+    """A copy of a coexit checkpoint without exit tensors and without the early_exit block, like an HF model."""
+    dst.mkdir()
+    state = {k: v for k, v in load_file(str(src / "model.safetensors")).items() if not k.startswith("exits.")}
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    del config["early_exit"]
+    (dst / "config.json").write_text(json.dumps(config))
+    shutil.copy(src / "tokenizer.json", dst / "tokenizer.json")
+    return dst
+
+
 def job_text(source, data_dir, steps: int) -> str:
     return f"""
 [model]
 source = "{source}"
+exit_layers = [1, 2, 4]
+share_lm_head = false
+loss_weights = [0.5, 0.5, 0.5, 1.0]
 [data]
 path = "{data_dir}"
 seq_len = 16
@@ -40,6 +56,7 @@ grad_accum = 2
 lr = 0.01
 grad_clip = 1.0
 exit_warmup_steps = 2
+eval_batches = 1
 log_file = "metrics.jsonl"
 log_every = 1
 progress = false
@@ -54,7 +71,7 @@ dir = "export"
 
 
 def test_ee_tune_freezes_backbone_and_resumes(tmp_path, data_dir, checkpoint_factory):
-    source = checkpoint_factory("tiny-mha")  # exits 1, 2, 4 with LM heads of their own
+    source = hf_style(checkpoint_factory("tiny-mha"), tmp_path / "hf")  # exits 1, 2, 4 get LM heads of their own
     full = tmp_path / "full"
     full.mkdir()
     (full / "job.toml").write_text(job_text(source, data_dir, 3))
@@ -62,13 +79,18 @@ def test_ee_tune_freezes_backbone_and_resumes(tmp_path, data_dir, checkpoint_fac
 
     before = load_file(str(source / "model.safetensors"))
     after = load_file(str(full / "export" / "model.safetensors"))
-    assert set(after) == set(before)
-    backbone = [k for k in before if not k.startswith("exits.")]
-    assert backbone and all(torch.equal(before[k], after[k]) for k in backbone), "EE-tuning changed the backbone"
-    changed = [k for k in before if k.startswith("exits.") and not torch.equal(before[k], after[k])]
-    assert sorted(changed) == sorted(k for k in before if k.startswith("exits.")), "some exit head did not train"
+    exits = {f"exits.{e}.{w}": before["model.norm.weight" if w == "norm.weight" else "lm_head.weight"]
+             for e in (1, 2, 4) for w in ("norm.weight", "lm_head.weight")}  # where each exit started
+    assert set(after) == set(before) | set(exits)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"EE-tuning changed backbone tensors {changed}"
+    untrained = [k for k, v in exits.items() if torch.equal(after[k], v)]
+    assert not untrained, f"exit tensors {untrained} did not train"
 
     recs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in recs if r.get("split") == "val"]
+    assert len(val) == 1 and val[0]["step"] == 3 and all(val[0][f"val_exit{e}"] > 0 for e in (1, 2, 4))
+    recs = [r for r in recs if "split" not in r]
     assert [r["step"] for r in recs] == [1, 2, 3]
     w = [r["exit_weights"][0] for r in recs]
     assert w[0] == pytest.approx(w[2] / 2) and w[1] == pytest.approx(w[2])  # linear warm-up over 2 steps
@@ -85,4 +107,4 @@ def test_ee_tune_freezes_backbone_and_resumes(tmp_path, data_dir, checkpoint_fac
     again = load_file(str(resumed / "export" / "model.safetensors"))
     for k in after:
         torch.testing.assert_close(again[k], after[k], atol=1e-7, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-    assert [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()] == [3]
+    assert [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()] == [3, 3]

@@ -41,8 +41,10 @@ def write_job(path: Path, **sections) -> Path:
     return path
 
 
-def reference_step(model: coexit.EarlyExitLM, data_dir: Path, dp: int) -> dict[str, torch.Tensor]:
-    """One SGD step on mean over (dp rank, micro-batch) of sum_e w_e CE_e + w_L CE_L, in one process."""
+def reference_step(model: coexit.EarlyExitLM, data_dir: Path, dp: int, clip: float = 0.0):
+    """One SGD step on mean over (dp rank, micro-batch) of sum_e w_e CE_e + w_L CE_L, in one process, with the
+    gradient clipped to global norm `clip` (DeepSpeed's rule: scale by clip / (norm + 1e-6) when that is < 1).
+    Returns the new state and the gradient norm."""
     cfg = model.config
     data = TokenShards(data_dir, "train", SEQ, 0)
     model.train()
@@ -57,26 +59,29 @@ def reference_step(model: coexit.EarlyExitLM, data_dir: Path, dp: int) -> dict[s
             total = total + loss / (dp * GAS)
     total.backward()
     with torch.no_grad():
-        new = {k: (p - LR * p.grad).detach().clone() for k, p in model.named_parameters()}
-    return {k: new[k] if k in new else v for k, v in model.state_dict().items()}  # tied names share a tensor
+        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+        scale = clip / (norm + 1e-6) if clip > 0 and clip / (norm + 1e-6) < 1 else 1.0
+        new = {k: (p - LR * scale * p.grad).detach().clone() for k, p in model.named_parameters()}
+    return {k: new[k] if k in new else v for k, v in model.state_dict().items()}, norm  # tied names share a tensor
 
 
-LAYOUTS = [  # (pp, tp, dp, flavour, init)
-    pytest.param(2, 1, 2, "tiny", "checkpoint", id="pp2-dp2"),
-    pytest.param(2, 2, 1, "tiny-mha", "checkpoint", id="pp2-tp2"),
-    pytest.param(2, 2, 2, "tiny", "scratch", id="pp2-tp2-dp2"),
+LAYOUTS = [  # (pp, tp, dp, flavour, init, grad_clip); "tiny" shares the LM head between stage 0's exits and stage 1,
+    # "tiny-tied" also ties it to the embedding
+    pytest.param(2, 1, 2, "tiny-tied", "checkpoint", 0.0, id="pp2-dp2-tied"),
+    pytest.param(2, 2, 1, "tiny-mha", "checkpoint", 0.0, id="pp2-tp2"),
+    pytest.param(2, 2, 2, "tiny", "scratch", 1.0, id="pp2-tp2-dp2-clipped"),
 ]
 
 
-@pytest.mark.parametrize(("pp", "tp", "dp", "flavour", "init"), LAYOUTS)
-def test_parallel_step_equals_reference(pp, tp, dp, flavour, init, tmp_path, data_dir, checkpoint_factory):
+@pytest.mark.parametrize(("pp", "tp", "dp", "flavour", "init", "clip"), LAYOUTS)
+def test_parallel_step_equals_reference(pp, tp, dp, flavour, init, clip, tmp_path, data_dir, checkpoint_factory):
     model_section = {"source": str(checkpoint_factory(flavour))} if init == "checkpoint" else \
         {"flavour": flavour, "seed": 7}
     job = write_job(tmp_path / "job.toml", model=model_section,
                     data={"path": str(data_dir), "seq_len": SEQ},
                     train={"mode": "finetune" if init == "checkpoint" else "pretrain", "steps": 1,
                            "micro_batch_size": MB, "grad_accum": GAS, "optimizer": "sgd", "lr": LR, "min_lr": LR,
-                           "grad_clip": 0.0, "log_file": "metrics.jsonl", "progress": False},
+                           "grad_clip": clip, "log_file": "metrics.jsonl", "progress": False},
                     parallel={"pp": pp, "tp": tp, "dp": dp},
                     export={"dir": "export"}, debug={"dump_logits": "logits.pt"})
     launch(pp * tp * dp, job)
@@ -84,11 +89,15 @@ def test_parallel_step_equals_reference(pp, tp, dp, flavour, init, tmp_path, dat
     ref_model = coexit.load(checkpoint_factory(flavour)) if init == "checkpoint" else \
         init_model(coexit.Config.flavour(flavour), seed=7)
     before = {k: v.detach().clone() for k, v in ref_model.state_dict().items()}
-    expected = reference_step(ref_model, data_dir, dp)
+    expected, norm = reference_step(ref_model, data_dir, dp, clip)
+    assert clip == 0 or norm > 1.5 * clip, f"gradient norm {norm} would not be clipped at {clip}"
     got = load_file(str(tmp_path / "export" / "model.safetensors"))
-    assert set(got) == set(before), "exported tensor names differ from coexit's"
+    tied = {"lm_head.weight"} if ref_model.config.tie_word_embeddings else set()  # saved once, as the embedding
+    assert set(got) == set(before) - tied, "exported tensor names differ from coexit's"
     moved = 0.0
     for name, want in expected.items():
+        if name in tied:
+            continue
         assert got[name].shape == want.shape, name
         torch.testing.assert_close(got[name], want, atol=1e-6, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
         moved = max(moved, (want - before[name]).abs().max().item())
