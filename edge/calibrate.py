@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import coexit
 from coexit.exits import ExitPolicy, confidence
+from coexit.textdata import read_documents
 
 POLICY_FILE = "exit_policy.json"
 
@@ -31,18 +32,13 @@ class ExitStats:
 
 
 def read_texts(path: str | Path, limit_chars: int) -> list[str]:
-    """Text from a .jsonl corpus (field "text"), a text file, or a directory of .py/.txt files."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".py", ".txt", ".jsonl")) if path.is_dir() else [path]
+    """Documents from a .jsonl corpus (field "text"), a text file or a directory, up to about limit_chars."""
     texts, total = [], 0
-    for f in files:
-        lines = f.read_text(errors="replace").splitlines() if f.suffix == ".jsonl" else [None]
-        for line in lines:
-            text = json.loads(line)["text"] if line is not None else f.read_text(errors="replace")
-            texts.append(text)
-            total += len(text)
-            if total >= limit_chars:
-                return texts
+    for doc in read_documents([path]):
+        texts.append(doc)
+        total += len(doc)
+        if total >= limit_chars:
+            break
     return texts
 
 

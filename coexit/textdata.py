@@ -1,0 +1,48 @@
+"""Reading text documents for tokenizer training, data preparation, calibration and evaluation: plain files,
+directories (recursively, sorted) and JSONL files (one document per line, in a text field)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def _read_jsonl(path: Path, key: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n} is not valid JSON: {exc}") from None
+            text = rec.get(key) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{n} has no string field {key!r} (set --text-key)")
+            yield text
+
+
+def read_documents(inputs: list[str | Path], text_key: str = "text") -> list[str]:
+    """Documents from files, directories (recursively, sorted) and JSONL files (one document per line)."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"input {p} does not exist")
+    docs: list[str] = []
+    for f in tqdm(files, desc="read", unit="file", disable=len(files) < 2):
+        if f.suffix in (".jsonl", ".ndjson"):
+            docs += list(_read_jsonl(f, text_key))
+        else:
+            docs.append(f.read_text(encoding="utf-8", errors="replace"))
+    docs = [d for d in docs if d]
+    if not docs:
+        raise ValueError("the inputs hold no text")
+    return docs
