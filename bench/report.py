@@ -180,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
     if not data.is_file():
-        print(f"no held-out data at {data}: build it with `coexit build-corpus --out {data.parent}`", file=sys.stderr)
-        return 2
+        from training.corpus import build
+
+        print(f"no held-out data at {data}: building the corpus into {data.parent} (pip fetches pinned wheels)")
+        build(data.parent)
     model = coexit.load(args.model, dtype=torch.float32)
     cfg = model.config
     pairs, calib_texts = load_snippets(data, args.prompts, args.seed)

@@ -26,10 +26,16 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coexit"].full_name
 
 
 def load_model(model_dir: str | Path, deep_only: bool = False, dtype=None) -> coexit.EarlyExitLM:
-    """The whole model by default (so the cloud-only baseline works); deep_only keeps just [split, L)."""
+    """The whole model by default (so the cloud-only baseline works); deep_only keeps just [split, L).
+    dtype None: fp32 on a CPU (bf16 matmuls are several times slower there), the file's dtype on a GPU."""
+    import torch
+
     config = coexit.read_config(model_dir)
     layers = (config.split_layer, config.num_hidden_layers) if deep_only else None
-    return coexit.load(model_dir, layers=layers, dtype=dtype)
+    on_gpu = torch.cuda.is_available()
+    if dtype is None and not on_gpu:
+        dtype = torch.float32
+    return coexit.load(model_dir, layers=layers, dtype=dtype, device="cuda" if on_gpu else "cpu")
 
 
 async def start_server(model: coexit.EarlyExitLM, port: int = 0, host: str = "127.0.0.1",

@@ -30,6 +30,7 @@ class CoexitService(pb_grpc.CoexitServicer):
     def __init__(self, model: coexit.EarlyExitLM, limits: Limits) -> None:
         self.model, self.config, self.limits = model, model.config, limits
         self.manager = SessionManager(model, limits)
+        self.device = next(model.parameters()).device
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coexit-compute")
 
     async def _compute(self, fn, *args):
@@ -115,7 +116,7 @@ class CoexitService(pb_grpc.CoexitServicer):
                 raise invalid("an Append must carry at least one token id")
             if int(ids.max()) >= self.config.vocab_size:
                 raise invalid(f"token id {int(ids.max())} is outside the vocabulary of {self.config.vocab_size}")
-            return ids
+            return ids.to(self.device)
         if not req.HasField("hidden"):
             raise invalid("this session takes hidden rows (input HIDDEN) but the Append carries none")
         t = req.hidden
@@ -131,7 +132,7 @@ class CoexitService(pb_grpc.CoexitServicer):
         except ValueError as exc:
             raise invalid(f"malformed hidden tensor: {exc}") from None
         check_rows(rows, self.config.hidden_size)
-        return rows.to(next(self.model.parameters()).dtype)
+        return rows.to(device=self.device, dtype=next(self.model.parameters()).dtype)
 
     async def _append(self, session: CloudSession, req: pb.AppendRequest) -> pb.SessionReply:
         x = self._decode_rows(session, req)

@@ -118,7 +118,7 @@ class LayerRunner:
                 h, lo = torch.cat([prow[None].to(h.dtype), h], 1), pf
             # run up to the next place something happens: an exit check, parked rows, or the top
             nxt = min([b for b in (*check, *self.parked) if b > layer] + [self.stop])
-            positions = torch.arange(lo, lo + h.shape[1])
+            positions = torch.arange(lo, lo + h.shape[1], device=h.device)
             h = model.run_layers(h, positions, self.cache, layer, nxt).hidden
             self.layer_tokens += h.shape[1] * (nxt - layer)
             result.rows_computed += h.shape[1] * (nxt - layer)

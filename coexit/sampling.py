@@ -57,7 +57,7 @@ def filtered_logits(logits: Tensor, params: SamplingParams) -> Tensor:
 
 def sample(logits: Tensor, params: SamplingParams = GREEDY, position: int = 0) -> tuple[int, float]:
     """Pick a token from logits (V,) and return (token id, its log-probability under the unfiltered model)."""
-    logits = logits.float()
+    logits = logits.detach().float().cpu()
     logprobs = torch.log_softmax(logits, dim=-1)
     if params.greedy:
         token = int(torch.argmax(logits))
