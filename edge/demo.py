@@ -17,10 +17,10 @@ from edge.client import EdgeClient, Generation
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "coexit-code-small"
 PROMPTS = [
-    "def fibonacci(n):\n",
-    "import os\n\n\ndef list_python_files(root):\n",
-    "class Stack:\n    def __init__(self):\n",
-    "    for i in range(len(items)):\n",
+    "import os\nimport sys\n",
+    "if __name__ == '__main__':\n    ",
+    "def read_file(path):\n    with open(path) as f:\n        ",
+    "    for i in range(len(items)):\n        ",
 ]
 
 
