@@ -60,7 +60,18 @@ def worker(kind: str, ckpt: Path, gguf: Path | None, args) -> dict:
     from coexit.tokenizer import Tokenizer
     from edge.backends.registry import make_backend
 
-    text_ids = Tokenizer.from_file(ckpt / "tokenizer.json").encode(HELD_OUT)
+    tok = Tokenizer.from_file(ckpt / "tokenizer.json")
+    if args.text:
+        from coexit.textdata import read_documents
+
+        text_ids = []
+        for doc in read_documents([args.text]):
+            text_ids += tok.encode(doc)
+            if len(text_ids) >= args.text_tokens:
+                break
+        text_ids = text_ids[: args.text_tokens]
+    else:
+        text_ids = tok.encode(HELD_OUT)
     prompt = text_ids[: args.prompt]
     base = rss_mib()
     if kind.startswith("gguf"):
@@ -131,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="timed decode steps")
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats (the best is kept)")
     ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--model", help="benchmark this checkpoint directory instead of a random one")
+    ap.add_argument("--text", help="held-out text (file, directory or .jsonl) for the top-1 agreement")
+    ap.add_argument("--text-tokens", type=int, default=512, help="tokens of --text to score")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
@@ -143,8 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_checkpoint(args, Path(tmp) / "ckpt")
-        print(f"model: {args.layers} layers (edge [0, {args.split})), hidden {args.hidden}, intermediate "
+        ckpt = Path(args.model) if args.model else make_checkpoint(args, Path(tmp) / "ckpt")
+        if args.model:
+            from coexit.checkpoint import read_config
+
+            c = read_config(ckpt)
+            args.layers, args.split, args.hidden, args.intermediate = (c.num_hidden_layers, c.split_layer,
+                                                                       c.hidden_size, c.intermediate_size)
+            args.heads, args.kv_heads, args.vocab = c.num_attention_heads, c.num_key_value_heads, c.vocab_size
+        print(f"model: {args.model or 'random'}: {args.layers} layers (edge [0, {args.split})), hidden {args.hidden}, "
+              f"intermediate "
               f"{args.intermediate}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}; {args.threads} threads, "
               f"{args.tokens} decode steps after a {args.prompt}-token prompt")
         rows = {}
@@ -154,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                 from edge.export_gguf import export_gguf
 
                 gguf = export_gguf(ckpt, kind.split("-", 1)[1], Path(tmp) / f"edge-{kind}.gguf")
-            shared = [x for k in ("threads", "prompt", "tokens", "repeats") for x in (f"--{k}", str(getattr(args, k)))]
+            shared = [x for k in ("threads", "prompt", "tokens", "repeats", "text_tokens")
+                      for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+            if args.text:
+                shared += ["--text", str(Path(args.text).resolve())]
             cmd = [sys.executable, __file__, "--worker", kind, "--ckpt", str(ckpt), *shared]
             if gguf:
                 cmd += ["--gguf", str(gguf)]
