@@ -71,8 +71,12 @@ def _weight_files(path: Path) -> dict[str, Path]:
 def fingerprint(path: str | Path) -> str:
     """sha256 over config.json's model fields and the weight files' bytes: what edge and cloud must share."""
     path = Path(path)
-    h = hashlib.sha256(json.dumps(read_config(path).to_dict(), sort_keys=True).encode())
-    for file in sorted(set(_weight_files(path).values())):
+    return _fingerprint(read_config(path), _weight_files(path))
+
+
+def _fingerprint(config: Config, files: dict[str, Path]) -> str:
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for file in sorted(set(files.values())):
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
@@ -143,22 +147,24 @@ def load(path: str | Path, layers: tuple[int, int] | None = None, dtype: torch.d
         handles.clear()
     if config.tie_word_embeddings and hasattr(model, "lm_head") and model.start == 0:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if initialised:
-        exits = sorted({int(n.split(".")[1]) for n in initialised})
-        log.warning("%s has no exit heads for layers %s: initialised them from the final norm and LM head "
-                    "(ready for EE-tuning)", path, exits)
-    model.fingerprint = fingerprint(path)
     model.initialised_exits = tuple(sorted({int(n.split(".")[1]) for n in initialised}))
-    model.tokenizer = load_tokenizer(path)
+    if initialised:
+        log.warning("%s has no exit heads for layers %s: initialised them from the final norm and LM head "
+                    "(ready for EE-tuning)", path, list(model.initialised_exits))
+    file_config = config if early_exit is None else read_config(path)  # the fingerprint is the files'
+    model.fingerprint = _fingerprint(file_config, files)
+    model.tokenizer = _tokenizer(path, file_config)
     return model.eval()
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:
     """The checkpoint's tokenizer.json (special ids from config.json), or None when it has none."""
-    path = Path(path)
+    return _tokenizer(Path(path), read_config(path))
+
+
+def _tokenizer(path: Path, config: Config) -> Tokenizer | None:
     if not (path / "tokenizer.json").is_file():
         return None
-    config = read_config(path)
     return Tokenizer.from_file(path / "tokenizer.json", bos_id=config.bos_token_id, eos_id=config.eos_token_id)
 
 
