@@ -111,11 +111,6 @@ class SessionManager:
     def reserved_bytes(self) -> int:
         return sum(s.reserved_bytes for s in self.sessions.values())
 
-    def _bytes_per_position(self, start: int) -> int:
-        c = self.config
-        dtype = next(self.model.parameters()).dtype
-        return 2 * (c.num_hidden_layers - start) * c.num_key_value_heads * c.head_dim * dtype.itemsize
-
     def sweep(self, now: float | None = None) -> int:
         """Drop detached sessions idle past the TTL; returns how many."""
         now = time.monotonic() if now is None else now
@@ -138,18 +133,18 @@ class SessionManager:
                                "this server holds only the deep layers; token-id input (cloud-only mode) needs a "
                                "server started with the whole model")
         start = 0 if tokens_input else self.config.split_layer
-        for layer in cloud_exits:
+        for layer, threshold in cloud_exits.items():
             if layer not in self.config.exit_layers or not start < layer < self.config.num_hidden_layers:
                 raise invalid(f"cloud exit at layer {layer} is not a cloud-side exit layer; cloud exits are "
                               f"{[e for e in self.config.exit_layers if e > start]}")
-        for layer, threshold in cloud_exits.items():
             if not math.isfinite(threshold):
                 raise invalid(f"cloud exit threshold for layer {layer} must be finite")
-        need = max_length * self._bytes_per_position(start)
+        # the cache allocates lazily: building the runner costs no KV memory until rows arrive
+        runner = LayerRunner(self.model, start, self.config.num_hidden_layers, max_len=max_length)
+        need = max_length * runner.cache.bytes_per_position()
         with self._lock:
             self._make_room(need)
             sid = secrets.token_hex(12)
-            runner = LayerRunner(self.model, start, self.config.num_hidden_layers, max_len=max_length)
             session = CloudSession(sid, runner, encoding, tokens_input, stateless, max_length, need,
                                    ExitPolicy(dict(cloud_exits)))
             self.sessions[sid] = session
@@ -206,9 +201,6 @@ class SessionManager:
     def close(self, s: CloudSession) -> None:
         with self._lock:
             self.sessions.pop(s.id, None)
-
-    def get(self, sid: str) -> CloudSession | None:
-        return self.sessions.get(sid)
 
 
 def check_rows(rows: Tensor, hidden_size: int) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from coexit.kv_cache import KVCache
 from coexit.model import EarlyExitLM
+from coexit.sampling import GREEDY, sample
 
 # decide(exit_layer, logits (V,) of the newest row) -> True to stop there
 Decide = Callable[[int, Tensor], bool]
@@ -41,7 +42,7 @@ class LayerRunner:
     def __init__(self, model: EarlyExitLM, start: int, stop: int, cache: KVCache | None = None,
                  max_len: int | None = None) -> None:
         self.model, self.start, self.stop = model, start, stop
-        self.cache = cache or model.new_cache(max_len=max_len)
+        self.cache = cache or model.new_cache(max_len=max_len, layers=range(start, stop))
         self.ends_model = stop == model.config.num_hidden_layers
         # depth -> (first position, hidden rows (n, C)) parked at that depth, contiguous by the invariant
         self.parked: dict[int, tuple[int, Tensor]] = {}
@@ -53,12 +54,6 @@ class LayerRunner:
         """First position this runner has not seen at all."""
         top = max((first + rows.shape[0] for first, rows in self.parked.values()), default=0)
         return max(top, self.cache.length(self.start))
-
-    def depth_of(self, position: int) -> int:
-        for d, (first, rows) in self.parked.items():
-            if first <= position < first + rows.shape[0]:
-                return d
-        return self.stop if position < self.cache.length(self.stop - 1) else self.start
 
     def _park(self, depth: int, first: int, rows: Tensor) -> None:
         if depth in self.parked:
@@ -78,20 +73,12 @@ class LayerRunner:
             raise ValueError(f"rows start at position {first} but this runner expects position "
                              f"{self.next_position}; positions must continue without gap or overlap")
 
-    def take_top(self, upto: int | None = None) -> tuple[int, Tensor]:
+    def take_top(self) -> tuple[int, Tensor]:
         """Remove and return (first position, rows) parked at depth `stop` (the edge's upload outbox)."""
-        first, rows = self.parked.get(self.stop, (self.cache.length(self.stop - 1), None))
+        first, rows = self.parked.pop(self.stop, (self.cache.length(self.stop - 1), None))
         if rows is None:
             return first, torch.zeros(0, self.model.config.hidden_size)
-        if upto is None or upto >= first + rows.shape[0]:
-            del self.parked[self.stop]
-            return first, rows
-        n = upto - first
-        self.parked[self.stop] = (upto, rows[n:])
-        return first, rows[:n]
-
-    def peek_top(self) -> tuple[int, Tensor | None]:
-        return self.parked.get(self.stop, (self.cache.length(self.stop - 1), None))
+        return first, rows
 
     # ---- compute -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -152,8 +139,6 @@ class LayerRunner:
 def generate_full(model: EarlyExitLM, prompt_ids: list[int], max_new_tokens: int, sampling=None,
                   stop_id: int | None = None) -> list[int]:
     """Reference decoding with the whole model and its KV cache (what cloud-only serving computes)."""
-    from coexit.sampling import GREEDY, sample
-
     sampling = sampling or GREEDY
     cache = model.new_cache(max_len=len(prompt_ids) + max_new_tokens)
     x, out, pos = torch.tensor([prompt_ids]), [], len(prompt_ids)

@@ -60,7 +60,3 @@ class ExitPolicy:
             return True
         score = confidence(logits, self.criterion)
         return score <= t if self.criterion == "entropy" else score >= t
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.thresholds)

@@ -267,9 +267,11 @@ class EarlyExitLM(nn.Module):
         """A view over layers [start, stop) with their exits, sharing this model's parameters."""
         return Stage(self, start, stop)
 
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None, device=None, dtype=None,
+                  layers: range | None = None) -> KVCache:
+        """A KV cache for `layers` (default: every layer this model holds)."""
         p = next(self.parameters())
-        return KVCache(self.config, range(self.start, self.stop), batch_size, max_len,
+        return KVCache(self.config, layers or range(self.start, self.stop), batch_size, max_len,
                        dtype or p.dtype, device or p.device)
 
 
