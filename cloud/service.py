@@ -111,24 +111,28 @@ class CoexitService(pb_grpc.CoexitServicer):
             if req.HasField("hidden"):
                 raise invalid("this session was opened for token ids (input TOKENS) but the Append carries hidden "
                               "rows")
+            n = len(req.token_ids)
+        else:
+            if not req.HasField("hidden"):
+                raise invalid("this session takes hidden rows (input HIDDEN) but the Append carries none")
+            if req.hidden.encoding != ENCODING_CODES[session.encoding]:
+                enc = req.hidden.encoding
+                got = pb.Encoding.Name(enc) if enc in pb.Encoding.values() else str(enc)
+                raise invalid(f"encoding mismatch: the session was opened with {session.encoding} but the rows are "
+                              f"{got}")
+            n = req.hidden.rows
+        if n > self.limits.max_rows_per_append:
+            raise invalid(f"{n} rows exceed max_rows_per_append {self.limits.max_rows_per_append}; split them "
+                          f"over several Appends")
+        if session.tokens_input:
             ids = torch.tensor(list(req.token_ids), dtype=torch.long)
             if ids.numel() == 0:
                 raise invalid("an Append must carry at least one token id")
             if int(ids.max()) >= self.config.vocab_size:
                 raise invalid(f"token id {int(ids.max())} is outside the vocabulary of {self.config.vocab_size}")
             return ids.to(self.device)
-        if not req.HasField("hidden"):
-            raise invalid("this session takes hidden rows (input HIDDEN) but the Append carries none")
-        t = req.hidden
-        if t.encoding != ENCODING_CODES[session.encoding]:
-            got = pb.Encoding.Name(t.encoding) if t.encoding in pb.Encoding.values() else str(t.encoding)
-            raise invalid(f"encoding mismatch: the session was opened with {session.encoding} but the rows are "
-                          f"{got}")
-        if t.rows > self.limits.max_rows_per_append:
-            raise invalid(f"{t.rows} rows exceed max_rows_per_append {self.limits.max_rows_per_append}; split them "
-                          f"over several Appends")
         try:
-            rows = tensor_from_proto(t)
+            rows = tensor_from_proto(req.hidden)
         except ValueError as exc:
             raise invalid(f"malformed hidden tensor: {exc}") from None
         check_rows(rows, self.config.hidden_size)
@@ -136,8 +140,6 @@ class CoexitService(pb_grpc.CoexitServicer):
 
     async def _append(self, session: CloudSession, req: pb.AppendRequest) -> pb.SessionReply:
         x = self._decode_rows(session, req)
-        if x.shape[0] > self.limits.max_rows_per_append:
-            raise invalid(f"{x.shape[0]} rows exceed max_rows_per_append {self.limits.max_rows_per_append}")
         try:
             sampling = sampling_from_proto(req.sampling)
         except ValueError as exc:
