@@ -93,7 +93,12 @@ class EdgeClient:
         self.mode, self.deadline_s, self.retry_s, self.prefill_chunk = mode, deadline_s, retry_s, prefill_chunk
         self.cloud_exits = cloud_exits or {}
         self.link = CloudLink(cloud, token=token, deadline_s=deadline_s) if cloud else None
-        self.max_rows = 4096
+        self._max_rows: int | None = None  # the server's max_rows_per_append, asked once
+
+    def rows_per_append(self) -> int:
+        if self._max_rows is None:
+            self._max_rows = self.link.info().limits.max_rows_per_append or 4096
+        return self._max_rows
 
     @classmethod
     def from_checkpoint(cls, model_dir, cloud: str | None = None, backend: str = "torch",
@@ -181,9 +186,7 @@ class _Run:
                 cloud_exits=[pb.CloudExit(layer=k, threshold=v) for k, v in sorted(self.c.cloud_exits.items())])
             reply = self.stream.request(pb.SessionRequest(open=opening))
         except CloudUnavailable:
-            self.counters.merge_stream(self.stream)
-            self.stream = None
-            self.retry_at = time.monotonic() + self.c.retry_s
+            self._mark_down()
             raise
         self.session_id, self.cloud_len = reply.opened.session_id, 0
         self.counters.sessions_opened += 1
@@ -213,9 +216,9 @@ class _Run:
             elif self.mode == "cloud-only":
                 reply = self._append(self.cloud_len, None, self.ids[self.cloud_len:upto], True)
             else:
-                first = self.cloud_len
+                first, per_append = self.cloud_len, self.c.rows_per_append()
                 while True:
-                    last = min(upto, first + self.c.max_rows)
+                    last = min(upto, first + per_append)
                     reply = self._append(first, self._rows(first, last), None, last == upto)
                     self.counters.uploads[-1].extend(range(first, last))
                     first = last
@@ -223,14 +226,18 @@ class _Run:
                         break
             self.cloud_len = reply.length
         except CloudUnavailable:
-            self.counters.merge_stream(self.stream)
-            self.stream = None
-            self.retry_at = time.monotonic() + self.c.retry_s
+            self._mark_down()
             raise
         self.counters.rtts_s.append(time.perf_counter() - t0)
         self.counters.cloud_compute_s.append(self._compute_us / 1e6)
         self.counters.merge_stream(self.stream)
         return reply
+
+    def _mark_down(self) -> None:
+        """The cloud failed: drop the stream (keeping its byte counts) and retry no sooner than retry_s."""
+        self.counters.merge_stream(self.stream)
+        self.stream = None
+        self.retry_at = time.monotonic() + self.c.retry_s
 
     def _rows(self, a: int, b: int) -> torch.Tensor:
         rows = torch.cat(self.history, 0) if len(self.history) > 1 else self.history[0]
@@ -253,11 +260,6 @@ class _Run:
         chunk = self.c.prefill_chunk
         pos, pending = 0, self.prompt_ids
         try:
-            if self.c.link is not None and mode != "standalone":
-                try:
-                    self.c.max_rows = self.c.link.info().limits.max_rows_per_append or self.c.max_rows
-                except CloudUnavailable:
-                    pass
             for _ in range(self.max_new):
                 t0 = time.perf_counter()
                 if mode != "cloud-only":
