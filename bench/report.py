@@ -122,14 +122,6 @@ def run_mode(client: EdgeClient, model, pairs, mode: str, policy: ExitPolicy, ma
             "latency_p50_ms": 1e3 * statistics.median(lat) if lat else 0.0, "tokens": total}
 
 
-def latency_only(client: EdgeClient, model, pairs, mode: str, policy: ExitPolicy, max_new: int) -> float:
-    lat = []
-    for prompt, _ in pairs:
-        gen = client.generate(prompt_ids(model, prompt, max_new), max_new, policy=policy, mode=mode)
-        lat += [e.latency_s for e in gen.events]
-    return 1e3 * statistics.fmean(lat)
-
-
 def plots(rows: dict[str, dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -250,14 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         link = r.get("latency_link_ms")
+        link_s = f"{link:.1f}" if link else "n/a"
         rel = f"{link / base_link - 1:+.1%}" if link and base_link else "n/a"
         lines.append(f"| {name} | {r['agreement']:.1%} | {r['exact_match']:.1%} | {r['perplexity']:.2f} | "
                      f"{r['edge_share']:.1%} | {r['cloud_compute']:.1%} ({r['cloud_compute'] - 1:+.1%}) | "
                      f"{r['up_per_token']:.0f} | {r['down_per_token']:.0f} | {r['latency_ms']:.2f} | "
-                     f"{link:.1f} | {rel} |" if link else
-                     f"| {name} | {r['agreement']:.1%} | {r['exact_match']:.1%} | {r['perplexity']:.2f} | "
-                     f"{r['edge_share']:.1%} | {r['cloud_compute']:.1%} ({r['cloud_compute'] - 1:+.1%}) | "
-                     f"{r['up_per_token']:.0f} | {r['down_per_token']:.0f} | {r['latency_ms']:.2f} | n/a | n/a |")
+                     f"{link_s} | {rel} |")
     table = "\n".join(lines)
     text = (f"# coexit evaluation report\n\nModel: `{args.model}`; held-out data: `{args.data}` (packages never seen "
             f"in training); {len(pairs)} prompts x up to {args.max_new} new tokens, greedy; thresholds calibrated "
@@ -277,7 +267,7 @@ def _link_runs(rows, modes, address, model, pairs, args) -> None:
     client = EdgeClient(make_backend("torch", args.model), model.tokenizer, cloud=address, encoding="fp16",
                         deadline_s=30.0)
     for name, mode, policy in modes:
-        rows[name]["latency_link_ms"] = latency_only(client, model, pairs, mode, policy, args.max_new)
+        rows[name]["latency_link_ms"] = run_mode(client, model, pairs, mode, policy, args.max_new)["latency_ms"]
         print(f"  {name} over the link: {rows[name]['latency_link_ms']:.1f} ms/token", flush=True)
     client.close()
 
