@@ -21,6 +21,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-length", type=int, default=0, help="positions per session (0: the model's maximum)")
     ap.add_argument("--max-rows", type=int, default=4096, help="rows per Append")
     ap.add_argument("--idle-ttl", type=float, default=300.0, help="seconds a broken session stays resumable")
+    ap.add_argument("--block-size", type=int, default=16, help="positions per KV block")
+    ap.add_argument("--rows-per-tick", type=int, default=256,
+                    help="the engine's row budget per tick (longer uploads are chunked)")
+    ap.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
     ap.add_argument("--deep-only", action="store_true", help="load only layers [split, L) (no cloud-only mode)")
     ap.add_argument("--token", default=os.environ.get("COEXIT_TOKEN"), help="require this bearer token")
     ap.add_argument("--tls-key", help="PEM private key (with --tls-cert) to serve TLS")
@@ -28,10 +32,12 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     limits = Limits(max_sessions=args.max_sessions, kv_budget_bytes=int(args.kv_budget_mib * 2**20),
-                    max_length=args.max_length, max_rows_per_append=args.max_rows, idle_ttl_s=args.idle_ttl)
+                    max_length=args.max_length, max_rows_per_append=args.max_rows, idle_ttl_s=args.idle_ttl,
+                    block_size=args.block_size, rows_per_tick=args.rows_per_tick)
     tls = (args.tls_key, args.tls_cert) if args.tls_key and args.tls_cert else None
     try:
-        asyncio.run(serve_forever(args.model, args.port, args.host, limits, args.token, args.deep_only, tls))
+        asyncio.run(serve_forever(args.model, args.port, args.host, limits, args.token, args.deep_only, tls,
+                                 args.metrics_port))
     except KeyboardInterrupt:
         pass
     return 0

@@ -100,7 +100,7 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         if self.service is not None:
-            self.service.executor.shutdown(wait=False)
+            self.service.stop()
 
     def __enter__(self) -> ServerThread:
         return self.start()
@@ -110,12 +110,15 @@ class ServerThread:
 
 
 async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, token: str | None,
-                        deep_only: bool, tls_files: tuple[str, str] | None) -> None:
+                        deep_only: bool, tls_files: tuple[str, str] | None, metrics_port: int = 0) -> None:
     model = load_model(model_dir, deep_only=deep_only)
     tls = None
     if tls_files:
         tls = (Path(tls_files[0]).read_bytes(), Path(tls_files[1]).read_bytes())
-    server, bound, _ = await start_server(model, port, host, limits, token, tls)
+    server, bound, service = await start_server(model, port, host, limits, token, tls)
+    if metrics_port:
+        mport = service.engine.metrics.serve(metrics_port, host)
+        print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
     c = model.config
     print(f"coexit cloud serving {model_dir} on {host}:{bound} (layers [{model.start}, {model.stop}), split "
           f"{c.split_layer}, fingerprint {model.fingerprint[:16]}…)", flush=True)

@@ -1,8 +1,8 @@
 """The coexit.v1.Coexit servicer: Info and the per-session bidirectional stream.
 
-Protobuf is converted to tensors here and nowhere deeper. Model compute runs on one worker thread (so the event
-loop keeps answering health checks and other streams), and every request is validated before any state changes,
-so a refused Append leaves its session exactly as it was.
+Protobuf is converted to tensors here and nowhere deeper. The servicer never computes: an Append is validated
+(before any state changes, so a refused Append leaves its session exactly as it was), queued on the engine, and
+awaited; the engine thread batches every session's rows into one pass per tick.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
 
 import coexit
+from cloud.engine.engine import Engine, SegmentDone
+from cloud.engine.kv_pool import KVPool
+from cloud.engine.scheduler import Segment
 from cloud.errors import ServiceError, invalid
 from cloud.sessions import CloudSession, Limits, SessionManager, check_rows
 from coexit.v1 import coexit_pb2 as pb
@@ -29,12 +30,14 @@ log = logging.getLogger("coexit.cloud")
 class CoexitService(pb_grpc.CoexitServicer):
     def __init__(self, model: coexit.EarlyExitLM, limits: Limits) -> None:
         self.model, self.config, self.limits = model, model.config, limits
-        self.manager = SessionManager(model, limits)
-        self.device = next(model.parameters()).device
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coexit-compute")
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        pool = KVPool.from_budget(self.config, limits.kv_budget_bytes, limits.block_size, p.dtype, p.device)
+        self.engine = Engine(model, pool, limits.rows_per_tick)
+        self.manager = SessionManager(model, limits, self.engine)
 
-    async def _compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    def stop(self) -> None:
+        self.engine.stop()
 
     # ---- Info ----------------------------------------------------------------------------------------------
     def info(self) -> pb.InfoReply:
@@ -136,7 +139,7 @@ class CoexitService(pb_grpc.CoexitServicer):
         except ValueError as exc:
             raise invalid(f"malformed hidden tensor: {exc}") from None
         check_rows(rows, self.config.hidden_size)
-        return rows.to(device=self.device, dtype=next(self.model.parameters()).dtype)
+        return rows.to(device=self.device, dtype=self.dtype)
 
     async def _append(self, session: CloudSession, req: pb.AppendRequest) -> pb.SessionReply:
         x = self._decode_rows(session, req)
@@ -146,15 +149,23 @@ class CoexitService(pb_grpc.CoexitServicer):
             raise invalid(f"bad sampling parameters: {exc}") from None
         if not math.isfinite(sampling.temperature):
             raise invalid("sampling temperature must be finite")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future() if req.want_token else None
 
-        def work():
-            t0 = time.perf_counter()
-            with session.lock:
-                out = session.append(x, int(req.first_position), req.want_token, sampling, int(req.top_logprobs))
-            return (*out, time.perf_counter() - t0)
+        def resolve(outcome) -> None:  # engine thread
+            loop.call_soon_threadsafe(_settle, fut, outcome)
 
-        result, layer_tokens, seconds = await self._compute(work)
-        reply = pb.AppendReply(length=session.length, layer_tokens=layer_tokens, compute_us=int(seconds * 1e6))
+        segment = Segment(int(req.first_position), x, req.want_token, sampling, int(req.top_logprobs),
+                          waiter=resolve if fut is not None else None)
+        self.manager.submit(session, x, int(req.first_position), segment)
+        if fut is None:  # rows are queued; the engine computes them in the background, chunk by chunk
+            return pb.SessionReply(appended=pb.AppendReply(length=session.length))
+        done = await fut
+        if isinstance(done, BaseException):
+            raise done
+        result = done.token
+        reply = pb.AppendReply(length=session.length, layer_tokens=done.layer_tokens,
+                               compute_us=int(done.compute_s * 1e6))
         if result is not None:
             reply.has_token = True
             reply.token_id, reply.logprob, reply.exit_layer = result.token_id, result.logprob, result.exit_layer
@@ -162,3 +173,8 @@ class CoexitService(pb_grpc.CoexitServicer):
             if req.want_logits:
                 reply.logits.CopyFrom(tensor_to_proto(result.logits[None].float(), "fp32"))
         return pb.SessionReply(appended=reply)
+
+
+def _settle(fut: asyncio.Future, outcome: SegmentDone | BaseException) -> None:
+    if not fut.done():
+        fut.set_result(outcome)

@@ -1,30 +1,32 @@
-"""The cloud context manager: one deep-layer KV cache per session, limits, idle TTL and LRU eviction.
+"""The cloud context manager: sessions (ids, limits, idle TTL, LRU eviction) over the engine's paged KV pool.
 
 A session is created on Open and owns a LayerRunner over the layers the cloud runs for it ([split, L) for hidden
-states, [0, L) for token ids). Its KV memory is reserved up front (max_length x bytes per position), so the global
-budget is never exceeded mid-generation. When a stream ends without Close the session is detached and can be
-resumed until its idle TTL runs out; when the budget or the session count is hit, detached sessions are evicted
-least-recently-used first, and only then is the request refused with RESOURCE_EXHAUSTED.
+states, [0, L) for token ids) whose cache is a PagedCache: block tables over the engine's pool, grown block by
+block as rows arrive and freed on close, eviction or TTL. The session's Appends queue as Segments that the engine
+computes. When a stream ends without Close the session is detached and can be resumed until its idle TTL runs
+out; when the pool or the session count is full, detached sessions are evicted least-recently-used first, and
+only then is the request refused with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 from torch import Tensor
 
+from cloud.engine.engine import Engine
+from cloud.engine.kv_pool import PagedCache
+from cloud.engine.scheduler import Segment
 from cloud.errors import ServiceError, invalid
-from coexit.decoding import LayerRunner, RunResult
+from coexit.decoding import LayerRunner
 from coexit.exits import ExitPolicy
 from coexit.model import EarlyExitLM
-from coexit.sampling import SamplingParams, sample, top_logprobs
 
 
 @dataclass(frozen=True)
@@ -35,15 +37,8 @@ class Limits:
     max_rows_per_append: int = 4096
     max_message_bytes: int = 64 << 20
     idle_ttl_s: float = 300.0
-
-
-@dataclass
-class TokenResult:
-    token_id: int
-    logprob: float
-    exit_layer: int
-    logits: Tensor
-    top: list[tuple[int, float]] = field(default_factory=list)
+    block_size: int = 16  # positions per KV block
+    rows_per_tick: int = 256  # the engine's row budget per tick
 
 
 @dataclass
@@ -54,72 +49,58 @@ class CloudSession:
     tokens_input: bool
     stateless: bool
     max_length: int
-    reserved_bytes: int
     policy: ExitPolicy
     attached: bool = True
     last_used: float = field(default_factory=time.monotonic)
     bytes_received: int = 0
     bytes_sent: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    expected: int = 0  # the next position an Append must start at (rows queued included)
+    queue: deque = field(default_factory=deque)  # Segments waiting for the engine
+    failed: Exception | None = None  # an error for the next Append (queued rows that found no room)
+    in_flight: bool = False  # in the tick being computed
+    retired: bool = False  # closed or evicted
+    unreported_layer_tokens: int = 0
 
     @property
     def length(self) -> int:
-        return self.runner.next_position
+        return self.expected
 
-    def append(self, x: Tensor, first: int, want_token: bool, sampling: SamplingParams,
-               top_k: int = 0) -> tuple[TokenResult | None, int]:
-        """Add rows (hidden (n, C) or token ids (n,)) for positions [first, first + n). Returns the token for the
-        position after the last row when asked, and the layer-token computations spent."""
-        if self.stateless:
-            if first != 0:
-                raise invalid(f"a stateless session takes the whole context from position 0, got {first}")
-            self.runner = LayerRunner(self.runner.model, self.runner.start, self.runner.stop,
-                                      max_len=self.max_length)
-        elif first != self.length:
-            what = "a gap" if first > self.length else "an overlap"
-            raise invalid(f"rows start at position {first} but the session holds {self.length} positions "
-                          f"({what}); send positions from {self.length} on")
-        n = x.shape[0]
-        if first + n > self.max_length:
-            raise invalid(f"positions up to {first + n} exceed this session's max_length {self.max_length}; "
-                          f"open a session with a larger max_length")
-        before = self.runner.layer_tokens
-        if not want_token:
-            if self.tokens_input:
-                x = self.runner.model.embed(x[None].long())[0].detach()
-            self.runner.park(x, first)
-            return None, 0
-        result: RunResult = self.runner.run(x, first, self.policy.decide if self.policy.thresholds else None)
-        logits = result.logits if result.logits is not None else result.exit_logits[result.depth]
-        token, logprob = sample(logits, sampling, position=first + n)
-        top = top_logprobs(logits, top_k) if top_k else []
-        return TokenResult(token, logprob, result.depth, logits, top), self.runner.layer_tokens - before
+    @property
+    def cache(self) -> PagedCache:
+        return self.runner.cache
 
 
 class SessionManager:
-    """Creates, finds, detaches and evicts sessions. Thread-safe; the gRPC layer calls it."""
+    """Creates, finds, detaches, evicts and feeds sessions. Thread-safe (it shares the engine's lock)."""
 
-    def __init__(self, model: EarlyExitLM, limits: Limits) -> None:
-        self.model, self.config = model, model.config
+    def __init__(self, model: EarlyExitLM, limits: Limits, engine: Engine) -> None:
+        self.model, self.config, self.engine = model, model.config, engine
         self.max_length_cap = limits.max_length or self.config.max_position_embeddings
         self.limits = limits
         self.sessions: OrderedDict[str, CloudSession] = OrderedDict()  # LRU order: oldest first
-        self._lock = threading.Lock()
+        self._lock = engine.lock
         self.serves_tokens = model.start == 0
+        engine.make_room = self._evict_for
+        engine.on_failure = self._no_room
 
     @property
-    def reserved_bytes(self) -> int:
-        return sum(s.reserved_bytes for s in self.sessions.values())
+    def pool(self):
+        return self.engine.pool
 
     def sweep(self, now: float | None = None) -> int:
         """Drop detached sessions idle past the TTL; returns how many."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            dead = [sid for sid, s in self.sessions.items()
+            dead = [s for s in self.sessions.values()
                     if not s.attached and now - s.last_used > self.limits.idle_ttl_s]
-            for sid in dead:
-                del self.sessions[sid]
+            for s in dead:
+                self._remove(s)
         return len(dead)
+
+    def _remove(self, s: CloudSession) -> None:
+        self.sessions.pop(s.id, None)
+        self.engine.release(s)
+        self.engine.metrics.sessions.set(len(self.sessions))
 
     def open(self, max_length: int, encoding: str, tokens_input: bool, stateless: bool,
              cloud_exits: dict[int, float]) -> CloudSession:
@@ -139,37 +120,75 @@ class SessionManager:
                               f"{[e for e in self.config.exit_layers if e > start]}")
             if not math.isfinite(threshold):
                 raise invalid(f"cloud exit threshold for layer {layer} must be finite")
-        # the cache allocates lazily: building the runner costs no KV memory until rows arrive
-        runner = LayerRunner(self.model, start, self.config.num_hidden_layers, max_len=max_length)
-        need = max_length * runner.cache.bytes_per_position()
+        layers = range(start, self.config.num_hidden_layers)
+        pool = self.pool
+        whole = math.ceil(max_length / pool.block_size) * len(layers)
+        if whole > pool.num_blocks:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"a session of max_length {max_length} may need {whole} KV blocks, more than the "
+                               f"whole pool of {pool.num_blocks} ({pool.num_blocks * pool.bytes_per_block / 2**20:.1f} "
+                               f"MiB); "
+                               f"ask for a shorter max_length")
         with self._lock:
-            self._make_room(need)
+            detached = [s for s in self.sessions.values() if not s.attached and not s.in_flight]  # LRU order
+            while len(self.sessions) >= self.limits.max_sessions and detached:
+                self._remove(detached.pop(0))
+            if len(self.sessions) >= self.limits.max_sessions:
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"the server already serves {len(self.sessions)} sessions (max_sessions "
+                                   f"{self.limits.max_sessions}); retry later")
+            self._evict_for(len(layers), None)  # room for at least one block per layer
+            if pool.num_free < len(layers):
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, self._full_message(len(layers)))
             sid = secrets.token_hex(12)
-            session = CloudSession(sid, runner, encoding, tokens_input, stateless, max_length, need,
+            runner = LayerRunner(self.model, start, self.config.num_hidden_layers, cache=PagedCache(pool, layers))
+            session = CloudSession(sid, runner, encoding, tokens_input, stateless, max_length,
                                    ExitPolicy(dict(cloud_exits)))
             self.sessions[sid] = session
+            self.engine.metrics.sessions.set(len(self.sessions))
         return session
 
-    def _make_room(self, need: int) -> None:
-        lim = self.limits
-        if need > lim.kv_budget_bytes:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"a session of this max_length needs {need / 2**20:.1f} MiB of KV, more than the "
-                               f"whole budget of {lim.kv_budget_bytes / 2**20:.1f} MiB; ask for a shorter max_length")
-        detached = [s for s in self.sessions.values() if not s.attached]  # LRU order
-        while (len(self.sessions) >= lim.max_sessions or self.reserved_bytes + need > lim.kv_budget_bytes) \
-                and detached:
-            victim = detached.pop(0)
-            del self.sessions[victim.id]
-        if len(self.sessions) >= lim.max_sessions:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the server already serves {len(self.sessions)} sessions (max_sessions "
-                               f"{lim.max_sessions}); retry later")
-        if self.reserved_bytes + need > lim.kv_budget_bytes:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the KV budget is full: {self.reserved_bytes / 2**20:.1f} of "
-                               f"{lim.kv_budget_bytes / 2**20:.1f} MiB reserved by active sessions, "
-                               f"{need / 2**20:.1f} MiB needed; retry later or ask for a shorter max_length")
+    def _full_message(self, need: int) -> str:
+        pool = self.pool
+        return (f"the KV budget is full: {pool.num_used} of {pool.num_blocks} blocks ({pool.block_size} positions "
+                f"each) are held by active sessions and {need} more are needed; retry later, close idle sessions, "
+                f"or start the server with a larger --kv-budget-mib")
+
+    def _evict_for(self, blocks: int, keep: CloudSession | None) -> None:
+        """Evict detached sessions, least recently used first, until `blocks` are free (engine lock held)."""
+        for s in [s for s in self.sessions.values() if not s.attached and not s.in_flight and s is not keep]:
+            if self.pool.num_free >= blocks:
+                return
+            self._remove(s)
+
+    def _no_room(self, s: CloudSession, seg: Segment) -> ServiceError:
+        need = s.cache.blocks_needed(seg.last)
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"positions {seg.first}..{seg.last - 1} were not computed: " + self._full_message(need)
+                            + f"; the session keeps its first {seg.first} positions")
+
+    def submit(self, s: CloudSession, rows: Tensor, first: int, segment: Segment) -> None:
+        """Queue an Append's rows for the engine after checking them against the session's state."""
+        with self._lock:
+            if s.retired:
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed or evicted; open a new one")
+            if s.failed is not None:
+                error, s.failed = s.failed, None
+                raise error
+            if s.stateless:
+                if first != 0:
+                    raise invalid(f"a stateless session takes the whole context from position 0, got {first}")
+                segment.reset = True
+            elif first != s.expected:
+                what = "a gap" if first > s.expected else "an overlap"
+                raise invalid(f"rows start at position {first} but the session holds {s.expected} positions "
+                              f"({what}); send positions from {s.expected} on")
+            n = rows.shape[0]
+            if first + n > s.max_length:
+                raise invalid(f"positions up to {first + n} exceed this session's max_length {s.max_length}; "
+                              f"open a session with a larger max_length")
+            s.expected = first + n
+            self.engine.submit(s, segment)
 
     def resume(self, sid: str) -> CloudSession:
         self.sweep()
@@ -200,7 +219,7 @@ class SessionManager:
 
     def close(self, s: CloudSession) -> None:
         with self._lock:
-            self.sessions.pop(s.id, None)
+            self._remove(s)
 
 
 def check_rows(rows: Tensor, hidden_size: int) -> None:

@@ -13,7 +13,7 @@ that is the outbox of split-depth hidden states the cloud has not seen yet.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +34,17 @@ class RunResult:
     exit_logits: dict[int, Tensor] = field(default_factory=dict)  # logits (V,) of the newest row at checked exits
     logits: Tensor | None = None  # final logits (V,) of the newest row when the range ends the model
     rows_computed: int = 0  # layer-row computations (layer-tokens) this call performed
+    last_hidden: Tensor | None = None  # newest row's hidden (C,) at the top when the final head is due
+
+
+@dataclass
+class LayerWork:
+    """One span of a run: compute layers [start, stop) on hidden (1, T, C) holding positions [first, first + T)."""
+
+    start: int
+    stop: int
+    hidden: Tensor
+    first: int
 
 
 class LayerRunner:
@@ -81,13 +92,17 @@ class LayerRunner:
         return first, rows
 
     # ---- compute -------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def run(self, x: Tensor, first: int, decide: Decide | None = None, exits: list[int] | None = None) -> RunResult:
-        """Advance new rows for positions [first, first + T) through the range.
+    def steps(self, x: Tensor, first: int, decide: Decide | None = None, exits: list[int] | None = None,
+              head: bool = True) -> Generator[LayerWork, Tensor, RunResult]:
+        """The depth/catch-up plan of one run, as a generator: it yields the layer spans to compute (rows with
+        their first position, catch-up rows prepended) and is sent back the hidden states after each span. Its
+        return value is the RunResult. `run` drives it over this runner's own cache; the cloud engine drives many
+        at once, one batched pass over the layers for all of them.
 
         x is token ids (T,) when start == 0, else hidden states (T, C) at depth `start`. Exit heads in `exits`
         (default: every exit in (start, stop]) are evaluated on the newest row in order; the first one that
-        `decide` accepts stops the rows there (parked at that depth). Without `decide`, rows run to `stop`.
+        `decide` accepts stops the rows there (parked at that depth). Without `decide`, rows run to `stop`. With
+        head=False the final head is not wanted (a chunk of a longer upload): RunResult.last_hidden stays None.
         """
         self._check_first(first)
         model = self.model
@@ -105,8 +120,7 @@ class LayerRunner:
                 h, lo = torch.cat([prow[None].to(h.dtype), h], 1), pf
             # run up to the next place something happens: an exit check, parked rows, or the top
             nxt = min([b for b in (*check, *self.parked) if b > layer] + [self.stop])
-            positions = torch.arange(lo, lo + h.shape[1], device=h.device)
-            h = model.run_layers(h, positions, self.cache, layer, nxt).hidden
+            h = yield LayerWork(layer, nxt, h, lo)
             self.layer_tokens += h.shape[1] * (nxt - layer)
             result.rows_computed += h.shape[1] * (nxt - layer)
             layer = nxt
@@ -118,10 +132,28 @@ class LayerRunner:
                     if layer < self.stop or not self.ends_model:
                         self._park(layer, lo, h[0])
                     return result
-        if self.ends_model:
-            result.logits = model.head_logits(self.stop, h[0, -1])
-        else:
+        if not self.ends_model:
             self._park(self.stop, lo, h[0])
+        elif head:
+            result.last_hidden = h[0, -1]
+        return result
+
+    @torch.no_grad()
+    def run(self, x: Tensor, first: int, decide: Decide | None = None, exits: list[int] | None = None,
+            head: bool = True) -> RunResult:
+        """Advance new rows for positions [first, first + T) through the range (see `steps`), computing on this
+        runner's cache; when the range ends the model, RunResult.logits are the newest row's final logits."""
+        plan = self.steps(x, first, decide, exits, head)
+        try:
+            work = next(plan)
+            while True:
+                positions = torch.arange(work.first, work.first + work.hidden.shape[1], device=work.hidden.device)
+                out = self.model.run_layers(work.hidden, positions, self.cache, work.start, work.stop)
+                work = plan.send(out.hidden)
+        except StopIteration as done:
+            result = done.value
+        if result.last_hidden is not None:
+            result.logits = self.model.head_logits(self.stop, result.last_hidden)
         return result
 
     def truncate(self, length: int) -> None:

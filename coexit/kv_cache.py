@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from coexit.attention import attend
 from coexit.config import Config
 
 
@@ -67,6 +68,12 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         self.lengths[layer] = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """Store the new k, v (B, K, T, D) and attend q (B, H, T, D) at `positions` (B, T) over all keys."""
+        k, v = self.update(layer, k, v)
+        key_pos = torch.arange(k.shape[2], device=q.device)[None, :].expand(q.shape[0], -1)
+        return attend(q, k, v, positions, key_pos)
 
     def get(self, layer: int) -> tuple[Tensor, Tensor]:
         n = self.lengths[layer]

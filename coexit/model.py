@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from coexit.attention import attend
 from coexit.config import Config
 from coexit.kv_cache import CacheError, KVCache
 
@@ -95,16 +96,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
-            key_pos = torch.arange(k.shape[2], device=x.device)[None, :].expand(b, -1)
+        if cache is not None:  # the cache stores k, v and attends over everything it holds
+            y = cache.attend(self.layer_idx, q, k, v, positions)
         else:
-            key_pos = positions
-        mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+            y = attend(q, k, v, positions, positions)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 

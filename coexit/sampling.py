@@ -67,6 +67,22 @@ def sample(logits: Tensor, params: SamplingParams = GREEDY, position: int = 0) -
     return token, float(logprobs[token])
 
 
+def sample_batch(logits: Tensor, params: list[SamplingParams], positions: list[int]) -> list[tuple[int, float]]:
+    """`sample` for a batch: logits (B, V), one SamplingParams and position per row; same tokens as row by row.
+
+    Log-probabilities and the greedy rows' argmax are computed for the whole batch at once; sampled rows draw
+    with their own (seed, position) generator."""
+    logits = logits.detach().float().cpu()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    tokens = torch.argmax(logits, dim=-1).tolist()
+    for i, p in enumerate(params):
+        if not p.greedy:
+            probs = torch.softmax(filtered_logits(logits[i], p), dim=-1)
+            tokens[i] = int(torch.multinomial(probs, 1, generator=_generator(p.seed, positions[i])))
+    picked = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+    return list(zip(tokens, picked))
+
+
 def top_logprobs(logits: Tensor, k: int) -> list[tuple[int, float]]:
     lp = torch.log_softmax(logits.float(), dim=-1)
     vals, ids = torch.topk(lp, min(k, lp.numel()))

@@ -125,48 +125,70 @@ def test_fingerprint_and_resume_errors(tiny_dir, model):
         still_serves(tiny_dir, srv.address, model)
 
 
-def test_resource_limits(tiny_dir, model):
-    per_position = 2 * 3 * model.config.num_key_value_heads * model.config.head_dim * 4  # 3 deep layers, fp32
-    limits = Limits(max_sessions=2, kv_budget_bytes=100 * per_position)
-    with ServerThread(model, limits=limits) as srv:
+def block_limits(model, blocks: int, **kw) -> Limits:
+    """Limits whose KV pool holds `blocks` blocks of 4 positions (one layer each)."""
+    per_block = 2 * 4 * model.config.num_key_value_heads * model.config.head_dim * 4  # fp32
+    return Limits(kv_budget_bytes=blocks * per_block, block_size=4, **kw)
+
+
+def test_resource_limits(tiny_dir, model, rows):
+    # 3 deep layers: 12 blocks hold 16 positions of one session
+    with ServerThread(model, limits=block_limits(model, 12, max_sessions=2)) as srv:
+        pool = srv.service.engine.pool
         link = CloudLink(srv.address)
-        a, _ = opened(link, model, max_length=40)
-        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV budget is full", lambda: opened(link, model, max_length=70))
-        b, _ = opened(link, model, max_length=40)
+        a, _ = opened(link, model, max_length=16)
+        assert append(a, 0, rows[:12]).length == 12  # 9 blocks
+        b, op_b = opened(link, model, max_length=16)
+        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV budget is full", lambda: append(b, 0, rows[:8]))
+        b, op = opened(link, model, resume_id=op_b.session_id)  # the error ended the stream, not the session
+        assert op.length == 0  # the refused rows left the session as it was, and it still serves
+        assert append(b, 0, rows[:4]).length == 4
         expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "max_sessions 2", lambda: opened(link, model, max_length=10))
-        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "more than the whole budget",
+        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "more than the whole pool",
                lambda: opened(link, model, max_length=200))
-        a.close()
-        b.close()
+        for s in (a, b):
+            s.request(pb.SessionRequest(close=pb.CloseRequest()))
+        assert pool.num_free == pool.num_blocks  # every block came back
         still_serves(tiny_dir, srv.address, model)
         link.close()
 
 
 def test_detached_sessions_are_evicted_lru_first(tiny_dir, model, rows):
-    per_position = 2 * 3 * model.config.num_key_value_heads * model.config.head_dim * 4
-    with ServerThread(model, limits=Limits(max_sessions=8, kv_budget_bytes=100 * per_position)) as srv:
+    with ServerThread(model, limits=block_limits(model, 12, max_sessions=8)) as srv:
+        pool = srv.service.engine.pool
         link = CloudLink(srv.address)
-        old, op_old = opened(link, model, max_length=40)
-        new, op_new = opened(link, model, max_length=40)
+        old, op_old = opened(link, model, max_length=16)
+        append(old, 0, rows[:8])  # 6 blocks
+        new, op_new = opened(link, model, max_length=16)
+        append(new, 0, rows[:4])  # 3 blocks
         old.cancel()  # detached first: least recently used
         new.cancel()
-        _, _ = opened(link, model, max_length=40)  # needs room: evicts `old` only
+        s, _ = opened(link, model, max_length=16)
+        assert append(s, 0, rows[:8]).has_token  # needs 6 blocks, 3 free: evicts `old` only
         expect(grpc.StatusCode.NOT_FOUND, "no session", lambda: opened(link, model, resume_id=op_old.session_id))
-        s, op = opened(link, model, resume_id=op_new.session_id)
-        assert op.resumed
+        r, op = opened(link, model, resume_id=op_new.session_id)
+        assert op.resumed and op.length == 4
+        assert pool.num_used == 9
+        for stream in (s, r):
+            stream.request(pb.SessionRequest(close=pb.CloseRequest()))
+        assert pool.num_free == pool.num_blocks
         link.close()
 
 
-def test_idle_ttl_expires_detached_sessions(tiny_dir, model):
+def test_idle_ttl_expires_detached_sessions(tiny_dir, model, rows):
     import time
 
     with ServerThread(model, limits=Limits(idle_ttl_s=0.2)) as srv:
         link = CloudLink(srv.address)
         s, op = opened(link, model)
+        append(s, 0, rows[:5])
+        assert srv.service.engine.pool.num_used == 3  # ceil(5 / 16) = 1 block for each of 3 deep layers
         s.cancel()
         time.sleep(0.6)
         expect(grpc.StatusCode.NOT_FOUND, "expired", lambda: opened(link, model, resume_id=op.session_id))
         assert not srv.service.manager.sessions
+        pool = srv.service.engine.pool
+        assert pool.num_free == pool.num_blocks
         link.close()
 
 

@@ -1,0 +1,163 @@
+"""The engine thread: drains submitted Appends into the scheduler, runs one batched tick at a time, and hands
+each finished Append its result. The gRPC side only submits and awaits; it never computes.
+
+Locking: `lock` guards the scheduler, the session queues and the KV pool's free list, and is shared with the
+SessionManager. It is never held during a tick's compute, so the event loop only ever waits for bookkeeping.
+Sessions in the tick being computed are marked `in_flight`; one closed or evicted meanwhile is released right
+after the tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cloud.engine.kv_pool import KVPool
+from cloud.engine.metrics import EngineMetrics
+from cloud.engine.runner import BatchedRunner, TokenResult
+from cloud.engine.scheduler import Scheduler, Segment, TickItem
+from coexit.model import EarlyExitLM
+
+log = logging.getLogger("coexit.cloud")
+
+
+@dataclass
+class SegmentDone:
+    token: TokenResult | None
+    layer_tokens: int
+    compute_s: float  # seconds of the ticks this Append took part in
+    queue_s: float  # arrival to its first tick
+    ticks: tuple[int, int]  # first and last tick numbers
+
+
+class Engine:
+    def __init__(self, model: EarlyExitLM, pool: KVPool, row_budget: int = 256,
+                 metrics: EngineMetrics | None = None) -> None:
+        self.model, self.pool = model, pool
+        self.scheduler = Scheduler(row_budget)
+        self.runner = BatchedRunner(model)
+        self.metrics = metrics or EngineMetrics()
+        self.lock = threading.RLock()
+        self._wake = threading.Condition(self.lock)
+        self.make_room: Callable[[int, object], None] = lambda blocks, keep: None  # set by the SessionManager
+        self.on_failure: Callable[[object, Segment], Exception] = lambda s, seg: RuntimeError("no room")
+        self.ticks = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="coexit-engine")
+        self._thread.start()
+
+    # ---- called from the gRPC side (under or outside `lock`) -----------------------------------------------
+    def submit(self, session, segment: Segment) -> None:
+        with self._wake:
+            self.scheduler.submit(session, segment)
+            self._wake.notify()
+
+    def release(self, session) -> list[Segment]:
+        """Forget a session (close, eviction, TTL): drop its queue and free its blocks (after the current tick
+        when it is being computed). Returns the dropped segments."""
+        with self.lock:
+            dropped = self.scheduler.drop(session)
+            session.retired = True
+            if not session.in_flight:
+                session.runner.cache.release()
+            self._update_gauges()
+            return dropped
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    # ---- the engine thread ---------------------------------------------------------------------------------
+    def _grow(self, session, upto: int) -> bool:
+        need = session.runner.cache.blocks_needed(upto)
+        if need > self.pool.num_free:
+            self.make_room(need, session)
+        return session.runner.cache.grow(upto)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self.scheduler.ready and not self._stop:
+                    self._wake.wait()
+                if self._stop:
+                    return
+                tick = self.ticks
+                items, failures = self.scheduler.next_tick(self._grow, tick)
+                for item in items:
+                    item.session.in_flight = True
+                finished = [w for s, seg in failures for w in self._fail(s, seg)]
+            t0 = time.perf_counter()
+            try:
+                results = self.runner.run(items) if items else []
+                error = None
+            except Exception as exc:  # a server fault: fail this tick's Appends, keep serving
+                log.exception("engine tick failed")
+                results, error = [], exc
+            seconds = time.perf_counter() - t0
+            with self.lock:
+                self.ticks += 1
+                finished += self._settle(items, results, error, seconds, tick)
+                self._record(items, seconds)
+            for waiter, outcome in finished:
+                if waiter is not None:
+                    waiter(outcome)
+
+    def _fail(self, session, seg: Segment):
+        """No room for a segment: roll the session back to before it and drop what was queued after it."""
+        error = self.on_failure(session, seg)
+        later = self.scheduler.drop(session)
+        session.runner.truncate(seg.first)
+        session.expected = seg.first
+        waiters = [(s.waiter, error) for s in later if s.waiter is not None]
+        if not waiters:
+            session.failed = error  # the Appends that queued these rows were already answered: tell the next one
+        return waiters
+
+    def _settle(self, items: list[TickItem], results, error, seconds: float, tick: int) -> list:
+        finished = []
+        for i, item in enumerate(items):
+            s, seg = item.session, item.segment
+            s.in_flight = False
+            if error is not None:
+                self.scheduler.drop(s)
+                s.runner.truncate(seg.first)
+                s.expected = seg.first
+                finished.append((seg.waiter, error))
+            else:
+                run, token = results[i]
+                seg.layer_tokens += run.rows_computed
+                seg.compute_s += seconds
+                if item.final:
+                    s.unreported_layer_tokens += seg.layer_tokens
+                    if seg.waiter is not None:
+                        done = SegmentDone(token, s.unreported_layer_tokens, seg.compute_s,
+                                           seg.started - seg.submitted, (seg.first_tick, tick))
+                        s.unreported_layer_tokens = 0
+                        finished.append((seg.waiter, done))
+                    self.metrics.queue_wait.observe(seg.started - seg.submitted)
+                self.scheduler.retire(item)
+            if s.retired:
+                self.scheduler.drop(s)
+                s.runner.cache.release()
+        return finished
+
+    def _record(self, items: list[TickItem], seconds: float) -> None:
+        if not items:
+            return
+        m = self.metrics
+        rows = sum(int(it.x.shape[0]) for it in items)
+        m.tick_rows.observe(rows)
+        m.tick_sessions.observe(len(items))
+        m.tick_seconds.observe(seconds)
+        m.rows.inc(rows)
+        m.tokens.inc(sum(1 for it in items if it.head))
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.blocks_used.set(self.pool.num_used)
+        self.metrics.blocks_free.set(self.pool.num_free)

@@ -1,0 +1,197 @@
+"""Paged KV memory for the engine: one preallocated pool of fixed-size blocks on the server's device, each
+session's block tables over it, and the batched attention that reads every row's own session's blocks.
+
+A block holds `block_size` positions of one layer's keys and values, so a session owns one block table per layer
+it runs, and a layer whose positions lag behind (tokens that exited early) holds fewer blocks. The pool is sized
+from the KV budget; the budget check is a block count.
+
+Shapes: N packed rows of a tick, H heads, K kv heads, D head dim, S keys of a sequence, P slots = blocks x size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from coexit.attention import attend
+from coexit.config import Config
+from coexit.kv_cache import CacheError
+
+
+class KVPool:
+    """Flat key/value slot storage (P, K, D) in blocks of `block_size` slots, with a free list."""
+
+    def __init__(self, num_blocks: int, block_size: int, n_kv: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"a KV pool needs at least one block of at least one slot, got {num_blocks} x "
+                             f"{block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.n_kv, self.head_dim, self.dtype, self.device = n_kv, head_dim, dtype, torch.device(device)
+        # empty: on a CPU the pages stay untouched (no RSS) until used; blocks are zeroed when handed out, since
+        # padded gathers read unused slots (masked out, but they must stay finite)
+        self.k = torch.empty(num_blocks * block_size, n_kv, head_dim, dtype=dtype, device=self.device)
+        self.v = torch.empty_like(self.k)
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+
+    @classmethod
+    def from_budget(cls, config: Config, budget_bytes: int, block_size: int, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> KVPool:
+        per_block = 2 * block_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
+        return cls(max(1, budget_bytes // per_block), block_size, config.num_key_value_heads, config.head_dim,
+                   dtype, device)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.block_size * self.n_kv * self.head_dim * self.dtype.itemsize
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n block ids, or None (and nothing taken) when fewer are free."""
+        if n > len(self._free):
+            return None
+        ids = [self._free.pop() for _ in range(n)]
+        slots = (torch.tensor(ids)[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
+        slots = slots.to(self.device)
+        self.k[slots] = 0
+        self.v[slots] = 0
+        return ids
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class PagedCache:
+    """One session's KV over `layers`: a block table and a filled length per layer (a prefix, as in KVCache).
+
+    It offers the KVCache interface the model and LayerRunner use (length, attend, get, truncate), so a session can
+    also be run alone on it; the engine writes and reads it for many sessions at once through BatchAttention."""
+
+    def __init__(self, pool: KVPool, layers: range) -> None:
+        self.pool, self.layers = pool, layers
+        self.tables: dict[int, list[int]] = {layer: [] for layer in layers}
+        self.lengths: dict[int, int] = {layer: 0 for layer in layers}
+
+    def length(self, layer: int) -> int:
+        return self.lengths[layer]
+
+    def depth_lengths(self) -> list[int]:
+        return [self.lengths[i] for i in self.layers]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(t) for t in self.tables.values())
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.pool.bytes_per_block
+
+    def blocks_needed(self, upto: int) -> int:
+        """Blocks still to allocate so that every layer can hold positions [0, upto)."""
+        want = math.ceil(upto / self.pool.block_size)
+        return sum(max(0, want - len(t)) for t in self.tables.values())
+
+    def grow(self, upto: int) -> bool:
+        """Allocate blocks so every layer can hold `upto` positions; all or nothing."""
+        need = self.blocks_needed(upto)
+        if need == 0:
+            return True
+        got = self.pool.allocate(need)
+        if got is None:
+            return False
+        want = math.ceil(upto / self.pool.block_size)
+        for table in self.tables.values():
+            while len(table) < want:
+                table.append(got.pop())
+        return True
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length at every layer and return the blocks no longer needed."""
+        keep = math.ceil(length / self.pool.block_size)
+        for layer in self.layers:
+            self.lengths[layer] = min(self.lengths[layer], length)
+            table = self.tables[layer]
+            if len(table) > keep:
+                self.pool.release(table[keep:])
+                del table[keep:]
+
+    def release(self) -> None:
+        self.truncate(0)
+
+    def slots(self, layer: int, start: int, stop: int) -> Tensor:
+        """Pool slot ids (stop - start,) of positions [start, stop) at `layer`."""
+        bs = self.pool.block_size
+        pos = torch.arange(start, stop)
+        table = torch.tensor(self.tables[layer], dtype=torch.long)
+        return (table[pos // bs] * bs + pos % bs).to(self.pool.device)
+
+    def claim(self, layer: int, first: int, n: int) -> Tensor:
+        """Slots for n new positions from `first` at `layer`, which must continue the layer without a gap."""
+        have = self.lengths[layer]
+        if have != first:
+            raise CacheError(f"layer {layer} holds {have} positions but the new rows start at position {first}")
+        if first + n > len(self.tables[layer]) * self.pool.block_size:
+            raise CacheError(f"layer {layer}: positions up to {first + n} exceed the session's blocks; grow() first")
+        self.lengths[layer] = first + n
+        return self.slots(layer, first, first + n)
+
+    def get(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Keys and values (1, K, S, D) of the filled positions at `layer`."""
+        idx = self.slots(layer, 0, self.lengths[layer])
+        return self.pool.k[idx].transpose(0, 1)[None], self.pool.v[idx].transpose(0, 1)[None]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """One sequence (B == 1): store k, v (1, K, T, D) and attend q (1, H, T, D) over all its keys."""
+        return BatchAttention([(self, int(positions[0, 0]), q.shape[2])]).attend(layer, q, k, v, positions)
+
+
+class BatchAttention:
+    """The cache a tick's batched layer call sees: rows of several sessions packed along T (B == 1), in
+    `segments` order (cache, first position, rows). Writes each row's k, v into its session's blocks, then attends
+    single-row segments (decode) in one padded call and longer segments (prompt chunks, catch-up) one each."""
+
+    def __init__(self, segments: list[tuple[PagedCache, int, int]]) -> None:
+        self.segments = segments
+        self.pool = segments[0][0].pool
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        pool, bs = self.pool, self.pool.block_size
+        slots = torch.cat([c.claim(layer, first, n) for c, first, n in self.segments])
+        pool.k[slots] = k[0].transpose(0, 1).to(pool.dtype)  # (N, K, D)
+        pool.v[slots] = v[0].transpose(0, 1).to(pool.dtype)
+        y = torch.empty_like(q)  # (1, H, N, D)
+        singles, row = [], 0
+        for c, first, n in self.segments:
+            if n == 1:
+                singles.append((row, c, first))
+            else:  # a multi-row segment: its own causal attention over its whole prefix
+                idx = c.slots(layer, 0, first + n)
+                kk, vv = pool.k[idx].transpose(0, 1)[None], pool.v[idx].transpose(0, 1)[None]
+                key_pos = torch.arange(first + n, device=q.device)[None]
+                y[:, :, row:row + n] = attend(q[:, :, row:row + n], kk.to(q.dtype), vv.to(q.dtype),
+                                              positions[:, row:row + n], key_pos)
+            row += n
+        if singles:
+            rows = torch.tensor([r for r, _, _ in singles], device=q.device)
+            lengths = torch.tensor([first + 1 for _, _, first in singles])
+            width = max(len(c.tables[layer]) for _, c, _ in singles)
+            tables = torch.tensor([c.tables[layer] + [0] * (width - len(c.tables[layer])) for _, c, _ in singles])
+            key_pos = torch.arange(int(lengths.max()))
+            idx = (tables[:, key_pos // bs] * bs + key_pos % bs).to(pool.device)  # (B, S)
+            valid = (key_pos[None, :] < lengths[:, None]).to(q.device)
+            kk = pool.k[idx].permute(0, 2, 1, 3).to(q.dtype)  # (B, K, S, D)
+            vv = pool.v[idx].permute(0, 2, 1, 3).to(q.dtype)
+            qq = q[0, :, rows].transpose(0, 1)[:, :, None]  # (B, H, 1, D)
+            out = attend(qq, kk, vv, positions[0, rows][:, None], key_pos.to(q.device)[None].expand(len(singles), -1),
+                         valid)
+            y[0, :, rows] = out[:, :, 0].transpose(0, 1)
+        return y

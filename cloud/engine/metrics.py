@@ -1,0 +1,40 @@
+"""The engine's Prometheus metrics, in a registry of its own (several servers may share a process in tests).
+
+Exposed by `coexit serve --metrics-port P` at http://HOST:P/metrics:
+  coexit_sessions                       open sessions (attached or detached)
+  coexit_kv_blocks_used / _free         KV pool blocks
+  coexit_tick_rows                      histogram: rows computed per tick (new rows, without catch-up)
+  coexit_tick_sessions                  histogram: sessions per tick (the batch size)
+  coexit_tick_seconds                   histogram: one tick's compute time (the engine's step time)
+  coexit_queue_wait_seconds             histogram: from an Append's arrival to the tick that starts it
+  coexit_tokens_total                   tokens produced (rate() gives tokens/s)
+  coexit_rows_total                     rows computed
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_TIME_BUCKETS = (.0002, .0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)
+_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class EngineMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.sessions = Gauge("coexit_sessions", "open sessions (attached or detached)", registry=r)
+        self.blocks_used = Gauge("coexit_kv_blocks_used", "KV pool blocks in use", registry=r)
+        self.blocks_free = Gauge("coexit_kv_blocks_free", "KV pool blocks free", registry=r)
+        self.tick_rows = Histogram("coexit_tick_rows", "rows per tick", buckets=_COUNT_BUCKETS, registry=r)
+        self.tick_sessions = Histogram("coexit_tick_sessions", "sessions per tick (batch size)",
+                                       buckets=_COUNT_BUCKETS, registry=r)
+        self.tick_seconds = Histogram("coexit_tick_seconds", "compute time of one tick", buckets=_TIME_BUCKETS,
+                                      registry=r)
+        self.queue_wait = Histogram("coexit_queue_wait_seconds", "Append arrival to its first tick",
+                                    buckets=_TIME_BUCKETS, registry=r)
+        self.tokens = Counter("coexit_tokens", "tokens produced", registry=r)
+        self.rows = Counter("coexit_rows", "rows computed", registry=r)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port

@@ -1,0 +1,217 @@
+"""The batching engine: batched serving gives the same tokens (and logits within the cache tests' tolerance) as
+serving each session alone with its own contiguous KV cache; blocks return to the pool; a long upload is chunked
+so other sessions' decode steps are not held up."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import grpc
+import pytest
+import torch
+
+from cloud.engine.engine import Engine, SegmentDone
+from cloud.engine.kv_pool import KVPool, PagedCache
+from cloud.engine.scheduler import Scheduler, Segment
+from cloud.errors import ServiceError
+from cloud.sessions import Limits, SessionManager
+from coexit.config import Config
+from coexit.decoding import LayerRunner
+from coexit.exits import ExitPolicy, confidence
+from coexit.sampling import GREEDY, SamplingParams, sample
+from coexit.tiny import random_model
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return random_model(dataclasses.replace(Config.flavour("tiny"), max_position_embeddings=8192), seed=1)
+
+
+def hidden_rows(model, n: int, seed: int) -> torch.Tensor:
+    """Split-layer rows of a random token sequence, as the edge would send them."""
+    ids = torch.randint(3, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.stage(0, model.config.split_layer)(ids).hidden[0]
+
+
+class Harness:
+    """Sessions on a real engine; `step` queues one Append per session under the engine lock, so they all land
+    in the same ticks, then waits for every answer."""
+
+    def __init__(self, model, blocks: int, block_size: int = 4, rows_per_tick: int = 256) -> None:
+        cfg = model.config
+        self.pool = KVPool(blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
+        self.engine = Engine(model, self.pool, rows_per_tick)
+        self.manager = SessionManager(model, Limits(max_sessions=16), self.engine)
+
+    def submit(self, s, rows, first, want=True, sampling=GREEDY, top_k=0):
+        box, ev = {}, threading.Event()
+
+        def waiter(outcome):
+            box["out"] = outcome
+            ev.set()
+
+        seg = Segment(first, rows, want, sampling, top_k, waiter=waiter if want else None)
+        self.manager.submit(s, rows, first, seg)
+        return (box, ev) if want else None
+
+    def step(self, work):
+        """work: [(session, rows, first, want, sampling)] -> outcomes (SegmentDone or exception) of the Appends
+        that want a token, in order."""
+        with self.engine.lock:
+            waits = [w for w in (self.submit(*w) for w in work) if w is not None]
+        outs = []
+        for box, ev in waits:
+            if ev.wait(30) is False:
+                raise TimeoutError("the engine did not answer")
+            outs.append(box["out"])
+        return outs
+
+    def close(self):
+        self.engine.stop()
+
+
+class Alone:
+    """The reference: one session served alone, LayerRunner over a contiguous KVCache (the pre-engine path)."""
+
+    def __init__(self, model, start: int, policy: ExitPolicy) -> None:
+        self.model, self.policy = model, policy
+        self.runner = LayerRunner(model, start, model.config.num_hidden_layers, max_len=4096)
+
+    def step(self, x, first, sampling=GREEDY):
+        p = self.policy
+        res = self.runner.run(x, first, p.decide if p.thresholds else None, sorted(p.thresholds))
+        logits = res.logits if res.logits is not None else res.exit_logits[res.depth]
+        return sample(logits, sampling, position=first + x.shape[0]), res.depth, logits
+
+
+def test_paged_cache_alone_equals_contiguous(model):
+    cfg = model.config
+    pool = KVPool(64, 4, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
+    split, L = cfg.split_layer, cfg.num_hidden_layers
+    paged = LayerRunner(model, split, L, cache=PagedCache(pool, range(split, L)))
+    ref = LayerRunner(model, split, L, max_len=64)
+    rows = hidden_rows(model, 13, seed=3)
+    for first, stop in ((0, 9), (9, 10), (10, 13)):
+        paged.cache.grow(stop)
+        a, b = paged.run(rows[first:stop], first), ref.run(rows[first:stop], first)
+        torch.testing.assert_close(a.logits, b.logits, atol=ATOL, rtol=0)
+    for layer in range(split, L):
+        for got, want in zip(paged.cache.get(layer), ref.cache.get(layer)):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    paged.cache.truncate(5)
+    assert pool.num_used == 2 * (L - split)  # ceil(5 / 4) blocks per layer stay
+    paged.cache.release()
+    assert pool.num_free == pool.num_blocks
+
+
+def test_batched_sessions_equal_sessions_alone(model):
+    """Mixed sessions in the same ticks: prompt lengths, queued rows without a token, parked catch-up rows at a
+    cloud exit, token-id input, sampling, a session opening and one closing mid-run, one that runs out of blocks."""
+    cfg = model.config
+    split, L = cfg.split_layer, cfg.num_hidden_layers
+    h = Harness(model, blocks=100)
+    try:
+        # a cloud-exit threshold that some rows pass and some do not
+        probe = LayerRunner(model, split, L, max_len=64)
+        probe_rows = hidden_rows(model, 24, seed=2)
+        conf = []
+        for i in range(24):
+            conf.append(confidence(probe.run(probe_rows[i:i + 1], i, exits=[4]).exit_logits[4], "max_prob"))
+        exit4 = ExitPolicy({4: sorted(conf)[len(conf) // 2]})
+        ids = torch.randint(3, cfg.vocab_size, (30,), generator=torch.Generator().manual_seed(9))
+        specs = {  # name: (prompt len, decode steps, token input, policy, sampling, opens at step)
+            "long": (20, 6, False, ExitPolicy(), SamplingParams(), 0),
+            "exits": (5, 8, False, exit4, SamplingParams(), 0),
+            "tokens": (8, 6, True, ExitPolicy(), SamplingParams(), 0),
+            "sampled": (12, 6, False, ExitPolicy(), SamplingParams(temperature=0.9, top_k=20, seed=3), 0),
+            "late": (3, 4, False, ExitPolicy(), SamplingParams(temperature=1.2, top_p=0.9, seed=1), 3),
+        }
+        data = {name: (ids if tok else hidden_rows(model, 30, seed=i)) for i, (name, (_, _, tok, *_))
+                in enumerate(specs.items())}
+        sessions, alone, pos, mismatches, exited = {}, {}, {}, [], 0
+        for step in range(9):
+            if step == 4:  # "long" closes while the others keep going
+                h.manager.close(sessions.pop("long"))
+            work, names = [], []
+            for name, (prompt, steps, tok, policy, sampling, opens) in specs.items():
+                if step == opens:
+                    sessions[name] = h.manager.open(32, "fp32", tok, False, dict(policy.thresholds))
+                    alone[name] = Alone(model, 0 if tok else split, policy)
+                    pos[name] = 0
+                if name not in sessions or step - opens > steps:
+                    continue
+                n = prompt if pos[name] == 0 else 1
+                x = data[name][pos[name]:pos[name] + n]
+                if name == "exits" and pos[name] == 0:  # rows queued without a token first, then the rest
+                    work.append((sessions[name], x[:3], 0, False, sampling))
+                    alone[name].runner.park(x[:3], 0)
+                    x, pos[name] = x[3:], 3
+                work.append((sessions[name], x, pos[name], True, sampling))
+                names.append((name, x, pos[name], sampling))
+                pos[name] += x.shape[0]
+            outs = h.step(work)
+            assert len(outs) == len(names)
+            for (name, x, first, sampling), out in zip(names, outs):
+                assert isinstance(out, SegmentDone), out
+                (token, logprob), depth, logits = alone[name].step(x, first, sampling)
+                exited += depth == 4
+                if (out.token.token_id, out.token.exit_layer) != (token, depth):
+                    mismatches.append((name, step, out.token.token_id, token, out.token.exit_layer, depth))
+                torch.testing.assert_close(out.token.logits, logits, atol=ATOL, rtol=0)
+                assert abs(out.token.logprob - logprob) < ATOL
+        assert not mismatches, mismatches
+        assert exited > 0, "no row stopped at the cloud exit: the catch-up path went untested"
+        assert h.engine.metrics.tick_sessions._sum.get() > h.engine.ticks, "no tick ever batched several sessions"
+
+        # one session asks for more positions than the pool has free: it alone is refused, intact
+        big = h.manager.open(64, "fp32", False, False, {})
+        free_before = h.pool.num_free
+        rows = hidden_rows(model, 4 * (free_before // (L - split) + 1), seed=7)
+        (out,) = h.step([(big, rows, 0, True, SamplingParams())])
+        assert isinstance(out, ServiceError) and out.code == grpc.StatusCode.RESOURCE_EXHAUSTED, out
+        assert "KV budget is full" in out.message
+        assert big.length == 0 and h.pool.num_free == free_before
+        (out,) = h.step([(big, rows[:4], 0, True, SamplingParams())])  # and it still works within the pool
+        assert isinstance(out, SegmentDone)
+        for s in [*sessions.values(), big]:
+            h.manager.close(s)
+        assert h.pool.num_free == h.pool.num_blocks
+    finally:
+        h.close()
+
+
+def test_long_upload_does_not_stall_other_decode_steps(model):
+    h = Harness(model, blocks=4000, block_size=16, rows_per_tick=64)
+    try:
+        a = h.manager.open(4096, "fp32", False, False, {})
+        b = h.manager.open(4096, "fp32", False, False, {})
+        rows_a, rows_b = hidden_rows(model, 40, seed=1), hidden_rows(model, 4000, seed=2)
+        (first,) = h.step([(a, rows_a[:8], 0, True, SamplingParams())])
+        alone = first.ticks[1] - first.ticks[0]  # ticks one decode step takes with nobody else
+        big_box, big_ev = h.submit(b, rows_b, 0)
+        waits = []
+        for i in range(8, 20):
+            (out,) = h.step([(a, rows_a[i:i + 1], i, True, SamplingParams())])
+            waits.append(out.ticks[1] - out.ticks[0])
+        last_decode_tick = out.ticks[1]
+        assert big_ev.wait(120)
+        big = big_box["out"]
+        assert isinstance(big, SegmentDone)
+        assert big.ticks[1] - big.ticks[0] >= 4000 // 64 - 1, "the upload was not chunked"
+        assert max(waits) <= alone + 2, waits
+        assert last_decode_tick < big.ticks[1], "the decode steps did not overlap the upload"
+    finally:
+        h.close()
+
+
+def test_fair_grants():
+    s = Scheduler(row_budget=10)
+    assert s.grants([1, 1, 100]) == [1, 1, 8]
+    assert s.grants([100, 100]) == [5, 5]
+    assert s.grants([1] * 12) == [1] * 10 + [0, 0]
+    assert s.grants([3, 0, 2]) == [3, 0, 2]
