@@ -1,0 +1,252 @@
+"""Benchmark: S concurrent sessions of hidden-state traffic against a real `coexit serve` process.
+
+Writes a random checkpoint of a Llama shape (`--shape default`: the bundled default model's, 8 layers d 256 split
+4; `--shape tinyllama`: 22 layers d 2048 split 11, served in bf16 on a GPU), starts `coexit serve` on it, and
+drives S sessions from `--clients` load-generator processes (grpc.aio, many streams each). Each session uploads a
+`--prompt`-row prompt, then runs `--steps` decode steps (one split-layer row up, one token down). Printed per S:
+decode tokens/s over all sessions, client step p50/p99, server compute per step p50/p99 (the replies'
+compute_us), the engine's mean tick time and sessions per tick (from its Prometheus metrics), and the ratio of
+tokens/s to a plain batched decode step of the same layers with batch S, measured in the same run (eager on a
+CPU, under a CUDA graph on a GPU).
+
+    python bench/cloud_load.py [--shape default] [--sessions 1,16,64,256] [--clients 2] [--steps 64]
+    python bench/cloud_load.py --server-root /path/to/older/checkout   # the same load against another version
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import multiprocessing as mp
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # name: config overrides of the tiny flavour
+    "default": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                    exits=((2, 4, 6), 4)),
+    "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                      exits=((6, 11, 16), 11)),
+}
+
+
+def write_shape(name: str, out: Path) -> Path:
+    """A random checkpoint of the named shape (bf16 for the TinyLlama one, as it is served on a GPU)."""
+    from coexit.checkpoint import save
+    from coexit.config import Config
+    from coexit.tiny import SAMPLE_TEXT, random_model, train_bpe
+
+    kw = dict(SHAPES[name])
+    exits, split = kw.pop("exits")
+    cfg = dataclasses.replace(Config.flavour("tiny"), **kw).with_exits(exits, split, True, (0.3,) * len(exits) + (1.0,))
+    big = cfg.hidden_size > 1024
+    model = random_model(cfg, seed=0, std=0.02 if big else 0.2)
+    if big:
+        model = model.to(torch.bfloat16)
+    return save(model, out, tokenizer=train_bpe(SAMPLE_TEXT * 4, cfg.vocab_size))
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+# ---- the load generator (one process drives many sessions) ---------------------------------------------------
+def _client_proc(address, fingerprint, hidden, n_sessions, prompt, steps, barrier, out_q):
+    torch.set_num_threads(1)
+    import grpc
+
+    from coexit.v1 import coexit_pb2 as pb
+    from coexit.v1 import coexit_pb2_grpc as pb_grpc
+    from coexit.v1.convert import tensor_to_proto
+
+    prompt_t = tensor_to_proto(torch.randn(prompt, hidden), "fp16")
+    row_t = tensor_to_proto(torch.randn(1, hidden), "fp16")
+
+    async def session(stub, ready: asyncio.Event, opened: list):
+        call = stub.Session()
+        await call.write(pb.SessionRequest(open=pb.OpenRequest(fingerprint=fingerprint, encoding=pb.FP16,
+                                                               max_length=prompt + steps + 1)))
+        await call.read()
+        await call.write(pb.SessionRequest(append=pb.AppendRequest(first_position=0, hidden=prompt_t,
+                                                                   want_token=True)))
+        await call.read()
+        opened.append(1)
+        await ready.wait()
+        lat, server = [], []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            await call.write(pb.SessionRequest(append=pb.AppendRequest(first_position=prompt + i, hidden=row_t,
+                                                                       want_token=True)))
+            reply = await call.read()
+            lat.append(time.perf_counter() - t0)
+            server.append(reply.appended.compute_us / 1e6)
+        await call.write(pb.SessionRequest(close=pb.CloseRequest()))
+        await call.read()
+        await call.done_writing()
+        return lat, server
+
+    async def main():
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = pb_grpc.CoexitStub(ch)
+            ready, opened = asyncio.Event(), []
+            tasks = [asyncio.create_task(session(stub, ready, opened)) for _ in range(n_sessions)]
+            while len(opened) < n_sessions:
+                await asyncio.sleep(0.01)
+            await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+            t0 = time.perf_counter()
+            ready.set()
+            results = await asyncio.gather(*tasks)
+            t1 = time.perf_counter()
+        lat = [x for r in results for x in r[0]]
+        server = [x for r in results for x in r[1]]
+        out_q.put((t0, t1, lat, server))
+
+    asyncio.run(main())
+
+
+def metrics(port: int) -> dict[str, float]:
+    if not port:
+        return {}
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(coexit_\w+) ([0-9.e+-]+)$", text, re.M)}
+
+
+def run_load(address, fingerprint, hidden, sessions, clients, prompt, steps, metrics_port):
+    clients = max(1, min(clients, sessions))
+    ctx = mp.get_context("spawn")
+    barrier, out_q = ctx.Barrier(clients + 1), ctx.Queue()
+    per = [sessions // clients + (i < sessions % clients) for i in range(clients)]
+    procs = [ctx.Process(target=_client_proc, args=(address, fingerprint, hidden, n, prompt, steps, barrier, out_q))
+             for n in per]
+    for p in procs:
+        p.start()
+    barrier.wait(timeout=600)
+    before = metrics(metrics_port)
+    results = [out_q.get(timeout=900) for _ in procs]
+    after = metrics(metrics_port)
+    for p in procs:
+        p.join()
+    t0, t1 = min(r[0] for r in results), max(r[1] for r in results)
+    lat = [x for r in results for x in r[2]]
+    server = [x for r in results for x in r[3]]
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    ticks = d.get("coexit_tick_seconds_count", 0)
+    return dict(tok_s=len(lat) / (t1 - t0), p50=pct(lat, .5), p99=pct(lat, .99), s50=pct(server, .5),
+                s99=pct(server, .99), tick=d["coexit_tick_seconds_sum"] / ticks if ticks else float("nan"),
+                batch=d["coexit_tick_sessions_sum"] / ticks if ticks else float("nan"))
+
+
+# ---- the plain batched step (the bound) ----------------------------------------------------------------------
+@torch.no_grad()
+def plain_step(model_dir: Path, batch: int, ctx: int, device: str, dtype) -> float:
+    """Seconds for one decode step of `batch` sequences through layers [split, L) with a contiguous KV cache of
+    `ctx` positions and the final head on every row (CUDA graph on a GPU, eager otherwise)."""
+    import coexit
+
+    cfg = coexit.read_config(model_dir)
+    split, L = cfg.split_layer, cfg.num_hidden_layers
+    model = coexit.load(model_dir, layers=(split, L), dtype=dtype, device=device)
+    cache = model.new_cache(batch_size=batch, max_len=ctx + 64)
+    stage = model.stage(split, L)
+    stage(torch.randn(batch, ctx, cfg.hidden_size, device=device, dtype=dtype), cache=cache, head_rows="last")
+    x = torch.randn(batch, 1, cfg.hidden_size, device=device, dtype=dtype)
+
+    def step():
+        cache.truncate(ctx)
+        return stage(x, positions=torch.full((1,), ctx, device=device), cache=cache, head_rows="last").logits
+
+    for _ in range(3):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+    else:
+        run = step
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="default")
+    ap.add_argument("--model", help="serve this checkpoint instead of a random one of --shape")
+    ap.add_argument("--sessions", default="1,16,64,256")
+    ap.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per session")
+    ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the server (CPU)")
+    ap.add_argument("--server-root", help="run `coexit serve` from this checkout instead (a baseline)")
+    args = ap.parse_args()
+
+    from cloud.launch import free_port, start_cloud
+    from edge.link import CloudLink
+
+    on_gpu = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model) if args.model else write_shape(args.shape, Path(tmp) / args.shape)
+        counts = [int(s) for s in args.sessions.split(",")]
+        plain = {s: plain_step(model_dir, s, args.prompt + args.steps // 2, device, dtype) for s in counts}
+        mport = free_port()
+        extra = ["--max-sessions", str(max(counts) + 8), "--kv-budget-mib", "4096" if on_gpu else "1024"]
+        if args.server_root:
+            os.environ["PYTHONPATH"] = f"{args.server_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+            mport = 0
+        else:
+            extra += ["--metrics-port", str(mport)]
+        proc, address = start_cloud(model_dir, extra_args=extra, threads=args.server_threads)
+        try:
+            link = CloudLink(address)
+            info = link.info()
+            link.close()
+            print(f"shape {args.shape}: {info.num_layers} layers, d {info.hidden_size}, split {info.split_layer}; "
+                  f"{device} {str(dtype).removeprefix('torch.')}; prompt {args.prompt}, {args.steps} decode steps "
+                  f"per session, {args.clients} client processes; server "
+                  f"{args.server_root or 'this checkout'}")
+            print("| sessions | tokens/s | client p50 | client p99 | server p50 | server p99 | engine tick | "
+                  "sessions/tick | plain step | plain tokens/s | ratio |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
+            for s in counts:
+                r = run_load(address, info.fingerprint, info.hidden_size, s, args.clients, args.prompt, args.steps,
+                             mport)
+                plain_tok = s / plain[s]
+                print(f"| {s} | {r['tok_s']:.0f} | {r['p50'] * 1e3:.2f} ms | {r['p99'] * 1e3:.2f} ms | "
+                      f"{r['s50'] * 1e3:.2f} ms | {r['s99'] * 1e3:.2f} ms | {r['tick'] * 1e3:.2f} ms | "
+                      f"{r['batch']:.1f} | {plain[s] * 1e3:.2f} ms | {plain_tok:.0f} | "
+                      f"{r['tok_s'] / plain_tok:.1%} |", flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
