@@ -103,6 +103,9 @@ def _client_proc(address, fingerprint, hidden, n_sessions, prompt, steps, barrie
             ready, opened = asyncio.Event(), []
             tasks = [asyncio.create_task(session(stub, ready, opened)) for _ in range(n_sessions)]
             while len(opened) < n_sessions:
+                failed = [t for t in tasks if t.done() and t.exception() is not None]
+                if failed:
+                    raise failed[0].exception()
                 await asyncio.sleep(0.01)
             await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
             t0 = time.perf_counter()
@@ -207,7 +210,7 @@ def main() -> int:
 
     on_gpu = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.server_threads)  # the plain step gets the server's compute threads
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else write_shape(args.shape, Path(tmp) / args.shape)
         counts = [int(s) for s in args.sessions.split(",")]
@@ -224,8 +227,11 @@ def main() -> int:
             link = CloudLink(address)
             info = link.info()
             link.close()
+            if args.prompt + args.steps + 1 > info.limits.max_length:
+                raise SystemExit(f"--prompt + --steps exceed the model's {info.limits.max_length} positions")
             print(f"shape {args.shape}: {info.num_layers} layers, d {info.hidden_size}, split {info.split_layer}; "
-                  f"{device} {str(dtype).removeprefix('torch.')}; prompt {args.prompt}, {args.steps} decode steps "
+                  f"{device} {str(dtype).removeprefix('torch.')}, {args.server_threads} compute thread(s); "
+                  f"prompt {args.prompt}, {args.steps} decode steps "
                   f"per session, {args.clients} client processes; server "
                   f"{args.server_root or 'this checkout'}")
             print("| sessions | tokens/s | client p50 | client p99 | server p50 | server p99 | engine tick | "

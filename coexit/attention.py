@@ -18,7 +18,4 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_vali
     mask = k_pos[:, None, None, :] <= q_pos[:, None, :, None]  # (B, 1, T, S)
     if k_valid is not None:
         mask = mask & k_valid[:, None, None, :]
-    h, kv = q.shape[1], k.shape[1]
-    if kv != h:
-        k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])

@@ -35,6 +35,7 @@ class KVPool:
         self.k = torch.empty(num_blocks * block_size, n_kv, head_dim, dtype=dtype, device=self.device)
         self.v = torch.empty_like(self.k)
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._scratch: list[Tensor | None] = [None, None]  # reused gather buffers for keys and values
 
     @classmethod
     def from_budget(cls, config: Config, budget_bytes: int, block_size: int, dtype: torch.dtype,
@@ -54,6 +55,17 @@ class KVPool:
     @property
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
+
+    def gather_blocks(self, src: Tensor, blocks: Tensor, buffer: int) -> Tensor:
+        """Whole blocks (len(blocks), block_size * K * D) of src (self.k or self.v), into a reused buffer: a fresh
+        multi-MB tensor per layer would cost a page fault per 4 KiB on every tick."""
+        rows = src.view(self.num_blocks, -1)
+        n = blocks.numel()
+        buf = self._scratch[buffer]
+        if buf is None or buf.shape[0] < n:
+            buf = self._scratch[buffer] = torch.empty(max(n, 2 * (buf.shape[0] if buf is not None else 0)),
+                                                      rows.shape[1], dtype=self.dtype, device=self.device)
+        return torch.index_select(rows, 0, blocks, out=buf[:n])
 
     def allocate(self, n: int) -> list[int] | None:
         """n block ids, or None (and nothing taken) when fewer are free."""
@@ -134,15 +146,15 @@ class PagedCache:
         table = torch.tensor(self.tables[layer], dtype=torch.long)
         return (table[pos // bs] * bs + pos % bs).to(self.pool.device)
 
-    def claim(self, layer: int, first: int, n: int) -> Tensor:
-        """Slots for n new positions from `first` at `layer`, which must continue the layer without a gap."""
-        have = self.lengths[layer]
+    def claim(self, layer: int, first: int, n: int) -> list[int]:
+        """Slot ids for n new positions from `first` at `layer`, which must continue the layer without a gap."""
+        have, table, bs = self.lengths[layer], self.tables[layer], self.pool.block_size
         if have != first:
             raise CacheError(f"layer {layer} holds {have} positions but the new rows start at position {first}")
-        if first + n > len(self.tables[layer]) * self.pool.block_size:
+        if first + n > len(table) * bs:
             raise CacheError(f"layer {layer}: positions up to {first + n} exceed the session's blocks; grow() first")
         self.lengths[layer] = first + n
-        return self.slots(layer, first, first + n)
+        return [table[p // bs] * bs + p % bs for p in range(first, first + n)]
 
     def get(self, layer: int) -> tuple[Tensor, Tensor]:
         """Keys and values (1, K, S, D) of the filled positions at `layer`."""
@@ -165,7 +177,8 @@ class BatchAttention:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         pool, bs = self.pool, self.pool.block_size
-        slots = torch.cat([c.claim(layer, first, n) for c, first, n in self.segments])
+        slots = torch.tensor([i for c, first, n in self.segments for i in c.claim(layer, first, n)],
+                             device=pool.device)
         pool.k[slots] = k[0].transpose(0, 1).to(pool.dtype)  # (N, K, D)
         pool.v[slots] = v[0].transpose(0, 1).to(pool.dtype)
         y = torch.empty_like(q)  # (1, H, N, D)
@@ -180,18 +193,20 @@ class BatchAttention:
                 y[:, :, row:row + n] = attend(q[:, :, row:row + n], kk.to(q.dtype), vv.to(q.dtype),
                                               positions[:, row:row + n], key_pos)
             row += n
-        if singles:
+        if singles:  # decode rows: gather whole blocks of every session's table, pad to the widest
             rows = torch.tensor([r for r, _, _ in singles], device=q.device)
-            lengths = torch.tensor([first + 1 for _, _, first in singles])
+            lengths = torch.tensor([first + 1 for _, _, first in singles], device=q.device)
             width = max(len(c.tables[layer]) for _, c, _ in singles)
-            tables = torch.tensor([c.tables[layer] + [0] * (width - len(c.tables[layer])) for _, c, _ in singles])
-            key_pos = torch.arange(int(lengths.max()))
-            idx = (tables[:, key_pos // bs] * bs + key_pos % bs).to(pool.device)  # (B, S)
-            valid = (key_pos[None, :] < lengths[:, None]).to(q.device)
-            kk = pool.k[idx].permute(0, 2, 1, 3).to(q.dtype)  # (B, K, S, D)
-            vv = pool.v[idx].permute(0, 2, 1, 3).to(q.dtype)
+            tables = torch.tensor([c.tables[layer] + [0] * (width - len(c.tables[layer])) for _, c, _ in singles],
+                                  device=pool.device)
+            b, flat = len(singles), tables.flatten()
+            kk, vv = (pool.gather_blocks(t, flat, i)  # (B * W, bs * K * D): whole blocks
+                      .view(b, width * bs, pool.n_kv, pool.head_dim).transpose(1, 2)
+                      for i, t in enumerate((pool.k, pool.v)))
+            key_pos = torch.arange(width * bs, device=q.device)
+            valid = key_pos[None, :] < lengths[:, None]  # (B, S)
             qq = q[0, :, rows].transpose(0, 1)[:, :, None]  # (B, H, 1, D)
-            out = attend(qq, kk, vv, positions[0, rows][:, None], key_pos.to(q.device)[None].expand(len(singles), -1),
-                         valid)
+            out = attend(qq, kk.to(q.dtype), vv.to(q.dtype), positions[0, rows][:, None],
+                         key_pos[None].expand(b, -1), valid)
             y[0, :, rows] = out[:, :, 0].transpose(0, 1)
         return y
