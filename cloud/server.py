@@ -42,7 +42,7 @@ async def start_server(model: coexit.EarlyExitLM, port: int = 0, host: str = "12
                        limits: Limits | None = None, token: str | None = None,
                        tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, int, CoexitService]:
     limits = limits or Limits()
-    service = CoexitService(model, limits)
+    service = CoexitService.local(model, limits)
     transport_limit = 2 * limits.max_message_bytes  # oversize below this gets INVALID_ARGUMENT from us
     server = grpc.aio.server(interceptors=[StatusInterceptor(token)], options=[
         ("grpc.max_receive_message_length", transport_limit), ("grpc.max_send_message_length", transport_limit)])
@@ -62,7 +62,7 @@ async def start_server(model: coexit.EarlyExitLM, port: int = 0, host: str = "12
     async def sweep():
         while True:
             await asyncio.sleep(max(0.05, min(30.0, limits.idle_ttl_s / 2)))
-            service.manager.sweep()
+            service.backend.sweep()
 
     server._coexit_sweeper = asyncio.get_running_loop().create_task(sweep())
     return server, bound, service

@@ -1,0 +1,163 @@
+"""What a gRPC front end asks of the session/engine side, and its in-process implementation.
+
+The front end (cloud/service.py) parses and validates protobuf and keeps, per stream, only a SessionHandle. Every
+stateful step (open, resume, append, close, detach, byte accounting) goes through a backend: `LocalBackend` runs
+the SessionManager and the engine thread in this process; `cloud.ipc.RemoteBackend` forwards the same calls to an
+engine process shared by several front-end processes, which serves them with a LocalBackend of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass, field
+
+import grpc
+import torch
+from torch import Tensor
+
+import coexit
+from cloud.engine.engine import Engine, SegmentDone
+from cloud.engine.kv_pool import KVPool
+from cloud.engine.scheduler import Segment
+from cloud.errors import ServiceError
+from cloud.sessions import CloudSession, Limits, SessionManager
+from coexit.sampling import SamplingParams
+
+
+@dataclass
+class ModelInfo:
+    """The model facts a front end needs to answer Info and validate requests."""
+
+    fingerprint: str
+    split_layer: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    exit_layers: list[int]
+    serves_tokens: bool
+    max_length: int
+    dtype: str  # rows are handed to the engine in this dtype
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SessionHandle:
+    id: str
+    encoding: str
+    tokens_input: bool
+    length: int
+    resumed: bool
+
+
+@dataclass
+class AppendOutcome:
+    length: int
+    has_token: bool = False
+    token_id: int = 0
+    logprob: float = 0.0
+    exit_layer: int = 0
+    top: list[tuple[int, float]] = field(default_factory=list)
+    logits: Tensor | None = None  # (V,) when asked for
+    layer_tokens: int = 0
+    compute_s: float = 0.0
+
+
+@dataclass
+class OpenArgs:
+    resume_id: str = ""
+    max_length: int = 0
+    encoding: str = "fp32"
+    tokens_input: bool = False
+    stateless: bool = False
+    cloud_exits: dict[int, float] = field(default_factory=dict)
+
+
+class LocalBackend:
+    """Sessions and the batching engine in this process. Byte counts arrive as (received, sent) deltas."""
+
+    def __init__(self, model: coexit.EarlyExitLM, limits: Limits) -> None:
+        p = next(model.parameters())
+        pool = KVPool.from_budget(model.config, limits.kv_budget_bytes, limits.block_size, p.dtype, p.device)
+        self.engine = Engine(model, pool, limits.rows_per_tick)
+        self.manager = SessionManager(model, limits, self.engine)
+        c = model.config
+        self.info = ModelInfo(model.fingerprint, c.split_layer, c.num_hidden_layers, c.hidden_size, c.vocab_size,
+                              list(c.exit_layers), self.manager.serves_tokens, self.manager.max_length_cap,
+                              str(p.dtype).removeprefix("torch."))
+        self.device = p.device
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    def _get(self, sid: str) -> CloudSession:
+        s = self.manager.sessions.get(sid)
+        if s is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed, evicted or expired; open a new "
+                                                          "session and resend its context")
+        return s
+
+    async def open(self, args: OpenArgs) -> SessionHandle:
+        if args.resume_id:
+            s = self.manager.resume(args.resume_id)
+            return SessionHandle(s.id, s.encoding, s.tokens_input, s.length, True)
+        s = self.manager.open(args.max_length, args.encoding, args.tokens_input, args.stateless, args.cloud_exits)
+        return SessionHandle(s.id, s.encoding, s.tokens_input, 0, False)
+
+    async def append(self, sid: str, first: int, rows: Tensor, want_token: bool, sampling: SamplingParams,
+                     top_k: int, want_logits: bool, acct: tuple[int, int]) -> AppendOutcome:
+        s = self._get(sid)
+        self._account(s, acct)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future() if want_token else None
+
+        def resolve(outcome) -> None:  # engine thread
+            loop.call_soon_threadsafe(_settle, fut, outcome)
+
+        rows = rows.to(self.device)
+        self.manager.submit(s, rows, first, Segment(first, rows, want_token, sampling, top_k,
+                                                    waiter=resolve if fut is not None else None))
+        self.manager.touch(s)
+        if fut is None:  # rows are queued; the engine computes them in the background, chunk by chunk
+            return AppendOutcome(s.length)
+        done: SegmentDone | BaseException = await fut
+        if isinstance(done, BaseException):
+            raise done
+        out = AppendOutcome(s.length, layer_tokens=done.layer_tokens, compute_s=done.compute_s)
+        t = done.token
+        if t is not None:
+            out.has_token, out.token_id, out.logprob, out.exit_layer, out.top = (True, t.token_id, t.logprob,
+                                                                                 t.exit_layer, t.top)
+            if want_logits:
+                out.logits = t.logits.float().cpu()
+        return out
+
+    async def close(self, sid: str, acct: tuple[int, int]) -> tuple[int, int]:
+        s = self._get(sid)
+        self._account(s, acct)
+        self.manager.close(s)
+        return s.bytes_received, s.bytes_sent
+
+    async def detach(self, sid: str, acct: tuple[int, int]) -> None:
+        s = self.manager.sessions.get(sid)
+        if s is not None:
+            self._account(s, acct)
+            self.manager.detach(s)
+
+    def sweep(self) -> int:
+        return self.manager.sweep()
+
+    @staticmethod
+    def _account(s: CloudSession, acct: tuple[int, int]) -> None:
+        s.bytes_received += acct[0]
+        s.bytes_sent += acct[1]
+
+
+def _settle(fut: asyncio.Future, outcome: SegmentDone | BaseException) -> None:
+    if not fut.done():
+        fut.set_result(outcome)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
