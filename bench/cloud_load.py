@@ -202,6 +202,8 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64, help="decode steps per session")
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the server (CPU)")
+    ap.add_argument("--frontends", type=int, default=0,
+                    help="serve with this many gRPC front-end processes and one engine process (0: one process)")
     ap.add_argument("--server-root", help="run `coexit serve` from this checkout instead (a baseline)")
     args = ap.parse_args()
 
@@ -222,6 +224,8 @@ def main() -> int:
             mport = 0
         else:
             extra += ["--metrics-port", str(mport)]
+            if args.frontends:
+                extra += ["--frontends", str(args.frontends)]
         proc, address = start_cloud(model_dir, extra_args=extra, threads=args.server_threads)
         try:
             link = CloudLink(address)
@@ -233,6 +237,7 @@ def main() -> int:
                   f"{device} {str(dtype).removeprefix('torch.')}, {args.server_threads} compute thread(s); "
                   f"prompt {args.prompt}, {args.steps} decode steps "
                   f"per session, {args.clients} client processes; server "
+                  f"{f'{args.frontends} front end(s) + engine process, ' if args.frontends else 'one process, '}"
                   f"{args.server_root or 'this checkout'}")
             print("| sessions | tokens/s | client p50 | client p99 | server p50 | server p99 | engine tick | "
                   "sessions/tick | plain step | plain tokens/s | ratio |")

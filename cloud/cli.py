@@ -24,6 +24,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--block-size", type=int, default=16, help="positions per KV block")
     ap.add_argument("--rows-per-tick", type=int, default=256,
                     help="the engine's row budget per tick (longer uploads are chunked)")
+    ap.add_argument("--frontends", type=int, default=0,
+                    help="gRPC front-end processes in front of one engine process (0: one process does all)")
     ap.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
     ap.add_argument("--deep-only", action="store_true", help="load only layers [split, L) (no cloud-only mode)")
     ap.add_argument("--token", default=os.environ.get("COEXIT_TOKEN"), help="require this bearer token")
@@ -35,6 +37,11 @@ def main(argv: list[str]) -> int:
                     max_length=args.max_length, max_rows_per_append=args.max_rows, idle_ttl_s=args.idle_ttl,
                     block_size=args.block_size, rows_per_tick=args.rows_per_tick)
     tls = (args.tls_key, args.tls_cert) if args.tls_key and args.tls_cert else None
+    if args.frontends > 0:
+        from cloud.server import serve_processes
+
+        return serve_processes(args.model, args.port, args.host, limits, args.token, args.deep_only, tls,
+                               args.metrics_port, args.frontends)
     try:
         asyncio.run(serve_forever(args.model, args.port, args.host, limits, args.token, args.deep_only, tls,
                                  args.metrics_port))

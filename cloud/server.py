@@ -41,11 +41,18 @@ def load_model(model_dir: str | Path, deep_only: bool = False, dtype=None) -> co
 async def start_server(model: coexit.EarlyExitLM, port: int = 0, host: str = "127.0.0.1",
                        limits: Limits | None = None, token: str | None = None,
                        tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, int, CoexitService]:
+    """A server with the sessions and the engine in this process."""
     limits = limits or Limits()
-    service = CoexitService.local(model, limits)
+    return await start_grpc(CoexitService.local(model, limits), port, host, limits, token, tls)
+
+
+async def start_grpc(service: CoexitService, port: int, host: str, limits: Limits, token: str | None,
+                     tls: tuple[bytes, bytes] | None, reuse_port: bool = False
+                     ) -> tuple[grpc.aio.Server, int, CoexitService]:
     transport_limit = 2 * limits.max_message_bytes  # oversize below this gets INVALID_ARGUMENT from us
     server = grpc.aio.server(interceptors=[StatusInterceptor(token)], options=[
-        ("grpc.max_receive_message_length", transport_limit), ("grpc.max_send_message_length", transport_limit)])
+        ("grpc.max_receive_message_length", transport_limit), ("grpc.max_send_message_length", transport_limit),
+        ("grpc.so_reuseport", int(reuse_port))])
     pb_grpc.add_CoexitServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -109,17 +116,121 @@ class ServerThread:
         self.stop()
 
 
+def _read_tls(tls_files: tuple[str, str] | None) -> tuple[bytes, bytes] | None:
+    return (Path(tls_files[0]).read_bytes(), Path(tls_files[1]).read_bytes()) if tls_files else None
+
+
+def _banner(model_dir, host, port, info, layers: tuple[int, int], how: str) -> None:
+    print(f"coexit cloud serving {model_dir} on {host}:{port} (layers [{layers[0]}, {layers[1]}), split "
+          f"{info.split_layer}, fingerprint {info.fingerprint[:16]}…; {how})", flush=True)
+
+
 async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, token: str | None,
                         deep_only: bool, tls_files: tuple[str, str] | None, metrics_port: int = 0) -> None:
+    """One process: gRPC, sessions and the engine thread together."""
     model = load_model(model_dir, deep_only=deep_only)
-    tls = None
-    if tls_files:
-        tls = (Path(tls_files[0]).read_bytes(), Path(tls_files[1]).read_bytes())
-    server, bound, service = await start_server(model, port, host, limits, token, tls)
+    server, bound, service = await start_server(model, port, host, limits, token, _read_tls(tls_files))
     if metrics_port:
         mport = service.engine.metrics.serve(metrics_port, host)
         print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
-    c = model.config
-    print(f"coexit cloud serving {model_dir} on {host}:{bound} (layers [{model.start}, {model.stop}), split "
-          f"{c.split_layer}, fingerprint {model.fingerprint[:16]}…)", flush=True)
+    _banner(model_dir, host, bound, service.model_info, (model.start, model.stop), "one process")
     await server.wait_for_termination()
+
+
+# ---- several front-end processes and one engine process ---------------------------------------------------------
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the supervisor dies, so no orphan keeps the port or the device."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, ready) -> None:
+    from cloud.backend import LocalBackend
+    from cloud.ipc import serve_engine
+
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[engine] %(levelname)s %(message)s")
+    backend = LocalBackend(load_model(model_dir, deep_only=deep_only), limits)
+    if metrics_port:
+        mport = backend.engine.metrics.serve(metrics_port, host)
+        print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
+    ready.set()
+    asyncio.run(serve_engine(backend, address, limits.idle_ttl_s))
+
+
+def _frontend_main(address, port, host, limits, token, tls) -> None:
+    import torch
+
+    from cloud.ipc import RemoteBackend
+
+    _die_with_parent()
+    torch.set_num_threads(1)  # a front end only decodes and checks rows
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[front] %(levelname)s %(message)s")
+
+    async def run():
+        backend = RemoteBackend(address)
+        info = await backend.connect()
+        server, _, _ = await start_grpc(CoexitService(backend, info, limits), port, host, limits, token, tls,
+                                        reuse_port=True)
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+def serve_processes(model_dir: str, port: int, host: str, limits: Limits, token: str | None, deep_only: bool,
+                    tls_files: tuple[str, str] | None, metrics_port: int, frontends: int) -> int:
+    """`frontends` gRPC processes sharing `port` (SO_REUSEPORT) in front of one engine process; returns when a
+    child dies (exit code 1) or on SIGTERM / Ctrl-C (0)."""
+    import multiprocessing as mp
+    import signal
+    import tempfile
+    import time
+
+    from cloud.launch import free_port, wait_healthy
+
+    port = port or free_port()
+    tls = _read_tls(tls_files)
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    tmp = tempfile.TemporaryDirectory(prefix="coexit-engine-")
+    address = f"ipc://{tmp.name}/engine.sock"
+    engine = ctx.Process(target=_engine_main, name="coexit-engine",
+                         args=(model_dir, deep_only, limits, address, metrics_port, host, ready))
+    children = [engine]
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        engine.start()
+        while not ready.wait(0.2):
+            if not engine.is_alive():
+                print("coexit: the engine process failed to start", flush=True)
+                return 1
+        for i in range(frontends):
+            front = ctx.Process(target=_frontend_main, name=f"coexit-front-{i}",
+                                args=(address, port, host, limits, token, tls))
+            front.start()
+            children.append(front)
+        if tls is None:
+            wait_healthy(f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", timeout_s=600)
+        config = coexit.read_config(model_dir)
+        start = config.split_layer if deep_only else 0
+        print(f"coexit cloud serving {model_dir} on {host}:{port} (layers [{start}, {config.num_hidden_layers}), "
+              f"split {config.split_layer}; {frontends} front-end process(es), one engine process)", flush=True)
+        while all(c.is_alive() for c in children):
+            time.sleep(0.5)
+        dead = [c.name for c in children if not c.is_alive()]
+        print(f"coexit: {', '.join(dead)} exited; stopping", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for c in children:
+            if c.is_alive():
+                c.terminate()
+        for c in children:
+            c.join(timeout=5)
+            if c.is_alive():
+                c.kill()
+        tmp.cleanup()

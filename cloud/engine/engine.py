@@ -35,7 +35,7 @@ class SegmentDone:
 
 class Engine:
     def __init__(self, model: EarlyExitLM, pool: KVPool, row_budget: int = 256,
-                 metrics: EngineMetrics | None = None) -> None:
+                 metrics: EngineMetrics | None = None, batch_wait: float = 0.5) -> None:
         self.model, self.pool = model, pool
         self.scheduler = Scheduler(row_budget)
         self.runner = BatchedRunner(model)
@@ -45,6 +45,10 @@ class Engine:
         self.make_room: Callable[[int, object], None] = lambda blocks, keep: None  # set by the SessionManager
         self.on_failure: Callable[[object, Segment], Exception] = lambda s, seg: RuntimeError("no room")
         self.ticks = 0
+        self.batch_wait = batch_wait
+        self._recent: set[str] = set()  # sessions served in the last two ticks
+        self._served_before: set[str] = set()
+        self._last_tick_s = 0.0
         self._stop = False
         self._thread = threading.Thread(target=self._loop, daemon=True, name="coexit-engine")
         self._thread.start()
@@ -84,6 +88,7 @@ class Engine:
             with self._wake:
                 while not self.scheduler.ready and not self._stop:
                     self._wake.wait()
+                self._coalesce()
                 if self._stop:
                     return
                 tick = self.ticks
@@ -101,11 +106,29 @@ class Engine:
             seconds = time.perf_counter() - t0
             with self.lock:
                 self.ticks += 1
+                served = {it.session.id for it in items if not it.session.retired}
+                self._recent, self._served_before = served | self._served_before, served
+                self._last_tick_s = seconds
                 finished += self._settle(items, results, error, seconds, tick)
                 self._record(items, seconds)
             for waiter, outcome in finished:
                 if waiter is not None:
                     waiter(outcome)
+
+    def _coalesce(self) -> None:
+        """Decode traffic settles into cohorts: the sessions answered by the last tick are still on their round
+        trip when the engine starts the next. Wait a little (at most `batch_wait` of the last tick's time) for
+        the sessions served in the last two ticks to come back, so one tick carries them all and its fixed
+        costs are paid once. A lone session never waits."""
+        if self.batch_wait <= 0 or not self._recent:
+            return
+        deadline = time.perf_counter() + self.batch_wait * self._last_tick_s
+        while not self._stop:
+            missing = self._recent.difference(self.scheduler.ready)
+            left = deadline - time.perf_counter()
+            if not missing or left <= 0:
+                return
+            self._wake.wait(left)
 
     def _fail(self, session, seg: Segment):
         """No room for a segment: roll the session back to before it and drop what was queued after it."""
