@@ -1,0 +1,123 @@
+"""`coexit serve --frontends 2`: two gRPC front-end processes on one port and one engine process. The same
+tokens as the full model in every mode, errors keep their status codes across the process hop, a session opened
+through one connection resumes through another, the metrics count exactly the tokens served, and killing the
+supervisor takes the whole group down."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import torch
+
+import coexit
+from cloud.launch import free_port, start_cloud
+from coexit.decoding import generate_full
+from coexit.exits import ExitPolicy
+from coexit.sampling import SamplingParams
+from coexit.v1 import coexit_pb2 as pb
+from coexit.v1.convert import tensor_to_proto
+from edge.backends import TorchBackend
+from edge.client import EdgeClient
+from edge.link import CloudError, CloudLink
+
+
+@pytest.fixture(scope="module")
+def group(tiny_dir):
+    mport = free_port()
+    proc, address = start_cloud(tiny_dir, extra_args=["--frontends", "2", "--metrics-port", str(mport)])
+    yield proc, address, mport
+    proc.kill()
+    proc.wait()
+
+
+def tokens_total(mport: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+    return float(re.search(r"^coexit_tokens_total (\S+)$", text, re.M).group(1))
+
+
+def test_tokens_equal_the_full_model_in_every_mode(tiny_dir, group):
+    _, address, mport = group
+    full = coexit.load(tiny_dir)
+    ids = full.tokenizer.encode("for i in range(3):", add_bos=True)
+    expected = generate_full(full, ids, 8)
+    before = tokens_total(mport)
+    results = {}
+
+    def run(mode):  # several clients at once, so ticks batch sessions from both front ends
+        client = EdgeClient(TorchBackend.from_checkpoint(tiny_dir), full.tokenizer, cloud=address, mode=mode)
+        results[mode] = client.generate(ids, 8, policy=ExitPolicy.never(), stop_at_eos=False).tokens
+        client.close()
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in ("collaborative", "cloud-only", "naive-split")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {m: expected for m in results}
+    assert tokens_total(mport) - before == 3 * 8
+
+
+def test_errors_and_resume_across_connections(tiny_dir, group):
+    _, address, _ = group
+    full = coexit.load(tiny_dir)
+    ids = torch.tensor([full.tokenizer.encode("def add(a, b):\n    return a + b", add_bos=True)])
+    with torch.no_grad():
+        rows = full.stage(0, full.config.split_layer)(ids).hidden[0]
+
+    def append(stream, first, x):
+        return stream.request(pb.SessionRequest(append=pb.AppendRequest(
+            first_position=first, hidden=tensor_to_proto(x, "fp32"), want_token=True,
+            sampling=pb.Sampling(temperature=0.8, seed=3)))).appended
+
+    link = CloudLink(address)
+    s = link.stream()
+    op = s.request(pb.SessionRequest(open=pb.OpenRequest(fingerprint=full.fingerprint))).opened
+    assert append(s, 0, rows[:6]).length == 6
+    with pytest.raises(CloudError) as info:
+        append(s, 9, rows[6:7])  # a gap: refused in the engine process, INVALID_ARGUMENT here
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "gap" in info.value.details
+    link.close()
+    for _ in range(4):  # fresh connections land on either front end; the session lives in the engine
+        link = CloudLink(address)
+        s = link.stream()
+        op2 = s.request(pb.SessionRequest(open=pb.OpenRequest(fingerprint=full.fingerprint,
+                                                              resume_id=op.session_id))).opened
+        assert op2.resumed and op2.length == 6
+        s.cancel()
+        link.close()
+        time.sleep(0.05)
+    link = CloudLink(address)
+    s = link.stream()
+    s.request(pb.SessionRequest(open=pb.OpenRequest(fingerprint=full.fingerprint, resume_id=op.session_id)))
+    got = append(s, 6, rows[6:8])
+    # the same token as computing the whole prefix in one go, with the same (seed, position) draw
+    logits = full(ids[:, :8]).logits[0, -1]
+    expect = coexit.sample(logits, SamplingParams(temperature=0.8, seed=3), position=8)[0]
+    assert got.token_id == expect
+    with pytest.raises(CloudError) as info:
+        link.stream().request(pb.SessionRequest(open=pb.OpenRequest(fingerprint=full.fingerprint,
+                                                                    resume_id="no-such-id")))
+    assert info.value.code == grpc.StatusCode.NOT_FOUND
+    link.close()
+
+
+def test_killing_the_supervisor_stops_the_group(tiny_dir):
+    port = free_port()
+    proc, address = start_cloud(tiny_dir, port, extra_args=["--frontends", "2"])
+    assert CloudLink(address).info().num_layers == 6
+    proc.kill()  # SIGKILL: no cleanup code runs; the children must still go
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=0.5)
+        except grpc.FutureTimeoutError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("front-end processes outlived their supervisor")
