@@ -24,6 +24,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--block-size", type=int, default=16, help="positions per KV block")
     ap.add_argument("--rows-per-tick", type=int, default=256,
                     help="the engine's row budget per tick (longer uploads are chunked)")
+    ap.add_argument("--batch-wait", type=float, default=0.5,
+                    help="the engine may wait up to this fraction of its last tick for the sessions it served in "
+                         "the last two ticks, so they share one tick (0: start every tick at once)")
     ap.add_argument("--frontends", type=int, default=0,
                     help="gRPC front-end processes in front of one engine process (0: one process does all)")
     ap.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
@@ -35,7 +38,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     limits = Limits(max_sessions=args.max_sessions, kv_budget_bytes=int(args.kv_budget_mib * 2**20),
                     max_length=args.max_length, max_rows_per_append=args.max_rows, idle_ttl_s=args.idle_ttl,
-                    block_size=args.block_size, rows_per_tick=args.rows_per_tick)
+                    block_size=args.block_size, rows_per_tick=args.rows_per_tick,
+                    batch_wait=args.batch_wait)
     tls = (args.tls_key, args.tls_cert) if args.tls_key and args.tls_cert else None
     if args.frontends > 0:
         from cloud.server import serve_processes

@@ -173,7 +173,21 @@ class BatchAttention:
 
     def __init__(self, segments: list[tuple[PagedCache, int, int]]) -> None:
         self.segments = segments
-        self.pool = segments[0][0].pool
+        self.pool = pool = segments[0][0].pool
+        self.singles, self.multis, row = [], [], 0  # (row, cache, first[, n])
+        for c, first, n in segments:
+            (self.singles.append((row, c, first)) if n == 1 else self.multis.append((row, c, first, n)))
+            row += n
+        if self.singles:  # layer-independent parts of the decode call
+            self.rows = torch.tensor([r for r, _, _ in self.singles], device=pool.device)
+            self.lengths = torch.tensor([first + 1 for _, _, first in self.singles], device=pool.device)
+            self._masks: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def _mask(self, width: int) -> tuple[Tensor, Tensor]:
+        if width not in self._masks:
+            key_pos = torch.arange(width * self.pool.block_size, device=self.pool.device)
+            self._masks[width] = key_pos[None].expand(len(self.singles), -1), key_pos[None, :] < self.lengths[:, None]
+        return self._masks[width]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         pool, bs = self.pool, self.pool.block_size
@@ -182,31 +196,23 @@ class BatchAttention:
         pool.k[slots] = k[0].transpose(0, 1).to(pool.dtype)  # (N, K, D)
         pool.v[slots] = v[0].transpose(0, 1).to(pool.dtype)
         y = torch.empty_like(q)  # (1, H, N, D)
-        singles, row = [], 0
-        for c, first, n in self.segments:
-            if n == 1:
-                singles.append((row, c, first))
-            else:  # a multi-row segment: its own causal attention over its whole prefix
-                idx = c.slots(layer, 0, first + n)
-                kk, vv = pool.k[idx].transpose(0, 1)[None], pool.v[idx].transpose(0, 1)[None]
-                key_pos = torch.arange(first + n, device=q.device)[None]
-                y[:, :, row:row + n] = attend(q[:, :, row:row + n], kk.to(q.dtype), vv.to(q.dtype),
-                                              positions[:, row:row + n], key_pos)
-            row += n
-        if singles:  # decode rows: gather whole blocks of every session's table, pad to the widest
-            rows = torch.tensor([r for r, _, _ in singles], device=q.device)
-            lengths = torch.tensor([first + 1 for _, _, first in singles], device=q.device)
-            width = max(len(c.tables[layer]) for _, c, _ in singles)
-            tables = torch.tensor([c.tables[layer] + [0] * (width - len(c.tables[layer])) for _, c, _ in singles],
-                                  device=pool.device)
-            b, flat = len(singles), tables.flatten()
+        for row, c, first, n in self.multis:  # a multi-row segment: its own causal attention over its prefix
+            idx = c.slots(layer, 0, first + n)
+            kk, vv = pool.k[idx].transpose(0, 1)[None], pool.v[idx].transpose(0, 1)[None]
+            key_pos = torch.arange(first + n, device=q.device)[None]
+            y[:, :, row:row + n] = attend(q[:, :, row:row + n], kk.to(q.dtype), vv.to(q.dtype),
+                                          positions[:, row:row + n], key_pos)
+        if self.singles:  # decode rows: gather whole blocks of every session's table, pad to the widest
+            width = max(len(c.tables[layer]) for _, c, _ in self.singles)
+            tables = torch.tensor([c.tables[layer] + [0] * (width - len(c.tables[layer]))
+                                   for _, c, _ in self.singles], device=pool.device)
+            b, flat = len(self.singles), tables.flatten()
             kk, vv = (pool.gather_blocks(t, flat, i)  # (B * W, bs * K * D): whole blocks
                       .view(b, width * bs, pool.n_kv, pool.head_dim).transpose(1, 2)
                       for i, t in enumerate((pool.k, pool.v)))
-            key_pos = torch.arange(width * bs, device=q.device)
-            valid = key_pos[None, :] < lengths[:, None]  # (B, S)
+            key_pos, valid = self._mask(width)
+            rows = self.rows
             qq = q[0, :, rows].transpose(0, 1)[:, :, None]  # (B, H, 1, D)
-            out = attend(qq, kk.to(q.dtype), vv.to(q.dtype), positions[0, rows][:, None],
-                         key_pos[None].expand(b, -1), valid)
+            out = attend(qq, kk.to(q.dtype), vv.to(q.dtype), positions[0, rows][:, None], key_pos, valid)
             y[0, :, rows] = out[:, :, 0].transpose(0, 1)
         return y

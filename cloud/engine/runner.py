@@ -48,6 +48,27 @@ class _Plan:
             self.result = done.value
 
 
+class _Packed:
+    """The rows of a group of plans packed along T for one or more consecutive layers, with their positions,
+    RoPE tables and attention view computed once."""
+
+    def __init__(self, runner: BatchedRunner, group: list[_Plan]) -> None:
+        self.group = group
+        hs = [p.hidden.to(runner.dtype) for p in group]
+        self.h = torch.cat(hs, dim=1) if len(hs) > 1 else hs[0]
+        self.positions = torch.cat([torch.arange(p.work.first, p.work.first + p.hidden.shape[1])
+                                    for p in group]).to(runner.device)[None]
+        self.view = BatchAttention([(p.item.session.runner.cache, p.work.first, p.hidden.shape[1]) for p in group])
+        self.cos, self.sin = runner.model.rotary(self.positions, self.h.dtype)
+
+    def unpack(self) -> None:
+        row = 0
+        for p in self.group:
+            n = p.hidden.shape[1]
+            p.hidden = self.h[:, row:row + n]
+            row += n
+
+
 class BatchedRunner:
     def __init__(self, model: EarlyExitLM) -> None:
         self.model = model
@@ -59,29 +80,25 @@ class BatchedRunner:
         plans = [_Plan(item) for item in items]
         live = [p for p in plans if p.result is None]
         layer = min((p.work.start for p in live), default=0)
+        packed: _Packed | None = None  # kept across layers while the same plans run the same span
         while live:
             group = [p for p in live if p.work.start <= layer < p.work.stop]
             if group:
-                self._layer(layer, group)
-                for p in group:
-                    if p.work.stop == layer + 1:
+                if packed is None or packed.group != group:
+                    if packed is not None:
+                        packed.unpack()
+                    packed = _Packed(self, group)
+                packed.h = self.model.model.layers[str(layer)](packed.h, packed.cos, packed.sin, packed.positions,
+                                                               packed.view)
+                ended = [p for p in group if p.work.stop == layer + 1]
+                if ended:
+                    packed.unpack()
+                    packed = None
+                    for p in ended:
                         p.advance(p.hidden)
-                live = [p for p in live if p.result is None]
+                    live = [p for p in live if p.result is None]
             layer += 1
         return list(zip([p.result for p in plans], self._tokens(plans)))
-
-    def _layer(self, layer: int, group: list[_Plan]) -> None:
-        h = torch.cat([p.hidden.to(self.dtype) for p in group], dim=1) if len(group) > 1 else group[0].hidden
-        positions = torch.cat([torch.arange(p.work.first, p.work.first + p.hidden.shape[1]) for p in group])
-        positions = positions.to(self.device)[None]
-        view = BatchAttention([(p.item.session.runner.cache, p.work.first, p.hidden.shape[1]) for p in group])
-        cos, sin = self.model.rotary(positions, h.dtype)
-        h = self.model.model.layers[str(layer)](h, cos, sin, positions, view)
-        row = 0
-        for p in group:
-            n = p.hidden.shape[1]
-            p.hidden = h[:, row:row + n]
-            row += n
 
     def _tokens(self, plans: list[_Plan]) -> list[TokenResult | None]:
         """Heads for the chunks that produce a token (final logits batched), then batched sampling."""
