@@ -19,16 +19,12 @@ class CacheError(ValueError):
     """A write that would leave a gap or overlap in a layer's positions, or overflow max_len."""
 
 
-class KVCache:
-    def __init__(self, config: Config, layers: range, batch_size: int = 1, max_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+class LayerLengths:
+    """Each layer's filled prefix length: the depth bookkeeping every KV cache keeps (this one, and the cloud
+    engine's paged cache)."""
+
+    def __init__(self, layers: range) -> None:
         self.layers = layers
-        self.batch_size = batch_size
-        self.max_len = max_len or config.max_position_embeddings
-        self.n_kv, self.head_dim = config.num_key_value_heads, config.head_dim
-        self.dtype, self.device = dtype, torch.device(device or "cpu")
-        self.k: dict[int, Tensor] = {}
-        self.v: dict[int, Tensor] = {}
         self.lengths: dict[int, int] = {layer: 0 for layer in layers}
 
     def length(self, layer: int) -> int:
@@ -36,6 +32,18 @@ class KVCache:
 
     def depth_lengths(self) -> list[int]:
         return [self.lengths[i] for i in self.layers]
+
+
+class KVCache(LayerLengths):
+    def __init__(self, config: Config, layers: range, batch_size: int = 1, max_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__(layers)
+        self.batch_size = batch_size
+        self.max_len = max_len or config.max_position_embeddings
+        self.n_kv, self.head_dim = config.num_key_value_heads, config.head_dim
+        self.dtype, self.device = dtype, torch.device(device or "cpu")
+        self.k: dict[int, Tensor] = {}
+        self.v: dict[int, Tensor] = {}
 
     @property
     def nbytes(self) -> int:

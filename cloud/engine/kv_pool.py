@@ -17,7 +17,7 @@ from torch import Tensor
 
 from coexit.attention import attend
 from coexit.config import Config
-from coexit.kv_cache import CacheError
+from coexit.kv_cache import CacheError, LayerLengths
 
 
 class KVPool:
@@ -82,22 +82,16 @@ class KVPool:
         self._free.extend(reversed(blocks))
 
 
-class PagedCache:
+class PagedCache(LayerLengths):
     """One session's KV over `layers`: a block table and a filled length per layer (a prefix, as in KVCache).
 
     It offers the KVCache interface the model and LayerRunner use (length, attend, get, truncate), so a session can
     also be run alone on it; the engine writes and reads it for many sessions at once through BatchAttention."""
 
     def __init__(self, pool: KVPool, layers: range) -> None:
-        self.pool, self.layers = pool, layers
+        super().__init__(layers)
+        self.pool = pool
         self.tables: dict[int, list[int]] = {layer: [] for layer in layers}
-        self.lengths: dict[int, int] = {layer: 0 for layer in layers}
-
-    def length(self, layer: int) -> int:
-        return self.lengths[layer]
-
-    def depth_lengths(self) -> list[int]:
-        return [self.lengths[i] for i in self.layers]
 
     @property
     def num_blocks(self) -> int:
