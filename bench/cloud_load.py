@@ -5,7 +5,8 @@ Writes a random checkpoint of a Llama shape (`--shape default`: the bundled defa
 drives S sessions from `--clients` load-generator processes (grpc.aio, many streams each). Each session uploads a
 `--prompt`-row prompt, then runs `--steps` decode steps (one split-layer row up, one token down). Printed per S:
 decode tokens/s over all sessions, client step p50/p99, server compute per step p50/p99 (the replies'
-compute_us), the engine's mean tick time and sessions per tick (from its Prometheus metrics), and the ratio of
+compute_us), and from the engine's Prometheus metrics the mean queue wait (arrival to first tick), tick time and
+sessions per tick; client step minus queue wait and compute is message handling and the network. And the ratio of
 tokens/s to a plain batched decode step of the same layers with batch S, measured in the same run (eager on a
 CPU, under a CUDA graph on a GPU).
 
@@ -19,7 +20,6 @@ import argparse
 import asyncio
 import dataclasses
 import multiprocessing as mp
-import os
 import re
 import statistics
 import subprocess
@@ -151,7 +151,9 @@ def run_load(address, fingerprint, hidden, sessions, clients, prompt, steps, met
     ticks = d.get("coexit_tick_seconds_count", 0)
     return dict(tok_s=len(lat) / (t1 - t0), p50=pct(lat, .5), p99=pct(lat, .99), s50=pct(server, .5),
                 s99=pct(server, .99), tick=d["coexit_tick_seconds_sum"] / ticks if ticks else float("nan"),
-                batch=d["coexit_tick_sessions_sum"] / ticks if ticks else float("nan"))
+                batch=d["coexit_tick_sessions_sum"] / ticks if ticks else float("nan"),
+                queue=d["coexit_queue_wait_seconds_sum"] / d["coexit_queue_wait_seconds_count"]
+                if d.get("coexit_queue_wait_seconds_count") else float("nan"))
 
 
 # ---- the plain batched step (the bound) ----------------------------------------------------------------------
@@ -220,13 +222,12 @@ def main() -> int:
         mport = free_port()
         extra = ["--max-sessions", str(max(counts) + 8), "--kv-budget-mib", "4096" if on_gpu else "1024"]
         if args.server_root:
-            os.environ["PYTHONPATH"] = f"{args.server_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
             mport = 0
         else:
             extra += ["--metrics-port", str(mport)]
             if args.frontends:
                 extra += ["--frontends", str(args.frontends)]
-        proc, address = start_cloud(model_dir, extra_args=extra, threads=args.server_threads)
+        proc, address = start_cloud(model_dir, extra_args=extra, threads=args.server_threads, cwd=args.server_root)
         try:
             link = CloudLink(address)
             info = link.info()
@@ -239,15 +240,16 @@ def main() -> int:
                   f"per session, {args.clients} client processes; server "
                   f"{f'{args.frontends} front end(s) + engine process, ' if args.frontends else 'one process, '}"
                   f"{args.server_root or 'this checkout'}")
-            print("| sessions | tokens/s | client p50 | client p99 | server p50 | server p99 | engine tick | "
-                  "sessions/tick | plain step | plain tokens/s | ratio |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|")
+            print("| sessions | tokens/s | client p50 | client p99 | server p50 | server p99 | queue wait | "
+                  "engine tick | sessions/tick | plain step | plain tokens/s | ratio |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
             for s in counts:
                 r = run_load(address, info.fingerprint, info.hidden_size, s, args.clients, args.prompt, args.steps,
                              mport)
                 plain_tok = s / plain[s]
                 print(f"| {s} | {r['tok_s']:.0f} | {r['p50'] * 1e3:.2f} ms | {r['p99'] * 1e3:.2f} ms | "
-                      f"{r['s50'] * 1e3:.2f} ms | {r['s99'] * 1e3:.2f} ms | {r['tick'] * 1e3:.2f} ms | "
+                      f"{r['s50'] * 1e3:.2f} ms | {r['s99'] * 1e3:.2f} ms | {r['queue'] * 1e3:.2f} ms | "
+                      f"{r['tick'] * 1e3:.2f} ms | "
                       f"{r['batch']:.1f} | {plain[s] * 1e3:.2f} ms | {plain_tok:.0f} | "
                       f"{r['tok_s'] / plain_tok:.1%} |", flush=True)
         finally:

@@ -40,13 +40,15 @@ def wait_healthy(address: str, timeout_s: float = 60.0, proc: subprocess.Popen |
 
 
 def start_cloud(model_dir, port: int | None = None, extra_args: list[str] | None = None, threads: int = 1,
-                prefix: list[str] | None = None, health_host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
-    """Returns (process, "HOST:PORT") once the server is healthy. prefix wraps the command (e.g. `ip netns exec`)."""
+                prefix: list[str] | None = None, health_host: str = "127.0.0.1",
+                cwd: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Returns (process, "HOST:PORT") once the server is healthy. prefix wraps the command (e.g. `ip netns exec`);
+    cwd runs it from another checkout (`python -m` imports from the working directory first)."""
     port = port or free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     cmd = [*(prefix or []), sys.executable, "-m", "coexit.cli", "serve", "--model", str(model_dir),
            "--port", str(port), *(extra_args or [])]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
     proc.coexit_port = port
     address = f"{health_host}:{port}"
     try:
