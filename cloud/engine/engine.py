@@ -15,10 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
+
 from cloud.engine.kv_pool import KVPool
 from cloud.engine.metrics import EngineMetrics
 from cloud.engine.runner import BatchedRunner, TokenResult
 from cloud.engine.scheduler import Scheduler, Segment, TickItem
+from cloud.errors import ServiceError
 from coexit.model import EarlyExitLM
 
 log = logging.getLogger("coexit.cloud")
@@ -68,7 +71,12 @@ class Engine:
             if not session.in_flight:
                 session.runner.cache.release()
             self._update_gauges()
-            return dropped
+        gone = ServiceError(grpc.StatusCode.NOT_FOUND, "the session was closed or evicted before these rows were "
+                                                       "computed; open a new session and resend its context")
+        for seg in dropped:
+            if seg.waiter is not None:
+                seg.waiter(gone)
+        return dropped
 
     def stop(self) -> None:
         with self._wake:
@@ -92,10 +100,17 @@ class Engine:
                 if self._stop:
                     return
                 tick = self.ticks
-                items, failures = self.scheduler.next_tick(self._grow, tick)
+                try:
+                    items, failures = self.scheduler.next_tick(self._grow, tick)
+                except Exception as exc:  # a server fault while scheduling: no Append may wait forever
+                    log.exception("engine scheduling failed")
+                    finished = self._fail_all(exc)
+                    items, failures = [], []
+                else:
+                    finished = []
                 for item in items:
                     item.session.in_flight = True
-                finished = [w for s, seg in failures for w in self._fail(s, seg)]
+                finished += [w for s, seg in failures for w in self._fail(s, seg)]
             t0 = time.perf_counter()
             try:
                 results = self.runner.run(items) if items else []
@@ -129,6 +144,17 @@ class Engine:
             if not missing or left <= 0:
                 return
             self._wake.wait(left)
+
+    def _fail_all(self, error: Exception) -> list:
+        """Fail every queued segment, rolling each session back to before its oldest queued rows."""
+        finished = []
+        for s in list(self.scheduler.ready.values()):
+            queued = self.scheduler.drop(s)
+            if queued:
+                s.runner.truncate(queued[0].first)
+                s.expected = queued[0].first
+            finished += [(seg.waiter, error) for seg in queued if seg.waiter is not None]
+        return finished
 
     def _fail(self, session, seg: Segment):
         """No room for a segment: roll the session back to before it and drop what was queued after it."""

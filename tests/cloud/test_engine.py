@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import grpc
 import pytest
@@ -205,6 +206,22 @@ def test_long_upload_does_not_stall_other_decode_steps(model):
         assert big.ticks[1] - big.ticks[0] >= 4000 // 64 - 1, "the upload was not chunked"
         assert max(waits) <= alone + 2, waits
         assert last_decode_tick < big.ticks[1], "the decode steps did not overlap the upload"
+
+        # a session closed while its upload is being computed: its blocks come back once its tick ends, and the
+        # session still decoding is unaffected
+        c = h.manager.open(4096, "fp32", False, False, {})
+        held_by_others = h.pool.num_used
+        box, ev = h.submit(c, rows_b, 0)
+        while c.queue and c.queue[0].done_rows < 640:
+            time.sleep(0.01)
+        h.manager.close(c)
+        assert ev.wait(5) and isinstance(box["out"], ServiceError) and box["out"].code == grpc.StatusCode.NOT_FOUND
+        (out,) = h.step([(a, rows_a[20:21], 20, True, GREEDY)])
+        assert isinstance(out, SegmentDone)
+        deadline = time.monotonic() + 10
+        while h.pool.num_used != held_by_others and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert h.pool.num_used == held_by_others
     finally:
         h.close()
 
