@@ -101,6 +101,8 @@ class CoexitService(pb_grpc.CoexitServicer):
                                f"server serves {m.fingerprint[:16]}…; load the same checkpoint on both sides")
         if req.resume_id:
             return OpenArgs(resume_id=req.resume_id)
+        if req.input not in pb.InputKind.values():
+            raise invalid(f"unknown input {req.input}; use HIDDEN or TOKENS")
         try:
             encoding = encoding_name(req.encoding or pb.FP32)
         except ValueError as exc:

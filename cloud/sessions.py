@@ -23,7 +23,7 @@ from torch import Tensor
 from cloud.engine.engine import Engine
 from cloud.engine.kv_pool import PagedCache
 from cloud.engine.scheduler import Segment
-from cloud.errors import ServiceError, invalid
+from cloud.errors import ServiceError, clip, invalid
 from coexit.decoding import LayerRunner
 from coexit.exits import ExitPolicy
 from coexit.model import EarlyExitLM
@@ -197,11 +197,11 @@ class SessionManager:
             s = self.sessions.get(sid)
             if s is None:
                 raise ServiceError(grpc.StatusCode.NOT_FOUND,
-                                   f"no session {sid!r}: it expired, was evicted, or the server restarted; open a "
+                                   f"no session {clip(sid)}: it expired, was evicted, or the server restarted; open a "
                                    f"new session and resend its context")
             if s.attached:
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"session {sid!r} is still attached to another stream")
+                                   f"session {clip(sid)} is still attached to another stream")
             s.attached = True
             s.last_used = time.monotonic()
             self.sessions.move_to_end(sid)
