@@ -19,8 +19,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(address: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    channel = grpc.insecure_channel(address)
+def wait_healthy(address: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None,
+                 root_cert: bytes | None = None) -> None:
+    channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(root_cert)) if root_cert
+               else grpc.insecure_channel(address))
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout_s
     try:
@@ -41,7 +43,7 @@ def wait_healthy(address: str, timeout_s: float = 60.0, proc: subprocess.Popen |
 
 def start_cloud(model_dir, port: int | None = None, extra_args: list[str] | None = None, threads: int = 1,
                 prefix: list[str] | None = None, health_host: str = "127.0.0.1",
-                cwd: str | None = None) -> tuple[subprocess.Popen, str]:
+                cwd: str | None = None, root_cert: bytes | None = None) -> tuple[subprocess.Popen, str]:
     """Returns (process, "HOST:PORT") once the server is healthy. prefix wraps the command (e.g. `ip netns exec`);
     cwd runs it from another checkout (`python -m` imports from the working directory first)."""
     port = port or free_port()
@@ -52,7 +54,7 @@ def start_cloud(model_dir, port: int | None = None, extra_args: list[str] | None
     proc.coexit_port = port
     address = f"{health_host}:{port}"
     try:
-        wait_healthy(address, proc=proc)
+        wait_healthy(address, proc=proc, root_cert=root_cert)
     except BaseException:
         proc.kill()
         raise

@@ -65,12 +65,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deadline", type=float, default=5.0, help="seconds to wait for the cloud per step")
     ap.add_argument("--token", help="bearer token the cloud requires")
+    ap.add_argument("--tls-ca", help="PEM CA certificate: connect with TLS and trust servers it signed")
     ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     args = ap.parse_args(argv)
     backend_kw = {"quant": args.quant} if args.backend == "gguf" else {}
     client = EdgeClient.from_checkpoint(args.model, cloud=args.cloud, backend=args.backend, mode=args.mode,
                                         encoding=args.encoding, deadline_s=args.deadline, token=args.token,
-                                        backend_kw=backend_kw)
+                                        tls_ca=args.tls_ca, backend_kw=backend_kw)
     edge_exits = client.backend.exit_layers
     thresholds = parse_thresholds(args.thresholds) or {e: args.threshold for e in edge_exits}
     policy = ExitPolicy(thresholds, args.criterion)

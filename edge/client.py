@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import torch
@@ -83,7 +84,8 @@ class EdgeClient:
     def __init__(self, backend: EdgeBackend, tokenizer: Tokenizer | None = None, cloud: str | None = None,
                  encoding: str = "fp32", policy: ExitPolicy | None = None, mode: str = "collaborative",
                  deadline_s: float = 5.0, retry_s: float = 0.5, prefill_chunk: int = 256,
-                 token: str | None = None, cloud_exits: dict[int, float] | None = None) -> None:
+                 token: str | None = None, cloud_exits: dict[int, float] | None = None,
+                 tls_ca: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
         if encoding not in ENCODING_CODES:
@@ -92,7 +94,8 @@ class EdgeClient:
         self.policy = policy or ExitPolicy.never()
         self.mode, self.deadline_s, self.retry_s, self.prefill_chunk = mode, deadline_s, retry_s, prefill_chunk
         self.cloud_exits = cloud_exits or {}
-        self.link = CloudLink(cloud, token=token, deadline_s=deadline_s) if cloud else None
+        root_cert = Path(tls_ca).read_bytes() if tls_ca else None  # PEM of the CA that signed the cloud's certificate
+        self.link = CloudLink(cloud, token=token, deadline_s=deadline_s, root_cert=root_cert) if cloud else None
         self._max_rows: int | None = None  # the server's max_rows_per_append, asked once
 
     def rows_per_append(self) -> int:
