@@ -27,6 +27,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--batch-wait", type=float, default=0.5,
                     help="the engine may wait up to this fraction of its last tick for the sessions it served in "
                          "the last two ticks, so they share one tick (0: start every tick at once)")
+    ap.add_argument("--drain-grace", type=float, default=10.0,
+                    help="on SIGTERM, seconds to let Appends in flight finish before open streams end")
     ap.add_argument("--frontends", type=int, default=0,
                     help="gRPC front-end processes in front of one engine process (0: one process does all)")
     ap.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
@@ -45,10 +47,10 @@ def main(argv: list[str]) -> int:
         from cloud.server import serve_processes
 
         return serve_processes(args.model, args.port, args.host, limits, args.token, args.deep_only, tls,
-                               args.metrics_port, args.frontends)
+                               args.metrics_port, args.frontends, args.drain_grace)
     try:
         asyncio.run(serve_forever(args.model, args.port, args.host, limits, args.token, args.deep_only, tls,
-                                 args.metrics_port))
+                                 args.metrics_port, args.drain_grace))
     except KeyboardInterrupt:
         pass
     return 0

@@ -65,6 +65,7 @@ async def start_grpc(service: CoexitService, port: int, host: str, limits: Limit
     await server.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    service.health = health_servicer
 
     async def sweep():
         while True:
@@ -116,6 +117,31 @@ class ServerThread:
         self.stop()
 
 
+async def serve_until_drained(server: grpc.aio.Server, service: CoexitService, grace_s: float) -> None:
+    """Serve until SIGTERM (or SIGINT), then drain: health turns NOT_SERVING, new Opens and new Appends get
+    UNAVAILABLE (the edge resumes or replays elsewhere), Appends already being computed finish, and streams still
+    open when `grace_s` runs out end with UNAVAILABLE."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining: %d open streams, grace %.1f s", service.active_streams, grace_s)
+    service.draining = True
+    for name in (SERVICE_NAME, ""):
+        await service.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    deadline = loop.time() + grace_s
+    while service.active_streams and loop.time() < deadline:  # in-flight Appends finish; clients move away
+        await asyncio.sleep(0.05)
+    await server.stop(grace=min(1.0, max(0.0, deadline - loop.time())))
+    sweeper = getattr(server, "_coexit_sweeper", None)
+    if sweeper is not None:
+        sweeper.cancel()
+    service.stop()
+
+
 def _read_tls(tls_files: tuple[str, str] | None) -> tuple[bytes, bytes] | None:
     return (Path(tls_files[0]).read_bytes(), Path(tls_files[1]).read_bytes()) if tls_files else None
 
@@ -126,7 +152,8 @@ def _banner(model_dir, host, port, info, layers: tuple[int, int], how: str) -> N
 
 
 async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, token: str | None,
-                        deep_only: bool, tls_files: tuple[str, str] | None, metrics_port: int = 0) -> None:
+                        deep_only: bool, tls_files: tuple[str, str] | None, metrics_port: int = 0,
+                        drain_grace_s: float = 10.0) -> None:
     """One process: gRPC, sessions and the engine thread together."""
     model = load_model(model_dir, deep_only=deep_only)
     server, bound, service = await start_server(model, port, host, limits, token, _read_tls(tls_files))
@@ -134,7 +161,7 @@ async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, to
         mport = service.engine.metrics.serve(metrics_port, host)
         print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
     _banner(model_dir, host, bound, service.model_info, (model.start, model.stop), "one process")
-    await server.wait_for_termination()
+    await serve_until_drained(server, service, drain_grace_s)
 
 
 # ---- several front-end processes and one engine process ---------------------------------------------------------
@@ -161,7 +188,7 @@ def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, read
     asyncio.run(serve_engine(backend, address, limits.idle_ttl_s))
 
 
-def _frontend_main(address, port, host, limits, token, tls) -> None:
+def _frontend_main(address, port, host, limits, token, tls, drain_grace_s) -> None:
     import torch
 
     from cloud.ipc import RemoteBackend
@@ -173,18 +200,20 @@ def _frontend_main(address, port, host, limits, token, tls) -> None:
     async def run():
         backend = RemoteBackend(address)
         info = await backend.connect()
-        server, _, _ = await start_grpc(CoexitService(backend, info, limits), port, host, limits, token, tls,
-                                        reuse_port=True)
-        await server.wait_for_termination()
+        server, _, service = await start_grpc(CoexitService(backend, info, limits), port, host, limits, token, tls,
+                                              reuse_port=True)
+        await serve_until_drained(server, service, drain_grace_s)
 
     asyncio.run(run())
 
 
 def serve_processes(model_dir: str, port: int, host: str, limits: Limits, token: str | None, deep_only: bool,
-                    tls_files: tuple[str, str] | None, metrics_port: int, frontends: int) -> int:
+                    tls_files: tuple[str, str] | None, metrics_port: int, frontends: int,
+                    drain_grace_s: float = 10.0) -> int:
     """`frontends` gRPC processes sharing `port` (SO_REUSEPORT) in front of one engine process; returns when a
     child dies (exit code 1) or on SIGTERM / Ctrl-C (0)."""
     import multiprocessing as mp
+    import os
     import signal
     import tempfile
     import time
@@ -209,7 +238,7 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, token:
                 return 1
         for i in range(frontends):
             front = ctx.Process(target=_frontend_main, name=f"coexit-front-{i}",
-                                args=(address, port, host, limits, token, tls))
+                                args=(address, port, host, limits, token, tls, drain_grace_s))
             front.start()
             children.append(front)
         if tls is None:
@@ -223,7 +252,12 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, token:
         dead = [c.name for c in children if not c.is_alive()]
         print(f"coexit: {', '.join(dead)} exited; stopping", flush=True)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # SIGTERM / Ctrl-C: the front ends drain first, then the engine stops
+        for c in children[1:]:
+            if c.is_alive():
+                os.kill(c.pid, signal.SIGTERM)
+        for c in children[1:]:
+            c.join(timeout=drain_grace_s + 5)
         return 0
     finally:
         for c in children:

@@ -29,6 +29,9 @@ class CoexitService(pb_grpc.CoexitServicer):
     def __init__(self, backend, info: ModelInfo, limits: Limits) -> None:
         self.backend, self.model_info, self.limits = backend, info, limits
         self.dtype = torch_dtype(info.dtype)
+        self.health = None  # the grpc.health.v1 servicer, set by the server
+        self.draining = False
+        self.active_streams = 0  # Session streams open
         if isinstance(backend, LocalBackend):  # in-process: tests and tools look at the live state
             self.manager, self.engine = backend.manager, backend.engine
 
@@ -56,10 +59,16 @@ class CoexitService(pb_grpc.CoexitServicer):
         return self.info()
 
     # ---- Session -------------------------------------------------------------------------------------------
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "this server is shutting down; resume the session on "
+                                                            "another server or open a new one there")
+
     async def Session(self, request_iterator, context):
         handle: SessionHandle | None = None
         closed = False
         acct = [0, 0]  # bytes received / sent on this stream not yet reported to the backend
+        self.active_streams += 1
         try:
             async for req in request_iterator:
                 size = req.ByteSize()
@@ -67,6 +76,8 @@ class CoexitService(pb_grpc.CoexitServicer):
                 if size > self.limits.max_message_bytes:
                     raise invalid(f"message of {size} bytes exceeds max_message_bytes {self.limits.max_message_bytes}"
                                   f"; split the rows over several Appends")
+                if kind != "close":
+                    self._refuse_if_draining()
                 if kind == "open":
                     if handle is not None:
                         raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "this stream already opened a session")
@@ -90,6 +101,7 @@ class CoexitService(pb_grpc.CoexitServicer):
                 acct[1] += reply.ByteSize()
                 yield reply
         finally:
+            self.active_streams -= 1
             if handle is not None and not closed:
                 await self.backend.detach(handle.id, (acct[0], acct[1]))
 
