@@ -72,6 +72,7 @@ class OpenArgs:
     tokens_input: bool = False
     stateless: bool = False
     cloud_exits: dict[int, float] = field(default_factory=dict)
+    identity: str = ""  # the caller, as the interceptor authenticated it
 
 
 class LocalBackend:
@@ -100,9 +101,10 @@ class LocalBackend:
 
     async def open(self, args: OpenArgs) -> SessionHandle:
         if args.resume_id:
-            s = self.manager.resume(args.resume_id)
+            s = self.manager.resume(args.resume_id, args.identity)
             return SessionHandle(s.id, s.encoding, s.tokens_input, s.length, True)
-        s = self.manager.open(args.max_length, args.encoding, args.tokens_input, args.stateless, args.cloud_exits)
+        s = self.manager.open(args.max_length, args.encoding, args.tokens_input, args.stateless, args.cloud_exits,
+                              args.identity)
         return SessionHandle(s.id, s.encoding, s.tokens_input, 0, False)
 
     async def append(self, sid: str, first: int, rows: Tensor, want_token: bool, sampling: SamplingParams,

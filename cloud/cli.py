@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 
+from cloud.auth import Auth
 from cloud.server import serve_forever
 from cloud.sessions import Limits
 
@@ -34,6 +36,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
     ap.add_argument("--deep-only", action="store_true", help="load only layers [split, L) (no cloud-only mode)")
     ap.add_argument("--token", default=os.environ.get("COEXIT_TOKEN"), help="require this bearer token")
+    ap.add_argument("--auth-file", help="TOML of identities: token hashes and per-identity limits (see README)")
     ap.add_argument("--tls-key", help="PEM private key (with --tls-cert) to serve TLS")
     ap.add_argument("--tls-cert")
     args = ap.parse_args(argv)
@@ -43,13 +46,18 @@ def main(argv: list[str]) -> int:
                     block_size=args.block_size, rows_per_tick=args.rows_per_tick,
                     batch_wait=args.batch_wait)
     tls = (args.tls_key, args.tls_cert) if args.tls_key and args.tls_cert else None
+    try:
+        auth = Auth.from_file(args.auth_file) if args.auth_file else Auth.from_token(args.token) if args.token else None
+    except ValueError as exc:
+        print(f"coexit serve: {exc}", file=sys.stderr)
+        return 2
     if args.frontends > 0:
         from cloud.server import serve_processes
 
-        return serve_processes(args.model, args.port, args.host, limits, args.token, args.deep_only, tls,
+        return serve_processes(args.model, args.port, args.host, limits, auth, args.deep_only, tls,
                                args.metrics_port, args.frontends, args.drain_grace)
     try:
-        asyncio.run(serve_forever(args.model, args.port, args.host, limits, args.token, args.deep_only, tls,
+        asyncio.run(serve_forever(args.model, args.port, args.host, limits, auth, args.deep_only, tls,
                                  args.metrics_port, args.drain_grace))
     except KeyboardInterrupt:
         pass

@@ -9,7 +9,7 @@ traceback, and never takes the server down. Every string a client sent that an e
 
 from __future__ import annotations
 
-import hmac
+import contextvars
 import logging
 import time
 
@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 log = logging.getLogger("coexit.cloud")
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+IDENTITY: contextvars.ContextVar[str] = contextvars.ContextVar("coexit_identity", default="")  # set per call
 
 
 class ServiceError(Exception):
@@ -97,28 +98,31 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, faults: 
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps ServiceError / unexpected exceptions to status codes; enforces `authorization: Bearer <token>`."""
+    """Maps ServiceError / unexpected exceptions to status codes; with `auth`, requires `authorization: Bearer
+    <token>` and makes the caller's identity name visible to the handler as IDENTITY."""
 
-    def __init__(self, token: str | None = None) -> None:
-        self.token = token
+    def __init__(self, auth=None) -> None:  # cloud.auth.Auth
+        self.auth = auth
         self.faults = FaultLog()
 
-    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
-        if not self.token or details.method.startswith(PUBLIC_PREFIXES):
-            return True
+    def _identity(self, details: grpc.HandlerCallDetails) -> str | None:
+        if self.auth is None or details.method.startswith(PUBLIC_PREFIXES):
+            return ""
         md = dict(details.invocation_metadata or ())
-        return hmac.compare_digest(md.get("authorization", ""), f"Bearer {self.token}")
+        ident = self.auth.identify(str(md.get("authorization", "")))
+        return None if ident is None else ident.name
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return None
-        authorized = self._authorized(details)
+        identity = self._identity(details)
 
         def check(context):
-            if not authorized:
+            if identity is None:
                 raise ServiceError(grpc.StatusCode.UNAUTHENTICATED,
                                    "missing or wrong token: send metadata 'authorization: Bearer <token>'")
+            IDENTITY.set(identity)
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import coexit
+from cloud.auth import Auth
 from cloud.errors import StatusInterceptor
 from cloud.service import CoexitService
 from cloud.sessions import Limits
@@ -39,18 +40,24 @@ def load_model(model_dir: str | Path, deep_only: bool = False, dtype=None) -> co
 
 
 async def start_server(model: coexit.EarlyExitLM, port: int = 0, host: str = "127.0.0.1",
-                       limits: Limits | None = None, token: str | None = None,
+                       limits: Limits | None = None, auth: Auth | None = None,
                        tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, int, CoexitService]:
     """A server with the sessions and the engine in this process."""
-    limits = limits or Limits()
-    return await start_grpc(CoexitService.local(model, limits), port, host, limits, token, tls)
+    limits = with_identities(limits or Limits(), auth)
+    return await start_grpc(CoexitService.local(model, limits), port, host, limits, auth, tls)
 
 
-async def start_grpc(service: CoexitService, port: int, host: str, limits: Limits, token: str | None,
+def with_identities(limits: Limits, auth: Auth | None) -> Limits:
+    import dataclasses
+
+    return dataclasses.replace(limits, identities=auth.identities) if auth is not None else limits
+
+
+async def start_grpc(service: CoexitService, port: int, host: str, limits: Limits, auth: Auth | None,
                      tls: tuple[bytes, bytes] | None, reuse_port: bool = False
                      ) -> tuple[grpc.aio.Server, int, CoexitService]:
     transport_limit = 2 * limits.max_message_bytes  # oversize below this gets INVALID_ARGUMENT from us
-    server = grpc.aio.server(interceptors=[StatusInterceptor(token)], options=[
+    server = grpc.aio.server(interceptors=[StatusInterceptor(auth)], options=[
         ("grpc.max_receive_message_length", transport_limit), ("grpc.max_send_message_length", transport_limit),
         ("grpc.so_reuseport", int(reuse_port))])
     pb_grpc.add_CoexitServicer_to_server(service, server)
@@ -80,8 +87,9 @@ class ServerThread:
     """A real gRPC server on a loopback port, run on its own event loop in a background thread."""
 
     def __init__(self, model: coexit.EarlyExitLM, port: int = 0, limits: Limits | None = None,
-                 token: str | None = None) -> None:
-        self.model, self.requested_port, self.limits, self.token = model, port, limits, token
+                 token: str | None = None, auth: Auth | None = None) -> None:
+        self.model, self.requested_port, self.limits = model, port, limits
+        self.auth = auth or (Auth.from_token(token) if token else None)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="coexit-server")
         self.port = 0
@@ -94,7 +102,7 @@ class ServerThread:
     def start(self) -> ServerThread:
         self.thread.start()
         fut = asyncio.run_coroutine_threadsafe(
-            start_server(self.model, self.requested_port, limits=self.limits, token=self.token), self.loop)
+            start_server(self.model, self.requested_port, limits=self.limits, auth=self.auth), self.loop)
         self.server, self.port, self.service = fut.result(timeout=30)
         return self
 
@@ -151,12 +159,12 @@ def _banner(model_dir, host, port, info, layers: tuple[int, int], how: str) -> N
           f"{info.split_layer}, fingerprint {info.fingerprint[:16]}…; {how})", flush=True)
 
 
-async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, token: str | None,
+async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None,
                         deep_only: bool, tls_files: tuple[str, str] | None, metrics_port: int = 0,
                         drain_grace_s: float = 10.0) -> None:
     """One process: gRPC, sessions and the engine thread together."""
     model = load_model(model_dir, deep_only=deep_only)
-    server, bound, service = await start_server(model, port, host, limits, token, _read_tls(tls_files))
+    server, bound, service = await start_server(model, port, host, limits, auth, _read_tls(tls_files))
     if metrics_port:
         mport = service.engine.metrics.serve(metrics_port, host)
         print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
@@ -188,7 +196,7 @@ def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, read
     asyncio.run(serve_engine(backend, address, limits.idle_ttl_s))
 
 
-def _frontend_main(address, port, host, limits, token, tls, drain_grace_s) -> None:
+def _frontend_main(address, port, host, limits, auth, tls, drain_grace_s) -> None:
     import torch
 
     from cloud.ipc import RemoteBackend
@@ -200,14 +208,14 @@ def _frontend_main(address, port, host, limits, token, tls, drain_grace_s) -> No
     async def run():
         backend = RemoteBackend(address)
         info = await backend.connect()
-        server, _, service = await start_grpc(CoexitService(backend, info, limits), port, host, limits, token, tls,
+        server, _, service = await start_grpc(CoexitService(backend, info, limits), port, host, limits, auth, tls,
                                               reuse_port=True)
         await serve_until_drained(server, service, drain_grace_s)
 
     asyncio.run(run())
 
 
-def serve_processes(model_dir: str, port: int, host: str, limits: Limits, token: str | None, deep_only: bool,
+def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None, deep_only: bool,
                     tls_files: tuple[str, str] | None, metrics_port: int, frontends: int,
                     drain_grace_s: float = 10.0) -> int:
     """`frontends` gRPC processes sharing `port` (SO_REUSEPORT) in front of one engine process; returns when a
@@ -222,6 +230,7 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, token:
 
     port = port or free_port()
     tls = _read_tls(tls_files)
+    limits = with_identities(limits, auth)
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     tmp = tempfile.TemporaryDirectory(prefix="coexit-engine-")
@@ -238,7 +247,7 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, token:
                 return 1
         for i in range(frontends):
             front = ctx.Process(target=_frontend_main, name=f"coexit-front-{i}",
-                                args=(address, port, host, limits, token, tls, drain_grace_s))
+                                args=(address, port, host, limits, auth, tls, drain_grace_s))
             front.start()
             children.append(front)
         if tls is None:

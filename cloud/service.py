@@ -16,7 +16,7 @@ import torch
 
 import coexit
 from cloud.backend import AppendOutcome, LocalBackend, ModelInfo, OpenArgs, SessionHandle, torch_dtype
-from cloud.errors import ServiceError, invalid
+from cloud.errors import IDENTITY, ServiceError, invalid
 from cloud.sessions import Limits, check_rows
 from coexit.v1 import coexit_pb2 as pb
 from coexit.v1 import coexit_pb2_grpc as pb_grpc
@@ -112,7 +112,7 @@ class CoexitService(pb_grpc.CoexitServicer):
                                f"model fingerprint mismatch: the edge has {req.fingerprint[:16] or '(none)'}…, this "
                                f"server serves {m.fingerprint[:16]}…; load the same checkpoint on both sides")
         if req.resume_id:
-            return OpenArgs(resume_id=req.resume_id)
+            return OpenArgs(resume_id=req.resume_id, identity=IDENTITY.get())
         if req.input not in pb.InputKind.values():
             raise invalid(f"unknown input {req.input}; use HIDDEN or TOKENS")
         try:
@@ -120,7 +120,7 @@ class CoexitService(pb_grpc.CoexitServicer):
         except ValueError as exc:
             raise invalid(str(exc)) from None
         return OpenArgs("", int(req.max_length), encoding, req.input == pb.TOKENS, req.stateless,
-                        {int(e.layer): float(e.threshold) for e in req.cloud_exits})
+                        {int(e.layer): float(e.threshold) for e in req.cloud_exits}, IDENTITY.get())
 
     def _decode_rows(self, session: SessionHandle, req: pb.AppendRequest) -> torch.Tensor:
         if session.tokens_input:

@@ -20,6 +20,7 @@ import grpc
 import torch
 from torch import Tensor
 
+from cloud.auth import Identity
 from cloud.engine.engine import Engine
 from cloud.engine.kv_pool import PagedCache
 from cloud.engine.scheduler import Segment
@@ -40,6 +41,7 @@ class Limits:
     block_size: int = 16  # positions per KV block
     rows_per_tick: int = 256  # the engine's row budget per tick
     batch_wait: float = 0.5  # fraction of the last tick the engine may wait for recent sessions (0: never)
+    identities: dict[str, Identity] = field(default_factory=dict)  # per-identity limits, by name
 
 
 @dataclass
@@ -51,6 +53,7 @@ class CloudSession:
     stateless: bool
     max_length: int
     policy: ExitPolicy
+    identity: str = ""  # who opened it: only they may resume it
     attached: bool = True
     last_used: float = field(default_factory=time.monotonic)
     bytes_received: int = 0
@@ -61,6 +64,7 @@ class CloudSession:
     in_flight: bool = False  # in the tick being computed
     retired: bool = False  # closed or evicted
     unreported_layer_tokens: int = 0
+    refusal: str = ""  # why the engine last found no room for its rows
 
     @property
     def length(self) -> int:
@@ -81,7 +85,7 @@ class SessionManager:
         self.sessions: OrderedDict[str, CloudSession] = OrderedDict()  # LRU order: oldest first
         self._lock = engine.lock
         self.serves_tokens = model.start == 0
-        engine.make_room = self._evict_for
+        engine.make_room = self._make_room
         engine.on_failure = self._no_room
 
     @property
@@ -104,7 +108,7 @@ class SessionManager:
         self.engine.metrics.sessions.set(len(self.sessions))
 
     def open(self, max_length: int, encoding: str, tokens_input: bool, stateless: bool,
-             cloud_exits: dict[int, float]) -> CloudSession:
+             cloud_exits: dict[int, float], identity: str = "") -> CloudSession:
         self.sweep()
         if max_length <= 0:
             max_length = self.max_length_cap
@@ -138,13 +142,25 @@ class SessionManager:
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"the server already serves {len(self.sessions)} sessions (max_sessions "
                                    f"{self.limits.max_sessions}); retry later")
+            ident = self.limits.identities.get(identity)
+            if ident is not None and ident.max_sessions:
+                own = [s for s in self.sessions.values() if s.identity == identity]
+                for s in [s for s in own if not s.attached and not s.in_flight]:
+                    if len(own) < ident.max_sessions:
+                        break
+                    self._remove(s)
+                    own.remove(s)
+                if len(own) >= ident.max_sessions:
+                    raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       f"identity {identity!r} already holds {len(own)} sessions, its max_sessions; "
+                                       f"close one or retry later")
             self._evict_for(len(layers), None)  # room for at least one block per layer
             if pool.num_free < len(layers):
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, self._full_message(len(layers)))
             sid = secrets.token_hex(12)
             runner = LayerRunner(self.model, start, self.config.num_hidden_layers, cache=PagedCache(pool, layers))
             session = CloudSession(sid, runner, encoding, tokens_input, stateless, max_length,
-                                   ExitPolicy(dict(cloud_exits)))
+                                   ExitPolicy(dict(cloud_exits)), identity)
             self.sessions[sid] = session
             self.engine.metrics.sessions.set(len(self.sessions))
         return session
@@ -162,11 +178,38 @@ class SessionManager:
                 return
             self._remove(s)
 
+    def _quota(self, identity: str) -> int | None:
+        ident = self.limits.identities.get(identity)
+        if ident is None or ident.kv_share >= 1.0:
+            return None
+        return int(ident.kv_share * self.pool.num_blocks)
+
+    def _make_room(self, blocks: int, session: CloudSession) -> bool:
+        """Room for `blocks` more blocks for `session`: first within its identity's KV share (evicting that
+        identity's own detached sessions), then in the pool (evicting anyone's detached sessions)."""
+        quota = self._quota(session.identity)
+        if quota is not None:
+            own = [s for s in self.sessions.values() if s.identity == session.identity]
+            held = sum(s.cache.num_blocks for s in own)
+            for s in [s for s in own if not s.attached and not s.in_flight and s is not session]:
+                if held + blocks <= quota:
+                    break
+                held -= s.cache.num_blocks
+                self._remove(s)
+            if held + blocks > quota:
+                session.refusal = (f"identity {session.identity!r} holds {held} of the {quota} KV blocks its "
+                                   f"kv_share allows and needs {blocks} more; close one of its sessions or retry later")
+                return False
+        self._evict_for(blocks, session)
+        if self.pool.num_free < blocks:
+            session.refusal = self._full_message(blocks)
+            return False
+        return True
+
     def _no_room(self, s: CloudSession, seg: Segment) -> ServiceError:
-        need = s.cache.blocks_needed(seg.last)
         return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"positions {seg.first}..{seg.last - 1} were not computed: " + self._full_message(need)
-                            + f"; the session keeps its first {seg.first} positions")
+                            f"positions {seg.first}..{seg.last - 1} were not computed: {s.refusal}; the session "
+                            f"keeps its first {seg.first} positions")
 
     def submit(self, s: CloudSession, rows: Tensor, first: int, segment: Segment) -> None:
         """Queue an Append's rows for the engine after checking them against the session's state."""
@@ -191,11 +234,11 @@ class SessionManager:
             s.expected = first + n
             self.engine.submit(s, segment)
 
-    def resume(self, sid: str) -> CloudSession:
+    def resume(self, sid: str, identity: str = "") -> CloudSession:
         self.sweep()
         with self._lock:
             s = self.sessions.get(sid)
-            if s is None:
+            if s is None or s.identity != identity:  # another identity's session looks exactly like no session
                 raise ServiceError(grpc.StatusCode.NOT_FOUND,
                                    f"no session {clip(sid)}: it expired, was evicted, or the server restarted; open a "
                                    f"new session and resend its context")

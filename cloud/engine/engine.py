@@ -45,7 +45,7 @@ class Engine:
         self.metrics = metrics or EngineMetrics()
         self.lock = threading.RLock()
         self._wake = threading.Condition(self.lock)
-        self.make_room: Callable[[int, object], None] = lambda blocks, keep: None  # set by the SessionManager
+        self.make_room: Callable[[int, object], bool] = lambda blocks, s: pool.num_free >= blocks  # the manager's
         self.on_failure: Callable[[object, Segment], Exception] = lambda s, seg: RuntimeError("no room")
         self.ticks = 0
         self.batch_wait = batch_wait
@@ -87,8 +87,8 @@ class Engine:
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _grow(self, session, upto: int) -> bool:
         need = session.runner.cache.blocks_needed(upto)
-        if need > self.pool.num_free:
-            self.make_room(need, session)
+        if need and not self.make_room(need, session):
+            return False
         return session.runner.cache.grow(upto)
 
     def _loop(self) -> None:
