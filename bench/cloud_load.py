@@ -206,6 +206,7 @@ def main() -> int:
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the server (CPU)")
     ap.add_argument("--frontends", type=int, default=0,
                     help="serve with this many gRPC front-end processes and one engine process (0: one process)")
+    ap.add_argument("--serve-args", default="", help="more `coexit serve` flags, e.g. \"--batch-wait 0\"")
     ap.add_argument("--server-root", help="run `coexit serve` from this checkout instead (a baseline)")
     args = ap.parse_args()
 
@@ -220,7 +221,8 @@ def main() -> int:
         counts = [int(s) for s in args.sessions.split(",")]
         plain = {s: plain_step(model_dir, s, args.prompt + args.steps // 2, device, dtype) for s in counts}
         mport = free_port()
-        extra = ["--max-sessions", str(max(counts) + 8), "--kv-budget-mib", "4096" if on_gpu else "1024"]
+        extra = ["--max-sessions", str(max(counts) + 8), "--kv-budget-mib", "4096" if on_gpu else "1024",
+                 *args.serve_args.split()]
         if args.server_root:
             mport = 0
         else:

@@ -120,7 +120,6 @@ class LocalBackend:
         rows = rows.to(self.device)
         self.manager.submit(s, rows, first, Segment(first, rows, want_token, sampling, top_k,
                                                     waiter=resolve if fut is not None else None))
-        self.manager.touch(s)
         if fut is None:  # rows are queued; the engine computes them in the background, chunk by chunk
             return AppendOutcome(s.length)
         done: SegmentDone | BaseException = await fut

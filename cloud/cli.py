@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--block-size", type=int, default=16, help="positions per KV block")
     ap.add_argument("--rows-per-tick", type=int, default=256,
                     help="the engine's row budget per tick (longer uploads are chunked)")
-    ap.add_argument("--batch-wait", type=float, default=0.5,
+    ap.add_argument("--batch-wait", type=float, default=1.0,
                     help="the engine may wait up to this fraction of its last tick for the sessions it served in "
                          "the last two ticks, so they share one tick (0: start every tick at once)")
     ap.add_argument("--drain-grace", type=float, default=10.0,

@@ -16,8 +16,9 @@ import torch
 
 import coexit
 from cloud.backend import AppendOutcome, LocalBackend, ModelInfo, OpenArgs, SessionHandle, torch_dtype
-from cloud.errors import IDENTITY, ServiceError, invalid
+from cloud.errors import IDENTITY, ServiceError, checked, invalid
 from cloud.sessions import Limits, check_rows
+from coexit.sampling import GREEDY
 from coexit.v1 import coexit_pb2 as pb
 from coexit.v1 import coexit_pb2_grpc as pb_grpc
 from coexit.v1.convert import ENCODING_CODES, encoding_name, sampling_from_proto, tensor_from_proto, tensor_to_proto
@@ -71,6 +72,7 @@ class CoexitService(pb_grpc.CoexitServicer):
         self.active_streams += 1
         try:
             async for req in request_iterator:
+                req = checked(req)
                 size = req.ByteSize()
                 kind = req.WhichOneof("msg")
                 if size > self.limits.max_message_bytes:
@@ -157,7 +159,7 @@ class CoexitService(pb_grpc.CoexitServicer):
     async def _append(self, handle: SessionHandle, req: pb.AppendRequest, acct: tuple[int, int]) -> pb.SessionReply:
         x = self._decode_rows(handle, req)
         try:
-            sampling = sampling_from_proto(req.sampling)
+            sampling = sampling_from_proto(req.sampling) if req.HasField("sampling") else GREEDY
         except ValueError as exc:
             raise invalid(f"bad sampling parameters: {exc}") from None
         if not math.isfinite(sampling.temperature):

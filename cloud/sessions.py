@@ -40,7 +40,7 @@ class Limits:
     idle_ttl_s: float = 300.0
     block_size: int = 16  # positions per KV block
     rows_per_tick: int = 256  # the engine's row budget per tick
-    batch_wait: float = 0.5  # fraction of the last tick the engine may wait for recent sessions (0: never)
+    batch_wait: float = 1.0  # fraction of the last tick the engine may wait for recent sessions (0: never)
     identities: dict[str, Identity] = field(default_factory=dict)  # per-identity limits, by name
 
 
@@ -232,6 +232,9 @@ class SessionManager:
                 raise invalid(f"positions up to {first + n} exceed this session's max_length {s.max_length}; "
                               f"open a session with a larger max_length")
             s.expected = first + n
+            s.last_used = time.monotonic()
+            if s.id in self.sessions:
+                self.sessions.move_to_end(s.id)
             self.engine.submit(s, segment)
 
     def resume(self, sid: str, identity: str = "") -> CloudSession:

@@ -38,7 +38,7 @@ class SegmentDone:
 
 class Engine:
     def __init__(self, model: EarlyExitLM, pool: KVPool, row_budget: int = 256,
-                 metrics: EngineMetrics | None = None, batch_wait: float = 0.5) -> None:
+                 metrics: EngineMetrics | None = None, batch_wait: float = 1.0) -> None:
         self.model, self.pool = model, pool
         self.scheduler = Scheduler(row_budget)
         self.runner = BatchedRunner(model)
@@ -49,8 +49,8 @@ class Engine:
         self.on_failure: Callable[[object, Segment], Exception] = lambda s, seg: RuntimeError("no room")
         self.ticks = 0
         self.batch_wait = batch_wait
-        self._recent: set[str] = set()  # sessions served in the last two ticks
-        self._served_before: set[str] = set()
+        self._recent: dict[str, object] = {}  # sessions served in the last two ticks, by id
+        self._served_before: dict[str, object] = {}
         self._last_tick_s = 0.0
         self._stop = False
         self._thread = threading.Thread(target=self._loop, daemon=True, name="coexit-engine")
@@ -121,8 +121,8 @@ class Engine:
             seconds = time.perf_counter() - t0
             with self.lock:
                 self.ticks += 1
-                served = {it.session.id for it in items if not it.session.retired}
-                self._recent, self._served_before = served | self._served_before, served
+                served = {it.session.id: it.session for it in items if not it.session.retired}
+                self._recent, self._served_before = {**self._served_before, **served}, served
                 self._last_tick_s = seconds
                 finished += self._settle(items, results, error, seconds, tick)
                 self._record(items, seconds)
@@ -133,13 +133,14 @@ class Engine:
     def _coalesce(self) -> None:
         """Decode traffic settles into cohorts: the sessions answered by the last tick are still on their round
         trip when the engine starts the next. Wait a little (at most `batch_wait` of the last tick's time) for
-        the sessions served in the last two ticks to come back, so one tick carries them all and its fixed
-        costs are paid once. A lone session never waits."""
+        the attached sessions served in the last two ticks to come back, so one tick carries them all and its
+        fixed costs are paid once. A lone session never waits."""
         if self.batch_wait <= 0 or not self._recent:
             return
         deadline = time.perf_counter() + self.batch_wait * self._last_tick_s
         while not self._stop:
-            missing = self._recent.difference(self.scheduler.ready)
+            missing = [s for sid, s in self._recent.items()
+                       if sid not in self.scheduler.ready and s.attached and not s.retired]
             left = deadline - time.perf_counter()
             if not missing or left <= 0:
                 return
