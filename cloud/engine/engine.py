@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from cloud.engine.graphs import DecodeGraphs
 from cloud.engine.kv_pool import KVPool
 from cloud.engine.metrics import EngineMetrics
 from cloud.engine.runner import BatchedRunner, TokenResult
@@ -38,10 +39,17 @@ class SegmentDone:
 
 class Engine:
     def __init__(self, model: EarlyExitLM, pool: KVPool, row_budget: int = 256,
-                 metrics: EngineMetrics | None = None, batch_wait: float = 1.0) -> None:
+                 metrics: EngineMetrics | None = None, batch_wait: float = 1.0, static_decode: str = "auto") -> None:
+        """static_decode: "auto" captures decode-only ticks in CUDA graphs on a GPU (off on a CPU), "eager" runs
+        the same static step without capture, "off" always takes the general path."""
         self.model, self.pool = model, pool
         self.scheduler = Scheduler(row_budget)
-        self.runner = BatchedRunner(model)
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        graphs = None
+        if static_decode == "eager" or (static_decode == "auto" and on_gpu):
+            graphs = DecodeGraphs(model, pool, model.config.split_layer, model.config.num_hidden_layers,
+                                  capture=static_decode == "auto")
+        self.runner = BatchedRunner(model, graphs)
         self.metrics = metrics or EngineMetrics()
         self.lock = threading.RLock()
         self._wake = threading.Condition(self.lock)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from cloud.engine.graphs import DecodeGraphs
 from cloud.engine.kv_pool import BatchAttention
 from cloud.engine.scheduler import TickItem
 from coexit.decoding import LayerWork, RunResult
@@ -70,14 +71,18 @@ class _Packed:
 
 
 class BatchedRunner:
-    def __init__(self, model: EarlyExitLM) -> None:
-        self.model = model
+    def __init__(self, model: EarlyExitLM, graphs: DecodeGraphs | None = None) -> None:
+        self.model, self.graphs = model, graphs
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def run(self, items: list[TickItem]) -> list[tuple[RunResult, TokenResult | None]]:
         plans = [_Plan(item) for item in items]
+        if self.graphs is not None and self.graphs.eligible(plans):  # the steady decode step: static shapes
+            for p, h in zip(plans, self.graphs.run(plans)):
+                p.advance(h[None])
+            return list(zip([p.result for p in plans], self._tokens(plans)))
         live = [p for p in plans if p.result is None]
         layer = min((p.work.start for p in live), default=0)
         packed: _Packed | None = None  # kept across layers while the same plans run the same span

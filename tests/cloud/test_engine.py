@@ -43,10 +43,11 @@ class Harness:
     """Sessions on a real engine; `step` queues one Append per session under the engine lock, so they all land
     in the same ticks, then waits for every answer."""
 
-    def __init__(self, model, blocks: int, block_size: int = 4, rows_per_tick: int = 256) -> None:
+    def __init__(self, model, blocks: int, block_size: int = 4, rows_per_tick: int = 256,
+                 static_decode: str = "off") -> None:
         cfg = model.config
         self.pool = KVPool(blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
-        self.engine = Engine(model, self.pool, rows_per_tick)
+        self.engine = Engine(model, self.pool, rows_per_tick, static_decode=static_decode)
         self.manager = SessionManager(model, Limits(max_sessions=16), self.engine)
 
     def submit(self, s, rows, first, want=True, sampling=GREEDY, top_k=0):
@@ -182,6 +183,44 @@ def test_batched_sessions_equal_sessions_alone(model):
         for s in [*sessions.values(), big]:
             h.manager.close(s)
         assert h.pool.num_free == h.pool.num_blocks
+    finally:
+        h.close()
+
+
+def test_static_decode_step_equals_sessions_alone(model):
+    """The static-shape decode step (what a GPU captures as a CUDA graph), run eagerly here: padded to a batch
+    bucket and a table-width bucket, it gives the same logits, tokens and KV as each session alone."""
+    cfg = model.config
+    h = Harness(model, blocks=400, static_decode="eager")
+    graphs = h.engine.runner.graphs
+    try:
+        prompts = (3, 9, 17, 30, 64)  # tables of 1 to 17 blocks
+        sessions = [h.manager.open(128, "fp32", False, False, {}) for _ in prompts]
+        alone = [Alone(model, cfg.split_layer, ExitPolicy()) for _ in prompts]
+        data = [hidden_rows(model, n + 8, seed=10 + i) for i, n in enumerate(prompts)]
+        outs = h.step([(s, d[:n], 0, True, GREEDY) for s, d, n in zip(sessions, data, prompts)])
+        assert graphs.replays == 0  # prompts take the general path
+        for step in range(8):
+            if step == 4:  # one session leaves: the batch shrinks into another bucket
+                h.manager.close(sessions.pop(1))
+                alone.pop(1), data.pop(1)
+                prompts = prompts[:1] + prompts[2:]
+            outs = h.step([(s, d[n + step:n + step + 1], n + step, True, GREEDY)
+                           for s, d, n in zip(sessions, data, prompts)])
+            for a, d, n, out in zip(alone, data, prompts, outs):
+                if step == 0:
+                    a.step(d[:n], 0)
+                (token, _), _, logits = a.step(d[n + step:n + step + 1], n + step)
+                assert out.token.token_id == token
+                torch.testing.assert_close(out.token.logits, logits, atol=ATOL, rtol=0)
+        assert graphs.replays == 8
+        for s, a in zip(sessions, alone):
+            for layer in range(cfg.split_layer, cfg.num_hidden_layers):
+                for got, want in zip(s.cache.get(layer), a.runner.cache.get(layer)):
+                    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        for s in sessions:
+            h.manager.close(s)
+        assert h.pool.num_free == h.pool.num_blocks - 1  # all but the scratch block of padded rows
     finally:
         h.close()
 
