@@ -61,6 +61,20 @@ def mutate(rng: random.Random, pool: list[bytes]) -> bytes:
     return bytes(data)
 
 
+def run_case(raw, rng: random.Random, pool: list[bytes]) -> tuple[grpc.StatusCode, str]:
+    """One fuzz case on a raw-bytes Session stub: 1-3 mutated messages, half the time behind a valid Open (so
+    mutated Appends reach the session code). Returns the status code and its details."""
+    msgs = [mutate(rng, pool) for _ in range(rng.randint(1, 3))]
+    if rng.random() < 0.5:
+        msgs.insert(0, pool[0])
+    try:
+        for _ in raw(iter(msgs), timeout=20):
+            pass
+        return grpc.StatusCode.OK, ""
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=100_000)
@@ -91,15 +105,7 @@ def main() -> int:
             legit.request(pb.SessionRequest(open=pb.OpenRequest(fingerprint=model.fingerprint)))
             pos = 0
             for case in range(args.cases):
-                msgs = [mutate(rng, pool) for _ in range(rng.randint(1, 3))]
-                if rng.random() < 0.5:
-                    msgs.insert(0, pool[0])
-                try:
-                    for _ in raw(iter(msgs), timeout=20):
-                        pass
-                    code = grpc.StatusCode.OK
-                except grpc.RpcError as exc:
-                    code = exc.code()
+                code, _ = run_case(raw, rng, pool)
                 codes[code.name] = codes.get(code.name, 0) + 1
                 bad += code not in CLIENT_FAULTS
                 if case % 1000 == 0:

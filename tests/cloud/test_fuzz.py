@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import coexit
-from bench.fuzz import CLIENT_FAULTS, mutate, seeds
+from bench.fuzz import CLIENT_FAULTS, run_case, seeds
 from cloud.server import ServerThread
 from coexit.v1 import coexit_pb2 as pb
 from coexit.v1.convert import tensor_to_proto
@@ -40,17 +40,9 @@ def test_fuzzed_messages_get_client_fault_statuses(tiny_dir, caplog):
         legit.request(pb.SessionRequest(open=pb.OpenRequest(fingerprint=model.fingerprint)))
         pos = 0
         for case in range(CASES):
-            msgs = [mutate(rng, pool) for _ in range(rng.randint(1, 3))]
-            if rng.random() < 0.5:  # behind a valid Open, so mutated Appends reach the session code
-                msgs.insert(0, pool[0])
-            try:
-                for _ in raw(iter(msgs), timeout=20):
-                    pass
-                code = grpc.StatusCode.OK
-            except grpc.RpcError as exc:
-                code = exc.code()
-                assert code in CLIENT_FAULTS, (case, code, exc.details(), msgs)
-                assert len(exc.details()) < 600, exc.details()
+            code, details = run_case(raw, rng, pool)
+            assert code in CLIENT_FAULTS, (case, code, details)
+            assert len(details) < 600, details
             codes[code.name] = codes.get(code.name, 0) + 1
             if case % 40 == 0 and pos < rows.shape[0]:  # the legitimate session keeps getting the right tokens
                 reply = legit.request(pb.SessionRequest(append=pb.AppendRequest(
