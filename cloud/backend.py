@@ -81,7 +81,8 @@ class LocalBackend:
     def __init__(self, model: coexit.EarlyExitLM, limits: Limits) -> None:
         p = next(model.parameters())
         pool = KVPool.from_budget(model.config, limits.kv_budget_bytes, limits.block_size, p.dtype, p.device)
-        self.engine = Engine(model, pool, limits.rows_per_tick, batch_wait=limits.batch_wait)
+        self.engine = Engine(model, pool, limits.rows_per_tick, batch_wait=limits.batch_wait,
+                             static_decode=limits.static_decode)
         self.manager = SessionManager(model, limits, self.engine)
         c = model.config
         self.info = ModelInfo(model.fingerprint, c.split_layer, c.num_hidden_layers, c.hidden_size, c.vocab_size,

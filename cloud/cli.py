@@ -31,6 +31,8 @@ def main(argv: list[str]) -> int:
                          "the last two ticks, so they share one tick (0: start every tick at once)")
     ap.add_argument("--drain-grace", type=float, default=10.0,
                     help="on SIGTERM, seconds to let Appends in flight finish before open streams end")
+    ap.add_argument("--static-decode", choices=["auto", "eager", "off"], default="auto",
+                    help="decode-only ticks on static shapes: auto = CUDA graphs on a GPU, general path on a CPU")
     ap.add_argument("--frontends", type=int, default=0,
                     help="gRPC front-end processes in front of one engine process (0: one process does all)")
     ap.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
@@ -44,7 +46,7 @@ def main(argv: list[str]) -> int:
     limits = Limits(max_sessions=args.max_sessions, kv_budget_bytes=int(args.kv_budget_mib * 2**20),
                     max_length=args.max_length, max_rows_per_append=args.max_rows, idle_ttl_s=args.idle_ttl,
                     block_size=args.block_size, rows_per_tick=args.rows_per_tick,
-                    batch_wait=args.batch_wait)
+                    batch_wait=args.batch_wait, static_decode=args.static_decode)
     tls = (args.tls_key, args.tls_cert) if args.tls_key and args.tls_cert else None
     try:
         auth = Auth.from_file(args.auth_file) if args.auth_file else Auth.from_token(args.token) if args.token else None

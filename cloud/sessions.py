@@ -42,6 +42,7 @@ class Limits:
     rows_per_tick: int = 256  # the engine's row budget per tick
     batch_wait: float = 1.0  # fraction of the last tick the engine may wait for recent sessions (0: never)
     identities: dict[str, Identity] = field(default_factory=dict)  # per-identity limits, by name
+    static_decode: str = "auto"  # decode-only ticks: "auto" (CUDA graphs on a GPU), "eager", "off"
 
 
 @dataclass
