@@ -57,14 +57,7 @@ def filtered_logits(logits: Tensor, params: SamplingParams) -> Tensor:
 
 def sample(logits: Tensor, params: SamplingParams = GREEDY, position: int = 0) -> tuple[int, float]:
     """Pick a token from logits (V,) and return (token id, its log-probability under the unfiltered model)."""
-    logits = logits.detach().float().cpu()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    if params.greedy:
-        token = int(torch.argmax(logits))
-    else:
-        probs = torch.softmax(filtered_logits(logits, params), dim=-1)
-        token = int(torch.multinomial(probs, 1, generator=_generator(params.seed, position)))
-    return token, float(logprobs[token])
+    return sample_batch(logits[None], [params], [position])[0]
 
 
 def sample_batch(logits: Tensor, params: list[SamplingParams], positions: list[int]) -> list[tuple[int, float]]:

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from cloud.engine.kv_pool import KVPool
-from coexit.attention import attend
 from coexit.model import EarlyExitLM
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -45,21 +44,13 @@ class _StaticAttention:
 
     def __init__(self, pool: KVPool, buf: _Buffers, start: int) -> None:
         self.pool, self.buf, self.start = pool, buf, start
-        b, w = buf.tables.shape[1:]
-        key_pos = torch.arange(w * pool.block_size, device=pool.device)
-        self.key_pos = key_pos[None].expand(b, -1)
-        self.valid = key_pos[None, :] < buf.lengths[:, None]  # (B, S)
+        self.key_pos, self.valid = pool.block_mask(buf.lengths, buf.tables.shape[2])
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         pool, buf, i = self.pool, self.buf, layer - self.start
-        b, w = buf.tables.shape[1:]
         pool.k.index_copy_(0, buf.slots[i], k[:, :, 0].to(pool.dtype))  # (B, K, D)
         pool.v.index_copy_(0, buf.slots[i], v[:, :, 0].to(pool.dtype))
-        flat = buf.tables[i].flatten()
-        kk, vv = (t.view(pool.num_blocks, -1).index_select(0, flat).view(b, w * pool.block_size, pool.n_kv,
-                                                                          pool.head_dim).transpose(1, 2)
-                  for t in (pool.k, pool.v))
-        return attend(q, kk.to(q.dtype), vv.to(q.dtype), positions, self.key_pos, self.valid)
+        return pool.attend_blocks(q, buf.tables[i], positions, self.key_pos, self.valid, reuse_buffers=False)
 
 
 class DecodeGraphs:

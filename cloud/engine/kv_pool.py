@@ -37,16 +37,20 @@ class KVPool:
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._scratch: list[Tensor | None] = [None, None]  # reused gather buffers for keys and values
 
+    @staticmethod
+    def block_bytes(block_size: int, n_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Keys and values of `block_size` positions of one layer."""
+        return 2 * block_size * n_kv * head_dim * dtype.itemsize
+
     @classmethod
     def from_budget(cls, config: Config, budget_bytes: int, block_size: int, dtype: torch.dtype,
                     device: torch.device | str = "cpu") -> KVPool:
-        per_block = 2 * block_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
-        return cls(max(1, budget_bytes // per_block), block_size, config.num_key_value_heads, config.head_dim,
-                   dtype, device)
+        k, d = config.num_key_value_heads, config.head_dim
+        return cls(max(1, budget_bytes // cls.block_bytes(block_size, k, d, dtype)), block_size, k, d, dtype, device)
 
     @property
     def bytes_per_block(self) -> int:
-        return 2 * self.block_size * self.n_kv * self.head_dim * self.dtype.itemsize
+        return self.block_bytes(self.block_size, self.n_kv, self.head_dim, self.dtype)
 
     @property
     def num_free(self) -> int:
@@ -66,6 +70,25 @@ class KVPool:
             buf = self._scratch[buffer] = torch.empty(max(n, 2 * (buf.shape[0] if buf is not None else 0)),
                                                       rows.shape[1], dtype=self.dtype, device=self.device)
         return torch.index_select(rows, 0, blocks, out=buf[:n])
+
+    def block_mask(self, lengths: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """Key positions (B, S) and validity (B, S) for rows attending over `width` whole blocks, S = width x
+        block_size: keys at positions >= a row's length are padding."""
+        key_pos = torch.arange(width * self.block_size, device=self.device)
+        return key_pos[None].expand(lengths.shape[0], -1), key_pos[None, :] < lengths[:, None]
+
+    def attend_blocks(self, q: Tensor, tables: Tensor, positions: Tensor, key_pos: Tensor, valid: Tensor,
+                      reuse_buffers: bool = True) -> Tensor:
+        """Decode attention: q (B, H, 1, D) at positions (B, 1) over the whole blocks tables (B, W) of the pool.
+        With reuse_buffers the gathers go into the pool's reused buffers (not inside a captured CUDA graph,
+        whose buffers must keep their addresses)."""
+        b, w = tables.shape
+        flat = tables.flatten()
+        kk, vv = ((self.gather_blocks(t, flat, i) if reuse_buffers
+                   else t.view(self.num_blocks, -1).index_select(0, flat))
+                  .view(b, w * self.block_size, self.n_kv, self.head_dim).transpose(1, 2).to(q.dtype)
+                  for i, t in enumerate((self.k, self.v)))  # (B, K, S, D)
+        return attend(q, kk, vv, positions, key_pos, valid)
 
     def allocate(self, n: int) -> list[int] | None:
         """n block ids, or None (and nothing taken) when fewer are free."""
@@ -96,10 +119,6 @@ class PagedCache(LayerLengths):
     @property
     def num_blocks(self) -> int:
         return sum(len(t) for t in self.tables.values())
-
-    @property
-    def nbytes(self) -> int:
-        return self.num_blocks * self.pool.bytes_per_block
 
     def blocks_needed(self, upto: int) -> int:
         """Blocks still to allocate so that every layer can hold positions [0, upto)."""
@@ -178,13 +197,12 @@ class BatchAttention:
             self._masks: dict[int, tuple[Tensor, Tensor]] = {}
 
     def _mask(self, width: int) -> tuple[Tensor, Tensor]:
-        if width not in self._masks:
-            key_pos = torch.arange(width * self.pool.block_size, device=self.pool.device)
-            self._masks[width] = key_pos[None].expand(len(self.singles), -1), key_pos[None, :] < self.lengths[:, None]
+        if width not in self._masks:  # the same for every layer with this table width
+            self._masks[width] = self.pool.block_mask(self.lengths, width)
         return self._masks[width]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        pool, bs = self.pool, self.pool.block_size
+        pool = self.pool
         slots = torch.tensor([i for c, first, n in self.segments for i in c.claim(layer, first, n)],
                              device=pool.device)
         pool.k[slots] = k[0].transpose(0, 1).to(pool.dtype)  # (N, K, D)
@@ -200,13 +218,8 @@ class BatchAttention:
             width = max(len(c.tables[layer]) for _, c, _ in self.singles)
             tables = torch.tensor([c.tables[layer] + [0] * (width - len(c.tables[layer]))
                                    for _, c, _ in self.singles], device=pool.device)
-            b, flat = len(self.singles), tables.flatten()
-            kk, vv = (pool.gather_blocks(t, flat, i)  # (B * W, bs * K * D): whole blocks
-                      .view(b, width * bs, pool.n_kv, pool.head_dim).transpose(1, 2)
-                      for i, t in enumerate((pool.k, pool.v)))
-            key_pos, valid = self._mask(width)
             rows = self.rows
             qq = q[0, :, rows].transpose(0, 1)[:, :, None]  # (B, H, 1, D)
-            out = attend(qq, kk.to(q.dtype), vv.to(q.dtype), positions[0, rows][:, None], key_pos, valid)
+            out = pool.attend_blocks(qq, tables, positions[0, rows][:, None], *self._mask(width))
             y[0, :, rows] = out[:, :, 0].transpose(0, 1)
         return y
