@@ -33,7 +33,6 @@ class SegmentDone:
     token: TokenResult | None
     layer_tokens: int
     compute_s: float  # seconds of the ticks this Append took part in
-    queue_s: float  # arrival to its first tick
     ticks: tuple[int, int]  # first and last tick numbers
 
 
@@ -154,27 +153,25 @@ class Engine:
                 return
             self._wake.wait(left)
 
-    def _fail_all(self, error: Exception) -> list:
-        """Fail every queued segment, rolling each session back to before its oldest queued rows."""
-        finished = []
-        for s in list(self.scheduler.ready.values()):
-            queued = self.scheduler.drop(s)
-            if queued:
-                s.runner.truncate(queued[0].first)
-                s.expected = queued[0].first
-            finished += [(seg.waiter, error) for seg in queued if seg.waiter is not None]
-        return finished
-
-    def _fail(self, session, seg: Segment):
-        """No room for a segment: roll the session back to before it and drop what was queued after it."""
-        error = self.on_failure(session, seg)
-        later = self.scheduler.drop(session)
-        session.runner.truncate(seg.first)
-        session.expected = seg.first
-        waiters = [(s.waiter, error) for s in later if s.waiter is not None]
+    def _roll_back(self, session, first: int, error: Exception) -> list:
+        """Drop a session's queued segments and forget its positions from `first` on; their Appends get `error`
+        (or, when none is waiting, the session's next Append does)."""
+        dropped = self.scheduler.drop(session)
+        session.runner.truncate(first)
+        session.expected = first
+        waiters = [(seg.waiter, error) for seg in dropped if seg.waiter is not None]
         if not waiters:
             session.failed = error  # the Appends that queued these rows were already answered: tell the next one
         return waiters
+
+    def _fail_all(self, error: Exception) -> list:
+        """Fail every queued segment, rolling each session back to before its oldest queued rows."""
+        return [w for s in list(self.scheduler.ready.values()) if s.queue
+                for w in self._roll_back(s, s.queue[0].first, error)]
+
+    def _fail(self, session, seg: Segment) -> list:
+        """No room for a segment: roll the session back to before it and drop what was queued after it."""
+        return self._roll_back(session, seg.first, self.on_failure(session, seg))
 
     def _settle(self, items: list[TickItem], results, error, seconds: float, tick: int) -> list:
         finished = []
@@ -182,10 +179,7 @@ class Engine:
             s, seg = item.session, item.segment
             s.in_flight = False
             if error is not None:
-                self.scheduler.drop(s)
-                s.runner.truncate(seg.first)
-                s.expected = seg.first
-                finished.append((seg.waiter, error))
+                finished += self._roll_back(s, seg.first, error)
             else:
                 run, token = results[i]
                 seg.layer_tokens += run.rows_computed
@@ -193,8 +187,7 @@ class Engine:
                 if item.final:
                     s.unreported_layer_tokens += seg.layer_tokens
                     if seg.waiter is not None:
-                        done = SegmentDone(token, s.unreported_layer_tokens, seg.compute_s,
-                                           seg.started - seg.submitted, (seg.first_tick, tick))
+                        done = SegmentDone(token, s.unreported_layer_tokens, seg.compute_s, (seg.first_tick, tick))
                         s.unreported_layer_tokens = 0
                         finished.append((seg.waiter, done))
                     self.metrics.queue_wait.observe(seg.started - seg.submitted)

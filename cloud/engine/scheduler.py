@@ -82,10 +82,6 @@ class Scheduler:
         session.queue = deque()
         return dropped
 
-    @property
-    def queued_rows(self) -> int:
-        return sum(seg.n - seg.done_rows for s in self.ready.values() for seg in s.queue)
-
     def grants(self, needs: list[int]) -> list[int]:
         """Max-min fair split of the row budget over needs (in round-robin order)."""
         budget, grants = self.row_budget, [0] * len(needs)
