@@ -133,29 +133,21 @@ class SessionManager:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"a session of max_length {max_length} may need {whole} KV blocks, more than the "
                                f"whole pool of {pool.num_blocks} ({pool.num_blocks * pool.bytes_per_block / 2**20:.1f} "
-                               f"MiB); "
-                               f"ask for a shorter max_length")
+                               f"MiB); ask for a shorter max_length")
         with self._lock:
-            detached = [s for s in self.sessions.values() if not s.attached and not s.in_flight]  # LRU order
-            while len(self.sessions) >= self.limits.max_sessions and detached:
-                self._remove(detached.pop(0))
+            self._evict_until(lambda: len(self.sessions) < self.limits.max_sessions)
             if len(self.sessions) >= self.limits.max_sessions:
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"the server already serves {len(self.sessions)} sessions (max_sessions "
                                    f"{self.limits.max_sessions}); retry later")
             ident = self.limits.identities.get(identity)
             if ident is not None and ident.max_sessions:
-                own = [s for s in self.sessions.values() if s.identity == identity]
-                for s in [s for s in own if not s.attached and not s.in_flight]:
-                    if len(own) < ident.max_sessions:
-                        break
-                    self._remove(s)
-                    own.remove(s)
-                if len(own) >= ident.max_sessions:
+                self._evict_until(lambda: len(self._own(identity)) < ident.max_sessions, identity)
+                if len(self._own(identity)) >= ident.max_sessions:
                     raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                       f"identity {identity!r} already holds {len(own)} sessions, its max_sessions; "
-                                       f"close one or retry later")
-            self._evict_for(len(layers), None)  # room for at least one block per layer
+                                       f"identity {identity!r} already holds {len(self._own(identity))} sessions, "
+                                       f"its max_sessions; close one or retry later")
+            self._evict_until(lambda: pool.num_free >= len(layers))  # room for at least one block per layer
             if pool.num_free < len(layers):
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, self._full_message(len(layers)))
             sid = secrets.token_hex(12)
@@ -172,10 +164,15 @@ class SessionManager:
                 f"each) are held by active sessions and {need} more are needed; retry later, close idle sessions, "
                 f"or start the server with a larger --kv-budget-mib")
 
-    def _evict_for(self, blocks: int, keep: CloudSession | None) -> None:
-        """Evict detached sessions, least recently used first, until `blocks` are free (engine lock held)."""
-        for s in [s for s in self.sessions.values() if not s.attached and not s.in_flight and s is not keep]:
-            if self.pool.num_free >= blocks:
+    def _own(self, identity: str) -> list[CloudSession]:
+        return [s for s in self.sessions.values() if s.identity == identity]
+
+    def _evict_until(self, enough, identity: str | None = None, keep: CloudSession | None = None) -> None:
+        """Evict detached sessions (only `identity`'s, when given), least recently used first, until enough()
+        holds or none is left to evict (engine lock held)."""
+        for s in [s for s in self.sessions.values() if not s.attached and not s.in_flight and s is not keep
+                  and (identity is None or s.identity == identity)]:
+            if enough():
                 return
             self._remove(s)
 
@@ -190,18 +187,15 @@ class SessionManager:
         identity's own detached sessions), then in the pool (evicting anyone's detached sessions)."""
         quota = self._quota(session.identity)
         if quota is not None:
-            own = [s for s in self.sessions.values() if s.identity == session.identity]
-            held = sum(s.cache.num_blocks for s in own)
-            for s in [s for s in own if not s.attached and not s.in_flight and s is not session]:
-                if held + blocks <= quota:
-                    break
-                held -= s.cache.num_blocks
-                self._remove(s)
-            if held + blocks > quota:
-                session.refusal = (f"identity {session.identity!r} holds {held} of the {quota} KV blocks its "
+            def held() -> int:
+                return sum(s.cache.num_blocks for s in self._own(session.identity))
+
+            self._evict_until(lambda: held() + blocks <= quota, session.identity, keep=session)
+            if held() + blocks > quota:
+                session.refusal = (f"identity {session.identity!r} holds {held()} of the {quota} KV blocks its "
                                    f"kv_share allows and needs {blocks} more; close one of its sessions or retry later")
                 return False
-        self._evict_for(blocks, session)
+        self._evict_until(lambda: self.pool.num_free >= blocks, keep=session)
         if self.pool.num_free < blocks:
             session.refusal = self._full_message(blocks)
             return False
