@@ -147,8 +147,12 @@ class LocalBackend:
             self._account(s, acct)
             self.manager.detach(s)
 
-    def sweep(self) -> int:
-        return self.manager.sweep()
+    async def sweep_forever(self) -> None:
+        """Drop detached sessions past their idle TTL, every half TTL (at most every 30 s), until cancelled."""
+        ttl = self.manager.limits.idle_ttl_s
+        while True:
+            await asyncio.sleep(max(0.05, min(30.0, ttl / 2)))
+            self.manager.sweep()
 
     @staticmethod
     def _account(s: CloudSession, acct: tuple[int, int]) -> None:

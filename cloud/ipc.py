@@ -105,9 +105,6 @@ class RemoteBackend:
     async def detach(self, sid: str, acct: tuple[int, int]) -> None:
         return await self._call("detach", sid, acct)
 
-    def sweep(self) -> int:
-        return 0  # the engine process sweeps its own sessions
-
     def stop(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
@@ -115,7 +112,7 @@ class RemoteBackend:
         self.ctx.term()
 
 
-async def serve_engine(backend: LocalBackend, address: str, idle_ttl_s: float) -> None:
+async def serve_engine(backend: LocalBackend, address: str) -> None:
     """The engine process's loop: answer front ends' calls with `backend` until cancelled."""
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
@@ -152,12 +149,7 @@ async def serve_engine(backend: LocalBackend, address: str, idle_ttl_s: float) -
             reply = (rid, False, (None, f"{type(exc).__name__}: {exc}"))
         await sock.send_multipart([ident, pickle.dumps(reply), *extra], copy=False)
 
-    async def sweep() -> None:
-        while True:
-            await asyncio.sleep(max(0.05, min(30.0, idle_ttl_s / 2)))
-            backend.sweep()
-
-    sweeper = loop.create_task(sweep())
+    sweeper = loop.create_task(backend.sweep_forever())
     tasks: set[asyncio.Task] = set()
     try:
         while True:

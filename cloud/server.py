@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -44,12 +45,12 @@ async def start_server(model: coexit.EarlyExitLM, port: int = 0, host: str = "12
                        tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, int, CoexitService]:
     """A server with the sessions and the engine in this process."""
     limits = with_identities(limits or Limits(), auth)
-    return await start_grpc(CoexitService.local(model, limits), port, host, limits, auth, tls)
+    server, bound, service = await start_grpc(CoexitService.local(model, limits), port, host, limits, auth, tls)
+    server._coexit_sweeper = asyncio.get_running_loop().create_task(service.backend.sweep_forever())
+    return server, bound, service
 
 
 def with_identities(limits: Limits, auth: Auth | None) -> Limits:
-    import dataclasses
-
     return dataclasses.replace(limits, identities=auth.identities) if auth is not None else limits
 
 
@@ -73,13 +74,6 @@ async def start_grpc(service: CoexitService, port: int, host: str, limits: Limit
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     service.health = health_servicer
-
-    async def sweep():
-        while True:
-            await asyncio.sleep(max(0.05, min(30.0, limits.idle_ttl_s / 2)))
-            service.backend.sweep()
-
-    server._coexit_sweeper = asyncio.get_running_loop().create_task(sweep())
     return server, bound, service
 
 
@@ -193,7 +187,7 @@ def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, read
         mport = backend.engine.metrics.serve(metrics_port, host)
         print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
     ready.set()
-    asyncio.run(serve_engine(backend, address, limits.idle_ttl_s))
+    asyncio.run(serve_engine(backend, address))
 
 
 def _frontend_main(address, port, host, limits, auth, tls, drain_grace_s) -> None:
