@@ -125,12 +125,10 @@ class Scheduler:
             self.ready.move_to_end(item.session.id)
         return items, failures
 
-    def retire(self, item: TickItem) -> bool:
-        """After the tick: pop a finished segment; True when it was the session's last one queued."""
+    def retire(self, item: TickItem) -> None:
+        """After the tick: pop a finished segment; a session with nothing left queued leaves the ready set."""
         s = item.session
         if item.final and s.queue and s.queue[0] is item.segment:
             s.queue.popleft()
         if not s.queue:
             self.ready.pop(s.id, None)
-            return True
-        return False
