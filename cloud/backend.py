@@ -18,7 +18,7 @@ from torch import Tensor
 import coexit
 from cloud.engine.engine import Engine, SegmentDone
 from cloud.engine.kv_pool import KVPool
-from cloud.engine.scheduler import Segment
+from cloud.engine.scheduler import Draft, Segment
 from cloud.errors import ServiceError
 from cloud.sessions import CloudSession, Limits, SessionManager
 from coexit.sampling import SamplingParams
@@ -62,6 +62,9 @@ class AppendOutcome:
     logits: Tensor | None = None  # (V,) when asked for
     layer_tokens: int = 0
     compute_s: float = 0.0
+    verdicts: list[tuple[int, bool, int, float]] = field(default_factory=list)  # (position, accepted, token, lp)
+    discarded: bool = False  # the rows follow a rejected draft and were not computed
+    rows_filled: int = 0
 
 
 @dataclass
@@ -73,6 +76,7 @@ class OpenArgs:
     stateless: bool = False
     cloud_exits: dict[int, float] = field(default_factory=dict)
     identity: str = ""  # the caller, as the interceptor authenticated it
+    kv_fill: str = "exact"
 
 
 class LocalBackend:
@@ -105,28 +109,33 @@ class LocalBackend:
             s = self.manager.resume(args.resume_id, args.identity)
             return SessionHandle(s.id, s.encoding, s.tokens_input, s.length, True)
         s = self.manager.open(args.max_length, args.encoding, args.tokens_input, args.stateless, args.cloud_exits,
-                              args.identity)
+                              args.identity, args.kv_fill)
         return SessionHandle(s.id, s.encoding, s.tokens_input, 0, False)
 
     async def append(self, sid: str, first: int, rows: Tensor, want_token: bool, sampling: SamplingParams,
-                     top_k: int, want_logits: bool, acct: tuple[int, int]) -> AppendOutcome:
+                     top_k: int, want_logits: bool, acct: tuple[int, int], drafts: list[Draft] = (),
+                     fill: Tensor | None = None) -> AppendOutcome:
         s = self._get(sid)
         self._account(s, acct)
         loop = asyncio.get_running_loop()
-        fut = loop.create_future() if want_token else None
+        fut = loop.create_future() if want_token or drafts else None
 
         def resolve(outcome) -> None:  # engine thread
             loop.call_soon_threadsafe(_settle, fut, outcome)
 
         rows = rows.to(self.device)
-        self.manager.submit(s, rows, first, Segment(first, rows, want_token, sampling, top_k,
-                                                    waiter=resolve if fut is not None else None))
+        segment = Segment(first, rows, want_token, sampling, top_k, drafts=list(drafts), fill=fill,
+                          waiter=resolve if fut is not None else None)
+        if not self.manager.submit(s, rows, first, segment):
+            return AppendOutcome(s.length, discarded=True)
         if fut is None:  # rows are queued; the engine computes them in the background, chunk by chunk
             return AppendOutcome(s.length)
         done: SegmentDone | BaseException = await fut
         if isinstance(done, BaseException):
             raise done
-        out = AppendOutcome(s.length, layer_tokens=done.layer_tokens, compute_s=done.compute_s)
+        out = AppendOutcome(s.length, layer_tokens=done.layer_tokens, compute_s=done.compute_s,
+                            verdicts=[(v.position, v.accepted, v.token_id, v.logprob) for v in done.verdicts],
+                            rows_filled=done.rows_filled)
         t = done.token
         if t is not None:
             out.has_token, out.token_id, out.logprob, out.exit_layer, out.top = (True, t.token_id, t.logprob,
@@ -134,6 +143,18 @@ class LocalBackend:
             if want_logits:
                 out.logits = t.logits.float().cpu()
         return out
+
+    async def rollback(self, sid: str, length: int, acct: tuple[int, int]) -> int:
+        """Forget positions >= length once the session's queued work is done; returns the session's length."""
+        s = self._get(sid)
+        self._account(s, acct)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.manager.rollback(s, length, lambda outcome: loop.call_soon_threadsafe(_settle, fut, outcome))
+        done = await fut
+        if isinstance(done, BaseException):
+            raise done
+        return s.length
 
     async def close(self, sid: str, acct: tuple[int, int]) -> tuple[int, int]:
         s = self._get(sid)

@@ -94,10 +94,14 @@ class RemoteBackend:
     async def open(self, args: OpenArgs) -> SessionHandle:
         return await self._call("open", args)
 
-    async def append(self, sid, first, rows, want_token, sampling, top_k, want_logits, acct) -> AppendOutcome:
+    async def append(self, sid, first, rows, want_token, sampling, top_k, want_logits, acct, drafts=(),
+                     fill=None) -> AppendOutcome:
         meta, data = _tensor_bytes(rows)
         return await self._call("append", sid, first, meta, want_token, sampling, top_k, want_logits, acct,
-                                payload=[data])
+                                list(drafts), fill, payload=[data])
+
+    async def rollback(self, sid: str, length: int, acct: tuple[int, int]) -> int:
+        return await self._call("rollback", sid, length, acct)
 
     async def close(self, sid: str, acct: tuple[int, int]) -> tuple[int, int]:
         return await self._call("close", sid, acct)

@@ -16,14 +16,18 @@ import torch
 
 import coexit
 from cloud.backend import AppendOutcome, LocalBackend, ModelInfo, OpenArgs, SessionHandle, torch_dtype
+from cloud.engine.scheduler import Draft
 from cloud.errors import IDENTITY, ServiceError, checked, invalid
 from cloud.sessions import Limits, check_rows
-from coexit.sampling import GREEDY
+from coexit.sampling import GREEDY, check_draft
 from coexit.v1 import coexit_pb2 as pb
 from coexit.v1 import coexit_pb2_grpc as pb_grpc
 from coexit.v1.convert import ENCODING_CODES, encoding_name, sampling_from_proto, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger("coexit.cloud")
+
+FEATURES = ("verify", "kv_fill")  # protocol additions within v1 this server implements (InfoReply.features)
+KV_FILL = {pb.KV_FILL_UNSPECIFIED: "exact", pb.EXACT: "exact", pb.PROPAGATE: "propagate"}
 
 
 class CoexitService(pb_grpc.CoexitServicer):
@@ -51,7 +55,7 @@ class CoexitService(pb_grpc.CoexitServicer):
             fingerprint=m.fingerprint, split_layer=m.split_layer, num_layers=m.num_layers,
             hidden_size=m.hidden_size, vocab_size=m.vocab_size, exit_layers=list(m.exit_layers),
             encodings=sorted(ENCODING_CODES.values()), serves_tokens=m.serves_tokens,
-            version=coexit.__version__,
+            version=coexit.__version__, features=list(FEATURES),
             limits=pb.Limits(max_sessions=lim.max_sessions, kv_budget_bytes=lim.kv_budget_bytes,
                              max_length=m.max_length, max_rows_per_append=lim.max_rows_per_append,
                              max_message_bytes=lim.max_message_bytes, idle_ttl_s=lim.idle_ttl_s))
@@ -92,6 +96,10 @@ class CoexitService(pb_grpc.CoexitServicer):
                 elif kind == "append":
                     reply = await self._append(handle, req.append, (acct[0] + size, acct[1]))
                     acct = [-size, 0]  # reported with the Append; the += below adds it back
+                elif kind == "rollback":
+                    length = await self.backend.rollback(handle.id, int(req.rollback.length), (acct[0] + size, acct[1]))
+                    acct = [-size, 0]
+                    reply = pb.SessionReply(rolled_back=pb.RollbackReply(length=length))
                 elif kind == "close":
                     received, sent = await self.backend.close(handle.id, (acct[0] + size, acct[1]))
                     closed = True
@@ -121,8 +129,11 @@ class CoexitService(pb_grpc.CoexitServicer):
             encoding = encoding_name(req.encoding or pb.FP32)
         except ValueError as exc:
             raise invalid(str(exc)) from None
+        if req.kv_fill not in KV_FILL:
+            raise invalid(f"unknown kv_fill {req.kv_fill}; use EXACT or PROPAGATE")
         return OpenArgs("", int(req.max_length), encoding, req.input == pb.TOKENS, req.stateless,
-                        {int(e.layer): float(e.threshold) for e in req.cloud_exits}, IDENTITY.get())
+                        {int(e.layer): float(e.threshold) for e in req.cloud_exits}, IDENTITY.get(),
+                        KV_FILL[req.kv_fill])
 
     def _decode_rows(self, session: SessionHandle, req: pb.AppendRequest) -> torch.Tensor:
         if session.tokens_input:
@@ -164,9 +175,15 @@ class CoexitService(pb_grpc.CoexitServicer):
             raise invalid(f"bad sampling parameters: {exc}") from None
         if not math.isfinite(sampling.temperature):
             raise invalid("sampling temperature must be finite")
+        drafts = self._drafts(req, sampling.greedy)
+        fill = self._fill(req, int(x.shape[0]))
         out: AppendOutcome = await self.backend.append(handle.id, int(req.first_position), x, req.want_token,
-                                                       sampling, int(req.top_logprobs), req.want_logits, acct)
-        reply = pb.AppendReply(length=out.length, layer_tokens=out.layer_tokens, compute_us=int(out.compute_s * 1e6))
+                                                       sampling, int(req.top_logprobs), req.want_logits, acct,
+                                                       drafts, fill)
+        reply = pb.AppendReply(length=out.length, layer_tokens=out.layer_tokens, compute_us=int(out.compute_s * 1e6),
+                               discarded=out.discarded)
+        reply.verdicts.extend(pb.Verdict(position=p, accepted=a, token_id=t, logprob=lp)
+                              for p, a, t, lp in out.verdicts)
         if out.has_token:
             reply.has_token = True
             reply.token_id, reply.logprob, reply.exit_layer = out.token_id, out.logprob, out.exit_layer
@@ -174,3 +191,25 @@ class CoexitService(pb_grpc.CoexitServicer):
             if req.want_logits and out.logits is not None:
                 reply.logits.CopyFrom(tensor_to_proto(out.logits[None].float(), "fp32"))
         return pb.SessionReply(appended=reply)
+
+    def _drafts(self, req: pb.AppendRequest, greedy: bool) -> list[Draft]:
+        drafts = []
+        for d in req.drafts:
+            ids, probs = list(d.support_ids), list(d.support_probs)
+            try:
+                check_draft(int(d.token_id), ids, probs, self.model_info.vocab_size, greedy)
+            except ValueError as exc:
+                raise invalid(f"draft for position {d.position}: {exc}") from None
+            drafts.append(Draft(int(d.position), int(d.token_id), tuple(ids), tuple(probs)))
+        return drafts
+
+    @staticmethod
+    def _fill(req: pb.AppendRequest, n: int) -> torch.Tensor | None:
+        if not req.fill_rows:
+            return None
+        rows = list(req.fill_rows)
+        if rows != sorted(set(rows)) or rows[-1] >= n:
+            raise invalid(f"fill_rows must be increasing row indices below the Append's {n} rows")
+        fill = torch.zeros(n, dtype=torch.bool)
+        fill[rows] = True
+        return fill

@@ -6,6 +6,10 @@ block as rows arrive and freed on close, eviction or TTL. The session's Appends 
 computes. When a stream ends without Close the session is detached and can be resumed until its idle TTL runs
 out; when the pool or the session count is full, detached sessions are evicted least-recently-used first, and
 only then is the request refused with RESOURCE_EXHAUSTED.
+
+Lossless mode: an Append may carry drafts for the engine to verify. After a rejected draft at position p the
+session's rows from p on are wrong, so Appends starting at p or later are discarded (not computed) until the
+client's Rollback, which queues behind the session's earlier work and truncates it.
 """
 
 from __future__ import annotations
@@ -65,7 +69,10 @@ class CloudSession:
     in_flight: bool = False  # in the tick being computed
     retired: bool = False  # closed or evicted
     unreported_layer_tokens: int = 0
+    unreported_rows_filled: int = 0
     refusal: str = ""  # why the engine last found no room for its rows
+    kv_fill: str = "exact"  # or "propagate": fill rows' deep KV is propagated from the row
+    rejected_at: int | None = None  # position of the last rejected draft, until the client rolls back
 
     @property
     def length(self) -> int:
@@ -109,7 +116,7 @@ class SessionManager:
         self.engine.metrics.sessions.set(len(self.sessions))
 
     def open(self, max_length: int, encoding: str, tokens_input: bool, stateless: bool,
-             cloud_exits: dict[int, float], identity: str = "") -> CloudSession:
+             cloud_exits: dict[int, float], identity: str = "", kv_fill: str = "exact") -> CloudSession:
         self.sweep()
         if max_length <= 0:
             max_length = self.max_length_cap
@@ -126,6 +133,8 @@ class SessionManager:
                               f"{[e for e in self.config.exit_layers if e > start]}")
             if not math.isfinite(threshold):
                 raise invalid(f"cloud exit threshold for layer {layer} must be finite")
+        if kv_fill == "propagate" and cloud_exits:
+            raise invalid("kv_fill PROPAGATE cannot be combined with cloud exits; open with one or the other")
         layers = range(start, self.config.num_hidden_layers)
         pool = self.pool
         whole = math.ceil(max_length / pool.block_size) * len(layers)
@@ -153,7 +162,7 @@ class SessionManager:
             sid = secrets.token_hex(12)
             runner = LayerRunner(self.model, start, self.config.num_hidden_layers, cache=PagedCache(pool, layers))
             session = CloudSession(sid, runner, encoding, tokens_input, stateless, max_length,
-                                   ExitPolicy(dict(cloud_exits)), identity)
+                                   ExitPolicy(dict(cloud_exits)), identity, kv_fill=kv_fill)
             self.sessions[sid] = session
             self.engine.metrics.sessions.set(len(self.sessions))
         return session
@@ -206,8 +215,10 @@ class SessionManager:
                             f"positions {seg.first}..{seg.last - 1} were not computed: {s.refusal}; the session "
                             f"keeps its first {seg.first} positions")
 
-    def submit(self, s: CloudSession, rows: Tensor, first: int, segment: Segment) -> None:
-        """Queue an Append's rows for the engine after checking them against the session's state."""
+    def submit(self, s: CloudSession, rows: Tensor, first: int, segment: Segment) -> bool:
+        """Queue an Append's rows for the engine after checking them against the session's state. Returns False
+        when the rows were discarded instead: they follow a rejected draft (the client must roll back)."""
+        self._check_extras(s, segment)
         with self._lock:
             if s.retired:
                 raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed or evicted; open a new one")
@@ -217,7 +228,7 @@ class SessionManager:
             if s.stateless:
                 if first != 0:
                     raise invalid(f"a stateless session takes the whole context from position 0, got {first}")
-                segment.reset = True
+                segment.truncate_to = 0
             elif first != s.expected:
                 what = "a gap" if first > s.expected else "an overlap"
                 raise invalid(f"rows start at position {first} but the session holds {s.expected} positions "
@@ -230,7 +241,43 @@ class SessionManager:
             s.last_used = time.monotonic()
             if s.id in self.sessions:
                 self.sessions.move_to_end(s.id)
+            if s.rejected_at is not None and first >= s.rejected_at:
+                return False
             self.engine.submit(s, segment)
+            return True
+
+    def _check_extras(self, s: CloudSession, seg: Segment) -> None:
+        """Drafts and fill rows against the session's options and the Append's own rows."""
+        if seg.drafts:
+            if s.policy.thresholds:
+                raise invalid("drafts are verified against the full model, but this session has cloud exits; open "
+                              "a session without cloud_exits for lossless mode")
+            if s.kv_fill == "propagate":
+                raise invalid("drafts are verified against the full model, but this session's KV is approximate "
+                              "(kv_fill PROPAGATE); open an EXACT session for lossless mode")
+            positions = [d.position for d in seg.drafts]
+            if positions != sorted(set(positions)) or positions[0] <= seg.first or positions[-1] > seg.last:
+                raise invalid(f"draft positions {clip(str(positions))} must increase and lie in ({seg.first}, "
+                              f"{seg.last}] (each follows one of this Append's rows)")
+            if seg.want_token and positions[-1] == seg.last:
+                raise invalid(f"position {seg.last} has both a draft and want_token; send one of them")
+        if seg.fill is not None:
+            if s.kv_fill != "propagate":
+                raise invalid("fill_rows need a session opened with kv_fill PROPAGATE")
+            if seg.want_token and bool(seg.fill[-1]):
+                raise invalid("the last row cannot be a fill row when a token is wanted: its token needs the deep "
+                              "layers")
+
+    def rollback(self, s: CloudSession, length: int, waiter) -> None:
+        """Forget positions >= length: queued behind the session's earlier work; later Appends start at length."""
+        with self._lock:
+            if s.retired:
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed or evicted; open a new one")
+            if length > s.expected:
+                raise invalid(f"cannot roll back to {length} positions: the session holds {s.expected}")
+            s.expected, s.rejected_at = length, None
+            s.last_used = time.monotonic()
+            self.engine.submit(s, Segment(length, torch.zeros(0), False, truncate_to=length, waiter=waiter))
 
     def resume(self, sid: str, identity: str = "") -> CloudSession:
         self.sweep()

@@ -9,6 +9,10 @@ positions are always a prefix, `cache.length(l)`, and the parked rows at depth l
 
 Rows that reach the top of the range (`stop`) are parked there too unless the range ends the model: for the edge
 that is the outbox of split-depth hidden states the cloud has not seen yet.
+
+Fill rows (the cloud's approximate KV mode) are positions whose KV is propagated instead of computed: at every
+layer of the range their K/V are the layer's projections of the row as given, and the row itself passes through
+unchanged (`EarlyExitLM.run_layers(fill=...)`). They count as filled, not computed, layer-rows.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class RunResult:
     logits: Tensor | None = None  # final logits (V,) of the newest row when the range ends the model
     rows_computed: int = 0  # layer-row computations (layer-tokens) this call performed
     last_hidden: Tensor | None = None  # newest row's hidden (C,) at the top when the final head is due
+    top_hidden: Tensor | None = None  # the newest `head` rows' hidden (head, C) at the top (verification)
+    rows_filled: int = 0  # layer-rows whose KV was propagated (fill rows), not computed
 
 
 @dataclass
@@ -45,6 +51,7 @@ class LayerWork:
     stop: int
     hidden: Tensor
     first: int
+    fill: Tensor | None = None  # (T,) bool: rows whose KV is propagated, not computed
 
 
 class LayerRunner:
@@ -93,7 +100,8 @@ class LayerRunner:
 
     # ---- compute -------------------------------------------------------------------------------------------
     def steps(self, x: Tensor, first: int, decide: Decide | None = None, exits: list[int] | None = None,
-              head: bool = True) -> Generator[LayerWork, Tensor, RunResult]:
+              head: int = 1, fill: Tensor | None = None,
+              to_stop: bool = False) -> Generator[LayerWork, Tensor, RunResult]:
         """The depth/catch-up plan of one run, as a generator: it yields the layer spans to compute (rows with
         their first position, catch-up rows prepended) and is sent back the hidden states after each span. Its
         return value is the RunResult. `run` drives it over this runner's own cache; the cloud engine drives many
@@ -102,9 +110,14 @@ class LayerRunner:
         x is token ids (T,) when start == 0, else hidden states (T, C) at depth `start`. Exit heads in `exits`
         (default: every exit in (start, stop]) are evaluated on the newest row in order; the first one that
         `decide` accepts stops the rows there (parked at that depth). Without `decide`, rows run to `stop`. With
-        head=False the final head is not wanted (a chunk of a longer upload): RunResult.last_hidden stays None.
+        to_stop the accepted exit is only recorded (RunResult.depth, .exited; later exits are not checked) and the
+        rows still run to `stop`: a draft that still needs its split row. head is how many of the newest rows
+        need their top hidden state (RunResult.top_hidden; .last_hidden is the newest): 0 for a chunk of a longer
+        upload, more than 1 to verify drafts. fill (T,) bool marks fill rows (see the module docstring).
         """
         self._check_first(first)
+        if fill is not None and decide is not None and not to_stop:
+            raise ValueError("fill rows cannot stop at an exit: their KV is propagated through the whole range")
         model = self.model
         if self.start == 0 and not x.is_floating_point():
             x = model.embed(x[None, :].long())[0]
@@ -118,17 +131,24 @@ class LayerRunner:
                 pf, prow = self.parked.pop(layer)
                 assert pf + prow.shape[0] == lo, "parked rows must end where the batch begins"
                 h, lo = torch.cat([prow[None].to(h.dtype), h], 1), pf
+                if fill is not None:
+                    fill = torch.cat([torch.zeros(prow.shape[0], dtype=torch.bool, device=fill.device), fill])
             # run up to the next place something happens: an exit check, parked rows, or the top
             nxt = min([b for b in (*check, *self.parked) if b > layer] + [self.stop])
-            h = yield LayerWork(layer, nxt, h, lo)
-            self.layer_tokens += h.shape[1] * (nxt - layer)
-            result.rows_computed += h.shape[1] * (nxt - layer)
+            h = yield LayerWork(layer, nxt, h, lo, fill)
+            filled = int(fill.sum()) if fill is not None else 0
+            self.layer_tokens += (h.shape[1] - filled) * (nxt - layer)
+            result.rows_computed += (h.shape[1] - filled) * (nxt - layer)
+            result.rows_filled += filled * (nxt - layer)
             layer = nxt
             if layer in check and layer < model.config.num_hidden_layers:
                 logits = model.head_logits(layer, h[0, -1])
                 result.exit_logits[layer] = logits
                 if decide is not None and decide(layer, logits):
                     result.depth, result.exited = layer, True
+                    if to_stop:
+                        check = []
+                        continue
                     if layer < self.stop or not self.ends_model:
                         self._park(layer, lo, h[0])
                     return result
@@ -136,19 +156,21 @@ class LayerRunner:
             self._park(self.stop, lo, h[0])
         elif head:
             result.last_hidden = h[0, -1]
+            result.top_hidden = h[0, -head:]
         return result
 
     @torch.no_grad()
     def run(self, x: Tensor, first: int, decide: Decide | None = None, exits: list[int] | None = None,
-            head: bool = True) -> RunResult:
+            head: int = 1, fill: Tensor | None = None, to_stop: bool = False) -> RunResult:
         """Advance new rows for positions [first, first + T) through the range (see `steps`), computing on this
         runner's cache; when the range ends the model, RunResult.logits are the newest row's final logits."""
-        plan = self.steps(x, first, decide, exits, head)
+        plan = self.steps(x, first, decide, exits, head, fill, to_stop)
         try:
             work = next(plan)
             while True:
                 positions = torch.arange(work.first, work.first + work.hidden.shape[1], device=work.hidden.device)
-                out = self.model.run_layers(work.hidden, positions, self.cache, work.start, work.stop)
+                out = self.model.run_layers(work.hidden, positions, self.cache, work.start, work.stop,
+                                            fill=work.fill)
                 work = plan.send(out.hidden)
         except StopIteration as done:
             result = done.value

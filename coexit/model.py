@@ -90,17 +90,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c, k * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(h * d, c, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache: KVCache | None,
+                keep: Tensor | None = None) -> Tensor:
+        """keep (Tq,): indices of the rows that query (the others only store their k, v); output (B, Tq, C)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, key_pos = apply_rope(k, cos, sin), positions
+        if keep is not None:
+            x, cos, sin, positions = x[:, keep], cos[:, :, keep], sin[:, :, keep], positions[:, keep]
+        tq = x.shape[1]
+        q = apply_rope(self.q_proj(x).view(b, tq, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B,H,Tq,D)
         if cache is not None:  # the cache stores k, v and attends over everything it holds
             y = cache.attend(self.layer_idx, q, k, v, positions)
         else:
-            y = attend(q, k, v, positions, positions)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+            y = attend(q, k, v, positions, key_pos)  # (B, H, Tq, D)
+        return self.o_proj(y.transpose(1, 2).reshape(b, tq, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -122,9 +127,19 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache: KVCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache: KVCache | None,
+                fill: Tensor | None = None) -> Tensor:
+        """fill (T,) bool: rows whose k, v are stored from x as it is and which leave unchanged (propagated KV);
+        only the other rows attend and run the MLP."""
+        if fill is None or not bool(fill.any()):
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        keep = (~fill).nonzero().flatten()
+        y = self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, keep)
+        if keep.numel() == 0:
+            return x
+        xk = x.index_select(1, keep) + y
+        return x.index_copy(1, keep, xk + self.mlp(self.post_attention_layernorm(xk)))
 
 
 class ExitHead(nn.Module):
@@ -207,10 +222,11 @@ class EarlyExitLM(nn.Module):
         return positions
 
     def run_layers(self, hidden: Tensor, positions: Tensor | None, cache: KVCache | None, start: int, stop: int,
-                   exits: ExitSpec = None, head_rows: str = "all") -> ModelOutput:
+                   exits: ExitSpec = None, head_rows: str = "all", fill: Tensor | None = None) -> ModelOutput:
         """Run layers [start, stop) on hidden (B, T, C); compute the asked exits e with start < e <= stop, and
         the final logits when stop == L. head_rows="last" applies heads to the last position only (decoding),
-        "none" skips the final head (KV catch-up)."""
+        "none" skips the final head (KV catch-up). fill (T,) bool marks rows whose KV is propagated: each
+        layer stores its k, v projections of the row as given, and the row comes out unchanged."""
         if not (self.start <= start <= stop <= self.stop):
             raise ValueError(f"layers [{start}, {stop}) are not held by this model, which holds "
                              f"[{self.start}, {self.stop})")
@@ -226,7 +242,7 @@ class EarlyExitLM(nn.Module):
         out = ModelOutput(hidden=hidden)
         last = head_rows == "last"
         for i in range(start, stop):
-            hidden = self.model.layers[str(i)](hidden, cos, sin, positions, cache)
+            hidden = self.model.layers[str(i)](hidden, cos, sin, positions, cache, fill)
             if i + 1 in want and i + 1 < self.config.num_hidden_layers:
                 out.exit_logits[i + 1] = self.head_logits(i + 1, hidden[:, -1:] if last else hidden)
         out.hidden = hidden

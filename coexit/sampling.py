@@ -2,6 +2,12 @@
 
 The random draw for a position depends only on (seed, position), so whichever side samples a position gets the
 same token from the same logits.
+
+Lossless mode adds drafting and verification: the edge draws a draft from a sparse draft distribution q (its
+exit head's sampling distribution cut to its top entries) on a separate random stream, and the cloud applies the
+speculative-sampling acceptance rule (accept with probability min(1, p(x)/q(x)), else draw from max(0, p - q)
+renormalised), so the verified token is distributed exactly as the full model's p. With temperature 0 both reduce
+to comparing argmaxes.
 """
 
 from __future__ import annotations
@@ -35,9 +41,12 @@ class SamplingParams:
 GREEDY = SamplingParams()
 
 
-def _generator(seed: int, position: int) -> torch.Generator:
+DRAFT_STREAM = 1  # the edge's draft draws: independent of the cloud's acceptance draws (stream 0)
+
+
+def _generator(seed: int, position: int, stream: int = 0) -> torch.Generator:
     g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + position * 7_919 + 0x9E3779B9) % (2**63 - 1))
+    g.manual_seed((seed * 1_000_003 + position * 7_919 + stream * 104_729 + 0x9E3779B9) % (2**63 - 1))
     return g
 
 
@@ -80,3 +89,69 @@ def top_logprobs(logits: Tensor, k: int) -> list[tuple[int, float]]:
     lp = torch.log_softmax(logits.float(), dim=-1)
     vals, ids = torch.topk(lp, min(k, lp.numel()))
     return [(int(i), float(v)) for i, v in zip(ids, vals)]
+
+
+def draft_distribution(logits: Tensor, params: SamplingParams, max_support: int = 64,
+                       mass: float = 0.9999) -> tuple[list[int], list[float]]:
+    """The sparse draft distribution q for logits (V,): the sampling distribution's top entries up to `mass`
+    (at most max_support), renormalised. Greedy: the argmax with probability 1."""
+    if params.greedy:
+        return [int(torch.argmax(logits))], [1.0]
+    probs = torch.softmax(filtered_logits(logits, params), dim=-1)
+    vals, ids = torch.topk(probs, min(max_support, probs.numel()))
+    keep = int(torch.searchsorted(vals.cumsum(0), torch.tensor(mass * float(vals.sum())))) + 1
+    vals, ids = vals[:keep], ids[:keep]
+    vals = vals[vals > 0]
+    ids = ids[: vals.numel()]
+    return ids.tolist(), (vals / vals.sum()).tolist()
+
+
+def sample_draft(support_ids: list[int], support_probs: list[float], params: SamplingParams, position: int) -> int:
+    """Draw the edge's draft for `position` from q, on the draft stream."""
+    if params.greedy or len(support_ids) == 1:
+        return support_ids[0]
+    g = _generator(params.seed, position, DRAFT_STREAM)
+    return support_ids[int(torch.multinomial(torch.tensor(support_probs), 1, generator=g))]
+
+
+def check_draft(token: int, support_ids: list[int], support_probs: list[float], vocab_size: int,
+                greedy: bool) -> None:
+    """ValueError with a reason when a draft's distribution is unusable (the cloud's input check)."""
+    if not 0 <= token < vocab_size:
+        raise ValueError(f"draft token {token} is outside the vocabulary of {vocab_size}")
+    if greedy:
+        return
+    if len(support_ids) != len(support_probs) or not support_ids:
+        raise ValueError("a sampled draft needs support_ids and support_probs of equal, non-zero length")
+    if len(set(support_ids)) != len(support_ids) or max(support_ids) >= vocab_size:
+        raise ValueError("support_ids must be distinct token ids inside the vocabulary")
+    q = torch.tensor(support_probs, dtype=torch.float64)
+    if not bool(torch.isfinite(q).all()) or bool((q < 0).any()) or abs(float(q.sum()) - 1.0) > 1e-3:
+        raise ValueError("support_probs must be finite, non-negative and sum to 1")
+    if token not in support_ids or support_probs[support_ids.index(token)] <= 0:
+        raise ValueError(f"draft token {token} has no probability in its support")
+
+
+def verify_draft(logits: Tensor, params: SamplingParams, position: int, token: int, support_ids: list[int],
+                 support_probs: list[float]) -> tuple[bool, int, float]:
+    """The full model's verdict on a draft for `position` from its logits (V,): (accepted, token, logprob).
+
+    Greedy: accepted iff the draft is the argmax, else the argmax. Sampling: the speculative-sampling rule with
+    the cloud's own (seed, position) draws, so the returned token is distributed as the full model's p."""
+    logits = logits.detach().float().cpu()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if params.greedy:
+        best = int(torch.argmax(logits))
+        return best == token, best, float(logprobs[best])
+    p = torch.softmax(filtered_logits(logits, params), dim=-1).double()
+    q = torch.zeros_like(p)
+    q[torch.tensor(support_ids)] = torch.tensor(support_probs, dtype=torch.float64)
+    g = _generator(params.seed, position)
+    u = float(torch.rand(1, generator=g, dtype=torch.float64))
+    if u * float(q[token]) < float(p[token]):  # u < p/q without dividing
+        return True, token, float(logprobs[token])
+    residual = (p - q).clamp_min(0)
+    if float(residual.sum()) <= 0:  # only by rounding: p <= q everywhere means p == q
+        residual = p
+    pick = int(torch.multinomial(residual / residual.sum(), 1, generator=g))
+    return False, pick, float(logprobs[pick])

@@ -13,14 +13,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from cloud.engine.graphs import DecodeGraphs
 from cloud.engine.kv_pool import KVPool
 from cloud.engine.metrics import EngineMetrics
-from cloud.engine.runner import BatchedRunner, TokenResult
+from cloud.engine.runner import BatchedRunner, TokenResult, VerdictResult
 from cloud.engine.scheduler import Scheduler, Segment, TickItem
 from cloud.errors import ServiceError
 from coexit.model import EarlyExitLM
@@ -34,6 +34,8 @@ class SegmentDone:
     layer_tokens: int
     compute_s: float  # seconds of the ticks this Append took part in
     ticks: tuple[int, int]  # first and last tick numbers
+    verdicts: list[VerdictResult] = field(default_factory=list)
+    rows_filled: int = 0  # layer-rows whose KV was propagated
 
 
 class Engine:
@@ -108,13 +110,13 @@ class Engine:
                     return
                 tick = self.ticks
                 try:
-                    items, failures = self.scheduler.next_tick(self._grow, tick)
+                    items, failures, applied = self.scheduler.next_tick(self._grow, tick)
                 except Exception as exc:  # a server fault while scheduling: no Append may wait forever
                     log.exception("engine scheduling failed")
                     finished = self._fail_all(exc)
                     items, failures = [], []
-                else:
-                    finished = []
+                else:  # rollbacks applied
+                    finished = [(seg.waiter, SegmentDone(None, 0, 0.0, (tick, tick))) for seg in applied]
                 for item in items:
                     item.session.in_flight = True
                 finished += [w for s, seg in failures for w in self._fail(s, seg)]
@@ -181,14 +183,20 @@ class Engine:
             if error is not None:
                 finished += self._roll_back(s, seg.first, error)
             else:
-                run, token = results[i]
+                run, token, verdicts = results[i]
                 seg.layer_tokens += run.rows_computed
+                seg.rows_filled += run.rows_filled
                 seg.compute_s += seconds
                 if item.final:
                     s.unreported_layer_tokens += seg.layer_tokens
+                    s.unreported_rows_filled += seg.rows_filled
+                    rejected = [v.position for v in verdicts if not v.accepted]
+                    if rejected:  # rows from there on are wrong: discard Appends until the client rolls back
+                        s.rejected_at = rejected[0]
                     if seg.waiter is not None:
-                        done = SegmentDone(token, s.unreported_layer_tokens, seg.compute_s, (seg.first_tick, tick))
-                        s.unreported_layer_tokens = 0
+                        done = SegmentDone(token, s.unreported_layer_tokens, seg.compute_s, (seg.first_tick, tick),
+                                           verdicts, s.unreported_rows_filled)
+                        s.unreported_layer_tokens = s.unreported_rows_filled = 0
                         finished.append((seg.waiter, done))
                     self.metrics.queue_wait.observe(seg.started - seg.submitted)
                 self.scheduler.retire(item)

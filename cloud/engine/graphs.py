@@ -68,6 +68,7 @@ class DecodeGraphs:
     def eligible(self, plans) -> bool:
         return bool(plans) and all(
             p.result is None and p.work.start == self.start and p.work.stop == self.stop and p.hidden.shape[1] == 1
+            and p.work.fill is None
             and p.item.session.runner.cache.layers == range(self.start, self.stop) for p in plans)
 
     def run(self, plans) -> Tensor:

@@ -175,25 +175,38 @@ class PagedCache(LayerLengths):
         return self.pool.k[idx].transpose(0, 1)[None], self.pool.v[idx].transpose(0, 1)[None]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """One sequence (B == 1): store k, v (1, K, T, D) and attend q (1, H, T, D) over all its keys."""
-        return BatchAttention([(self, int(positions[0, 0]), q.shape[2])]).attend(layer, q, k, v, positions)
+        """One sequence (B == 1): store k, v (1, K, T, D) at the layer's length and attend q (1, H, Tq, D) at
+        `positions` (1, Tq) over all its keys (Tq < T when some rows only store their KV)."""
+        first, n = self.lengths[layer], k.shape[2]
+        fill = None
+        if q.shape[2] != n:
+            fill = torch.ones(n, dtype=torch.bool)
+            fill[(positions[0] - first).cpu()] = False
+        return BatchAttention([(self, first, n)], fill).attend(layer, q, k, v, positions)
 
 
 class BatchAttention:
     """The cache a tick's batched layer call sees: rows of several sessions packed along T (B == 1), in
     `segments` order (cache, first position, rows). Writes each row's k, v into its session's blocks, then attends
-    single-row segments (decode) in one padded call and longer segments (prompt chunks, catch-up) one each."""
+    the query rows: segments with one query row (decode) in one padded call, the others (prompt chunks, catch-up)
+    one each. fill (N,) bool marks rows that only store their k, v (propagated KV): they are not queries, so q
+    holds the other rows only, in order."""
 
-    def __init__(self, segments: list[tuple[PagedCache, int, int]]) -> None:
+    def __init__(self, segments: list[tuple[PagedCache, int, int]], fill: Tensor | None = None) -> None:
         self.segments = segments
         self.pool = pool = segments[0][0].pool
-        self.singles, self.multis, row = [], [], 0  # (row, cache, first[, n])
+        # singles: (query row, cache, position of the query); multis: (query row, cache, first, n, queries)
+        self.singles, self.multis, row, qrow = [], [], 0, 0
         for c, first, n in segments:
-            (self.singles.append((row, c, first)) if n == 1 else self.multis.append((row, c, first, n)))
-            row += n
+            offsets = list(range(n)) if fill is None else (~fill[row:row + n]).nonzero().flatten().tolist()
+            if len(offsets) == 1:
+                self.singles.append((qrow, c, first + offsets[0]))
+            elif offsets:
+                self.multis.append((qrow, c, first, n, len(offsets)))
+            row, qrow = row + n, qrow + len(offsets)
         if self.singles:  # layer-independent parts of the decode call
             self.rows = torch.tensor([r for r, _, _ in self.singles], device=pool.device)
-            self.lengths = torch.tensor([first + 1 for _, _, first in self.singles], device=pool.device)
+            self.lengths = torch.tensor([pos + 1 for _, _, pos in self.singles], device=pool.device)
             self._masks: dict[int, tuple[Tensor, Tensor]] = {}
 
     def _mask(self, width: int) -> tuple[Tensor, Tensor]:
@@ -207,13 +220,13 @@ class BatchAttention:
                              device=pool.device)
         pool.k[slots] = k[0].transpose(0, 1).to(pool.dtype)  # (N, K, D)
         pool.v[slots] = v[0].transpose(0, 1).to(pool.dtype)
-        y = torch.empty_like(q)  # (1, H, N, D)
-        for row, c, first, n in self.multis:  # a multi-row segment: its own causal attention over its prefix
+        y = torch.empty_like(q)  # (1, H, Nq, D)
+        for row, c, first, n, nq in self.multis:  # a multi-row segment: its own causal attention over its prefix
             idx = c.slots(layer, 0, first + n)
             kk, vv = pool.k[idx].transpose(0, 1)[None], pool.v[idx].transpose(0, 1)[None]
             key_pos = torch.arange(first + n, device=q.device)[None]
-            y[:, :, row:row + n] = attend(q[:, :, row:row + n], kk.to(q.dtype), vv.to(q.dtype),
-                                          positions[:, row:row + n], key_pos)
+            y[:, :, row:row + nq] = attend(q[:, :, row:row + nq], kk.to(q.dtype), vv.to(q.dtype),
+                                           positions[:, row:row + nq], key_pos)
         if self.singles:  # decode rows: gather whole blocks of every session's table, pad to the widest
             width = max(len(c.tables[layer]) for _, c, _ in self.singles)
             tables = torch.tensor([c.tables[layer] + [0] * (width - len(c.tables[layer]))

@@ -4,8 +4,9 @@ Each chunk's depth and catch-up plan comes from its session's LayerRunner (`coex
 the runner starts every plan, then walks the layers bottom-up; at each layer it packs the rows of all plans whose
 current span covers that layer into one ragged batch (B == 1, rows along T), runs the block once with
 BatchAttention over the sessions' paged KV, and sends each plan its rows back when its span ends. Final heads are
-applied only to chunks that produce a token, all in one matmul, and sampling is batched with per-session
-parameters.
+applied only to chunks that produce a token or verify drafts, all in one matmul; sampling is batched with
+per-session parameters, and drafts get their verdicts from `coexit.sampling.verify_draft`. Fill rows (propagated
+KV) are packed with the rest but only store their K/V.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cloud.engine.kv_pool import BatchAttention
 from cloud.engine.scheduler import TickItem
 from coexit.decoding import LayerWork, RunResult
 from coexit.model import EarlyExitLM
-from coexit.sampling import sample_batch, top_logprobs
+from coexit.sampling import sample_batch, top_logprobs, verify_draft
 
 
 @dataclass
@@ -32,12 +33,20 @@ class TokenResult:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+@dataclass
+class VerdictResult:
+    position: int
+    accepted: bool
+    token_id: int
+    logprob: float
+
+
 class _Plan:
     __slots__ = ("item", "gen", "work", "hidden", "result")
 
     def __init__(self, item: TickItem) -> None:
         self.item = item
-        self.gen = item.session.runner.steps(item.x, item.first, item.decide, item.exits, item.head)
+        self.gen = item.session.runner.steps(item.x, item.first, item.decide, item.exits, item.head, item.fill)
         self.result: RunResult | None = None
         self.advance(None)
 
@@ -59,7 +68,12 @@ class _Packed:
         self.h = torch.cat(hs, dim=1) if len(hs) > 1 else hs[0]
         self.positions = torch.cat([torch.arange(p.work.first, p.work.first + p.hidden.shape[1])
                                     for p in group]).to(runner.device)[None]
-        self.view = BatchAttention([(p.item.session.runner.cache, p.work.first, p.hidden.shape[1]) for p in group])
+        self.fill = None
+        if any(p.work.fill is not None for p in group):
+            self.fill = torch.cat([p.work.fill if p.work.fill is not None
+                                   else torch.zeros(p.hidden.shape[1], dtype=torch.bool) for p in group]).cpu()
+        self.view = BatchAttention([(p.item.session.runner.cache, p.work.first, p.hidden.shape[1]) for p in group],
+                                   self.fill)
         self.cos, self.sin = runner.model.rotary(self.positions, self.h.dtype)
 
     def unpack(self) -> None:
@@ -77,12 +91,12 @@ class BatchedRunner:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def run(self, items: list[TickItem]) -> list[tuple[RunResult, TokenResult | None]]:
+    def run(self, items: list[TickItem]) -> list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]:
         plans = [_Plan(item) for item in items]
         if self.graphs is not None and self.graphs.eligible(plans):  # the steady decode step: static shapes
             for p, h in zip(plans, self.graphs.run(plans)):
                 p.advance(h[None])
-            return list(zip([p.result for p in plans], self._tokens(plans)))
+            return self._outputs(plans)
         live = [p for p in plans if p.result is None]
         layer = min((p.work.start for p in live), default=0)
         packed: _Packed | None = None  # kept across layers while the same plans run the same span
@@ -94,7 +108,7 @@ class BatchedRunner:
                         packed.unpack()
                     packed = _Packed(self, group)
                 packed.h = self.model.model.layers[str(layer)](packed.h, packed.cos, packed.sin, packed.positions,
-                                                               packed.view)
+                                                               packed.view, packed.fill)
                 ended = [p for p in group if p.work.stop == layer + 1]
                 if ended:
                     packed.unpack()
@@ -103,19 +117,43 @@ class BatchedRunner:
                         p.advance(p.hidden)
                     live = [p for p in live if p.result is None]
             layer += 1
-        return list(zip([p.result for p in plans], self._tokens(plans)))
+        return self._outputs(plans)
 
-    def _tokens(self, plans: list[_Plan]) -> list[TokenResult | None]:
-        """Heads for the chunks that produce a token (final logits batched), then batched sampling."""
+    def _outputs(self, plans: list[_Plan]) -> list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]:
+        """Final heads for every row that needs one, in one matmul; then verdicts and batched sampling."""
         due = [p for p in plans if p.item.head]
+        top: dict[int, Tensor] = {}  # id(plan) -> final logits (k, V) of its head rows
+        finals = [p for p in due if p.result.top_hidden is not None]
+        if finals:
+            logits = self.model.head_logits(self.model.config.num_hidden_layers,
+                                            torch.cat([p.result.top_hidden for p in finals]))
+            row = 0
+            for p in finals:
+                k = p.result.top_hidden.shape[0]
+                top[id(p)], p.result.logits = logits[row:row + k], logits[row + k - 1]
+                row += k
+        verdicts = {id(p): self._verdicts(p, top[id(p)]) for p in due if p.item.segment.drafts}
+        tokens = self._tokens([p for p in due if p.item.segment.want_token
+                               and all(v.accepted for v in verdicts.get(id(p), []))])
+        return [(p.result, tokens.get(id(p)), verdicts.get(id(p), [])) for p in plans]
+
+    @staticmethod
+    def _verdicts(p: _Plan, logits: Tensor) -> list[VerdictResult]:
+        """The full model's verdict on each draft, up to and including the first rejection."""
+        seg, out = p.item.segment, []
+        base = seg.last - logits.shape[0]  # position of the first head row
+        for d in seg.drafts:
+            ok, token, logprob = verify_draft(logits[d.position - 1 - base], seg.sampling, d.position, d.token,
+                                              list(d.support_ids), list(d.support_probs))
+            out.append(VerdictResult(d.position, ok, token, logprob))
+            if not ok:
+                break
+        return out
+
+    def _tokens(self, due: list[_Plan]) -> dict[int, TokenResult]:
+        """Batched sampling of the token after each due chunk's last row (its final or cloud-exit logits)."""
         out: dict[int, TokenResult] = {}
         if due:
-            L = self.model.config.num_hidden_layers
-            finals = [p for p in due if p.result.last_hidden is not None]
-            if finals:
-                logits = self.model.head_logits(L, torch.stack([p.result.last_hidden for p in finals]))
-                for p, lg in zip(finals, logits):
-                    p.result.logits = lg
             rows = [p.result.logits if p.result.logits is not None else p.result.exit_logits[p.result.depth]
                     for p in due]
             picks = sample_batch(torch.stack(rows), [p.item.segment.sampling for p in due],
@@ -123,4 +161,4 @@ class BatchedRunner:
             for p, lg, (token, logprob) in zip(due, rows, picks):
                 k = p.item.segment.top_k
                 out[id(p)] = TokenResult(token, logprob, p.result.depth, lg, top_logprobs(lg, k) if k else [])
-        return [out.get(id(p)) for p in plans]
+        return out

@@ -7,6 +7,11 @@ session per tick, and sessions served this tick move to the back of the round-ro
 its grant runs as chunks over several ticks (no head, no exit checks), so a 4,000-row prompt cannot stall other
 sessions' decode rows; its last chunk carries the exit checks and the token. Rows parked at a cloud exit are
 caught up by LayerRunner inside the session's next chunk (they ride with it, outside the grant).
+
+A segment that verifies drafts needs the top hidden state of every row from its first draft's row on: those rows
+(its head tail) always run together in its last chunk. A segment with `truncate_to` first forgets the session's
+positions from there on (a stateless session's reset, or a Rollback, which carries no rows and is applied, in
+queue order, as soon as it reaches the front).
 """
 
 from __future__ import annotations
@@ -23,6 +28,17 @@ from coexit.decoding import Decide
 from coexit.sampling import GREEDY, SamplingParams
 
 
+@dataclass(frozen=True)
+class Draft:
+    """The edge's proposal for the token at `position` (after row position - 1), with the sparse distribution it
+    was drawn from (empty for greedy)."""
+
+    position: int
+    token: int
+    support_ids: tuple[int, ...] = ()
+    support_probs: tuple[float, ...] = ()
+
+
 @dataclass
 class Segment:
     """One Append's rows (hidden (n, C) or token ids (n,)) for positions [first, first + n)."""
@@ -32,11 +48,14 @@ class Segment:
     want_token: bool
     sampling: SamplingParams = GREEDY
     top_k: int = 0
-    reset: bool = False  # a stateless session: forget every position before the first chunk
+    truncate_to: int | None = None  # forget positions >= this before the first chunk (stateless reset, rollback)
+    drafts: list[Draft] = field(default_factory=list)  # to verify, increasing positions in (first, last]
+    fill: Tensor | None = None  # (n,) bool: rows whose deep KV is propagated, not computed
     waiter: Callable[[Any], None] | None = None  # called (engine thread) with a SegmentDone or an exception
     submitted: float = field(default_factory=time.perf_counter)
     done_rows: int = 0
     layer_tokens: int = 0
+    rows_filled: int = 0
     compute_s: float = 0.0
     started: float | None = None  # when its first chunk's tick began
     first_tick: int = -1
@@ -48,6 +67,14 @@ class Segment:
     @property
     def last(self) -> int:
         return self.first + self.n
+
+    @property
+    def head_rows(self) -> int:
+        """Newest rows whose top hidden state the segment needs: from its first draft's row on, or the last row
+        when it wants a token."""
+        if self.drafts:
+            return self.last - self.drafts[0].position + 1
+        return 1 if self.want_token else 0
 
 
 @dataclass
@@ -61,7 +88,8 @@ class TickItem:
     final: bool
     decide: Decide | None
     exits: list[int]
-    head: bool
+    head: int  # newest rows whose top hidden state is needed (0: none)
+    fill: Tensor | None = None
 
 
 class Scheduler:
@@ -97,9 +125,19 @@ class Scheduler:
             wanting = still
         return grants
 
-    def next_tick(self, grow: Callable[[Any, int], bool], tick: int) -> tuple[list[TickItem], list[tuple]]:
+    def next_tick(self, grow: Callable[[Any, int], bool],
+                  tick: int) -> tuple[list[TickItem], list[tuple], list[Segment]]:
         """Pick this tick's chunks. grow(session, upto) must make room for positions [0, upto) or say False;
-        sessions it refuses come back in the failures list as (session, segment)."""
+        sessions it refuses come back in the failures list as (session, segment). Rollbacks at the front of a
+        queue are applied now and returned as the third list."""
+        applied = []
+        for s in list(self.ready.values()):
+            while s.queue and s.queue[0].n == 0:
+                seg = s.queue.popleft()
+                s.runner.truncate(seg.truncate_to)
+                applied.append(seg)
+            if not s.queue:
+                self.ready.pop(s.id, None)
         sessions = [s for s in self.ready.values() if s.queue]
         needs = [s.queue[0].n - s.queue[0].done_rows for s in sessions]
         items, failures, now = [], [], time.perf_counter()
@@ -107,8 +145,11 @@ class Scheduler:
             if g == 0:
                 continue
             seg = s.queue[0]
-            if seg.reset and seg.done_rows == 0:
-                s.runner.truncate(0)
+            left, tail = seg.n - seg.done_rows, seg.head_rows
+            if tail > 1:  # the rows to verify run together in the last chunk, even past the grant
+                g = left if left <= tail else min(g, left - tail)
+            if seg.truncate_to is not None and seg.done_rows == 0:
+                s.runner.truncate(seg.truncate_to)
             first = seg.first + seg.done_rows
             if not grow(s, first + g):
                 failures.append((s, seg))
@@ -116,14 +157,16 @@ class Scheduler:
             if seg.started is None:
                 seg.started, seg.first_tick = now, tick
             final = seg.done_rows + g == seg.n
-            token = final and seg.want_token
+            token = final and seg.want_token and not seg.drafts
             policy = s.policy.thresholds if token else {}
+            fill = seg.fill[seg.done_rows:seg.done_rows + g] if seg.fill is not None else None
             items.append(TickItem(s, seg, seg.rows[seg.done_rows:seg.done_rows + g], first, final,
-                                  s.policy.decide if policy else None, sorted(policy), token))
+                                  s.policy.decide if policy else None, sorted(policy),
+                                  seg.head_rows if final else 0, fill))
             seg.done_rows += g
         for item in items:  # served sessions go to the back of the round-robin order
             self.ready.move_to_end(item.session.id)
-        return items, failures
+        return items, failures, applied
 
     def retire(self, item: TickItem) -> None:
         """After the tick: pop a finished segment; a session with nothing left queued leaves the ready set."""

@@ -20,6 +20,12 @@ class InputKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INPUT_KIND_UNSPECIFIED: _ClassVar[InputKind]
     HIDDEN: _ClassVar[InputKind]
     TOKENS: _ClassVar[InputKind]
+
+class KvFill(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_FILL_UNSPECIFIED: _ClassVar[KvFill]
+    EXACT: _ClassVar[KvFill]
+    PROPAGATE: _ClassVar[KvFill]
 ENCODING_UNSPECIFIED: Encoding
 FP32: Encoding
 FP16: Encoding
@@ -28,6 +34,9 @@ INT8: Encoding
 INPUT_KIND_UNSPECIFIED: InputKind
 HIDDEN: InputKind
 TOKENS: InputKind
+KV_FILL_UNSPECIFIED: KvFill
+EXACT: KvFill
+PROPAGATE: KvFill
 
 class Tensor(_message.Message):
     __slots__ = ("encoding", "rows", "cols", "data", "scales")
@@ -64,7 +73,7 @@ class Limits(_message.Message):
     def __init__(self, max_sessions: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., max_length: _Optional[int] = ..., max_rows_per_append: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., idle_ttl_s: _Optional[float] = ...) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("fingerprint", "split_layer", "num_layers", "hidden_size", "vocab_size", "exit_layers", "encodings", "limits", "serves_tokens", "version")
+    __slots__ = ("fingerprint", "split_layer", "num_layers", "hidden_size", "vocab_size", "exit_layers", "encodings", "limits", "serves_tokens", "version", "features")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +84,7 @@ class InfoReply(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVES_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     split_layer: int
     num_layers: int
@@ -85,7 +95,8 @@ class InfoReply(_message.Message):
     limits: Limits
     serves_tokens: bool
     version: str
-    def __init__(self, fingerprint: _Optional[str] = ..., split_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., exit_layers: _Optional[_Iterable[int]] = ..., encodings: _Optional[_Iterable[_Union[Encoding, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., serves_tokens: _Optional[bool] = ..., version: _Optional[str] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, fingerprint: _Optional[str] = ..., split_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., exit_layers: _Optional[_Iterable[int]] = ..., encodings: _Optional[_Iterable[_Union[Encoding, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., serves_tokens: _Optional[bool] = ..., version: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -108,7 +119,7 @@ class CloudExit(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("fingerprint", "resume_id", "max_length", "encoding", "input", "stateless", "cloud_exits")
+    __slots__ = ("fingerprint", "resume_id", "max_length", "encoding", "input", "stateless", "cloud_exits", "kv_fill")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     RESUME_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +127,7 @@ class OpenRequest(_message.Message):
     INPUT_FIELD_NUMBER: _ClassVar[int]
     STATELESS_FIELD_NUMBER: _ClassVar[int]
     CLOUD_EXITS_FIELD_NUMBER: _ClassVar[int]
+    KV_FILL_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     resume_id: str
     max_length: int
@@ -123,7 +135,8 @@ class OpenRequest(_message.Message):
     input: InputKind
     stateless: bool
     cloud_exits: _containers.RepeatedCompositeFieldContainer[CloudExit]
-    def __init__(self, fingerprint: _Optional[str] = ..., resume_id: _Optional[str] = ..., max_length: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., input: _Optional[_Union[InputKind, str]] = ..., stateless: _Optional[bool] = ..., cloud_exits: _Optional[_Iterable[_Union[CloudExit, _Mapping]]] = ...) -> None: ...
+    kv_fill: KvFill
+    def __init__(self, fingerprint: _Optional[str] = ..., resume_id: _Optional[str] = ..., max_length: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., input: _Optional[_Union[InputKind, str]] = ..., stateless: _Optional[bool] = ..., cloud_exits: _Optional[_Iterable[_Union[CloudExit, _Mapping]]] = ..., kv_fill: _Optional[_Union[KvFill, str]] = ...) -> None: ...
 
 class OpenReply(_message.Message):
     __slots__ = ("session_id", "length", "resumed")
@@ -136,7 +149,7 @@ class OpenReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., length: _Optional[int] = ..., resumed: _Optional[bool] = ...) -> None: ...
 
 class AppendRequest(_message.Message):
-    __slots__ = ("first_position", "hidden", "token_ids", "want_token", "sampling", "top_logprobs", "want_logits")
+    __slots__ = ("first_position", "hidden", "token_ids", "want_token", "sampling", "top_logprobs", "want_logits", "drafts", "fill_rows")
     FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +157,8 @@ class AppendRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     WANT_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    FILL_ROWS_FIELD_NUMBER: _ClassVar[int]
     first_position: int
     hidden: Tensor
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -151,7 +166,33 @@ class AppendRequest(_message.Message):
     sampling: Sampling
     top_logprobs: int
     want_logits: bool
-    def __init__(self, first_position: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., want_logits: _Optional[bool] = ...) -> None: ...
+    drafts: _containers.RepeatedCompositeFieldContainer[Draft]
+    fill_rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, first_position: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., want_logits: _Optional[bool] = ..., drafts: _Optional[_Iterable[_Union[Draft, _Mapping]]] = ..., fill_rows: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Draft(_message.Message):
+    __slots__ = ("position", "token_id", "support_ids", "support_probs")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_PROBS_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    token_id: int
+    support_ids: _containers.RepeatedScalarFieldContainer[int]
+    support_probs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, position: _Optional[int] = ..., token_id: _Optional[int] = ..., support_ids: _Optional[_Iterable[int]] = ..., support_probs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Verdict(_message.Message):
+    __slots__ = ("position", "accepted", "token_id", "logprob")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    accepted: bool
+    token_id: int
+    logprob: float
+    def __init__(self, position: _Optional[int] = ..., accepted: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -162,7 +203,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class AppendReply(_message.Message):
-    __slots__ = ("length", "has_token", "token_id", "logprob", "exit_layer", "top", "logits", "layer_tokens", "compute_us")
+    __slots__ = ("length", "has_token", "token_id", "logprob", "exit_layer", "top", "logits", "layer_tokens", "compute_us", "verdicts", "discarded")
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +213,8 @@ class AppendReply(_message.Message):
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     LAYER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_FIELD_NUMBER: _ClassVar[int]
     length: int
     has_token: bool
     token_id: int
@@ -181,7 +224,21 @@ class AppendReply(_message.Message):
     logits: Tensor
     layer_tokens: int
     compute_us: int
-    def __init__(self, length: _Optional[int] = ..., has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., exit_layer: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., layer_tokens: _Optional[int] = ..., compute_us: _Optional[int] = ...) -> None: ...
+    verdicts: _containers.RepeatedCompositeFieldContainer[Verdict]
+    discarded: bool
+    def __init__(self, length: _Optional[int] = ..., has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., exit_layer: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., layer_tokens: _Optional[int] = ..., compute_us: _Optional[int] = ..., verdicts: _Optional[_Iterable[_Union[Verdict, _Mapping]]] = ..., discarded: _Optional[bool] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("length",)
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    length: int
+    def __init__(self, length: _Optional[int] = ...) -> None: ...
+
+class RollbackReply(_message.Message):
+    __slots__ = ("length",)
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    length: int
+    def __init__(self, length: _Optional[int] = ...) -> None: ...
 
 class CloseRequest(_message.Message):
     __slots__ = ()
@@ -196,21 +253,25 @@ class CloseReply(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("open", "append", "close")
+    __slots__ = ("open", "append", "close", "rollback")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     APPEND_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     open: OpenRequest
     append: AppendRequest
     close: CloseRequest
-    def __init__(self, open: _Optional[_Union[OpenRequest, _Mapping]] = ..., append: _Optional[_Union[AppendRequest, _Mapping]] = ..., close: _Optional[_Union[CloseRequest, _Mapping]] = ...) -> None: ...
+    rollback: RollbackRequest
+    def __init__(self, open: _Optional[_Union[OpenRequest, _Mapping]] = ..., append: _Optional[_Union[AppendRequest, _Mapping]] = ..., close: _Optional[_Union[CloseRequest, _Mapping]] = ..., rollback: _Optional[_Union[RollbackRequest, _Mapping]] = ...) -> None: ...
 
 class SessionReply(_message.Message):
-    __slots__ = ("opened", "appended", "closed")
+    __slots__ = ("opened", "appended", "closed", "rolled_back")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     APPENDED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
     opened: OpenReply
     appended: AppendReply
     closed: CloseReply
-    def __init__(self, opened: _Optional[_Union[OpenReply, _Mapping]] = ..., appended: _Optional[_Union[AppendReply, _Mapping]] = ..., closed: _Optional[_Union[CloseReply, _Mapping]] = ...) -> None: ...
+    rolled_back: RollbackReply
+    def __init__(self, opened: _Optional[_Union[OpenReply, _Mapping]] = ..., appended: _Optional[_Union[AppendReply, _Mapping]] = ..., closed: _Optional[_Union[CloseReply, _Mapping]] = ..., rolled_back: _Optional[_Union[RollbackReply, _Mapping]] = ...) -> None: ...

@@ -57,7 +57,7 @@ class CoexitServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Session(self, request_iterator, context):
-        """One decoding session: Open, then Appends (each answered by one AppendReply), then Close. The session's KV
+        """One decoding session: Open, then Appends and Rollbacks (each answered by one reply, in order), then Close. The session's KV
         cache lives as long as the stream, or until idle_ttl_s after the stream breaks (for resume).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
