@@ -181,7 +181,7 @@ class CoexitService(pb_grpc.CoexitServicer):
                                                        sampling, int(req.top_logprobs), req.want_logits, acct,
                                                        drafts, fill)
         reply = pb.AppendReply(length=out.length, layer_tokens=out.layer_tokens, compute_us=int(out.compute_s * 1e6),
-                               discarded=out.discarded)
+                               discarded=out.discarded, filled_layer_rows=out.rows_filled)
         reply.verdicts.extend(pb.Verdict(position=p, accepted=a, token_id=t, logprob=lp)
                               for p, a, t, lp in out.verdicts)
         if out.has_token:

@@ -6,6 +6,11 @@ Modes:
   standalone     edge exits only (the deepest edge exit when none is confident); never the network.
   cloud-only     baseline: token ids go up and the cloud runs the whole model.
   naive-split    baseline: no exits; every token crosses and the whole context is resent each step.
+  lossless       the edge's exits draft tokens that the cloud verifies (edge/lossless.py): output identical to the
+                 full model's (greedy) or distributed as the full model's (sampling).
+
+kv_fill="propagate" (collaborative mode) opens the cloud session with approximate KV: rows of positions that
+exited on the edge are flagged (fill_rows) and the cloud propagates their deep-layer KV instead of computing it.
 
 When the cloud is unreachable or misses its deadline, a collaborative run continues standalone (tokens marked
 origin "edge-standalone") and retries the cloud every `retry_s`; on its return it resumes the session, or opens a
@@ -31,7 +36,8 @@ from coexit.v1.convert import ENCODING_CODES, sampling_to_proto, tensor_to_proto
 from edge.backends.base import EdgeBackend
 from edge.link import CloudError, CloudLink, CloudUnavailable, SessionStream
 
-MODES = ("collaborative", "standalone", "cloud-only", "naive-split")
+MODES = ("collaborative", "standalone", "cloud-only", "naive-split", "lossless")
+KV_FILLS = {"exact": pb.EXACT, "propagate": pb.PROPAGATE}
 
 
 @dataclass
@@ -43,6 +49,7 @@ class TokenEvent:
     exit_layer: int  # layer count whose head produced it
     logprob: float
     latency_s: float
+    kind: str = "token"  # lossless with provisional=True also streams "draft" (unverified) and "retract" events
 
 
 @dataclass
@@ -60,6 +67,11 @@ class Counters:
     payload_up: int = 0  # hidden-state payload bytes (data + scales) sent
     sessions_opened: int = 0
     server_bytes: list[tuple[int, int]] = field(default_factory=list)  # per closed session: (received, sent)
+    cloud_filled_rows: int = 0  # layer-rows whose KV the cloud propagated (kv_fill="propagate")
+    drafts: int = 0  # lossless: drafts sent
+    accepted: int = 0  # lossless: drafts the cloud accepted
+    rejected: int = 0  # lossless: drafts the cloud rejected (each costs a rollback)
+    wasted: int = 0  # lossless: drafts that got no verdict (they followed a rejected one)
 
     def merge_stream(self, s: SessionStream | None) -> None:
         if s is not None:
@@ -85,9 +97,16 @@ class EdgeClient:
                  encoding: str = "fp32", policy: ExitPolicy | None = None, mode: str = "collaborative",
                  deadline_s: float = 5.0, retry_s: float = 0.5, prefill_chunk: int = 256,
                  token: str | None = None, cloud_exits: dict[int, float] | None = None,
-                 tls_ca: str | None = None) -> None:
+                 tls_ca: str | None = None, kv_fill: str = "exact", max_drafts: int = 8) -> None:
+        """kv_fill: "exact" or "propagate" (collaborative mode). max_drafts: lossless mode's bound on drafts in
+        flight (unverified)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+        if kv_fill not in KV_FILLS:
+            raise ValueError(f"unknown kv_fill {kv_fill!r}; use one of {sorted(KV_FILLS)}")
+        if max_drafts < 1:
+            raise ValueError(f"max_drafts must be at least 1, got {max_drafts}")
+        self.kv_fill, self.max_drafts = kv_fill, max_drafts
         if encoding not in ENCODING_CODES:
             raise ValueError(f"unknown encoding {encoding!r}; use one of {sorted(ENCODING_CODES)}")
         self.backend, self.tokenizer, self.encoding = backend, tokenizer, encoding
@@ -96,12 +115,22 @@ class EdgeClient:
         self.cloud_exits = cloud_exits or {}
         root_cert = Path(tls_ca).read_bytes() if tls_ca else None  # PEM of the CA that signed the cloud's certificate
         self.link = CloudLink(cloud, token=token, deadline_s=deadline_s, root_cert=root_cert) if cloud else None
-        self._max_rows: int | None = None  # the server's max_rows_per_append, asked once
+        self._info: pb.InfoReply | None = None  # the server's Info, asked once
+
+    def info(self) -> pb.InfoReply:
+        if self._info is None:
+            self._info = self.link.info()
+        return self._info
 
     def rows_per_append(self) -> int:
-        if self._max_rows is None:
-            self._max_rows = self.link.info().limits.max_rows_per_append or 4096
-        return self._max_rows
+        return self.info().limits.max_rows_per_append or 4096
+
+    def require(self, feature: str, what: str) -> None:
+        """Refuse early when the server predates a protocol addition (it would ignore the new fields)."""
+        if feature not in self.info().features:
+            raise CloudError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"{what} needs a cloud that implements {feature!r}; this one ({self.info().version}) "
+                             f"offers {list(self.info().features) or 'none'}: upgrade the server")
 
     @classmethod
     def from_checkpoint(cls, model_dir, cloud: str | None = None, backend: str = "torch",
@@ -122,16 +151,28 @@ class EdgeClient:
     # ---- public API ----------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, sampling: SamplingParams = GREEDY,
                  policy: ExitPolicy | None = None, mode: str | None = None, stop_at_eos: bool = True) -> Generation:
-        run = _Run(self, prompt, max_new_tokens, sampling, policy or self.policy, mode or self.mode, stop_at_eos)
+        run = self._run(prompt, max_new_tokens, sampling, policy, mode, stop_at_eos, False)
         events = list(run)
         text = self.tokenizer.decode([e.token_id for e in events]) if self.tokenizer else ""
         return Generation(run.prompt_ids, events, text, run.counters)
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 32, sampling: SamplingParams = GREEDY,
-               policy: ExitPolicy | None = None, mode: str | None = None,
-               stop_at_eos: bool = True) -> Iterator[TokenEvent]:
-        """Yield each token as it is made, with its origin and timing; `.counters` of the iterator hold totals."""
-        return _Run(self, prompt, max_new_tokens, sampling, policy or self.policy, mode or self.mode, stop_at_eos)
+               policy: ExitPolicy | None = None, mode: str | None = None, stop_at_eos: bool = True,
+               provisional: bool = False) -> Iterator[TokenEvent]:
+        """Yield each token as it is made, with its origin and timing; `.counters` of the iterator hold totals.
+
+        Lossless mode yields only verified tokens, unless provisional=True: then each draft is also yielded when
+        made (kind "draft"), a rejection first yields a "retract" event at the rejected position (every draft
+        from there on is void), and every verified token still comes as a "token" event."""
+        return self._run(prompt, max_new_tokens, sampling, policy, mode, stop_at_eos, provisional)
+
+    def _run(self, prompt, max_new, sampling, policy, mode, stop_at_eos, provisional):
+        mode = mode or self.mode
+        if mode == "lossless":
+            from edge.lossless import LosslessRun
+
+            return LosslessRun(self, prompt, max_new, sampling, policy or self.policy, stop_at_eos, provisional)
+        return _Run(self, prompt, max_new, sampling, policy or self.policy, mode, stop_at_eos)
 
 
 class _Run:
@@ -160,6 +201,8 @@ class _Run:
         self.cloud_len = 0
         self.retry_at = 0.0
         self._compute_us = 0
+        self.kv_fill = client.kv_fill if mode == "collaborative" else "exact"
+        self.exited_rows: set[int] = set()  # positions whose row stopped at an edge exit (kv_fill="propagate")
 
     # ---- cloud session -------------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -171,7 +214,7 @@ class _Run:
         if self.retry_at:  # coming back after an outage
             self.c.link.reconnect()
         try:
-            if self.session_id and self.mode == "collaborative":
+            if self.session_id and self.mode in ("collaborative", "lossless"):
                 self.stream = self.c.link.stream()
                 try:
                     reply = self.stream.request(pb.SessionRequest(open=pb.OpenRequest(
@@ -182,11 +225,15 @@ class _Run:
                     if exc.code != grpc.StatusCode.NOT_FOUND:
                         raise
                     self.counters.merge_stream(self.stream)
+            if self.kv_fill != "exact":
+                self.c.require("kv_fill", "kv_fill='propagate'")
             self.stream = self.c.link.stream()
+            exits = self.c.cloud_exits if self.mode == "collaborative" else {}
             opening = pb.OpenRequest(
                 fingerprint=fp, max_length=self.max_length, encoding=enc,
                 input=pb.TOKENS if self.mode == "cloud-only" else pb.HIDDEN, stateless=self.mode == "naive-split",
-                cloud_exits=[pb.CloudExit(layer=k, threshold=v) for k, v in sorted(self.c.cloud_exits.items())])
+                cloud_exits=[pb.CloudExit(layer=k, threshold=v) for k, v in sorted(exits.items())],
+                kv_fill=KV_FILLS[self.kv_fill])
             reply = self.stream.request(pb.SessionRequest(open=opening))
         except CloudUnavailable:
             self._mark_down()
@@ -195,17 +242,27 @@ class _Run:
         self.counters.sessions_opened += 1
         self.counters.uploads.append([])
 
-    def _append(self, first: int, hidden: torch.Tensor | None, token_ids: list[int] | None,
-                want: bool) -> pb.AppendReply:
+    def _append_request(self, first: int, hidden: torch.Tensor | None, token_ids: list[int] | None,
+                        want: bool) -> pb.SessionRequest:
         req = pb.AppendRequest(first_position=first, want_token=want, sampling=sampling_to_proto(self.sampling))
         if hidden is not None:
             req.hidden.CopyFrom(tensor_to_proto(hidden, self.c.encoding))
             self.counters.payload_up += len(req.hidden.data) + len(req.hidden.scales)
+            if self.kv_fill == "propagate":
+                req.fill_rows.extend(i for i in range(hidden.shape[0]) if first + i in self.exited_rows)
         else:
             req.token_ids.extend(token_ids)
-        reply = self.stream.request(pb.SessionRequest(append=req)).appended
+        return pb.SessionRequest(append=req)
+
+    def _account(self, reply: pb.AppendReply) -> None:
         self.counters.cloud_layer_tokens += reply.layer_tokens
+        self.counters.cloud_filled_rows += reply.filled_layer_rows
         self._compute_us += reply.compute_us
+
+    def _append(self, first: int, hidden: torch.Tensor | None, token_ids: list[int] | None,
+                want: bool) -> pb.AppendReply:
+        reply = self.stream.request(self._append_request(first, hidden, token_ids, want)).appended
+        self._account(reply)
         return reply
 
     def _cloud_token(self, upto: int) -> pb.AppendReply:
@@ -292,6 +349,7 @@ class _Run:
         """Make the token at position `pos` from the edge's result or the cloud."""
         if res is not None and (res.exited or self.mode == "standalone"):
             layer = res.depth if res.exited else max(res.exit_logits)
+            self.exited_rows.add(pos - 1)
             return self._event(pos, res.exit_logits[layer], layer, "edge", t0)
         self.counters.fallbacks += 1
         try:
@@ -300,6 +358,7 @@ class _Run:
             if res is None:
                 raise
             self.counters.standalone += 1
+            self.exited_rows.add(pos - 1)
             layer = max(res.exit_logits)
             return self._event(pos, res.exit_logits[layer], layer, "edge-standalone", t0)
         self.counters.exits[reply.exit_layer] += 1

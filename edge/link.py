@@ -76,7 +76,8 @@ class CloudLink:
 
 
 class SessionStream:
-    """One Session stream: request(msg) sends a SessionRequest and returns its SessionReply."""
+    """One Session stream: request(msg) sends a SessionRequest and returns its SessionReply. send() and recv()
+    split the two for pipelining (lossless mode keeps several Appends in flight; replies come back in order)."""
 
     def __init__(self, link: CloudLink) -> None:
         self.link = link
@@ -99,10 +100,19 @@ class SessionStream:
             self._replies.put(CloudUnavailable(grpc.StatusCode.UNAVAILABLE, str(exc)))
 
     def request(self, msg: pb.SessionRequest, deadline_s: float | None = None) -> pb.SessionReply:
+        self.send(msg)
+        return self.recv(deadline_s)
+
+    def send(self, msg: pb.SessionRequest) -> None:
         if self.broken:
             raise CloudUnavailable(grpc.StatusCode.UNAVAILABLE, "stream already broken")
         self.bytes_up += msg.ByteSize()
         self._requests.put(msg)
+
+    def recv(self, deadline_s: float | None = None) -> pb.SessionReply:
+        """The next reply, in the order the requests were sent."""
+        if self.broken:
+            raise CloudUnavailable(grpc.StatusCode.UNAVAILABLE, "stream already broken")
         try:
             reply = self._replies.get(timeout=deadline_s or self.link.deadline_s)
         except queue.Empty:

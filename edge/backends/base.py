@@ -29,10 +29,12 @@ class EdgeBackend(ABC):
         return [e for e in self.config.exit_layers if e <= self.split]
 
     @abstractmethod
-    def step(self, token_ids: list[int], first: int, decide: Decide | None) -> RunResult:
+    def step(self, token_ids: list[int], first: int, decide: Decide | None, to_split: bool = False) -> RunResult:
         """Run tokens at positions [first, first + n). Exit heads are evaluated on the newest row, in order;
         the first that `decide` accepts stops it there (RunResult.exited, .depth). Rows that reach the split
-        (now, or later through KV recomputation) become available from take_split_rows()."""
+        (now, or later through KV recomputation) become available from take_split_rows(). With to_split the
+        accepted exit is only recorded and the rows still run to the split (lossless drafting: the cloud
+        verifies every drafted position from its split row)."""
 
     @abstractmethod
     def take_split_rows(self) -> tuple[int, Tensor]:
@@ -48,6 +50,10 @@ class EdgeBackend(ABC):
     def layer_tokens(self) -> int:
         """Layer-row computations performed so far (for compute accounting)."""
         return 0
+
+    @abstractmethod
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (rollback): their KV and any split rows not yet taken."""
 
     @abstractmethod
     def reset(self) -> None:

@@ -163,7 +163,8 @@ class LlamaCppBackend(EdgeBackend):
         self._next = 0
         self._layer_tokens = 0
 
-    def step(self, token_ids: list[int], first: int, decide: Decide | None) -> RunResult:
+    def step(self, token_ids: list[int], first: int, decide: Decide | None, to_split: bool = False) -> RunResult:
+        """llama.cpp runs every edge layer whatever the exit, so rows always reach the split (to_split holds)."""
         if first != self._next:
             raise ValueError(f"rows start at position {first} but this backend expects position {self._next}; "
                              f"positions must continue without gap or overlap (truncate() to roll back)")
@@ -200,7 +201,6 @@ class LlamaCppBackend(EdgeBackend):
         return first, torch.from_numpy(rows)
 
     def truncate(self, length: int) -> None:
-        """Forget positions >= length (rollback): KV cache entries and split rows not yet taken."""
         if length >= self._next:
             return
         self.session.remove_from(length)

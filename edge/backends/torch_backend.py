@@ -32,8 +32,12 @@ class TorchBackend(EdgeBackend):
     def reset(self) -> None:
         self.runner = LayerRunner(self.model, 0, self.config.split_layer, max_len=self.max_len)
 
-    def step(self, token_ids: list[int], first: int, decide: Decide | None) -> RunResult:
-        return self.runner.run(torch.tensor(token_ids, dtype=torch.long), first, decide, self.exit_layers)
+    def step(self, token_ids: list[int], first: int, decide: Decide | None, to_split: bool = False) -> RunResult:
+        return self.runner.run(torch.tensor(token_ids, dtype=torch.long), first, decide, self.exit_layers,
+                               to_stop=to_split)
+
+    def truncate(self, length: int) -> None:
+        self.runner.truncate(length)
 
     def take_split_rows(self) -> tuple[int, Tensor]:
         first, rows = self.runner.take_top()

@@ -41,3 +41,27 @@ def test_invalid_params_are_rejected():
         SamplingParams(temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1.0)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, seed=3),
+                                    SamplingParams(temperature=0.7, top_k=5, seed=4),
+                                    SamplingParams(temperature=1.3, top_p=0.8, seed=5)])
+def test_speculative_acceptance_keeps_the_target_distribution(params):
+    """Draft from a sparse q, verify against p with the acceptance rule: the verified tokens follow p's sampling
+    distribution (total variation within sampling noise), while the drafts alone do not."""
+    from coexit.sampling import draft_distribution, filtered_logits, sample_draft, verify_draft
+
+    g = torch.Generator().manual_seed(0)
+    target, draft = torch.randn(10, generator=g) * 2, torch.randn(10, generator=g) * 2
+    ids, probs = draft_distribution(draft, params)
+    n = 20000
+    counts, drafted = torch.zeros(10), torch.zeros(10)
+    for pos in range(n):
+        tok = sample_draft(ids, probs, SamplingParams(params.temperature, params.top_k, params.top_p, pos), pos)
+        drafted[tok] += 1
+        _, out, _ = verify_draft(target, SamplingParams(params.temperature, params.top_k, params.top_p, pos), pos,
+                                 tok, ids, probs)
+        counts[out] += 1
+    p = torch.softmax(filtered_logits(target, params), -1)
+    assert float((counts / n - p).abs().sum()) / 2 < 0.02
+    assert float((drafted / n - p).abs().sum()) / 2 > 0.1
