@@ -1,12 +1,15 @@
-"""The evaluation report: collaborative mode at several calibrated thresholds against cloud-only, edge-only and
-naive-split serving, on held-out code (packages never seen in training).
+"""The evaluation report: collaborative mode at several calibrated thresholds, with exact and with propagated
+(approximate) cloud KV, and lossless mode, against cloud-only, edge-only and naive-split serving, on held-out code
+(packages never seen in training).
 
 Prints a table and writes OUT/report.md, OUT/report.json and PNG plots. Measures:
   quality   agreement with the full model's greedy tokens (each generated token vs the full model's argmax on the
-            same prefix), held-out perplexity (each position scored by the head the policy would use), exact match
-            of next-line completions;
-  edge share of tokens; cloud compute per generated token relative to cloud-only (layer-tokens); bytes up/down
-  per token; end-to-end latency per token over loopback and over an emulated 50 ms RTT, 20 Mbit/s link.
+            same prefix), held-out top-1 accuracy and perplexity (teacher-forced: each position scored by the head
+            the policy would use, with the deep KV propagated for edge-exited positions in the propagate rows),
+            exact match of next-line completions;
+  edge share of tokens (lossless: accepted drafts) and draft acceptance; cloud compute relative to cloud-only
+  (layer-tokens, plus propagated layer-rows at the cost of their K/V projections); bytes up/down per token;
+  end-to-end latency per token over loopback and over an emulated 50 ms RTT, 20 Mbit/s link.
 
     bench/report [--model DIR] [--data HELDOUT.jsonl] [--out bench/results]
 """
@@ -54,34 +57,50 @@ def load_snippets(path: Path, n: int, seed: int, min_lines: int = 6) -> tuple[li
     return pairs, calib
 
 
+def kv_fill_cost(config) -> float:
+    """A propagated layer-row's cost as a fraction of a computed one: the K/V projections against the whole
+    block's matrix products (q, k, v, o and the MLP; attention scores left out, which favours neither)."""
+    c, hd, kd, i = config.hidden_size, config.num_attention_heads * config.head_dim, \
+        config.num_key_value_heads * config.head_dim, config.intermediate_size
+    return 2 * c * kd / (2 * c * hd + 2 * c * kd + 3 * c * i)
+
+
 @torch.no_grad()
 def perplexity(model, texts: list[str], policy: ExitPolicy | None, head: int | None, max_tokens: int,
-               seq_len: int = 256) -> float:
-    """Perplexity when each position is scored by the head the policy picks (or a fixed head)."""
+               seq_len: int = 256, propagate: bool = False) -> tuple[float, float]:
+    """Perplexity and top-1 accuracy when each position is scored by the head the policy picks (or a fixed head);
+    with propagate, positions the policy exits on the edge get their deep KV propagated instead of computed."""
     tok, L = model.tokenizer, model.config.num_hidden_layers
+    split = model.config.split_layer
     ids: list[int] = []
     for t in texts:
         ids += tok.encode(t, add_bos=True)
         if len(ids) > max_tokens:
             break
     ids = ids[:max_tokens]
-    nll, count = 0.0, 0
-    exits = [e for e in model.config.exit_layers if e <= model.config.split_layer]
+    nll, count, right = 0.0, 0, 0
+    exits = [e for e in model.config.exit_layers if e <= split]
     for a in range(0, len(ids) - 1, seq_len):
         x = torch.tensor([ids[a:a + seq_len + 1]])
-        out = model(x[:, :-1], exits=exits)
+        edge = model.stage(0, split)(x[:, :-1], exits=exits)
         target = x[0, 1:]
+        uses = []
         for i in range(target.numel()):
             use = head if head is not None else L
             if policy is not None:
                 for e in exits:
-                    if policy.decide(e, out.exit_logits[e][0, i]):
+                    if policy.decide(e, edge.exit_logits[e][0, i]):
                         use = e
                         break
-            logits = out.logits[0, i] if use == L else out.exit_logits[use][0, i]
+            uses.append(use)
+        fill = torch.tensor([u != L for u in uses]) if propagate else None
+        final = model.run_layers(edge.hidden, None, None, split, L, fill=fill).logits
+        for i, use in enumerate(uses):
+            logits = final[0, i] if use == L else edge.exit_logits[use][0, i]
             nll -= float(torch.log_softmax(logits.float(), -1)[target[i]])
+            right += int(int(logits.argmax()) == int(target[i]))
             count += 1
-    return math.exp(nll / max(1, count))
+    return math.exp(nll / max(1, count)), right / max(1, count)
 
 
 @torch.no_grad()
@@ -99,14 +118,23 @@ def prompt_ids(model, prompt: str, max_new: int) -> list[int]:
     return ids[-room:] if len(ids) > room else ids
 
 
-def run_mode(client: EdgeClient, model, pairs, mode: str, policy: ExitPolicy, max_new: int) -> dict:
+def run_mode(client: EdgeClient, model, pairs, mode: str, policy: ExitPolicy, max_new: int,
+             kv_fill: str = "exact") -> dict:
     L = model.config.num_hidden_layers
     agree = total = exact = edge = 0
-    up = down = cloud_lt = positions = 0
+    up = down = cloud_lt = positions = filled = drafts = accepted = rejected = prompt_lt = 0
+    deep = L if mode == "cloud-only" else L - model.config.split_layer
     lat = []
+    client.kv_fill = kv_fill
     for prompt, target in pairs:
         ids = prompt_ids(model, prompt, max_new)
         gen = client.generate(ids, max_new, policy=policy, mode=mode)
+        c = gen.counters
+        # the prompt's rows before the last (each only feeds the context) cost the cloud the same in every mode
+        before = len(ids) - 1 if mode == "cloud-only" else sum(p < len(ids) - 1 for u in c.uploads for p in u)
+        prompt_lt += before * deep
+        filled, drafts, accepted, rejected = (filled + c.cloud_filled_rows, drafts + c.drafts,
+                                              accepted + c.accepted, rejected + c.rejected)
         a, n = agreement(model, ids, gen.tokens)
         agree, total = agree + a, total + n
         first_line = gen.text.split("\n")[0] if "\n" in gen.text else None
@@ -116,8 +144,13 @@ def run_mode(client: EdgeClient, model, pairs, mode: str, policy: ExitPolicy, ma
         cloud_lt += gen.counters.cloud_layer_tokens
         positions += len(ids) + len(gen.events) - 1
         lat += [e.latency_s for e in gen.events]
+    client.kv_fill = "exact"
+    cloud = cloud_lt + kv_fill_cost(model.config) * filled
     return {"agreement": agree / max(1, total), "exact_match": exact / len(pairs), "edge_share": edge / max(1, total),
-            "cloud_compute": cloud_lt / max(1, L * positions), "up_per_token": up / max(1, total),
+            "cloud_compute": cloud / max(1, L * positions), "cloud_layer_tokens": cloud_lt, "filled_rows": filled,
+            "decode_compute": (cloud - prompt_lt) / max(1, L * total),
+            "drafts": drafts, "accepted": accepted, "rejected": rejected,
+            "acceptance": accepted / (accepted + rejected) if drafts else None, "up_per_token": up / max(1, total),
             "down_per_token": down / max(1, total), "latency_ms": 1e3 * statistics.fmean(lat) if lat else 0.0,
             "latency_p50_ms": 1e3 * statistics.median(lat) if lat else 0.0, "tokens": total}
 
@@ -131,7 +164,8 @@ def plots(rows: dict[str, dict], out: Path) -> list[Path]:
     names = list(rows)
     made = []
     specs = [("quality", ["agreement", "exact_match"], "fraction"),
-             ("edge_share_and_compute", ["edge_share", "cloud_compute"], "fraction (compute: of cloud-only)"),
+             ("edge_share_and_compute", ["edge_share", "cloud_compute", "decode_compute"],
+              "fraction (compute: of cloud-only)"),
              ("bytes_per_token", ["up_per_token", "down_per_token"], "bytes per generated token"),
              ("latency", ["latency_ms", "latency_link_ms"], "ms per token (loopback, emulated link)"),
              ("perplexity", ["perplexity"], "held-out perplexity")]
@@ -163,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--link-prompts", type=int, default=6)
     ap.add_argument("--max-new", type=int, default=24)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.99])
+    ap.add_argument("--propagate-targets", type=float, nargs="*", default=[0.9, 0.99])
+    ap.add_argument("--lossless-targets", type=float, nargs="*", default=[0.9])
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--calib-tokens", type=int, default=30000)
     ap.add_argument("--seed", type=int, default=0)
@@ -186,20 +222,28 @@ def main(argv: list[str] | None = None) -> int:
     policies = {}
     for target in args.targets:
         thr, rep = choose_thresholds(stats, edge_exits, target, "max_prob")
-        policies[f"collab@{target:g}"] = ExitPolicy(thr)
+        policies[target] = ExitPolicy(thr)
     proc, address = start_cloud(args.model)
     rows: dict[str, dict] = {}
     try:
         client = EdgeClient(make_backend("torch", args.model), model.tokenizer, cloud=address, encoding="fp16")
-        modes = [("cloud-only", "cloud-only", ExitPolicy.never()), ("naive-split", "naive-split", ExitPolicy.never()),
-                 ("edge-only", "standalone", ExitPolicy.never())]
-        modes += [(name, "collaborative", p) for name, p in policies.items()]
-        for name, mode, policy in modes:
+        never = ExitPolicy.never()
+        modes = [("cloud-only", "cloud-only", never, "exact"), ("naive-split", "naive-split", never, "exact"),
+                 ("edge-only", "standalone", never, "exact")]
+        modes += [(f"collab@{t:g}", "collaborative", p, "exact") for t, p in policies.items()]
+        modes += [(f"propagate@{t:g}", "collaborative", p, "propagate") for t, p in policies.items()
+                  if t in args.propagate_targets]
+        for t in args.lossless_targets:  # drafts from the calibrated exits; "+split": else always from the split exit
+            modes.append((f"lossless@{t:g}", "lossless", policies[t], "exact"))
+            drafty = ExitPolicy({**policies[t].thresholds, cfg.split_layer: -math.inf})
+            modes.append((f"lossless@{t:g}+split", "lossless", drafty, "exact"))
+        for name, mode, policy, kv_fill in modes:
             t0 = time.perf_counter()
-            rows[name] = run_mode(client, model, pairs, mode, policy, args.max_new)
+            rows[name] = run_mode(client, model, pairs, mode, policy, args.max_new, kv_fill)
             head = cfg.split_layer if name == "edge-only" else None
             use_policy = policy if mode == "collaborative" else None
-            rows[name]["perplexity"] = perplexity(model, calib_texts[::-1], use_policy, head, args.ppl_tokens)
+            rows[name]["perplexity"], rows[name]["accuracy"] = perplexity(
+                model, calib_texts[::-1], use_policy, head, args.ppl_tokens, propagate=kv_fill == "propagate")
             rows[name]["thresholds"] = {str(k): round(v, 4) for k, v in policy.thresholds.items()}
             print(f"  {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
         client.close()
@@ -237,22 +281,31 @@ def main(argv: list[str] | None = None) -> int:
 
     base_lat = rows["cloud-only"]["latency_ms"]
     base_link = rows["cloud-only"].get("latency_link_ms")
-    head = ("mode", "agree", "exact", "ppl", "edge share", "cloud compute", "up B/tok", "down B/tok",
-            "ms/tok loopback", "ms/tok link", "link vs cloud-only")
+    head = ("mode", "agree", "acc", "exact", "ppl", "edge share", "accept", "cloud compute", "decode compute",
+            "up B/tok", "down B/tok", "ms/tok loopback", "ms/tok link", "link vs cloud-only")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         link = r.get("latency_link_ms")
         link_s = f"{link:.1f}" if link else "n/a"
         rel = f"{link / base_link - 1:+.1%}" if link and base_link else "n/a"
-        lines.append(f"| {name} | {r['agreement']:.1%} | {r['exact_match']:.1%} | {r['perplexity']:.2f} | "
-                     f"{r['edge_share']:.1%} | {r['cloud_compute']:.1%} ({r['cloud_compute'] - 1:+.1%}) | "
+        acc = f"{r['acceptance']:.1%}" if r.get("acceptance") is not None else "n/a"
+        lines.append(f"| {name} | {r['agreement']:.1%} | {r['accuracy']:.1%} | {r['exact_match']:.1%} | "
+                     f"{r['perplexity']:.2f} | {r['edge_share']:.1%} | {acc} | "
+                     f"{r['cloud_compute']:.1%} ({r['cloud_compute'] - 1:+.1%}) | {r['decode_compute']:.1%} | "
                      f"{r['up_per_token']:.0f} | {r['down_per_token']:.0f} | {r['latency_ms']:.2f} | "
                      f"{link_s} | {rel} |")
     table = "\n".join(lines)
     text = (f"# coexit evaluation report\n\nModel: `{args.model}`; held-out data: `{args.data}` (packages never seen "
             f"in training); {len(pairs)} prompts x up to {args.max_new} new tokens, greedy; thresholds calibrated "
             f"on other held-out files. Cloud compute is layer-token computations relative to cloud-only serving of "
-            f"the same sequences. Loopback cloud-only latency {base_lat:.2f} ms/token. Emulated link: {link_note}."
+            f"the same sequences, prompts included; decode compute leaves out the prompt rows (the same in every "
+            f"mode) and is per generated token, against cloud-only's L layers per token; a propagated layer-row "
+            f"counts {kv_fill_cost(cfg):.3f} of one (its K/V "
+            f"projections). acc: held-out top-1 next-token accuracy, teacher-forced. accept: lossless drafts "
+            f"accepted by the cloud, of those verified. propagate@t: collab@t with kv_fill=propagate. lossless@t: "
+            f"drafts from the exits calibrated at t, else a fallback; +split: else always a draft from the split "
+            f"exit (max_drafts {EdgeClient.__init__.__defaults__[-1]}). "
+            f"Loopback cloud-only latency {base_lat:.2f} ms/token. Emulated link: {link_note}."
             f"\n\n{table}\n\nAnchors: {ANCHORS}\n")
     print("\n" + table + "\n\n" + ANCHORS)
     (out / "report.md").write_text(text)
@@ -266,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
 def _link_runs(rows, modes, address, model, pairs, args) -> None:
     client = EdgeClient(make_backend("torch", args.model), model.tokenizer, cloud=address, encoding="fp16",
                         deadline_s=30.0)
-    for name, mode, policy in modes:
-        rows[name]["latency_link_ms"] = run_mode(client, model, pairs, mode, policy, args.max_new)["latency_ms"]
+    for name, mode, policy, kv_fill in modes:
+        rows[name]["latency_link_ms"] = run_mode(client, model, pairs, mode, policy, args.max_new,
+                                                 kv_fill)["latency_ms"]
         print(f"  {name} over the link: {rows[name]['latency_link_ms']:.1f} ms/token", flush=True)
     client.close()
 

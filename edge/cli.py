@@ -31,9 +31,11 @@ def summary(gen: Generation) -> str:
     c, n = gen.counters, max(1, len(gen.events))
     edge = sum(e.origin != "cloud" for e in gen.events)
     lat = [e.latency_s * 1e3 for e in gen.events] or [0.0]
+    drafts = (f"; drafts {c.drafts}: {c.accepted} accepted, {c.rejected} rejected, {c.wasted} void"
+              if c.drafts else "")
     return (f"{len(gen.events)} tokens: {edge / n:.0%} on the edge, {c.fallbacks} cloud fallbacks, "
-            f"{c.standalone} standalone; up {c.bytes_up / n:.0f} B/token, down {c.bytes_down / n:.0f} B/token; "
-            f"latency p50 {statistics.median(lat):.1f} ms, max {max(lat):.1f} ms")
+            f"{c.standalone} standalone{drafts}; up {c.bytes_up / n:.0f} B/token, down {c.bytes_down / n:.0f} "
+            f"B/token; latency p50 {statistics.median(lat):.1f} ms, max {max(lat):.1f} ms")
 
 
 def parse_thresholds(text: str | None) -> dict[int, float]:
@@ -66,12 +68,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--deadline", type=float, default=5.0, help="seconds to wait for the cloud per step")
     ap.add_argument("--token", help="bearer token the cloud requires")
     ap.add_argument("--tls-ca", help="PEM CA certificate: connect with TLS and trust servers it signed")
+    ap.add_argument("--kv-fill", choices=["exact", "propagate"], default="exact",
+                    help="collaborative mode: how the cloud fills the KV of edge-exited positions")
+    ap.add_argument("--max-drafts", type=int, default=8, help="lossless mode: drafts in flight at most")
     ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     args = ap.parse_args(argv)
     backend_kw = {"quant": args.quant} if args.backend == "gguf" else {}
     client = EdgeClient.from_checkpoint(args.model, cloud=args.cloud, backend=args.backend, mode=args.mode,
                                         encoding=args.encoding, deadline_s=args.deadline, token=args.token,
-                                        tls_ca=args.tls_ca, backend_kw=backend_kw)
+                                        tls_ca=args.tls_ca, backend_kw=backend_kw, kv_fill=args.kv_fill,
+                                        max_drafts=args.max_drafts)
     edge_exits = client.backend.exit_layers
     thresholds = parse_thresholds(args.thresholds) or {e: args.threshold for e in edge_exits}
     policy = ExitPolicy(thresholds, args.criterion)
@@ -81,6 +87,8 @@ def main(argv: list[str]) -> int:
     print(args.prompt + render(gen, colour))
     legend = "green = edge exit, blue = cloud, yellow = edge while the cloud was unreachable" if colour else \
         "[E<layer>] = edge exit at that layer, [C] = cloud, [S] = edge while the cloud was unreachable"
+    if args.mode == "lossless":
+        legend += " (lossless: every token verified by the full model; edge = an accepted draft)"
     print(f"-- {legend}")
     print(summary(gen))
     client.close()
