@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     proc, address = start_cloud(args.model)
     rows: dict[str, dict] = {}
     try:
-        client = EdgeClient(make_backend("torch", args.model), model.tokenizer, cloud=address, encoding="fp16")
+        client = EdgeClient(make_backend("torch", args.model), model.tokenizer, cloud=address, encoding="fp16",
+                            draft_always=False)  # the lossless rows spell their drafting out in their policies
         never = ExitPolicy.never()
         modes = [("cloud-only", "cloud-only", never, "exact"), ("naive-split", "naive-split", never, "exact"),
                  ("edge-only", "standalone", never, "exact")]
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _link_runs(rows, modes, address, model, pairs, args) -> None:
     client = EdgeClient(make_backend("torch", args.model), model.tokenizer, cloud=address, encoding="fp16",
-                        deadline_s=30.0)
+                        deadline_s=30.0, draft_always=False)
     for name, mode, policy, kv_fill in modes:
         rows[name]["latency_link_ms"] = run_mode(client, model, pairs, mode, policy, args.max_new,
                                                  kv_fill)["latency_ms"]

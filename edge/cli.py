@@ -71,13 +71,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--kv-fill", choices=["exact", "propagate"], default="exact",
                     help="collaborative mode: how the cloud fills the KV of edge-exited positions")
     ap.add_argument("--max-drafts", type=int, default=8, help="lossless mode: drafts in flight at most")
+    ap.add_argument("--draft-when-confident", action="store_true",
+                    help="lossless mode: draft only from a confident exit (default: else from the split exit)")
     ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     args = ap.parse_args(argv)
     backend_kw = {"quant": args.quant} if args.backend == "gguf" else {}
     client = EdgeClient.from_checkpoint(args.model, cloud=args.cloud, backend=args.backend, mode=args.mode,
                                         encoding=args.encoding, deadline_s=args.deadline, token=args.token,
                                         tls_ca=args.tls_ca, backend_kw=backend_kw, kv_fill=args.kv_fill,
-                                        max_drafts=args.max_drafts)
+                                        max_drafts=args.max_drafts, draft_always=not args.draft_when_confident)
     edge_exits = client.backend.exit_layers
     thresholds = parse_thresholds(args.thresholds) or {e: args.threshold for e in edge_exits}
     policy = ExitPolicy(thresholds, args.criterion)

@@ -97,16 +97,18 @@ class EdgeClient:
                  encoding: str = "fp32", policy: ExitPolicy | None = None, mode: str = "collaborative",
                  deadline_s: float = 5.0, retry_s: float = 0.5, prefill_chunk: int = 256,
                  token: str | None = None, cloud_exits: dict[int, float] | None = None,
-                 tls_ca: str | None = None, kv_fill: str = "exact", max_drafts: int = 8) -> None:
+                 tls_ca: str | None = None, kv_fill: str = "exact", max_drafts: int = 8,
+                 draft_always: bool = True) -> None:
         """kv_fill: "exact" or "propagate" (collaborative mode). max_drafts: lossless mode's bound on drafts in
-        flight (unverified)."""
+        flight (unverified). draft_always: in lossless mode, when no exit is confident, draft from the split exit
+        anyway (a rejected draft costs the same round trip as asking the cloud; an accepted one saves it)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
         if kv_fill not in KV_FILLS:
             raise ValueError(f"unknown kv_fill {kv_fill!r}; use one of {sorted(KV_FILLS)}")
         if max_drafts < 1:
             raise ValueError(f"max_drafts must be at least 1, got {max_drafts}")
-        self.kv_fill, self.max_drafts = kv_fill, max_drafts
+        self.kv_fill, self.max_drafts, self.draft_always = kv_fill, max_drafts, draft_always
         if encoding not in ENCODING_CODES:
             raise ValueError(f"unknown encoding {encoding!r}; use one of {sorted(ENCODING_CODES)}")
         self.backend, self.tokenizer, self.encoding = backend, tokenizer, encoding

@@ -3,12 +3,15 @@ verified tokens are emitted (self-speculative decoding across the edge/cloud spl
 
 The edge runs each new token through all its layers (the cloud needs the split row of every drafted position),
 takes the first confident exit as the draft for the next position, and streams the row with its draft without
-waiting: up to `max_drafts` drafts are in flight. Each reply carries verdicts (coexit.sampling.verify_draft on the
-cloud: greedy compares argmaxes; sampling applies the speculative-sampling acceptance rule to the sparse draft
-distribution the edge sent). An accepted draft is emitted as an edge token. At a rejected draft at position p the
-cloud's token replaces it, every later draft is void (its replies are ignored: the server discards those rows
-without computing them), the edge rolls its KV back to p, and a Rollback(p) tells the cloud to do the same. With
-no confident exit the row goes up with want_token and the edge waits for the cloud's token.
+waiting: up to `max_drafts` drafts are in flight. With `draft_always` (the default) a row with no confident exit
+is drafted from the split exit anyway, since a rejected draft costs no more waiting than asking the cloud.
+
+Each reply carries verdicts (coexit.sampling.verify_draft on the cloud: greedy compares argmaxes; sampling applies
+the speculative-sampling acceptance rule to the sparse draft distribution the edge sent). An accepted draft is
+emitted as an edge token. At a rejected draft at position p the cloud's token replaces it, every later draft is
+void (its replies are ignored: the server discards those rows without computing them), the edge rolls its KV back
+to p, and a Rollback(p) tells the cloud to do the same. With no draft the row goes up with want_token and the edge
+waits for the cloud's token.
 
 If the cloud becomes unreachable, drafts are dropped and the run reconnects (resume, or a new session with the
 verified rows replayed) for up to `deadline_s` x 6 before raising: lossless never emits an unverified token.
@@ -16,11 +19,13 @@ verified rows replayed) for up to `deadline_s` x 6 before raising: lossless neve
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from coexit.exits import ExitPolicy
 from coexit.sampling import draft_distribution, sample_draft
 from coexit.v1 import coexit_pb2 as pb
 from edge.client import TokenEvent, _Run
@@ -46,6 +51,8 @@ class _Sent:
 
 class LosslessRun(_Run):
     def __init__(self, client, prompt, max_new: int, sampling, policy, stop_at_eos: bool, provisional: bool) -> None:
+        if client.draft_always:
+            policy = ExitPolicy({**policy.thresholds, client.backend.split: -math.inf}, policy.criterion)
         super().__init__(client, prompt, max_new, sampling, policy, "lossless", stop_at_eos)
         self.provisional = provisional
         self.drafts: list[_Draft] = []  # unverified, at positions len(ids), len(ids) + 1, ...

@@ -55,20 +55,23 @@ def _client(d, address, backend=None, **kw) -> EdgeClient:
     return EdgeClient(be, model.tokenizer, cloud=address, mode="lossless", **kw)
 
 
-@pytest.mark.parametrize("policy", ["always2", "always3", "mixed", "never"])
+@pytest.mark.parametrize("policy", ["always2", "always3", "mixed", "never", "split"])
 def test_greedy_equals_full_model(tiny_dir, served, policy):
     full = coexit.load(tiny_dir)
     ids = full.tokenizer.encode(PROMPT, add_bos=True)
     expected = generate_full(full, ids, 24)
     pol = {"always2": ExitPolicy.always(2), "always3": ExitPolicy.always(3), "never": ExitPolicy.never(),
-           "mixed": ExitPolicy({2: 0.3, 3: 0.2})}[policy]
-    client = _client(tiny_dir, served.address, max_drafts=4)
+           "mixed": ExitPolicy({2: 0.3, 3: 0.2}), "split": ExitPolicy.never()}[policy]
+    # "never" with draft_always off: no drafts at all; "split": no confident exit, so every draft is the split's
+    client = _client(tiny_dir, served.address, max_drafts=4, draft_always=policy != "never")
     gen = client.generate(ids, 24, policy=pol, stop_at_eos=False)
     client.close()
     assert gen.tokens == expected
     c = gen.counters
     if policy == "never":
         assert c.drafts == 0 and {e.origin for e in gen.events} == {"cloud"}
+    elif policy == "split":
+        assert c.fallbacks == 0 and {e.exit_layer for e in gen.events if e.origin == "edge"} <= {3}
     else:
         assert c.drafts > 0 and c.accepted + c.rejected <= c.drafts
         assert sum(e.origin == "edge" for e in gen.events) == c.accepted
@@ -274,3 +277,34 @@ def test_protocol_refusals(tiny_dir, served):
     assert rb.length == 3
     assert not d.discarded and d.has_token and d.token_id == truth[2] and d.layer_tokens > 0
     ch.close()
+
+
+def test_several_drafts_in_one_append_are_verified_together(tiny_dir):
+    """One Append of 6 rows with drafts for its last 3 successors, on an engine that computes 2 rows per tick: the
+    drafted rows run together in the last chunk, every verdict is the full model's token at that position, and the
+    verdicts stop at the first rejection."""
+    full = coexit.load(tiny_dir)
+    c = full.config
+    rows = torch.randn(6, c.hidden_size, generator=torch.Generator().manual_seed(1))
+    with ServerThread(full, limits=Limits(rows_per_tick=2)) as srv:
+        stub = __import__("coexit.v1.coexit_pb2_grpc", fromlist=["CoexitStub"]).CoexitStub(
+            grpc.insecure_channel(srv.address))
+
+        def run(*appends):
+            opening = pb.SessionRequest(open=pb.OpenRequest(fingerprint=full.fingerprint, encoding=pb.FP32))
+            return [r.appended for r in list(stub.Session(iter([opening, *appends])))[1:]]
+
+        def append(a, b, **kw):
+            t = pb.Tensor(encoding=pb.FP32, rows=b - a, cols=c.hidden_size, data=rows[a:b].numpy().tobytes())
+            return pb.SessionRequest(append=pb.AppendRequest(first_position=a, hidden=t, **kw))
+
+        truth = [r.token_id for r in run(*(append(i, i + 1, want_token=True) for i in range(6)))]  # at 1..6
+        ok = run(append(0, 6, drafts=[pb.Draft(position=p, token_id=truth[p - 1]) for p in (4, 5, 6)]))[0]
+        assert [(v.position, v.accepted, v.token_id) for v in ok.verdicts] == [(p, True, truth[p - 1])
+                                                                              for p in (4, 5, 6)]
+        bad = (truth[4] + 1) % c.vocab_size
+        no = run(append(0, 6, want_token=True, drafts=[pb.Draft(position=4, token_id=truth[3]),
+                                                       pb.Draft(position=5, token_id=bad)]))[0]
+        assert [(v.position, v.accepted, v.token_id) for v in no.verdicts] == [(4, True, truth[3]),
+                                                                              (5, False, truth[4])]
+        assert not no.has_token  # the wanted token followed the rejected draft
