@@ -31,6 +31,7 @@ import coexit
 from bench.link import DelayProxy, netem_available, netem_namespace
 from cloud.launch import start_cloud
 from coexit.exits import ExitPolicy
+from edge.adaptive import AdaptivePolicy, evaluate, frontier
 from edge.backends import make_backend
 from edge.calibrate import choose_thresholds, collect
 from edge.client import EdgeClient
@@ -199,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.99])
     ap.add_argument("--propagate-targets", type=float, nargs="*", default=[0.9, 0.99])
     ap.add_argument("--lossless-targets", type=float, nargs="*", default=[0.9])
+    ap.add_argument("--adaptive-targets", type=float, nargs="*", default=[0.99],
+                    help="adaptive rows, each with the quality budget of collab@t on the calibration data")
+    ap.add_argument("--rtts", type=float, nargs="*", default=[5, 25, 50, 100, 200],
+                    help="RTTs (ms, 20 Mbit/s) for the latency-vs-RTT sweep (latency_vs_rtt.png)")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--calib-tokens", type=int, default=30000)
     ap.add_argument("--seed", type=int, default=0)
@@ -234,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         modes += [(f"collab@{t:g}", "collaborative", p, "exact") for t, p in policies.items()]
         modes += [(f"propagate@{t:g}", "collaborative", p, "propagate") for t, p in policies.items()
                   if t in args.propagate_targets]
+        for t in args.adaptive_targets:  # the same calibration data and the budget collab@t uses there
+            budget = evaluate(stats.conf, stats.agree, edge_exits, policies[t].thresholds).disagreement
+            points = frontier(stats.conf, stats.agree, edge_exits, include=policies[t].thresholds)
+            modes.append((f"adaptive@{t:g}", "collaborative",
+                          AdaptivePolicy({}, points=points, budget=budget, split=cfg.split_layer), "exact"))
         for t in args.lossless_targets:  # drafts from the calibrated exits; "+split": else always from the split exit
             modes.append((f"lossless@{t:g}", "lossless", policies[t], "exact"))
             drafty = ExitPolicy({**policies[t].thresholds, cfg.split_layer: -math.inf})
@@ -246,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             rows[name]["perplexity"], rows[name]["accuracy"] = perplexity(
                 model, calib_texts[::-1], use_policy, head, args.ppl_tokens, propagate=kv_fill == "propagate")
             rows[name]["thresholds"] = {str(k): round(v, 4) for k, v in policy.thresholds.items()}
+            if isinstance(policy, AdaptivePolicy):
+                rows[name]["budget"] = policy.budget
             print(f"  {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
         client.close()
     finally:
@@ -280,10 +292,23 @@ def main(argv: list[str] | None = None) -> int:
         link_note = f"emulated link skipped: {exc}"
     print(f"emulated link: {link_note}")
 
+    sweep: dict = {}
+    if args.rtts:  # latency vs RTT for the main modes, through the userspace relay
+        wanted = {"cloud-only", f"collab@{max(args.targets):g}",
+                  *(f"adaptive@{t:g}" for t in args.adaptive_targets),
+                  *(f"lossless@{t:g}+split" for t in args.lossless_targets)}
+        proc, address = start_cloud(args.model)
+        try:
+            sweep = rtt_sweep([m for m in modes if m[0] in wanted], address, model, link_pairs, args, out)
+        finally:
+            proc.kill()
+            proc.wait()
+
     base_lat = rows["cloud-only"]["latency_ms"]
     base_link = rows["cloud-only"].get("latency_link_ms")
     head = ("mode", "agree", "acc", "exact", "ppl", "edge share", "accept", "cloud compute", "decode compute",
-            "up B/tok", "down B/tok", "ms/tok loopback", "ms/tok link", "link vs cloud-only")
+            "up B/tok", "down B/tok", "ms/tok loopback", "ms/tok link", "link vs cloud-only", "agree link",
+            "edge share link")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         link = r.get("latency_link_ms")
@@ -294,8 +319,15 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['perplexity']:.2f} | {r['edge_share']:.1%} | {acc} | "
                      f"{r['cloud_compute']:.1%} ({r['cloud_compute'] - 1:+.1%}) | {r['decode_compute']:.1%} | "
                      f"{r['up_per_token']:.0f} | {r['down_per_token']:.0f} | {r['latency_ms']:.2f} | "
-                     f"{link_s} | {rel} |")
+                     f"{link_s} | {rel} | {_pct(r.get('agreement_link'))} | {_pct(r.get('edge_share_link'))} |")
     table = "\n".join(lines)
+    if sweep:
+        rtts = list(next(iter(sweep.values())))
+        sweep_lines = ["| mode | " + " | ".join(f"{r:g} ms" for r in rtts) + " |", "|" + "---|" * (len(rtts) + 1)]
+        sweep_lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in by.values()) + " |"
+                        for name, by in sweep.items()]
+        table += ("\n\nLatency per token (ms) against RTT, 20 Mbit/s, userspace relay, "
+                  f"{len(link_pairs)} prompts (`latency_vs_rtt.png`):\n\n" + "\n".join(sweep_lines))
     text = (f"# coexit evaluation report\n\nModel: `{args.model}`; held-out data: `{args.data}` (packages never seen "
             f"in training); {len(pairs)} prompts x up to {args.max_new} new tokens, greedy; thresholds calibrated "
             f"on other held-out files. Cloud compute is layer-token computations relative to cloud-only serving of "
@@ -310,21 +342,71 @@ def main(argv: list[str] | None = None) -> int:
             f"\n\n{table}\n\nAnchors: {ANCHORS}\n")
     print("\n" + table + "\n\n" + ANCHORS)
     (out / "report.md").write_text(text)
-    (out / "report.json").write_text(json.dumps({"rows": rows, "link": link_note}, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps({"rows": rows, "link": link_note,
+                                                 "latency_vs_rtt": {k: {str(r): v for r, v in by.items()}
+                                                                    for k, by in sweep.items()}}, indent=2) + "\n")
     for p in plots(rows, out):
         print(f"wrote {p}")
     print(f"wrote {out / 'report.md'}")
     return 0
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
 def _link_runs(rows, modes, address, model, pairs, args) -> None:
     client = EdgeClient(make_backend("torch", args.model), model.tokenizer, cloud=address, encoding="fp16",
                         deadline_s=30.0, draft_always=False)
     for name, mode, policy, kv_fill in modes:
-        rows[name]["latency_link_ms"] = run_mode(client, model, pairs, mode, policy, args.max_new,
-                                                 kv_fill)["latency_ms"]
-        print(f"  {name} over the link: {rows[name]['latency_link_ms']:.1f} ms/token", flush=True)
+        r = run_mode(client, model, pairs, mode, fresh(policy), args.max_new, kv_fill)
+        rows[name].update(latency_link_ms=r["latency_ms"], agreement_link=r["agreement"],
+                          edge_share_link=r["edge_share"])
+        print(f"  {name} over the link: {r['latency_ms']:.1f} ms/token, agreement {r['agreement']:.1%}, edge "
+              f"share {r['edge_share']:.1%}", flush=True)
     client.close()
+
+
+def fresh(policy: ExitPolicy) -> ExitPolicy:
+    """An adaptive policy starts each link without the estimates of the last one."""
+    if isinstance(policy, AdaptivePolicy):
+        return AdaptivePolicy({}, policy.criterion, points=policy.points, budget=policy.budget, split=policy.split)
+    return policy
+
+
+def rtt_sweep(modes, address: str, model, pairs, args, out: Path) -> dict[str, dict[float, float]]:
+    """ms/token of each mode through the userspace relay at each RTT (20 Mbit/s), and the plot."""
+    host, port = address.rsplit(":", 1)
+    sweep: dict[str, dict[float, float]] = {name: {} for name, *_ in modes}
+    for rtt in args.rtts:
+        proxy = DelayProxy(host, int(port), rtt, 20)
+        client = EdgeClient(make_backend("torch", args.model), model.tokenizer, cloud=proxy.start(), encoding="fp16",
+                            deadline_s=30.0, draft_always=False)
+        try:
+            for name, mode, policy, kv_fill in modes:
+                sweep[name][rtt] = run_mode(client, model, pairs, mode, fresh(policy), args.max_new,
+                                            kv_fill)["latency_ms"]
+                print(f"  RTT {rtt:g} ms, {name}: {sweep[name][rtt]:.1f} ms/token", flush=True)
+        finally:
+            client.close()
+            proxy.stop()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, by_rtt in sweep.items():
+        ax.plot(list(by_rtt), list(by_rtt.values()), marker="o", label=name)
+    ax.set_xlabel("round-trip time (ms), 20 Mbit/s")
+    ax.set_ylabel("ms per generated token")
+    ax.set_title("latency vs RTT (emulated link, held-out prompts)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "latency_vs_rtt.png", dpi=110)
+    plt.close(fig)
+    return sweep
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class AppendOutcome:
     verdicts: list[tuple[int, bool, int, float]] = field(default_factory=list)  # (position, accepted, token, lp)
     discarded: bool = False  # the rows follow a rejected draft and were not computed
     rows_filled: int = 0
+    queue_s: float = 0.0  # waiting for the engine before its first chunk ran
 
 
 @dataclass
@@ -135,7 +136,7 @@ class LocalBackend:
             raise done
         out = AppendOutcome(s.length, layer_tokens=done.layer_tokens, compute_s=done.compute_s,
                             verdicts=[(v.position, v.accepted, v.token_id, v.logprob) for v in done.verdicts],
-                            rows_filled=done.rows_filled)
+                            rows_filled=done.rows_filled, queue_s=done.queue_s)
         t = done.token
         if t is not None:
             out.has_token, out.token_id, out.logprob, out.exit_layer, out.top = (True, t.token_id, t.logprob,

@@ -26,7 +26,7 @@ from coexit.v1.convert import ENCODING_CODES, encoding_name, sampling_from_proto
 
 log = logging.getLogger("coexit.cloud")
 
-FEATURES = ("verify", "kv_fill")  # protocol additions within v1 this server implements (InfoReply.features)
+FEATURES = ("verify", "kv_fill", "queue")  # protocol additions within v1 this server implements (InfoReply.features)
 KV_FILL = {pb.KV_FILL_UNSPECIFIED: "exact", pb.EXACT: "exact", pb.PROPAGATE: "propagate"}
 
 
@@ -181,7 +181,8 @@ class CoexitService(pb_grpc.CoexitServicer):
                                                        sampling, int(req.top_logprobs), req.want_logits, acct,
                                                        drafts, fill)
         reply = pb.AppendReply(length=out.length, layer_tokens=out.layer_tokens, compute_us=int(out.compute_s * 1e6),
-                               discarded=out.discarded, filled_layer_rows=out.rows_filled)
+                               discarded=out.discarded, filled_layer_rows=out.rows_filled,
+                               queue_us=int(out.queue_s * 1e6))
         reply.verdicts.extend(pb.Verdict(position=p, accepted=a, token_id=t, logprob=lp)
                               for p, a, t, lp in out.verdicts)
         if out.has_token:

@@ -52,6 +52,12 @@ class ExitPolicy:
     def uniform(cls, exit_layers, threshold: float, criterion: str = "max_prob") -> ExitPolicy:
         return cls({int(e): threshold for e in exit_layers}, criterion)
 
+    def observe(self, round_trip_s: float, compute_s: float, queue_s: float, bytes_up: int) -> None:
+        """A fallback's measurements (a fixed policy ignores them; edge.adaptive.AdaptivePolicy does not)."""
+
+    def observe_edge(self, step_s: float, full: bool) -> None:
+        """An edge step's time; full: it ran every edge layer."""
+
     def decide(self, exit_layer: int, logits: Tensor) -> bool:
         t = self.thresholds.get(exit_layer)
         if t is None:

@@ -6,6 +6,8 @@ confidence and whether its top-1 equals the final head's top-1. Exits are taken 
 in order: for each exit, among the positions no earlier exit took, the lowest threshold whose accepted positions
 agree with the final head at >= target. Every exit's accepted set meets the target, hence so does their union.
 The result is written to DIR/exit_policy.json, which EdgeClient.from_checkpoint uses as its default policy.
+The file also holds the frontier of threshold vectors the adaptive policy (edge/adaptive.py) chooses from, and its
+default quality budget: the fixed policy's own disagreement over all calibration positions.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tqdm import tqdm
 import coexit
 from coexit.exits import ExitPolicy, confidence
 from coexit.textdata import read_documents
+from edge.adaptive import AdaptivePolicy, FrontierPoint, evaluate, frontier
 
 POLICY_FILE = "exit_policy.json"
 
@@ -109,19 +112,35 @@ def calibrate(model_dir: str | Path, data: str | Path, target: float = 0.99, cri
     exits = [e for e in model.config.exit_layers if e <= model.config.split_layer]
     stats = collect(model, read_texts(data, max_tokens * 6), exits, criterion, max_tokens=max_tokens)
     thresholds, report = choose_thresholds(stats, exits, target, criterion)
+    high = criterion != "entropy"
+    fixed = evaluate(stats.conf, stats.agree, exits, thresholds, high)
     result = {"criterion": criterion, "target": target, "thresholds": {str(k): v for k, v in thresholds.items()},
-              **report}
+              **report, "disagreement": fixed.disagreement,
+              "frontier": [p.to_dict() for p in frontier(stats.conf, stats.agree, exits, high, include=thresholds)]}
     if write:
         (Path(model_dir) / POLICY_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def load_policy(model_dir: str | Path) -> ExitPolicy | None:
+def load_policy(model_dir: str | Path, adaptive: bool = False,
+                quality_budget: float | None = None) -> ExitPolicy | None:
+    """The calibrated policy of DIR/exit_policy.json, or with adaptive=True the network-aware one over its
+    frontier, within quality_budget (default: the fixed policy's own disagreement on the calibration data)."""
     f = Path(model_dir) / POLICY_FILE
     if not f.is_file():
+        if adaptive:
+            raise FileNotFoundError(f"the adaptive policy needs {f}: run `coexit calibrate --model {model_dir}`")
         return None
     d = json.loads(f.read_text())
-    return ExitPolicy({int(k): float(v) for k, v in d["thresholds"].items()}, d.get("criterion", "max_prob"))
+    criterion = d.get("criterion", "max_prob")
+    if not adaptive:
+        return ExitPolicy({int(k): float(v) for k, v in d["thresholds"].items()}, criterion)
+    if "frontier" not in d:
+        raise ValueError(f"{f} has no frontier for the adaptive policy: re-run `coexit calibrate`")
+    budget = d["disagreement"] if quality_budget is None else quality_budget
+    split = coexit.read_config(model_dir).split_layer
+    return AdaptivePolicy({}, criterion, points=[FrontierPoint.from_dict(p) for p in d["frontier"]],
+                          budget=budget, split=split)
 
 
 def main(argv: list[str]) -> int:

@@ -137,13 +137,15 @@ class EdgeClient:
     @classmethod
     def from_checkpoint(cls, model_dir, cloud: str | None = None, backend: str = "torch",
                         backend_kw: dict | None = None, **kw) -> EdgeClient:
-        """Build the backend by name; the default exit policy is DIR/exit_policy.json (coexit calibrate)."""
+        """Build the backend by name; the default exit policy is DIR/exit_policy.json (coexit calibrate), and
+        policy="adaptive" (with quality_budget=...) is the network-aware policy over its calibrated frontier."""
         from coexit.checkpoint import load_tokenizer
         from edge.backends import make_backend
         from edge.calibrate import load_policy
 
-        if kw.get("policy") is None:
-            kw["policy"] = load_policy(model_dir)
+        budget = kw.pop("quality_budget", None)
+        if kw.get("policy") is None or kw.get("policy") == "adaptive":
+            kw["policy"] = load_policy(model_dir, adaptive=kw.get("policy") == "adaptive", quality_budget=budget)
         return cls(make_backend(backend, model_dir, **(backend_kw or {})), load_tokenizer(model_dir), cloud=cloud, **kw)
 
     def close(self) -> None:
@@ -202,7 +204,7 @@ class _Run:
         self.session_id = ""
         self.cloud_len = 0
         self.retry_at = 0.0
-        self._compute_us = 0
+        self._compute_us = self._queue_us = 0
         self.kv_fill = client.kv_fill if mode == "collaborative" else "exact"
         self.exited_rows: set[int] = set()  # positions whose row stopped at an edge exit (kv_fill="propagate")
 
@@ -260,6 +262,7 @@ class _Run:
         self.counters.cloud_layer_tokens += reply.layer_tokens
         self.counters.cloud_filled_rows += reply.filled_layer_rows
         self._compute_us += reply.compute_us
+        self._queue_us += reply.queue_us
 
     def _append(self, first: int, hidden: torch.Tensor | None, token_ids: list[int] | None,
                 want: bool) -> pb.AppendReply:
@@ -271,7 +274,8 @@ class _Run:
         """Send what the cloud lacks of positions [0, upto) and get the token for position `upto`."""
         if self.stream is None or self.stream.broken:
             self._open()
-        t0, self._compute_us = time.perf_counter(), 0
+        t0, self._compute_us, self._queue_us = time.perf_counter(), 0, 0
+        sent_before = self.stream.bytes_up
         try:
             if self.mode == "naive-split":
                 reply = self._append(0, self._rows(0, upto), None, True)
@@ -290,8 +294,10 @@ class _Run:
         except CloudUnavailable:
             self._mark_down()
             raise
-        self.counters.rtts_s.append(time.perf_counter() - t0)
+        rtt = time.perf_counter() - t0
+        self.counters.rtts_s.append(rtt)
         self.counters.cloud_compute_s.append(self._compute_us / 1e6)
+        self.policy.observe(rtt, self._compute_us / 1e6, self._queue_us / 1e6, self.stream.bytes_up - sent_before)
         self.counters.merge_stream(self.stream)
         return reply
 
@@ -328,7 +334,10 @@ class _Run:
                     while len(pending) > chunk:  # long prompts: earlier chunks need no exit decision
                         be.step(pending[:chunk], pos, None)
                         pos, pending = pos + chunk, pending[chunk:]
+                    t_step = time.perf_counter()
                     res = be.step(pending, pos, decide)
+                    if len(pending) == 1:  # a decode step (not a prompt chunk)
+                        self.policy.observe_edge(time.perf_counter() - t_step, not res.exited)
                     self._collect_rows()
                 pos += len(pending)
                 event = self._token(res if mode != "cloud-only" else None, pos, t0)

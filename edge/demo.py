@@ -1,11 +1,14 @@
-"""`coexit demo`: the main job. Starts the cloud service (unless --cloud points at one), runs an edge client on the
-bundled default model over loopback, completes a few code prompts showing each token's origin (in colour on a
-terminal), and prints a summary against cloud-only serving of the same prompts: edge share, bytes up and down,
-cloud compute saved and latency."""
+"""`coexit demo`: the main job. Starts the cloud service (unless --cloud points at one), puts an emulated wide-area
+link between the edge and the cloud (50 ms RTT, 20 Mbit/s, a userspace relay; `--link none` for loopback), runs
+edge clients on the bundled default model, completes a few code prompts showing each token's origin (in colour on
+a terminal), and prints collaborative (the calibrated fixed thresholds), adaptive (the network-aware policy) and
+cloud-only serving of the same prompts side by side: latency per token, bytes up and down, edge share and cloud
+compute, with each mode's latency against cloud-only over the same link."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -24,6 +27,16 @@ PROMPTS = [
 ]
 
 
+def parse_link(text: str) -> tuple[float, float] | None:
+    """"50ms,20mbit" -> (RTT ms, Mbit/s); "none" -> None."""
+    if text == "none":
+        return None
+    m = re.fullmatch(r"\s*([\d.]+)\s*ms\s*,\s*([\d.]+)\s*mbit\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"--link takes RTT,rate like 50ms,20mbit, or none; got {text!r}")
+    return float(m.group(1)), float(m.group(2))
+
+
 def totals(gens: list[Generation], num_layers: int) -> dict:
     n = sum(len(g.events) for g in gens)
     positions = sum(len(g.prompt_ids) + len(g.events) - 1 for g in gens)
@@ -40,10 +53,24 @@ def totals(gens: list[Generation], num_layers: int) -> dict:
     }
 
 
+def run_mode(client: EdgeClient, max_new: int, mode: str | None = None, show: bool = False,
+             colour: bool = False) -> list[Generation]:
+    gens = []
+    for prompt in PROMPTS:
+        gen = client.generate(prompt, max_new, mode=mode)
+        gens.append(gen)
+        if show:
+            print(("\033[2m" if colour else "") + prompt + ("\033[0m" if colour else "") + render(gen, colour))
+            print("-" * 60)
+    return gens
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="coexit demo", description=__doc__)
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--cloud", help="HOST:PORT of a running `coexit serve` (default: start one on loopback)")
+    ap.add_argument("--link", type=parse_link, default=parse_link("50ms,20mbit"),
+                    help="emulated link between edge and cloud, RTT,rate (default 50ms,20mbit), or none")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--encoding", default="fp16")
     ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
@@ -53,46 +80,66 @@ def main(argv: list[str]) -> int:
     if not (model_dir / "config.json").is_file():
         print(f"coexit demo: no model at {model_dir}; pass --model DIR", file=sys.stderr)
         return 2
-    proc = None
+    proc = proxy = None
     address = args.cloud
     if address is None:
         from cloud.launch import start_cloud
 
         print(f"starting the cloud service on loopback for {model_dir} ...", flush=True)
         proc, address = start_cloud(model_dir)
+    link = "loopback"
+    if args.link is not None:
+        from edge.wan import DelayProxy
+
+        host, port = address.rsplit(":", 1)
+        proxy = DelayProxy(host, int(port), *args.link)
+        address = proxy.start()
+        link = f"an emulated {args.link[0]:g} ms RTT, {args.link[1]:g} Mbit/s link"
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    clients = []
     try:
-        client = EdgeClient.from_checkpoint(model_dir, cloud=address, encoding=args.encoding)
         config = coexit.read_config(model_dir)
-        policy = client.policy
-        if not policy.thresholds:
-            policy = client.policy = ExitPolicy.uniform(client.backend.exit_layers, 0.9)
-        print(f"edge: layers [0, {config.split_layer}) with exits {client.backend.exit_layers}, thresholds "
-              f"{ {k: round(v, 3) for k, v in policy.thresholds.items()} }; cloud: {address}\n")
-        gens = []
-        for prompt in PROMPTS:
-            gen = client.generate(prompt, args.max_new_tokens)
-            gens.append(gen)
-            print(("\033[2m" if colour else "") + prompt + ("\033[0m" if colour else "") + render(gen, colour))
-            print("-" * 60)
+        fixed = EdgeClient.from_checkpoint(model_dir, cloud=address, encoding=args.encoding, deadline_s=30.0)
+        clients.append(fixed)
+        if not fixed.policy.thresholds:
+            fixed.policy = ExitPolicy.uniform(fixed.backend.exit_layers, 0.9)
+        try:
+            adaptive = EdgeClient.from_checkpoint(model_dir, cloud=address, encoding=args.encoding, deadline_s=30.0,
+                                                  policy="adaptive")
+            clients.append(adaptive)
+        except (FileNotFoundError, ValueError) as exc:  # a model calibrated before the adaptive policy existed
+            print(f"(no adaptive policy: {exc})")
+            adaptive = None
+        print(f"edge: layers [0, {config.split_layer}) with exits {fixed.backend.exit_layers}, calibrated thresholds "
+              f"{ {k: round(v, 3) for k, v in fixed.policy.thresholds.items()} }; cloud: {args.cloud or 'loopback'} "
+              f"over {link}\n")
+        runs = {"collaborative": run_mode(fixed, args.max_new_tokens, show=adaptive is None, colour=colour)}
+        if adaptive is not None:
+            run_mode(adaptive, 4)  # a few fallbacks to measure the link before the runs that count
+            runs["adaptive"] = run_mode(adaptive, args.max_new_tokens, show=True, colour=colour)
         legend = ("green = edge exit, blue = cloud, yellow = edge while the cloud was unreachable" if colour else
                   "[E<layer>] = edge exit at that layer, [C] = cloud, [S] = edge while the cloud was unreachable")
-        print(legend)
-        ours = totals(gens, config.num_hidden_layers)
-        line = (f"collaborative: {ours['tokens']} tokens, {ours['edge_share']:.0%} exited on the edge; "
-                f"up {ours['up']:.0f} B/token, down {ours['down']:.0f} B/token; cloud compute "
-                f"{ours['cloud_layer_tokens'] / ours['cloud_only_layer_tokens']:.0%} of cloud-only "
-                f"({1 - ours['cloud_layer_tokens'] / ours['cloud_only_layer_tokens']:.0%} saved); "
-                f"latency p50 {ours['p50_ms']:.1f} ms/token")
-        print(line)
+        print(legend + (f"; adaptive thresholds now { {k: round(v, 3) for k, v in adaptive.policy.thresholds.items()} }"
+                        if adaptive is not None else ""))
         if not args.no_baseline:
-            base = totals([client.generate(p, args.max_new_tokens, mode="cloud-only") for p in PROMPTS],
-                          config.num_hidden_layers)
-            print(f"cloud-only:    {base['tokens']} tokens; up {base['up']:.0f} B/token, down {base['down']:.0f} "
-                  f"B/token; latency p50 {base['p50_ms']:.1f} ms/token (collaborative/cloud-only latency "
-                  f"{ours['mean_ms'] / max(1e-9, base['mean_ms']):.2f}x, mean)")
-        client.close()
+            runs["cloud-only"] = run_mode(fixed, args.max_new_tokens, mode="cloud-only")
+        rows = {name: totals(gens, config.num_hidden_layers) for name, gens in runs.items()}
+        print(f"\n{'mode':<14} {'ms/token':>9} {'up B/tok':>9} {'down B/tok':>10} {'edge share':>10} "
+              f"{'cloud compute':>14}")
+        for name, r in rows.items():
+            compute = r["cloud_layer_tokens"] / max(1, r["cloud_only_layer_tokens"])
+            print(f"{name:<14} {r['mean_ms']:>9.1f} {r['up']:>9.0f} {r['down']:>10.0f} {r['edge_share']:>10.0%} "
+                  f"{compute:>14.0%}")
+        if "cloud-only" in rows:
+            base = rows["cloud-only"]["mean_ms"]
+            ratios = ", ".join(f"{name} {r['mean_ms'] / max(1e-9, base):.2f}x" for name, r in rows.items()
+                               if name != "cloud-only")
+            print(f"latency per token against cloud-only over {link}: {ratios}")
     finally:
+        for c in clients:
+            c.close()
+        if proxy is not None:
+            proxy.stop()
         if proc is not None:
             proc.kill()
             proc.wait()

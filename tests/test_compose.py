@@ -1,6 +1,6 @@
 """docker-compose.yml is valid (Debian's docker-compose `config -q`) and its services run exactly the entry points
-that work natively: the cloud command serves, the health-check command reports it healthy, and the edge command
-completes the demo against it."""
+that work natively: the cloud command serves, the health-check command reports it healthy, the edge command
+completes the demo against it, and the edge-api command serves the OpenAI-compatible API on its published port."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,13 +32,13 @@ def compose():
     return yaml.safe_load(out)
 
 
-def native(cmd: list[str], model_dir, port: int) -> list[str]:
-    """The container command with the image's paths, bind address and service name mapped to this machine."""
+def native(cmd: list[str], model_dir, port: int, api_port: int = 0) -> list[str]:
+    """The container command with the image's paths, bind address, service name and ports mapped to this machine."""
     mapped = []
     for arg in cmd:
         arg = arg.replace(MODEL_IN_IMAGE, str(model_dir)).replace("0.0.0.0", "127.0.0.1")
         arg = arg.replace("cloud:50151", f"127.0.0.1:{port}").replace("127.0.0.1:50151", f"127.0.0.1:{port}")
-        mapped.append(str(port) if arg == "50151" else arg)
+        mapped.append(str(port) if arg == "50151" else str(api_port) if arg == "8000" else arg)
     if mapped[0] == "coexit":
         return [sys.executable, "-m", "coexit.cli", *mapped[1:]]
     if mapped[0] == "python":
@@ -46,9 +48,11 @@ def native(cmd: list[str], model_dir, port: int) -> list[str]:
 
 def test_compose_services_run_natively(compose, tiny_dir):
     services = compose["services"]
-    assert set(services) == {"cloud", "edge"}
-    assert services["edge"]["depends_on"]["cloud"]["condition"] == "service_healthy"
-    for name in ("cloud", "edge"):
+    assert set(services) == {"cloud", "edge", "edge-api"}
+    for name in ("edge", "edge-api"):
+        assert services[name]["depends_on"]["cloud"]["condition"] == "service_healthy"
+    assert {"published": 8000, "target": 8000} in services["edge-api"]["ports"]  # as `config` normalises it
+    for name in ("cloud", "edge", "edge-api"):
         assert (ROOT / services[name]["build"]["dockerfile"]).is_file()
     port = free_port()
     cloud = subprocess.Popen(native(services["cloud"]["command"], tiny_dir, port), stdout=subprocess.DEVNULL,
@@ -65,7 +69,24 @@ def test_compose_services_run_natively(compose, tiny_dir):
         demo = subprocess.run(native(services["edge"]["command"], tiny_dir, port) + ["--max-new-tokens", "8"],
                               capture_output=True, text=True, timeout=300)
         assert demo.returncode == 0, demo.stderr
-        assert "collaborative:" in demo.stdout and "cloud-only:" in demo.stdout
+        assert "latency per token against cloud-only over an emulated 50 ms RTT" in demo.stdout
+        assert "collaborative" in demo.stdout and "cloud-only" in demo.stdout
+        api_port = free_port()
+        api = subprocess.Popen(native(services["edge-api"]["command"], tiny_dir, port, api_port),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            for _ in range(200):
+                try:
+                    models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{api_port}/v1/models",
+                                                               timeout=2).read())
+                    break
+                except OSError:
+                    assert api.poll() is None, api.stderr.read().decode()
+                    time.sleep(0.3)
+            assert models["data"][0]["id"] == Path(tiny_dir).name
+        finally:
+            api.terminate()
+            api.wait(10)
     finally:
         cloud.kill()
         cloud.wait()

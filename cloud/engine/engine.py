@@ -36,6 +36,7 @@ class SegmentDone:
     ticks: tuple[int, int]  # first and last tick numbers
     verdicts: list[VerdictResult] = field(default_factory=list)
     rows_filled: int = 0  # layer-rows whose KV was propagated
+    queue_s: float = 0.0  # from submission to the tick that started it
 
 
 class Engine:
@@ -195,7 +196,7 @@ class Engine:
                         s.rejected_at = rejected[0]
                     if seg.waiter is not None:
                         done = SegmentDone(token, s.unreported_layer_tokens, seg.compute_s, (seg.first_tick, tick),
-                                           verdicts, s.unreported_rows_filled)
+                                           verdicts, s.unreported_rows_filled, seg.started - seg.submitted)
                         s.unreported_layer_tokens = s.unreported_rows_filled = 0
                         finished.append((seg.waiter, done))
                     self.metrics.queue_wait.observe(seg.started - seg.submitted)

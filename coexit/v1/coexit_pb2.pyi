@@ -203,7 +203,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class AppendReply(_message.Message):
-    __slots__ = ("length", "has_token", "token_id", "logprob", "exit_layer", "top", "logits", "layer_tokens", "compute_us", "verdicts", "discarded", "filled_layer_rows")
+    __slots__ = ("length", "has_token", "token_id", "logprob", "exit_layer", "top", "logits", "layer_tokens", "compute_us", "verdicts", "discarded", "filled_layer_rows", "queue_us")
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +216,7 @@ class AppendReply(_message.Message):
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
     DISCARDED_FIELD_NUMBER: _ClassVar[int]
     FILLED_LAYER_ROWS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_US_FIELD_NUMBER: _ClassVar[int]
     length: int
     has_token: bool
     token_id: int
@@ -228,7 +229,8 @@ class AppendReply(_message.Message):
     verdicts: _containers.RepeatedCompositeFieldContainer[Verdict]
     discarded: bool
     filled_layer_rows: int
-    def __init__(self, length: _Optional[int] = ..., has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., exit_layer: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., layer_tokens: _Optional[int] = ..., compute_us: _Optional[int] = ..., verdicts: _Optional[_Iterable[_Union[Verdict, _Mapping]]] = ..., discarded: _Optional[bool] = ..., filled_layer_rows: _Optional[int] = ...) -> None: ...
+    queue_us: int
+    def __init__(self, length: _Optional[int] = ..., has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., exit_layer: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., layer_tokens: _Optional[int] = ..., compute_us: _Optional[int] = ..., verdicts: _Optional[_Iterable[_Union[Verdict, _Mapping]]] = ..., discarded: _Optional[bool] = ..., filled_layer_rows: _Optional[int] = ..., queue_us: _Optional[int] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("length",)
