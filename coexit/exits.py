@@ -58,6 +58,9 @@ class ExitPolicy:
     def observe_edge(self, step_s: float, full: bool) -> None:
         """An edge step's time; full: it ran every edge layer."""
 
+    def observe_verdict(self, accepted: bool) -> None:
+        """The cloud's verdict on a draft made through a fallback (speculative collaborative mode)."""
+
     def decide(self, exit_layer: int, logits: Tensor) -> bool:
         t = self.thresholds.get(exit_layer)
         if t is None:

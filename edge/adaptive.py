@@ -13,6 +13,10 @@ queueing delay + its compute + the upload at the measured bandwidth. It takes th
 disagreement among those within 5% (at least 0.2 ms) of the fastest: when fallbacks are expensive that is the
 loosest point the budget allows, when they are cheap a stricter one. The client feeds it measurements after every
 fallback (`observe`) and every edge step (`observe_edge`); it re-picks then.
+
+And once a fallback costs more than an edge step (`speculate`), collaborative mode stops waiting for fallbacks: it
+drafts the token from the split exit and lets the cloud verify it (edge/lossless.py, speculative), so a fallback
+no longer costs a round trip, and the tokens are still the ones collaborative mode would make.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class NetworkEstimate:
     compute_s: float = 0.0
     upload_bytes: float = 0.0  # per fallback
     edge_step_s: float = 0.002  # an edge step through every edge layer
+    acceptance: float | None = None  # of drafts made through fallbacks (speculative collaborative mode)
     alpha: float = 0.3
 
     def _ewma(self, old: float | None, new: float) -> float:
@@ -143,7 +148,10 @@ class AdaptivePolicy(ExitPolicy):
     def latency(self, p: FrontierPoint) -> float:
         c = self.net.edge_step_s
         edge = sum(s * c * e / self.split for e, s in p.shares.items())
-        return edge + (1 - p.share) * (c + self.net.fallback_s)
+        fallback = self.net.fallback_s
+        if self.speculate() and self.net.acceptance is not None:  # only a rejected draft waits for the cloud
+            fallback *= 1 - self.net.acceptance
+        return edge + (1 - p.share) * (c + fallback)
 
     def choose(self) -> FrontierPoint:
         costs = [self.latency(p) for p in self.admissible]
@@ -158,6 +166,14 @@ class AdaptivePolicy(ExitPolicy):
     def observe(self, round_trip_s: float, compute_s: float, queue_s: float, bytes_up: int) -> None:
         self.net.observe(round_trip_s, compute_s, queue_s, bytes_up)
         self.repick()
+
+    def speculate(self) -> bool:
+        """Draft through a fallback instead of waiting for it (speculative collaborative mode): worth it once a
+        fallback costs more than an edge step, which is all a rejected draft wastes on the edge."""
+        return self.net.rtt_s is not None and self.net.fallback_s > self.net.edge_step_s
+
+    def observe_verdict(self, accepted: bool) -> None:
+        self.net.acceptance = self.net._ewma(self.net.acceptance, float(accepted))
 
     def observe_edge(self, step_s: float, full: bool) -> None:
         if full:  # a step through every edge layer

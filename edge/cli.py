@@ -60,6 +60,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threshold", type=float, default=0.9, help="exit threshold for every edge exit")
     ap.add_argument("--thresholds", help="per-exit thresholds, e.g. 2=0.8,4=0.9 (overrides --threshold)")
     ap.add_argument("--criterion", choices=CRITERIA, default="max_prob")
+    ap.add_argument("--policy", choices=["fixed", "adaptive"], default="fixed",
+                    help="adaptive: the network-aware policy calibrated for the model (exit_policy.json)")
+    ap.add_argument("--quality-budget", type=float, help="adaptive policy: disagreement allowed over all tokens")
     ap.add_argument("--encoding", choices=["fp32", "fp16", "bf16", "int8"], default="fp16")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
@@ -83,6 +86,10 @@ def main(argv: list[str]) -> int:
     edge_exits = client.backend.exit_layers
     thresholds = parse_thresholds(args.thresholds) or {e: args.threshold for e in edge_exits}
     policy = ExitPolicy(thresholds, args.criterion)
+    if args.policy == "adaptive":
+        from edge.calibrate import load_policy
+
+        policy = load_policy(args.model, adaptive=True, quality_budget=args.quality_budget)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     gen = client.generate(args.prompt, args.max_new_tokens, sampling, policy)
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())

@@ -172,11 +172,17 @@ class EdgeClient:
 
     def _run(self, prompt, max_new, sampling, policy, mode, stop_at_eos, provisional):
         mode = mode or self.mode
+        policy = policy or self.policy
         if mode == "lossless":
             from edge.lossless import LosslessRun
 
-            return LosslessRun(self, prompt, max_new, sampling, policy or self.policy, stop_at_eos, provisional)
-        return _Run(self, prompt, max_new, sampling, policy or self.policy, mode, stop_at_eos)
+            return LosslessRun(self, prompt, max_new, sampling, policy, stop_at_eos, provisional)
+        if mode == "collaborative" and hasattr(policy, "speculate") and self.kv_fill == "exact" \
+                and "verify" in self.info().features:  # the adaptive policy: drafts through costly fallbacks
+            from edge.lossless import LosslessRun
+
+            return LosslessRun(self, prompt, max_new, sampling, policy, stop_at_eos, provisional, speculative=True)
+        return _Run(self, prompt, max_new, sampling, policy, mode, stop_at_eos)
 
 
 class _Run:

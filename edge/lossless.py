@@ -13,6 +13,13 @@ void (its replies are ignored: the server discards those rows without computing 
 to p, and a Rollback(p) tells the cloud to do the same. With no draft the row goes up with want_token and the edge
 waits for the cloud's token.
 
+Speculative collaborative mode (`speculative=True`, what collaborative mode with the adaptive policy runs): a
+confident exit is final, as in collaborative mode (its row goes up without a draft and it is emitted once every
+draft before it is verified); a token with no confident exit is, when the policy says fallbacks are expensive
+(`AdaptivePolicy.speculate`), drafted from the split exit and verified instead of waited for. With greedy
+sampling its tokens are those of collaborative mode with the same thresholds; it only stops paying a round trip
+per fallback.
+
 If the cloud becomes unreachable, drafts are dropped and the run reconnects (resume, or a new session with the
 verified rows replayed) for up to `deadline_s` x 6 before raising: lossless never emits an unverified token.
 """
@@ -26,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from coexit.exits import ExitPolicy
-from coexit.sampling import draft_distribution, sample_draft
+from coexit.sampling import draft_distribution, sample, sample_draft
 from coexit.v1 import coexit_pb2 as pb
 from edge.client import TokenEvent, _Run
 from edge.link import CloudUnavailable
@@ -37,7 +44,10 @@ class _Draft:
     position: int
     token: int
     exit_layer: int
-    support: tuple[list[int], list[float]]
+    support: tuple[list[int], list[float]] | None
+    verify: bool = True  # False: a confident exit taken as final (speculative collaborative mode)
+    logprob: float = 0.0  # of a final exit's token
+    verdict: tuple[int, float] | None = None  # (token, logprob) once the cloud accepted it
 
 
 @dataclass
@@ -47,14 +57,18 @@ class _Sent:
     epoch: int
     drafted: bool = False  # carries a draft (for the last row)
     want: bool = False  # asks the token after its last row
+    t0: float = 0.0  # when it was sent
+    alone: bool = False  # nothing else was in flight: its round trip is a clean measurement
+    nbytes: int = 0
 
 
 class LosslessRun(_Run):
-    def __init__(self, client, prompt, max_new: int, sampling, policy, stop_at_eos: bool, provisional: bool) -> None:
-        if client.draft_always:
+    def __init__(self, client, prompt, max_new: int, sampling, policy, stop_at_eos: bool, provisional: bool,
+                 speculative: bool = False) -> None:
+        if client.draft_always and not speculative:
             policy = ExitPolicy({**policy.thresholds, client.backend.split: -math.inf}, policy.criterion)
         super().__init__(client, prompt, max_new, sampling, policy, "lossless", stop_at_eos)
-        self.provisional = provisional
+        self.provisional, self.speculative = provisional, speculative
         self.drafts: list[_Draft] = []  # unverified, at positions len(ids), len(ids) + 1, ...
         self.inflight: deque[_Sent] = deque()
         self.epoch = 0
@@ -115,13 +129,23 @@ class LosslessRun(_Run):
         while len(seq) - pos > chunk:  # long prompts: earlier chunks need no exit decision
             be.step(seq[pos:pos + chunk], pos, None)
             pos += chunk
+        t0 = time.perf_counter()
         res = be.step(seq[pos:], pos, self.policy.decide, to_split=True)
+        if len(seq) - pos == 1:
+            self.policy.observe_edge(time.perf_counter() - t0, True)
         self._collect_rows()
         self.stepped = len(seq)
         nxt = len(seq)  # the position the new draft (or the cloud's token) takes
-        if res.exited:
-            support = draft_distribution(res.exit_logits[res.depth], self.sampling)
-            draft = _Draft(nxt, sample_draft(*support, self.sampling, nxt), res.depth, support)
+        split = self.c.backend.split
+        if self.speculative and res.exited:  # a confident exit is final: no verdict wanted
+            token, logprob = sample(res.exit_logits[res.depth], self.sampling, position=nxt)
+            self.drafts.append(_Draft(nxt, token, res.depth, None, verify=False, logprob=logprob))
+            self._upload()
+            self._release()
+        elif res.exited or (self.speculative and self.policy.speculate()):
+            layer = res.depth if res.exited else split
+            support = draft_distribution(res.exit_logits[layer], self.sampling)
+            draft = _Draft(nxt, sample_draft(*support, self.sampling, nxt), layer, support)
             self.drafts.append(draft)
             self.counters.drafts += 1
             self._upload(draft=draft)
@@ -146,8 +170,10 @@ class LosslessRun(_Run):
                 if not self.sampling.greedy:
                     d.support_ids.extend(draft.support[0])
                     d.support_probs.extend(draft.support[1])
+            alone = not self.inflight
             self.stream.send(msg)
-            self.inflight.append(_Sent(self.epoch, draft is not None and tail, want and tail))
+            self.inflight.append(_Sent(self.epoch, draft is not None and tail, want and tail, time.perf_counter(),
+                                       alone, msg.ByteSize()))
             self.counters.uploads[-1].extend(range(first, last))
             first = self.cloud_len = last
 
@@ -162,24 +188,36 @@ class LosslessRun(_Run):
             return  # a rollback's answer, or a reply made stale by a rollback
         a = reply.appended
         self._account(a)
+        if sent.alone and (sent.want or sent.drafted):  # a clean round trip: tell the policy
+            self.policy.observe(time.perf_counter() - sent.t0, a.compute_us / 1e6, a.queue_us / 1e6, sent.nbytes)
         for v in a.verdicts:
+            self._release()
             d = self.drafts[0]
-            assert v.position == d.position, "verdicts must follow the drafts in order"
+            assert v.position == d.position and d.verify, "verdicts must follow the drafts in order"
+            if self.speculative:
+                self.policy.observe_verdict(v.accepted)
             if not v.accepted:
                 self._reject(v)
                 return
-            self.drafts.pop(0)
+            d.verdict = (v.token_id, v.logprob)
             self.counters.accepted += 1
-            self._emit(v.token_id, "edge", d.exit_layer, v.logprob)
+        self._release()
         if sent.want and a.has_token:
             self.waiting = False
             self._emit(a.token_id, "cloud", a.exit_layer, a.logprob)
+
+    def _release(self) -> None:
+        """Emit the drafts at the front that need nothing more: accepted ones, and final exits."""
+        while self.drafts and (not self.drafts[0].verify or self.drafts[0].verdict is not None):
+            d = self.drafts.pop(0)
+            token, logprob = d.verdict or (d.token, d.logprob)
+            self._emit(token, "edge", d.exit_layer, logprob)
 
     def _reject(self, v: pb.Verdict) -> None:
         """The cloud's token replaces the draft at v.position; both sides forget every row from there on."""
         p = v.position
         self.counters.rejected += 1
-        self.counters.wasted += len(self.drafts) - 1
+        self.counters.wasted += sum(d.verify for d in self.drafts) - 1
         if self.provisional:
             self.events.append(TokenEvent(p, -1, "", "edge", 0, 0.0, 0.0, "retract"))
         self.drafts.clear()
@@ -211,7 +249,7 @@ class LosslessRun(_Run):
         """Drop drafts and in-flight requests and go back to the last verified token's row."""
         self._mark_down()
         if self.drafts:
-            self.counters.wasted += len(self.drafts)
+            self.counters.wasted += sum(d.verify for d in self.drafts)
             if self.provisional:
                 self.events.append(TokenEvent(self.drafts[0].position, -1, "", "edge", 0, 0.0, 0.0, "retract"))
             self.drafts.clear()

@@ -129,6 +129,7 @@ class EdgeServer:
         self._idle: list[EdgeClient] = []
         self._slots = asyncio.Semaphore(parallel) if parallel > 0 else None
         self.policy = policy  # None: each client's calibrated default
+        self._adaptive: dict[float | None, ExitPolicy] = {}  # by quality budget: their estimates are the link's
         self._idle.append(self._make_client())  # load once up front: a bad model fails at start, not per request
 
     def _make_client(self) -> EdgeClient:
@@ -137,6 +138,10 @@ class EdgeServer:
 
     def _policy_for(self, ext: dict) -> ExitPolicy | None:
         """The request's policy override from its coexit extension, else the server's."""
+        if ext.get("policy") == "adaptive":
+            return self.adaptive(ext.get("quality_budget"))
+        if ext.get("policy") not in (None, "calibrated"):
+            raise RequestError("coexit.policy must be 'adaptive' or 'calibrated'", "coexit")
         try:
             if "thresholds" in ext:
                 return ExitPolicy({int(k): float(v) for k, v in dict(ext["thresholds"]).items()})
@@ -145,6 +150,19 @@ class EdgeServer:
         except (TypeError, ValueError) as exc:
             raise RequestError(f"bad coexit thresholds: {exc}", "coexit") from None
         return self.policy
+
+    def adaptive(self, budget) -> ExitPolicy:
+        from edge.calibrate import load_policy
+
+        if budget is not None and not (isinstance(budget, (int, float)) and 0 <= budget <= 1):
+            raise RequestError("coexit.quality_budget must be a number in [0, 1]", "coexit")
+        with self._lock:
+            if budget not in self._adaptive:
+                try:
+                    self._adaptive[budget] = load_policy(self.model_dir, adaptive=True, quality_budget=budget)
+                except (FileNotFoundError, ValueError) as exc:
+                    raise RequestError(f"no adaptive policy: {exc}", "coexit") from None
+            return self._adaptive[budget]
 
     def _idle_any(self) -> EdgeClient:
         with self._lock:
@@ -345,6 +363,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--mode", choices=[m for m in MODES if m != "naive-split"], default="collaborative")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--thresholds", help="per-exit thresholds, e.g. 2=0.8,4=0.9 (default: the calibrated policy)")
+    ap.add_argument("--policy", choices=["calibrated", "adaptive"], default="calibrated",
+                    help="adaptive: the network-aware policy within --quality-budget")
+    ap.add_argument("--quality-budget", type=float, help="adaptive policy: the disagreement with the full model "
+                                                         "allowed over all tokens (default: the calibrated policy's)")
     ap.add_argument("--parallel", type=int, default=4, help="generations served at once (each its own session)")
     ap.add_argument("--encoding", default="fp16")
     ap.add_argument("--max-tokens", type=int, default=16, help="default max_tokens of a request")
@@ -353,6 +375,8 @@ def main(argv: list[str]) -> int:
     policy = ExitPolicy(parse_thresholds(args.thresholds)) if args.thresholds else None
     server = EdgeServer(args.model, args.cloud, args.mode, policy, args.parallel, args.backend, args.model_name,
                         args.max_tokens, {"encoding": args.encoding})
+    if args.policy == "adaptive":
+        server.policy = server.adaptive(args.quality_budget)
     print(f"coexit edge-serve: OpenAI-compatible API at http://{args.host}:{args.port}/v1 (model "
           f"{server.model_name}, mode {args.mode}, cloud {args.cloud})", flush=True)
     web.run_app(server.app(), host=args.host, port=args.port, print=None)

@@ -12,6 +12,7 @@ import torch
 
 import coexit
 from cloud.server import ServerThread
+from coexit.exits import ExitPolicy
 from coexit.tiny import SAMPLE_TEXT
 from edge.adaptive import AdaptivePolicy, evaluate, frontier
 from edge.calibrate import POLICY_FILE, calibrate, choose_thresholds, collect, load_policy
@@ -129,3 +130,31 @@ def test_a_client_measures_the_link_and_loosens(tiny_dir, stats):
     assert chosen["wan"].share >= chosen["loopback"].share
     assert chosen["wan"].disagreement <= budget
     assert torch.isfinite(torch.tensor(chosen["wan"].share))
+
+
+class AlwaysSpeculate(AdaptivePolicy):
+    def speculate(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("thresholds", [{2: 0.3, 3: 0.2}, {3: 0.15}, {}])
+def test_speculative_fallbacks_make_collaborative_tokens(tiny_dir, served, thresholds):
+    """Collaborative mode with the adaptive policy drafts through fallbacks when they are expensive: with one
+    setting on its frontier (so thresholds stay put) its greedy tokens equal plain collaborative mode's with the
+    same thresholds, and no token waited for the cloud."""
+    from edge.adaptive import FrontierPoint
+    from edge.backends import TorchBackend
+
+    full = coexit.load(tiny_dir)
+    ids = full.tokenizer.encode("import os\nimport sys\n\nclass Point:\n", add_bos=True)
+    point = FrontierPoint(dict(thresholds), {}, 0.0)
+    client = EdgeClient(TorchBackend.from_checkpoint(tiny_dir), full.tokenizer, cloud=served.address)
+    plain = client.generate(ids, 20, policy=ExitPolicy(thresholds), stop_at_eos=False)
+    spec = client.generate(ids, 20, policy=AlwaysSpeculate({}, points=[point], budget=0.0, split=3),
+                           stop_at_eos=False)
+    client.close()
+    assert spec.tokens == plain.tokens
+    assert [e.origin for e in spec.events if e.exit_layer < 3] == [e.origin for e in plain.events
+                                                                    if e.exit_layer < 3]
+    c = spec.counters
+    assert c.fallbacks == 0 and c.drafts > 0 and c.accepted + c.rejected <= c.drafts

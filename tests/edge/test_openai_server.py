@@ -139,7 +139,8 @@ def test_mode_override_and_concurrency(stack):
 def test_bad_requests(stack):
     api, _ = stack
     bad = [dict(prompt="x", n=2), dict(prompt="", max_tokens=4), dict(prompt="x", max_tokens=0),
-           dict(prompt="x", stop=["a", "b", "c", "d", "e"]), dict(prompt="x", extra_body={"coexit": {"mode": "nope"}})]
+           dict(prompt="x", stop=["a", "b", "c", "d", "e"]), dict(prompt="x", extra_body={"coexit": {"mode": "nope"}}),
+           dict(prompt="x", extra_body={"coexit": {"policy": "adaptive"}})]  # this model was never calibrated
     for kw in bad:
         with pytest.raises(openai.BadRequestError):
             api.completions.create(model="tiny", **kw)
