@@ -124,6 +124,15 @@ class EdgeClient:
             self._info = self.link.info()
         return self._info
 
+    def _verifies(self) -> bool:
+        """The cloud verifies drafts (asked once; unknown while it is unreachable)."""
+        if self.link is None:
+            return False
+        try:
+            return "verify" in self.info().features
+        except CloudError:
+            return False
+
     def rows_per_append(self) -> int:
         return self.info().limits.max_rows_per_append or 4096
 
@@ -178,7 +187,7 @@ class EdgeClient:
 
             return LosslessRun(self, prompt, max_new, sampling, policy, stop_at_eos, provisional)
         if mode == "collaborative" and hasattr(policy, "speculate") and self.kv_fill == "exact" \
-                and "verify" in self.info().features:  # the adaptive policy: drafts through costly fallbacks
+                and self._verifies():  # the adaptive policy: drafts through costly fallbacks
             from edge.lossless import LosslessRun
 
             return LosslessRun(self, prompt, max_new, sampling, policy, stop_at_eos, provisional, speculative=True)

@@ -83,12 +83,20 @@ class LosslessRun(_Run):
     def __iter__(self) -> Iterator[TokenEvent]:
         be = self.c.backend
         be.reset()
-        self.c.require("verify", "lossless mode")
+        if not self.speculative:
+            self.c.require("verify", "lossless mode")
         self.last_emit = time.perf_counter()
         try:
             while not self._done():
                 if self.stream is None or self.stream.broken:
-                    self._reconnect()  # raises CloudUnavailable when the cloud stays away
+                    if self.speculative:  # collaborative semantics: carry on alone while the cloud is away
+                        if not self._try_reconnect():
+                            self._standalone_step()
+                            while self.events:
+                                yield self.events.popleft()
+                            continue
+                    else:
+                        self._reconnect()  # raises CloudUnavailable when the cloud stays away
                 try:
                     if self._can_step():
                         self._step()
@@ -257,23 +265,50 @@ class LosslessRun(_Run):
         self.epoch += 1
         self._forget_from(len(self.ids) - 1)  # re-running the last verified token drafts the next one again
 
+    def _reopen(self) -> None:
+        """Resume the session (rolled back to the rows the edge keeps) or open a new one."""
+        self._open()
+        if self.cloud_len:  # a resumed session: drop rows past the edge's, and any pending rejection
+            keep = min(self.cloud_len, self.stepped)
+            self.stream.request(pb.SessionRequest(rollback=pb.RollbackRequest(length=keep)))
+            self.cloud_len = keep
+
     def _reconnect(self) -> None:
-        """Resume the session (rolled back to the rows kept) or open a new one; give up after deadline_s x 6."""
+        """Lossless: wait for the cloud, retrying every retry_s; give up after deadline_s x 6."""
         give_up = time.monotonic() + 6 * self.c.deadline_s
         while True:
             try:
                 self.retry_at = min(self.retry_at, time.monotonic())
-                self._open()
-                if self.cloud_len:  # a resumed session: drop rows past the edge's, and any pending rejection
-                    keep = min(self.cloud_len, self.stepped)
-                    self.stream.request(pb.SessionRequest(rollback=pb.RollbackRequest(length=keep)))
-                    self.cloud_len = keep
+                self._reopen()
                 return
             except CloudUnavailable:
                 self._mark_down()
                 if time.monotonic() > give_up:
                     raise
                 time.sleep(self.c.retry_s)
+
+    def _try_reconnect(self) -> bool:
+        """Speculative collaborative mode: one attempt once retry_s has passed since the last failure."""
+        if time.monotonic() < self.retry_at:
+            return False
+        try:
+            self._reopen()
+            return True
+        except CloudUnavailable:
+            self._mark_down()
+            return False
+
+    def _standalone_step(self) -> None:
+        """The cloud is away: the next token from the edge's own exits, marked edge-standalone (as in
+        collaborative mode); its row is kept for the cloud's return."""
+        be, seq = self.c.backend, self._seq()
+        res = be.step(seq[self.stepped:], self.stepped, self.policy.decide, to_split=True)
+        self._collect_rows()
+        self.stepped = len(seq)
+        layer = res.depth if res.exited else max(res.exit_logits)
+        token, logprob = sample(res.exit_logits[layer], self.sampling, position=len(seq))
+        self.counters.standalone += 1
+        self._emit(token, "edge-standalone", layer, logprob)
 
     def _finish(self) -> None:
         """Collect the replies still in flight, then close the session."""
