@@ -27,8 +27,8 @@ from coexit.kv_cache import KVCache
 from coexit.model import EarlyExitLM
 from coexit.sampling import GREEDY, sample
 
-# decide(exit_layer, logits (V,) of the newest row) -> True to stop there
-Decide = Callable[[int, Tensor], bool]
+# decide(exit_layer, logits (V,), hidden (C,) of the newest row) -> True to stop there
+Decide = Callable[[int, Tensor, Tensor], bool]
 
 
 @dataclass
@@ -144,7 +144,7 @@ class LayerRunner:
             if layer in check and layer < model.config.num_hidden_layers:
                 logits = model.head_logits(layer, h[0, -1])
                 result.exit_logits[layer] = logits
-                if decide is not None and decide(layer, logits):
+                if decide is not None and decide(layer, logits, h[0, -1]):
                     result.depth, result.exited = layer, True
                     if to_stop:
                         check = []

@@ -61,7 +61,8 @@ class ExitPolicy:
     def observe_verdict(self, accepted: bool) -> None:
         """The cloud's verdict on a draft made through a fallback (speculative collaborative mode)."""
 
-    def decide(self, exit_layer: int, logits: Tensor) -> bool:
+    def decide(self, exit_layer: int, logits: Tensor, hidden: Tensor | None = None) -> bool:
+        """Stop at this exit? logits (V,) and hidden (C,) of the newest row (a criterion may use either)."""
         t = self.thresholds.get(exit_layer)
         if t is None:
             return False

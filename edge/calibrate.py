@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import coexit
 from coexit.exits import ExitPolicy, confidence
 from coexit.textdata import read_documents
 from edge.adaptive import AdaptivePolicy, FrontierPoint, evaluate, frontier
+from edge.gate import ExitGate, GatePolicy, load_gates, save_gates
+from edge.guarantee import ltt_threshold
 
 POLICY_FILE = "exit_policy.json"
 
@@ -32,6 +35,47 @@ POLICY_FILE = "exit_policy.json"
 class ExitStats:
     conf: dict[int, torch.Tensor]  # exit layer -> (N,) confidence
     agree: dict[int, torch.Tensor]  # exit layer -> (N,) bool: exit top-1 == final top-1
+    feats: dict[int, torch.Tensor] | None = None  # exit layer -> (N, F) learned-gate features, when asked
+
+    def subset(self, idx: torch.Tensor) -> ExitStats:
+        def pick(d):
+            return {e: v[idx] for e, v in d.items()}
+
+        return ExitStats(pick(self.conf), pick(self.agree), pick(self.feats) if self.feats else None)
+
+
+@torch.no_grad()
+def exit_pass(model: coexit.EarlyExitLM, x: torch.Tensor, exits: list[int]):
+    """One pass over ids (1, T): per exit its logits (T, V) and hidden states (T, C), and the final logits."""
+    h, start, logits, hidden = model.embed(x), 0, {}, {}
+    for e in exits:
+        h = model.run_layers(h, None, None, start, e).hidden
+        logits[e], hidden[e], start = model.head_logits(e, h[0]), h[0], e
+    final = model.run_layers(h, None, None, start, model.config.num_hidden_layers).logits[0]
+    return logits, hidden, final
+
+
+def _record(model, x, exits, criterion, want_feats, rows, out) -> None:
+    """Append the stats of positions `rows` of ids x (1, T) to out (conf, agree, feats lists per exit)."""
+    from edge.gate import features
+
+    logits, hidden, final = exit_pass(model, x, exits)
+    top = final[rows].argmax(-1)
+    prev_top = prev_h = None
+    for e in exits:
+        lg = logits[e][rows]
+        out[1][e].append(lg.argmax(-1) == top)
+        if criterion != "learned":
+            out[0][e].append(torch.tensor([confidence(row, criterion) for row in lg]))
+        if want_feats:
+            out[2][e].append(features(lg, hidden[e][rows], prev_top, prev_h))
+        prev_top, prev_h = lg.argmax(-1), hidden[e][rows]
+
+
+def _stats(out, exits, criterion, want_feats) -> ExitStats:
+    conf = {e: torch.cat(out[0][e]) for e in exits} if criterion != "learned" else {}
+    feats = {e: torch.cat(out[2][e]) for e in exits} if want_feats else None
+    return ExitStats(conf, {e: torch.cat(out[1][e]) for e in exits}, feats)
 
 
 def read_texts(path: str | Path, limit_chars: int) -> list[str]:
@@ -47,7 +91,8 @@ def read_texts(path: str | Path, limit_chars: int) -> list[str]:
 
 @torch.no_grad()
 def collect(model: coexit.EarlyExitLM, texts: list[str], exits: list[int], criterion: str, seq_len: int = 256,
-            max_tokens: int = 50_000) -> ExitStats:
+            max_tokens: int = 50_000, features: bool = False) -> ExitStats:
+    """Teacher-forced: every position of the held-out text."""
     tok = model.tokenizer
     ids: list[int] = []
     for t in texts:
@@ -55,17 +100,47 @@ def collect(model: coexit.EarlyExitLM, texts: list[str], exits: list[int], crite
         if len(ids) >= max_tokens:
             break
     ids = ids[:max_tokens]
-    conf = {e: [] for e in exits}
-    agree = {e: [] for e in exits}
+    out = ({e: [] for e in exits}, {e: [] for e in exits}, {e: [] for e in exits})
+    want = features or criterion == "learned"
     for a in tqdm(range(0, len(ids) - 1, seq_len), desc="calibrating", unit="window"):
         x = torch.tensor([ids[a:a + seq_len]])
-        out = model(x, exits=exits)
-        final = out.logits[0].argmax(-1)
-        for e in exits:
-            lg = out.exit_logits[e][0]
-            agree[e].append(lg.argmax(-1) == final)
-            conf[e].append(torch.tensor([confidence(row, criterion) for row in lg]))
-    return ExitStats({e: torch.cat(v) for e, v in conf.items()}, {e: torch.cat(v) for e, v in agree.items()})
+        _record(model, x, exits, criterion, want, slice(None), out)
+    return _stats(out, exits, criterion, want)
+
+
+@torch.no_grad()
+def collect_on_policy(model: coexit.EarlyExitLM, texts: list[str], exits: list[int], criterion: str,
+                      max_tokens: int = 50_000, new_tokens: int = 32, prompt_tokens: int = 96, seed: int = 0,
+                      features: bool = False) -> ExitStats:
+    """On-policy: the positions of the full model's own greedy continuations of held-out prompts (up to
+    prompt_tokens of a document before a random cut, one cut per stretch of document), which is the text the policy
+    meets when it runs."""
+    from coexit.decoding import generate_full
+
+    rng = random.Random(seed)
+    tok = model.tokenizer
+    out = ({e: [] for e in exits}, {e: [] for e in exits}, {e: [] for e in exits})
+    want = features or criterion == "learned"
+    done = 0
+    bar = tqdm(total=max_tokens, desc="calibrating on-policy", unit="tok")
+    room = model.config.max_position_embeddings - new_tokens
+    for t in texts:
+        ids = tok.encode(t, add_bos=True)
+        for lo in range(0, len(ids) - 8, prompt_tokens):
+            cut = rng.randint(lo + 4, min(len(ids) - 1, lo + prompt_tokens))
+            prompt = ids[max(0, cut - min(prompt_tokens, room)):cut]
+            gen = generate_full(model, prompt, new_tokens)
+            x = torch.tensor([prompt + gen])
+            rows = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(gen))  # the rows that produced gen
+            _record(model, x, exits, criterion, want, rows, out)
+            done += len(gen)
+            bar.update(len(gen))
+            if done >= max_tokens:
+                break
+        if done >= max_tokens:
+            break
+    bar.close()
+    return _stats(out, exits, criterion, want)
 
 
 def choose_thresholds(stats: ExitStats, exits: list[int], target: float, criterion: str,
@@ -106,19 +181,72 @@ def choose_thresholds(stats: ExitStats, exits: list[int], target: float, criteri
     return thresholds, report
 
 
+def choose_thresholds_ltt(stats: ExitStats, exits: list[int], target: float, delta: float,
+                          criterion: str) -> tuple[dict[int, float], dict]:
+    """Like choose_thresholds, but each exit's threshold is the loosest whose disagreement is provably at most
+    1 - target with confidence 1 - delta / len(exits) (edge/guarantee.py), so all hold at once with 1 - delta."""
+    n = next(iter(stats.agree.values())).numel()
+    sign = -1.0 if criterion == "entropy" else 1.0
+    remaining = torch.ones(n, dtype=torch.bool)
+    thresholds: dict[int, float] = {}
+    report = {"positions": n, "per_exit": {}}
+    for e in exits:
+        score = sign * stats.conf[e]
+        t, detail = ltt_threshold(score[remaining], stats.agree[e][remaining], 1 - target, delta / len(exits))
+        if t is None:
+            report["per_exit"][e] = {"threshold": None, "share": 0.0, **detail}
+            continue
+        thresholds[e] = sign * t
+        take = remaining & (score >= t)
+        report["per_exit"][e] = {"threshold": sign * t, "share": float(take.float().mean()),
+                                 "agreement": float(stats.agree[e][take].float().mean()), **detail}
+        remaining &= ~take
+    taken = ~remaining
+    point = evaluate(stats.conf, stats.agree, exits, thresholds, sign > 0)
+    report["edge_share"] = float(taken.float().mean())
+    report["edge_agreement"] = 1 - point.disagreement / max(1e-12, report["edge_share"]) if bool(taken.any()) \
+        else None
+    return thresholds, report
+
+
 def calibrate(model_dir: str | Path, data: str | Path, target: float = 0.99, criterion: str = "max_prob",
-              max_tokens: int = 50_000, write: bool = True) -> dict:
+              max_tokens: int = 50_000, write: bool = True, on_policy: bool = False, delta: float | None = None,
+              seed: int = 0) -> dict:
+    """Thresholds (and, for criterion "learned", the gates) for DIR; on_policy measures agreement on the full
+    model's own greedy continuations; delta asks for the Learn-then-Test guarantee at confidence 1 - delta."""
     model = coexit.load(model_dir, dtype=torch.float32)
     exits = [e for e in model.config.exit_layers if e <= model.config.split_layer]
-    stats = collect(model, read_texts(data, max_tokens * 6), exits, criterion, max_tokens=max_tokens)
-    thresholds, report = choose_thresholds(stats, exits, target, criterion)
+    texts = read_texts(data, max_tokens * 6)
+    gather = collect_on_policy if on_policy else collect
+    stats = gather(model, texts, exits, criterion, max_tokens=max_tokens)
+    gates = None
+    if criterion == "learned":  # fit the gates on one half, choose thresholds on the other
+        n = next(iter(stats.agree.values())).numel()
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        fit, held = perm[: n // 2], perm[n // 2:]
+        gates = {e: ExitGate.fit(stats.feats[e][fit], stats.agree[e][fit]) for e in exits}
+        stats = stats.subset(held)
+        stats.conf = {e: gates[e].score(stats.feats[e]) for e in exits}
+    if delta is None:
+        thresholds, report = choose_thresholds(stats, exits, target, criterion)
+    else:
+        thresholds, report = choose_thresholds_ltt(stats, exits, target, delta, criterion)
     high = criterion != "entropy"
     fixed = evaluate(stats.conf, stats.agree, exits, thresholds, high)
     result = {"criterion": criterion, "target": target, "thresholds": {str(k): v for k, v in thresholds.items()},
-              **report, "disagreement": fixed.disagreement,
-              "frontier": [p.to_dict() for p in frontier(stats.conf, stats.agree, exits, high, include=thresholds)]}
+              **report, "disagreement": fixed.disagreement, "on_policy": on_policy}
+    if delta is not None:
+        result["guarantee"] = {"agreement": target, "confidence": 1 - delta,
+                               "method": "Learn-then-Test: fixed-sequence testing of Clopper-Pearson upper bounds, "
+                                         "delta split over exits (Bonferroni)",
+                               "data": "on-policy greedy continuations" if on_policy else "teacher-forced text"}
+    if criterion != "learned":  # the adaptive policy's settings (it reads confidence from the logits)
+        result["frontier"] = [p.to_dict() for p in frontier(stats.conf, stats.agree, exits, high,
+                                                            include=thresholds)]
     if write:
         (Path(model_dir) / POLICY_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        if gates is not None:
+            save_gates(model_dir, gates)
     return result
 
 
@@ -133,8 +261,14 @@ def load_policy(model_dir: str | Path, adaptive: bool = False,
         return None
     d = json.loads(f.read_text())
     criterion = d.get("criterion", "max_prob")
+    thresholds = {int(k): float(v) for k, v in d["thresholds"].items()}
+    if criterion == "learned":
+        if adaptive:
+            raise ValueError(f"{f} was calibrated with the learned gate; the adaptive policy needs a confidence "
+                             f"criterion (calibrate with --criterion max_prob)")
+        return GatePolicy(thresholds, "learned", gates=load_gates(model_dir))
     if not adaptive:
-        return ExitPolicy({int(k): float(v) for k, v in d["thresholds"].items()}, criterion)
+        return ExitPolicy(thresholds, criterion)
     if "frontier" not in d:
         raise ValueError(f"{f} has no frontier for the adaptive policy: re-run `coexit calibrate`")
     budget = d["disagreement"] if quality_budget is None else quality_budget
@@ -149,11 +283,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True, help="held-out .jsonl (field text), text file or directory")
     ap.add_argument("--target", type=float, default=0.99, help="agreement of edge-exited tokens with the full model")
-    ap.add_argument("--criterion", choices=["max_prob", "margin", "entropy"], default="max_prob")
+    ap.add_argument("--criterion", choices=["max_prob", "margin", "entropy", "learned"], default="max_prob",
+                    help="learned: a small gate per exit on cheap features, stored as DIR/exit_gate.json")
     ap.add_argument("--max-tokens", type=int, default=50_000)
+    ap.add_argument("--teacher-forced", action="store_true",
+                    help="measure agreement on the held-out text itself instead of on the model's own continuations")
+    ap.add_argument("--delta", type=float, default=0.05,
+                    help="the guarantee's failure probability: the target holds with confidence 1 - delta (0: "
+                         "plain empirical thresholds, no guarantee)")
     ap.add_argument("--dry-run", action="store_true", help="print, do not write exit_policy.json")
     args = ap.parse_args(argv)
-    r = calibrate(args.model, args.data, args.target, args.criterion, args.max_tokens, write=not args.dry_run)
+    r = calibrate(args.model, args.data, args.target, args.criterion, args.max_tokens, write=not args.dry_run,
+                  on_policy=not args.teacher_forced, delta=args.delta or None)
     for e, v in r["per_exit"].items():
         thr = "never" if v["threshold"] is None else f"{v['threshold']:.4f}"
         print(f"exit {e}: threshold {thr}, takes {v['share']:.1%} of tokens")

@@ -63,6 +63,7 @@ class TrainSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # 0 disables clipping (DeepSpeed's own default would silently be 1.0)
     exit_warmup_steps: int = 0  # exit loss weights ramp linearly from 0 to their value over this many steps
+    distill: float = 0.0  # self-distillation: each exit's loss adds distill x KL(final head || exit head)
     eval_every: int = 0  # steps between held-out evaluations; 0: only after the last step
     eval_batches: int = 0  # micro-batches per held-out evaluation (per data-parallel rank); 0: no evaluation
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
@@ -236,6 +237,13 @@ def validate(job: Job, world_size: int) -> Job:
             _need(any(a < e <= b for e in cfg.exit_layers),
                   f"[parallel] ee-tune trains only exit heads, but stage {s} (layers {a}..{b - 1}) holds none; "
                   f"move stage_boundaries so every stage has an exit")
+    _need(t.distill >= 0, "[train] distill must be >= 0")
+    if t.distill > 0:  # the teacher (the final head) must be on the exit's own pipeline stage
+        last = stage_ranges(job)[-1]
+        early = [e for e in cfg.exit_layers if e <= last[0]]
+        _need(not early, f"[train] distill needs every exit on the last pipeline stage (layers {last[0]}..{last[1] - 1}"
+                         f"), where the final head's distribution is computed; exits {early} are on earlier stages: "
+                         f"use pp = 1 or move stage_boundaries")
     for name in ("steps", "micro_batch_size", "grad_accum"):
         _need(getattr(t, name) >= 1, f"[train] {name} must be >= 1")
     _need(t.optimizer in ("adamw", "sgd"), f"[train] optimizer {t.optimizer!r} is unknown; use adamw or sgd")

@@ -95,6 +95,7 @@ class StagePlan:
     tp_rank: int = 0
     tp_size: int = 1
     exit_index: dict[int, int] = field(default_factory=dict)
+    distill: float = 0.0  # weight of KL(final || exit) in each exit's loss (exits on the last stage only)
 
 
 class PipeStage(nn.Module):
@@ -107,6 +108,7 @@ class PipeStage(nn.Module):
         self.config, self.start, self.stop, self.mode = cfg, a, b, plan.mode
         self.first, self.last = a == 0, b == cfg.num_hidden_layers
         self.exit_index = plan.exit_index
+        self.distill = plan.distill
         self.model, self.exits, self.rotary = lm.model, lm.exits, lm.rotary
         if hasattr(lm, "lm_head"):
             self.lm_head = lm.lm_head
@@ -114,6 +116,9 @@ class PipeStage(nn.Module):
             shard_block(self.model.layers[str(i)], plan.tp_group, plan.tp_rank, plan.tp_size)
         for name, p in self.named_parameters():
             p.requires_grad_(trainable(name, plan.mode))
+
+    def _slot(self, e: int, losses: Tensor) -> Tensor:
+        return F.one_hot(torch.tensor(self.exit_index[e], device=losses.device), losses.numel()).to(losses.dtype)
 
     def head_logits(self, e: int, hidden: Tensor) -> Tensor:
         if e == self.config.num_hidden_layers:
@@ -135,18 +140,27 @@ class PipeStage(nn.Module):
         b, t = labels.shape
         positions = torch.arange(t, device=labels.device)[None, :].expand(b, -1)
         cos, sin = self.rotary(positions, hidden.dtype)
+        students = {}  # exit -> logits, for self-distillation once the final head is computed
         for i in range(self.start, self.stop):
             hidden = self.model.layers[str(i)](hidden, cos, sin, positions, None)
             e = i + 1
             if e < self.config.num_hidden_layers and str(e) in self.exits:
                 logits = self.head_logits(e, hidden)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-                slot = F.one_hot(torch.tensor(self.exit_index[e], device=loss.device), losses.numel())
-                losses = losses + slot.to(losses.dtype) * loss.to(losses.dtype)
+                losses = losses + self._slot(e, losses) * loss.to(losses.dtype)
+                if self.distill > 0:
+                    students[e] = logits
         if frozen and incoming is not None:
             losses = _ZeroGradLink.apply(losses, incoming)
         if self.last:
-            return self.head_logits(self.stop, hidden), losses
+            final = self.head_logits(self.stop, hidden)
+            if students:  # KL(final || exit): the exit learns the final head's whole distribution
+                teacher = torch.log_softmax(final.detach().float(), -1)
+                for e, logits in students.items():
+                    kl = F.kl_div(torch.log_softmax(logits.float(), -1).flatten(0, 1), teacher.flatten(0, 1),
+                                  log_target=True, reduction="batchmean")
+                    losses = losses + self._slot(e, losses) * (self.distill * kl).to(losses.dtype)
+            return final, losses
         if frozen:
             hidden = hidden.detach().requires_grad_()
         else:

@@ -123,7 +123,7 @@ def run(job: Job) -> int:
     plan = StagePlan(config=cfg, ranges=ranges, mode=t.mode,
                      source=str(job.path(job.model.source)) if job.model.source else None, seed=job.model.seed,
                      tp_group=_tp_groups(topo, rank), tp_rank=coord.model, tp_size=p.tp,
-                     exit_index={e: i for i, e in enumerate(cfg.exit_layers)})
+                     exit_index={e: i for i, e in enumerate(cfg.exit_layers)}, distill=t.distill)
     loss_fn = PipeLoss(cfg, t.exit_warmup_steps)
     module = EEPipelineModule(layers=[LayerSpec(PipeStage, plan, s) for s in range(p.pp)], topology=topo,
                               loss_fn=loss_fn, partition_method="uniform", activation_checkpoint_interval=0)

@@ -182,10 +182,12 @@ class LlamaCppBackend(EdgeBackend):
         for e in self.exit_layers:
             if e == self.split:
                 logits = self.session.last_logits()
+                hidden = torch.from_numpy(self._pending[-1][-1])
             else:
-                logits = self.heads[e](torch.from_numpy(self.session.take_captured(e - 1)[-1]))
+                hidden = torch.from_numpy(self.session.take_captured(e - 1)[-1])
+                logits = self.heads[e](hidden)
             result.exit_logits[e] = logits
-            if decide is not None and decide(e, logits):
+            if decide is not None and decide(e, logits, hidden):
                 result.depth, result.exited = e, True
                 break
         for e in self.exit_layers:  # drop captures of exits not evaluated this step

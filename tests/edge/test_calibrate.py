@@ -59,3 +59,65 @@ def test_calibrate_writes_a_policy_that_meets_the_target(tiny_dir, tmp_path):
     if taken:
         assert agree / taken >= 0.5
     assert isinstance(policy, ExitPolicy)
+
+
+def test_clopper_pearson_bounds():
+    from edge.guarantee import binom_cdf, clopper_pearson_upper
+
+    assert abs(clopper_pearson_upper(0, 100, 0.05) - (1 - 0.05 ** (1 / 100))) < 1e-6  # closed form at m = 0
+    for m, n in ((3, 50), (10, 400), (40, 1000)):
+        u = clopper_pearson_upper(m, n, 0.05)
+        assert abs(binom_cdf(m, n, u) - 0.05) < 1e-4 and u > m / n
+
+
+def test_ltt_guarantee_holds_over_repeated_calibrations():
+    """Scores whose true disagreement rate falls with confidence: over 300 fresh calibration samples, the chosen
+    threshold's true disagreement exceeds alpha in at most about delta of them, while the empirical rule (no bound)
+    exceeds it far more often."""
+    from edge.guarantee import ltt_threshold
+
+    alpha, delta, n = 0.05, 0.1, 600
+    g = torch.Generator().manual_seed(0)
+
+    def true_rate(t: float) -> float:  # disagreement P(wrong | score >= t) for score ~ U(0, 1), P(wrong|s) = 0.3(1-s)
+        return 0.15 * (1 - t)
+
+    bad_ltt = bad_plain = 0
+    for _ in range(300):
+        s = torch.rand(n, generator=g)
+        agree = torch.rand(n, generator=g) >= 0.3 * (1 - s)
+        t, _ = ltt_threshold(s, agree, alpha, delta)
+        bad_ltt += t is not None and true_rate(t) > alpha
+        stats = ExitStats({1: s}, {1: agree})
+        plain, _ = choose_thresholds(stats, [1], target=1 - alpha, criterion="max_prob")
+        bad_plain += 1 in plain and true_rate(plain[1]) > alpha
+    assert bad_ltt <= 0.1 * 300 + 10
+    assert bad_plain > 2 * bad_ltt + 10
+
+
+def test_on_policy_learned_gate_with_guarantee(tiny_dir, tmp_path):
+    """`--criterion learned` on on-policy data: the gates are written beside the policy, load_policy builds the
+    gate policy from both, and an EdgeClient from the checkpoint uses it; the policy file states its guarantee."""
+    import shutil
+
+    from coexit.tiny import SAMPLE_TEXT
+    from edge.client import EdgeClient
+    from edge.gate import GATE_FILE, GatePolicy
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    data = tmp_path / "held.txt"
+    data.write_text("\n".join(SAMPLE_TEXT * 20))
+    r = calibrate(d, data, target=0.5, criterion="learned", max_tokens=1500, on_policy=True, delta=0.1)
+    saved = json.loads((d / "exit_policy.json").read_text())
+    assert saved["criterion"] == "learned" and saved["on_policy"] is True
+    assert saved["guarantee"]["confidence"] == 0.9 and (d / GATE_FILE).is_file()
+    policy = load_policy(d)
+    assert isinstance(policy, GatePolicy) and set(policy.gates) == {2, 3}
+    for v in r["per_exit"].values():  # every chosen exit's stated bound is within the target
+        if v["threshold"] is not None:
+            assert v["upper_bound"] <= 0.5
+    client = EdgeClient.from_checkpoint(d, mode="standalone")
+    assert isinstance(client.policy, GatePolicy)
+    gen = client.generate("def add(a, b):", 8, stop_at_eos=False)
+    assert len(gen.events) == 8

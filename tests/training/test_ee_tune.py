@@ -108,3 +108,50 @@ def test_ee_tune_freezes_backbone_and_resumes(tmp_path, data_dir, checkpoint_fac
     for k in after:
         torch.testing.assert_close(again[k], after[k], atol=1e-7, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     assert [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()] == [3, 3]
+
+
+def _agreement(model_dir, data_dir) -> dict[int, float]:
+    """Exit/final top-1 agreement on the held-out shards."""
+    import coexit
+    from training.data import TokenShards
+
+    model = coexit.load(model_dir)
+    val = TokenShards(data_dir, "val", 16, 0)
+    agree, total = {e: 0 for e in (1, 2)}, 0
+    with torch.no_grad():
+        for i in range(8):
+            ids, _ = val.batch(4 * i, 4)
+            out = model(ids, exits=[1, 2])
+            final = out.logits.argmax(-1)
+            for e in agree:
+                agree[e] += int((out.exit_logits[e].argmax(-1) == final).sum())
+            total += final.numel()
+    return {e: a / total for e, a in agree.items()}
+
+
+def test_self_distillation_raises_exit_final_agreement(tmp_path, data_dir, checkpoint_factory):
+    """EE-tuning with `distill` (KL from the final head to each exit) against the same run without it, from the
+    same start, on held-out data: the exits agree with the final head more often."""
+    source = hf_style(checkpoint_factory("tiny-mha"), tmp_path / "hf")
+    result = {}
+    for distill in (0.0, 4.0):
+        run = tmp_path / f"d{distill:g}"
+        run.mkdir()
+        text = job_text(source, data_dir, 12).replace("pp = 2", "pp = 1").replace("exit_layers = [1, 2, 4]",
+                                                                                   "exit_layers = [1, 2]")
+        text = text.replace("loss_weights = [0.5, 0.5, 0.5, 1.0]", "loss_weights = [0.5, 0.5, 1.0]")
+        text = text.replace('mode = "ee-tune"', f'mode = "ee-tune"\ndistill = {distill}')
+        (run / "job.toml").write_text(text)
+        launch(1, run / "job.toml")
+        result[distill] = _agreement(run / "export", data_dir)
+    assert all(result[4.0][e] > result[0.0][e] for e in (1, 2)), result
+
+
+def test_distill_needs_exits_on_the_last_stage(tmp_path, data_dir, checkpoint_factory):
+    from training.job import JobError, load_job, validate
+
+    source = hf_style(checkpoint_factory("tiny-mha"), tmp_path / "hf")
+    (tmp_path / "job.toml").write_text(job_text(source, data_dir, 2).replace(
+        'mode = "ee-tune"', 'mode = "ee-tune"\ndistill = 1.0'))
+    with pytest.raises(JobError, match="distill needs every exit on the last pipeline stage"):
+        validate(load_job(tmp_path / "job.toml"), 2)
