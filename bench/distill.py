@@ -19,10 +19,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def job(model: Path, data: Path, out: Path, steps: int, distill: float) -> str:
+def job(model: Path, data: Path, out: Path, steps: int, distill: float, own_heads: bool) -> str:
+    heads = "share_lm_head = false  # each exit gets its own projection, initialised from the LM head" if own_heads \
+        else ""
     return f"""
 [model]
 source = "{model}"
+{heads}
 [data]
 path = "{data}"
 seq_len = 256
@@ -66,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--distill", type=float, default=1.0)
     ap.add_argument("--eval-tokens", type=int, default=30000)
+    ap.add_argument("--own-heads", action="store_true",
+                    help="give the exits projections of their own (else only their norms train when the model "
+                         "shares its LM head)")
     args = ap.parse_args(argv)
     from training.data import prepare
     from training.launch import launch
 
-    model, data, out = Path(args.model), Path(args.data), Path(args.out)
+    model, data, out = Path(args.model), Path(args.data), Path(args.out).resolve()
     if not (data / "meta.json").is_file():
         print(f"tokenizing {args.corpus}/train.jsonl with the model's tokenizer into {data}", flush=True)
         prepare([Path(args.corpus) / "train.jsonl"], data, tokenizer=model / "tokenizer.json", val_fraction=0.01,
@@ -80,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         run = out / f"distill-{distill:g}"
         run.mkdir(parents=True, exist_ok=True)
         (run / "job.toml").write_text(job(model.resolve(), data.resolve(), (run / "export").resolve(), args.steps,
-                                          distill))
+                                          distill, args.own_heads))
         print(f"ee-tune, distill {distill:g}: {args.steps} steps ...", flush=True)
         launch(1, run / "job.toml", timeout=3600, extra_env={"OMP_NUM_THREADS": "2"})
         rows[f"ee-tune, distill {distill:g}"] = metrics(run / "export", Path(args.corpus) / "heldout.jsonl",
                                                         args.eval_tokens)
     heads = sorted(next(iter(rows.values())))
-    print(f"\n{args.eval_tokens} held-out tokens; EE-tuning {args.steps} steps x 8 x 256 tokens, exit heads only\n")
+    what = "own exit projections" if args.own_heads else "exit heads as the model has them"
+    print(f"\n{args.eval_tokens} held-out tokens; EE-tuning {args.steps} steps x 8 x 256 tokens, {what}\n")
     print("| model | " + " | ".join(f"exit {h} agreement / top-1" for h in heads[:-1]) + " | final top-1 |")
     print("|---|" + "---|" * len(heads))
     for name, m in rows.items():

@@ -29,6 +29,31 @@ PYPI_PINS = [
     "urllib3==2.2.3", "toolz==0.12.1", "more-itertools==10.5.0", "sqlparse==0.5.1", "boltons==24.0.0",
     "typing_extensions==4.12.2", "tomli==2.0.1", "chardet==5.2.0", "pytz==2024.2", "networkx==3.3",
 ]
+# The large preset (#13: a corpus of 60 M+ tokens): the pins above plus 101 more widely used pure-Python wheels,
+# each pinned exactly (py3-none-any, so the build is the same on any machine). Whole packages are held out as
+# before; `ansible` (164 MB of collection modules) is left out so no single package dominates.
+LARGE_EXTRA_PINS = [
+    "CherryPy==18.10.0", "accelerate==1.15.0", "aiobotocore==3.10.0", "alembic==1.20.1", "ansible_core==2.19.14",
+    "anyio==4.16.0", "arrow==1.4.0", "astroid==4.3.4", "azure_core==1.41.0", "azure_mgmt_compute==39.0.0",
+    "babel==2.18.0", "beautifulsoup4==4.15.0", "bokeh==3.9.2", "boto3==1.44.8", "botocore==1.44.8", "bottle==0.13.4",
+    "cattrs==26.2.1", "celery==5.7.0", "cleo==2.1.0", "dash==4.4.1", "dask==2026.8.0", "datasets==5.2.0",
+    "distributed==2026.8.0", "django==5.2.19", "fabric==3.2.3", "faker==40.63.0", "fastapi==0.165.0",
+    "flake8==7.5.0", "fsspec==2026.9.0", "google_api_core==2.44.0", "google_cloud_bigquery==3.47.0",
+    "hatchling==1.33.0", "html5lib==1.1", "httpx==0.28.1", "huggingface_hub==2.4.0", "hvac==2.4.0", "invoke==3.0.3",
+    "ipython==9.18.1", "jedi==0.20.1", "jsonschema==4.26.0", "jupyter_client==8.10.0", "kombu==5.7.0",
+    "kubernetes==37.0.2", "langchain_core==1.8.4", "ldap3==2.9.1", "mako==1.4.3", "markdown==3.11.3",
+    "marshmallow==4.4.0", "mkdocs==1.6.1", "moto==5.2.5", "mpmath==1.4.1", "nbconvert==7.17.2", "nbformat==5.11.1",
+    "nltk==3.10.4", "openai==3.57.0", "openpyxl==3.1.5", "paramiko==5.1.0", "parso==0.8.7", "pdm==2.29.4",
+    "peft==0.21.2", "pexpect==4.9.0", "pipenv==2026.10.3", "plotly==7.1.0", "poetry==2.5.1", "poetry_core==2.5.0",
+    "prompt_toolkit==3.0.53", "pyasn1_modules==0.4.2", "pycodestyle==2.15.0", "pycparser==3.12", "pydantic==2.14.4",
+    "pyflakes==4.1.0", "pylint==4.1.4", "pyramid==2.1", "pysnmp==7.1.30", "pytest==9.2.0", "referencing==0.37.0",
+    "responses==0.26.3", "rich_click==1.9.9", "ruamel_yaml==0.19.1", "s3transfer==0.19.3", "scapy==2.8.0",
+    "scrapy==2.19.0", "seaborn==0.13.2", "selenium==4.52.0", "sentry_sdk==2.75.0", "setuptools==84.2.1",
+    "sphinx==9.0.4", "sqlglot==30.30.0", "starlette==1.10.0", "sympy==1.14.0", "textual==8.2.8", "tomlkit==0.15.2",
+    "tox==4.67.15", "traitlets==5.16.1", "transformers==5.24.0", "trio==0.35.0", "twisted==26.10.0", "typer==0.29.2",
+    "virtualenv==21.15.11", "xarray==2026.9.0",
+]
+PRESETS = {"small": PYPI_PINS, "large": PYPI_PINS + LARGE_EXTRA_PINS}
 EXCLUDED_STDLIB = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__",
                    "turtledemo", "ensurepip", "pydoc_data", "config-3", "tkinter"}
 MAX_FILE_BYTES = 400_000
@@ -107,8 +132,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout-fraction", type=float, default=0.08)
     ap.add_argument("--no-pypi", action="store_true", help="stdlib only (no package downloads)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                    help="small: the corpus the bundled model was trained on (27 M chars); large: 101 more "
+                         "packages (about 300 M chars, 80 M tokens)")
     args = ap.parse_args(argv)
-    m = build(Path(args.out), args.seed, args.heldout_fraction, [] if args.no_pypi else None)
+    m = build(Path(args.out), args.seed, args.heldout_fraction, [] if args.no_pypi else list(PRESETS[args.preset]))
     print(f"train: {m['files']['train']} files, {m['chars']['train'] / 1e6:.1f} M chars; held out: "
           f"{m['files']['heldout']} files, {m['chars']['heldout'] / 1e6:.1f} M chars from "
           f"{len(m['heldout_packages'])} packages -> {args.out}")

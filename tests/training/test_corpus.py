@@ -33,3 +33,13 @@ def test_wheel_files_skip_tests(tmp_path):
         z.writestr("demo_pkg/tests/test_x.py", "assert True\n")
         z.writestr("demo_pkg-1.0.dist-info/METADATA", "Name: demo-pkg\n")
     assert [(p, path) for p, path, _ in wheel_files(wheel)] == [("pypi:demo-pkg", "pypi/demo-pkg/demo_pkg/__init__.py")]
+
+
+def test_presets_pin_each_package_once_at_an_exact_version():
+    from training.corpus import PRESETS
+
+    for name, pins in PRESETS.items():
+        names = [p.split("==")[0].lower().replace("_", "-") for p in pins]
+        assert all(p.count("==") == 1 and p.split("==")[1] for p in pins), name
+        assert len(names) == len(set(names)), f"{name}: a package pinned twice"
+    assert set(PRESETS["small"]) < set(PRESETS["large"]) and len(PRESETS["large"]) >= 120
