@@ -1,12 +1,13 @@
 """Thresholds with a finite-sample guarantee (Learn-then-Test): the stated agreement holds with stated confidence.
 
-For one exit, candidate thresholds are tested from the strictest to the loosest (fixed-sequence testing, which
-needs no multiplicity correction along the sequence): at each, the null hypothesis "the accepted positions disagree
-with the full model at a rate above alpha" is rejected when the Clopper-Pearson upper confidence bound on that
-rate, at level 1 - delta, is at most alpha. The loosest threshold reached before the first failure is chosen. So
-with probability at least 1 - delta over the calibration sample, the chosen threshold's true disagreement rate is
-at most alpha. Several exits split delta between them (Bonferroni); since each accepted set then meets alpha, so
-does their union.
+For one exit, K candidate thresholds (the scores at a geometric grid of accepted-set sizes, fixed before looking
+at agreement) are each tested at level delta / K (Bonferroni): the null hypothesis "the accepted positions disagree
+with the full model at a rate above alpha" is rejected when the Clopper-Pearson upper confidence bound on that rate
+is at most alpha. The loosest rejected candidate is chosen. With probability at least 1 - delta over the
+calibration sample, no candidate with a true rate above alpha is rejected, so the chosen threshold's true
+disagreement rate is at most alpha. (Bonferroni rather than fixed-sequence testing: one unlucky miss among the
+most confident positions would end a fixed sequence at once.) Several exits split delta between them; since each
+accepted set then meets alpha, so does their union.
 """
 
 from __future__ import annotations
@@ -45,25 +46,29 @@ def clopper_pearson_upper(m: int, n: int, delta: float) -> float:
 
 
 def ltt_threshold(score: torch.Tensor, agree: torch.Tensor, alpha: float, delta: float,
-                  min_support: int = 20, grid: int = 200) -> tuple[float | None, dict]:
+                  min_support: int = 20, grid: int = 30) -> tuple[float | None, dict]:
     """The loosest threshold on `score` (higher = more confident) whose accepted positions provably disagree at a
-    rate of at most alpha (confidence 1 - delta), by fixed-sequence testing over `grid` candidate thresholds from
-    the strictest down. Returns (threshold or None, details)."""
+    rate of at most alpha (confidence 1 - delta), among `grid` candidates. Returns (threshold or None, details)."""
     order = torch.argsort(score, descending=True)
     s, wrong = score[order], (~agree[order]).long().cumsum(0)
     n = s.numel()
-    if n < min_support:
-        return None, {"tested": 0, "alpha": alpha, "delta": delta, "reason": f"only {n} positions"}
-    sizes = sorted({int(k) for k in torch.linspace(min_support, n, grid).round().long().tolist() if k >= min_support})
-    best, detail = None, {"tested": 0, "alpha": alpha, "delta": delta}
+    level = delta / grid
+    # candidates start where a bound could pass at all: zero disagreements in k positions bound the rate by
+    # 1 - level^(1/k); the grid depends on n, alpha and delta only, not on the agreement data
+    k_min = max(min_support, math.ceil(math.log(level) / math.log1p(-alpha)))
+    detail = {"tested": 0, "alpha": alpha, "delta": delta, "candidates": grid}
+    if n < k_min:
+        return None, {**detail, "reason": f"{n} positions; at least {k_min} are needed for this bound"}
+    sizes = sorted({int(round(k)) for k in torch.logspace(math.log10(k_min), math.log10(n), grid).tolist()})
+    best = None
     for k in sizes:
-        # ties: a threshold accepts every position scoring at least s[k-1]
-        k_eff = int((s >= s[k - 1]).sum())
+        k_eff = int((s >= s[k - 1]).sum())  # ties: a threshold accepts every position scoring at least s[k-1]
         m = int(wrong[k_eff - 1])
-        ucb = clopper_pearson_upper(m, k_eff, delta)
         detail["tested"] += 1
-        if ucb > alpha:
-            break
-        best = float(s[k - 1])
-        detail.update(accepted=k_eff, disagreements=m, upper_bound=ucb)
+        # the Clopper-Pearson bound is at most alpha exactly when P(Binomial(k, alpha) <= m) <= level
+        if binom_cdf(m, k_eff, alpha) <= level:
+            best = float(s[k - 1])
+            detail.update(accepted=k_eff, disagreements=m)
+    if best is not None:
+        detail["upper_bound"] = clopper_pearson_upper(detail["disagreements"], detail["accepted"], level)
     return best, detail

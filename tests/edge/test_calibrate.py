@@ -71,27 +71,29 @@ def test_clopper_pearson_bounds():
 
 
 def test_ltt_guarantee_holds_over_repeated_calibrations():
-    """Scores whose true disagreement rate falls with confidence: over 300 fresh calibration samples, the chosen
+    """Scores whose true disagreement rate falls with confidence: over 200 fresh calibration samples, the chosen
     threshold's true disagreement exceeds alpha in at most about delta of them, while the empirical rule (no bound)
-    exceeds it far more often."""
+    exceeds it far more often; and the bound still finds a threshold nearly every time."""
     from edge.guarantee import ltt_threshold
 
-    alpha, delta, n = 0.05, 0.1, 600
+    alpha, delta, n, trials = 0.05, 0.1, 3000, 200
     g = torch.Generator().manual_seed(0)
 
     def true_rate(t: float) -> float:  # disagreement P(wrong | score >= t) for score ~ U(0, 1), P(wrong|s) = 0.3(1-s)
         return 0.15 * (1 - t)
 
-    bad_ltt = bad_plain = 0
-    for _ in range(300):
+    bad_ltt = bad_plain = found = 0
+    for _ in range(trials):
         s = torch.rand(n, generator=g)
         agree = torch.rand(n, generator=g) >= 0.3 * (1 - s)
         t, _ = ltt_threshold(s, agree, alpha, delta)
+        found += t is not None
         bad_ltt += t is not None and true_rate(t) > alpha
         stats = ExitStats({1: s}, {1: agree})
         plain, _ = choose_thresholds(stats, [1], target=1 - alpha, criterion="max_prob")
         bad_plain += 1 in plain and true_rate(plain[1]) > alpha
-    assert bad_ltt <= 0.1 * 300 + 10
+    assert found >= 0.9 * trials  # it has power
+    assert bad_ltt <= delta * trials + 8
     assert bad_plain > 2 * bad_ltt + 10
 
 
