@@ -14,7 +14,7 @@ import sys
 import torch
 
 import coexit
-from edge.calibrate import choose_thresholds_ltt, collect_on_policy, read_texts
+from edge.calibrate import choose_thresholds, collect_on_policy, read_texts
 from edge.gate import ExitGate
 
 
@@ -33,7 +33,7 @@ def shares(model_dir: str, data: str, tokens: int, targets: list[float], delta: 
     out = {}
     for name, st in (("max-prob", held_stats), ("learned gate", learned)):
         for t in targets:
-            _, rep = choose_thresholds_ltt(st, exits, t, delta, "max_prob")
+            _, rep = choose_thresholds(st, exits, t, "max_prob", delta=delta)
             out[(name, t)] = rep["edge_share"]
     out["positions"] = held.numel()
     out["reachable"] = float(torch.stack([stats.agree[e][held] for e in exits]).any(0).float().mean())

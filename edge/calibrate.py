@@ -26,6 +26,7 @@ from coexit.exits import ExitPolicy, confidence
 from coexit.textdata import read_documents
 from edge.adaptive import AdaptivePolicy, FrontierPoint, evaluate, frontier
 from edge.gate import ExitGate, GatePolicy, load_gates, save_gates
+from edge.gate import features as gate_features
 from edge.guarantee import ltt_threshold
 
 POLICY_FILE = "exit_policy.json"
@@ -57,8 +58,6 @@ def exit_pass(model: coexit.EarlyExitLM, x: torch.Tensor, exits: list[int]):
 
 def _record(model, x, exits, criterion, want_feats, rows, out) -> None:
     """Append the stats of positions `rows` of ids x (1, T) to out (conf, agree, feats lists per exit)."""
-    from edge.gate import features
-
     logits, hidden, final = exit_pass(model, x, exits)
     top = final[rows].argmax(-1)
     prev_top = prev_h = None
@@ -68,7 +67,7 @@ def _record(model, x, exits, criterion, want_feats, rows, out) -> None:
         if criterion != "learned":
             out[0][e].append(torch.tensor([confidence(row, criterion) for row in lg]))
         if want_feats:
-            out[2][e].append(features(lg, hidden[e][rows], prev_top, prev_h))
+            out[2][e].append(gate_features(lg, hidden[e][rows], prev_top, prev_h))
         prev_top, prev_h = lg.argmax(-1), hidden[e][rows]
 
 
@@ -143,69 +142,50 @@ def collect_on_policy(model: coexit.EarlyExitLM, texts: list[str], exits: list[i
     return _stats(out, exits, criterion, want)
 
 
+def _empirical_threshold(score: torch.Tensor, ok: torch.Tensor, target: float,
+                         min_support: int) -> tuple[float | None, dict]:
+    """The lowest threshold on `score` whose accepted positions agree at >= target on this sample."""
+    order = torch.argsort(score, descending=True)
+    counts = torch.arange(1, order.numel() + 1)
+    precision = ok[order].float().cumsum(0) / counts
+    valid = (precision >= target) & (counts >= min_support)
+    if not bool(valid.any()):
+        return None, {}
+    k = int(valid.nonzero().max())  # the largest accepted set that still meets the target
+    return float(score[order[k]]), {}
+
+
 def choose_thresholds(stats: ExitStats, exits: list[int], target: float, criterion: str,
-                      min_support: int = 20) -> tuple[dict[int, float], dict]:
-    n = next(iter(stats.conf.values())).numel()
+                      min_support: int = 20, delta: float | None = None) -> tuple[dict[int, float], dict]:
+    """Per exit, in order, among the positions no earlier exit took: the lowest threshold whose accepted positions
+    agree with the final head at >= target on this sample, or with delta, the loosest whose disagreement is
+    provably at most 1 - target with confidence 1 - delta / len(exits) (Learn-then-Test, edge/guarantee.py), so
+    that all exits hold at once with confidence 1 - delta."""
+    n = next(iter(stats.agree.values())).numel()
     remaining = torch.ones(n, dtype=torch.bool)
     thresholds: dict[int, float] = {}
     report = {"positions": n, "per_exit": {}}
     sign = -1.0 if criterion == "entropy" else 1.0  # make "higher is more confident"
+    taken_count = agreed = 0
     for e in exits:
         c, ok = sign * stats.conf[e][remaining], stats.agree[e][remaining]
-        order = torch.argsort(c, descending=True)
-        hits = ok[order].float().cumsum(0)
-        counts = torch.arange(1, order.numel() + 1)
-        precision = hits / counts
-        valid = (precision >= target) & (counts >= min_support)
-        if not bool(valid.any()):
-            report["per_exit"][e] = {"threshold": None, "share": 0.0}
-            continue
-        k = int(valid.nonzero().max())  # the largest accepted set that still meets the target
-        t = float(c[order[k]])
-        thresholds[e] = sign * t
-        taken_local = c >= t
-        idx = remaining.nonzero().flatten()[taken_local]
-        report["per_exit"][e] = {"threshold": sign * t, "share": idx.numel() / n,
-                                 "agreement": float(ok[taken_local].float().mean())}
-        remaining[idx] = False
-    taken = ~remaining
-    agree_all = torch.zeros(n, dtype=torch.bool)
-    still = torch.ones(n, dtype=torch.bool)
-    for e in exits:
-        if e in thresholds:
-            acc = still & ((stats.conf[e] >= thresholds[e]) if sign > 0 else (stats.conf[e] <= thresholds[e]))
-            agree_all |= acc & stats.agree[e]
-            still &= ~acc
-    report["edge_share"] = float(taken.float().mean())
-    report["edge_agreement"] = float(agree_all[taken].float().mean()) if bool(taken.any()) else None
-    return thresholds, report
-
-
-def choose_thresholds_ltt(stats: ExitStats, exits: list[int], target: float, delta: float,
-                          criterion: str) -> tuple[dict[int, float], dict]:
-    """Like choose_thresholds, but each exit's threshold is the loosest whose disagreement is provably at most
-    1 - target with confidence 1 - delta / len(exits) (edge/guarantee.py), so all hold at once with 1 - delta."""
-    n = next(iter(stats.agree.values())).numel()
-    sign = -1.0 if criterion == "entropy" else 1.0
-    remaining = torch.ones(n, dtype=torch.bool)
-    thresholds: dict[int, float] = {}
-    report = {"positions": n, "per_exit": {}}
-    for e in exits:
-        score = sign * stats.conf[e]
-        t, detail = ltt_threshold(score[remaining], stats.agree[e][remaining], 1 - target, delta / len(exits))
+        if delta is None:
+            t, detail = _empirical_threshold(c, ok, target, min_support)
+        else:
+            t, detail = ltt_threshold(c, ok, 1 - target, delta / len(exits))
         if t is None:
             report["per_exit"][e] = {"threshold": None, "share": 0.0, **detail}
             continue
         thresholds[e] = sign * t
-        take = remaining & (score >= t)
-        report["per_exit"][e] = {"threshold": sign * t, "share": float(take.float().mean()),
-                                 "agreement": float(stats.agree[e][take].float().mean()), **detail}
-        remaining &= ~take
-    taken = ~remaining
-    point = evaluate(stats.conf, stats.agree, exits, thresholds, sign > 0)
-    report["edge_share"] = float(taken.float().mean())
-    report["edge_agreement"] = 1 - point.disagreement / max(1e-12, report["edge_share"]) if bool(taken.any()) \
-        else None
+        taken_local = c >= t
+        idx = remaining.nonzero().flatten()[taken_local]
+        report["per_exit"][e] = {"threshold": sign * t, "share": idx.numel() / n,
+                                 "agreement": float(ok[taken_local].float().mean()), **detail}
+        taken_count += idx.numel()
+        agreed += int(ok[taken_local].sum())
+        remaining[idx] = False
+    report["edge_share"] = taken_count / n
+    report["edge_agreement"] = agreed / taken_count if taken_count else None
     return thresholds, report
 
 
@@ -227,10 +207,7 @@ def calibrate(model_dir: str | Path, data: str | Path, target: float = 0.99, cri
         gates = {e: ExitGate.fit(stats.feats[e][fit], stats.agree[e][fit]) for e in exits}
         stats = stats.subset(held)
         stats.conf = {e: gates[e].score(stats.feats[e]) for e in exits}
-    if delta is None:
-        thresholds, report = choose_thresholds(stats, exits, target, criterion)
-    else:
-        thresholds, report = choose_thresholds_ltt(stats, exits, target, delta, criterion)
+    thresholds, report = choose_thresholds(stats, exits, target, criterion, delta=delta)
     high = criterion != "entropy"
     fixed = evaluate(stats.conf, stats.agree, exits, thresholds, high)
     result = {"criterion": criterion, "target": target, "thresholds": {str(k): v for k, v in thresholds.items()},

@@ -365,11 +365,15 @@ class _Run:
         finally:
             if mode != "cloud-only":
                 self.counters.edge_layer_tokens = be.layer_tokens
-            if self.stream is not None:
-                closed = self.stream.close()
-                self.counters.merge_stream(self.stream)
-                if closed is not None:
-                    self.counters.server_bytes.append((closed.bytes_received, closed.bytes_sent))
+            self._close()
+
+    def _close(self) -> None:
+        """Close the cloud session, keeping its byte counts and the server's own."""
+        if self.stream is not None:
+            closed = self.stream.close()
+            self.counters.merge_stream(self.stream)
+            if closed is not None:
+                self.counters.server_bytes.append((closed.bytes_received, closed.bytes_sent))
 
     def _token(self, res, pos: int, t0: float) -> TokenEvent:
         """Make the token at position `pos` from the edge's result or the cloud."""

@@ -320,8 +320,5 @@ class LosslessRun(_Run):
                 self.stream.recv()
         except CloudUnavailable:
             pass
-        closed = self.stream.close()
-        self.counters.merge_stream(self.stream)
-        if closed is not None:
-            self.counters.server_bytes.append((closed.bytes_received, closed.bytes_sent))
+        self._close()
 

@@ -131,6 +131,7 @@ class EdgeServer:
         self.policy = policy  # None: each client's calibrated default
         self._adaptive: dict[float | None, ExitPolicy] = {}  # by quality budget: their estimates are the link's
         self._idle.append(self._make_client())  # load once up front: a bad model fails at start, not per request
+        self.edge_exits = self._idle[0].backend.exit_layers
 
     def _make_client(self) -> EdgeClient:
         return EdgeClient.from_checkpoint(self.model_dir, cloud=self.cloud, backend=self.backend, mode=self.mode,
@@ -146,7 +147,7 @@ class EdgeServer:
             if "thresholds" in ext:
                 return ExitPolicy({int(k): float(v) for k, v in dict(ext["thresholds"]).items()})
             if "threshold" in ext:
-                return ExitPolicy.uniform(self._idle_any().backend.exit_layers, float(ext["threshold"]))
+                return ExitPolicy.uniform(self.edge_exits, float(ext["threshold"]))
         except (TypeError, ValueError) as exc:
             raise RequestError(f"bad coexit thresholds: {exc}", "coexit") from None
         return self.policy
@@ -163,12 +164,6 @@ class EdgeServer:
                 except (FileNotFoundError, ValueError) as exc:
                     raise RequestError(f"no adaptive policy: {exc}", "coexit") from None
             return self._adaptive[budget]
-
-    def _idle_any(self) -> EdgeClient:
-        with self._lock:
-            if self._idle:
-                return self._idle[0]
-        return self._make_client()
 
     def _borrow(self) -> EdgeClient:
         with self._lock:
