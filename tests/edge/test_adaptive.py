@@ -167,6 +167,7 @@ def test_speculative_mode_keeps_collaborative_outage_semantics(tiny_dir):
     from coexit.decoding import generate_full
     from edge.adaptive import FrontierPoint
     from edge.backends import TorchBackend
+    from tests.edge.cloud_restart import assert_full_model_greedy, drive_through_restart
 
     full = coexit.load(tiny_dir)
     port = free_port()
@@ -176,27 +177,11 @@ def test_speculative_mode_keeps_collaborative_outage_semantics(tiny_dir):
                         deadline_s=2.0, retry_s=0.3, policy=policy)
     ids = full.tokenizer.encode("class Point:\n    def __init__(self, x, y):", add_bos=True)
     run = client.stream(ids, 30, stop_at_eos=False)
-    events = []
-    try:
-        for ev in run:
-            events.append(ev)
-            if len(events) == 8:
-                proc.kill()
-                proc.wait()
-            if len(events) == 14:
-                proc, _ = start_cloud(tiny_dir, port)
-    finally:
-        proc.kill()
-        proc.wait()
-        client.close()
+    events = drive_through_restart(run, client, tiny_dir, port, proc)
     origins = [e.origin for e in events]
     assert len(events) == 30
     assert [e.token_id for e in events[:8]] == generate_full(full, ids, 8)
     assert "edge-standalone" in origins[8:15] and origins[-1] != "edge-standalone"
     assert run.counters.sessions_opened == 2
-    seq = ids + [e.token_id for e in events]
-    with torch.no_grad():
-        logits = full(torch.tensor([seq])).logits[0]
     back = max(i for i, o in enumerate(origins) if o == "edge-standalone") + 1
-    for e in events[back:]:  # verified by the restarted cloud: the full model's greedy choice on this sequence
-        assert e.token_id == int(logits[e.position - 1].argmax())
+    assert_full_model_greedy(full, ids, events, events[back:])  # verified by the restarted cloud

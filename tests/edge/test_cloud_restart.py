@@ -3,16 +3,13 @@ change, and once the cloud is back the edge opens a new session, replays what it
 
 from __future__ import annotations
 
-import time
-
-import torch
-
 import coexit
 from cloud.launch import free_port, start_cloud
 from coexit.decoding import generate_full
 from coexit.exits import ExitPolicy
 from edge.backends import TorchBackend
 from edge.client import EdgeClient
+from tests.edge.cloud_restart import assert_full_model_greedy, drive_through_restart
 
 
 def test_cloud_restart_mid_generation(tiny_dir):
@@ -25,20 +22,7 @@ def test_cloud_restart_mid_generation(tiny_dir):
     ids = full.tokenizer.encode("class Point:\n    def __init__(self, x, y):", add_bos=True)
     expected = generate_full(full, ids, 8)
     run = client.stream(ids, 30, policy=ExitPolicy.never(), stop_at_eos=False)
-    events = []
-    try:
-        for ev in run:
-            events.append(ev)
-            if len(events) == 8:
-                proc.kill()
-                proc.wait()
-            if len(events) == 14:
-                proc, _ = start_cloud(tiny_dir, port)
-                time.sleep(retry_s)
-    finally:
-        proc.kill()
-        proc.wait()
-        client.close()
+    events = drive_through_restart(run, client, tiny_dir, port, proc, settle_s=retry_s)
     origins = [e.origin for e in events]
     assert len(events) == 30
     assert [e.token_id for e in events[:8]] == expected and set(origins[:8]) == {"cloud"}
@@ -50,8 +34,4 @@ def test_cloud_restart_mid_generation(tiny_dir):
     assert second_session == list(range(len(second_session)))  # the new cloud got the whole context replayed
     assert len(second_session) == events[-1].position
     # every token the new cloud made is the full model's greedy choice for the sequence actually emitted
-    seq = ids + [e.token_id for e in events]
-    with torch.no_grad():
-        logits = full(torch.tensor([seq])).logits[0]
-    for e in events[14:]:
-        assert e.token_id == int(logits[e.position - 1].argmax())
+    assert_full_model_greedy(full, ids, events, events[14:])
