@@ -57,13 +57,17 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def stage_tensors(model: EarlyExitLM) -> dict[str, np.ndarray]:
-    """llama.cpp tensor name -> fp32 array (torch orientation) for the edge stage."""
+def stage_tensors(model: EarlyExitLM, layers: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """llama.cpp tensor name -> fp32 array (torch orientation) for layers [lo, hi) (default: the edge stage
+    [0, split)), renumbered from blk.0, with exit `hi`'s head as the output head. A segment that does not start
+    at layer 0 still carries token_embd (llama.cpp requires it) but is fed embeddings, never token ids; when its
+    head is the tied embedding itself, `output` is left out and llama.cpp uses token_embd (one copy, not two)."""
     cfg = model.config
-    split, llama_arch = cfg.split_layer, cfg.model_type == "llama"
+    lo, hi = layers or (0, cfg.split_layer)
+    llama_arch = cfg.model_type == "llama"
     out = {"token_embd.weight": _np(model.model.embed_tokens.weight)}
-    for i in range(split):
-        blk, p = model.model.layers[str(i)], f"blk.{i}."
+    for i in range(lo, hi):
+        blk, p = model.model.layers[str(i)], f"blk.{i - lo}."
         att = blk.self_attn
         for ours, theirs, heads in ((att.q_proj, "attn_q", cfg.num_attention_heads),
                                     (att.k_proj, "attn_k", cfg.num_key_value_heads), (att.v_proj, "attn_v", 0)):
@@ -79,19 +83,21 @@ def stage_tensors(model: EarlyExitLM) -> dict[str, np.ndarray]:
         out[p + "ffn_gate.weight"] = _np(blk.mlp.gate_proj.weight)
         out[p + "ffn_up.weight"] = _np(blk.mlp.up_proj.weight)
         out[p + "ffn_down.weight"] = _np(blk.mlp.down_proj.weight)
-    head = model.exits[str(split)]
+    head = model.exits[str(hi)]
     out["output_norm.weight"] = _np(head.norm.weight)
     out["output.weight"] = _np(head.lm_head.weight if hasattr(head, "lm_head") else model.lm_head.weight)
+    if layers is not None and np.array_equal(out["output.weight"], out["token_embd.weight"]):
+        del out["output.weight"]
     if cfg.rope_scaling is not None:  # llama.cpp divides the base frequencies by these factors
         base = rope_inv_freq(cfg.replace(rope_scaling=None))
         out["rope_freqs.weight"] = _np(base / rope_inv_freq(cfg))
     return out
 
 
-def _add_hparams(w: gguf.GGUFWriter, cfg: Config) -> None:
+def _add_hparams(w: gguf.GGUFWriter, cfg: Config, n_layers: int | None = None) -> None:
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.split_layer)
+    w.add_block_count(cfg.split_layer if n_layers is None else n_layers)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
@@ -103,30 +109,36 @@ def _add_hparams(w: gguf.GGUFWriter, cfg: Config) -> None:
     w.add_vocab_size(cfg.vocab_size)
 
 
-def write_f32_gguf(model: EarlyExitLM, model_dir: Path, out: Path, f16: bool = False) -> None:
-    """The unquantized edge GGUF (2-D weights in f16 when `f16`), plus the sidecar when exits need one."""
+def write_f32_gguf(model: EarlyExitLM, model_dir: Path, out: Path, f16: bool = False,
+                   layers: tuple[int, int] | None = None) -> None:
+    """The unquantized edge GGUF (2-D weights in f16 when `f16`), plus the sidecar when exits need one. With
+    `layers` = (lo, hi), one segment of the edge instead: layers [lo, hi) with exit `hi` as its output head
+    (`coexit.layers` records the range; no Python-side exit heads, so no sidecar)."""
     cfg = model.config
     split = cfg.split_layer
+    lo, hi = layers or (0, split)
     w = gguf.GGUFWriter(str(out), cfg.model_type)
-    w.add_name(f"coexit edge stage [0, {split}) of {model_dir.name}")
+    w.add_name(f"coexit edge stage [{lo}, {hi}) of {model_dir.name}")
     w.add_file_type(QUANTS["f16" if f16 else "f32"])
-    _add_hparams(w, cfg)
+    _add_hparams(w, cfg, hi - lo)
     w.add_string("coexit.config", json.dumps(cfg.to_dict(), sort_keys=True))
     w.add_string("coexit.fingerprint", model.fingerprint)
     w.add_uint32("coexit.split_layer", split)
     w.add_array("coexit.exit_layers", [int(e) for e in cfg.exit_layers if e <= split])
+    if layers is not None:
+        w.add_array("coexit.layers", [lo, hi])
     sidecar: dict[str, np.ndarray] = {}
-    for e in (e for e in cfg.exit_layers if e < split):
+    for e in (e for e in cfg.exit_layers if e < split and layers is None):
         head = model.exits[str(e)]
         w.add_array(f"coexit.exit_norm.{e}", [float(x) for x in _np(head.norm.weight)])
         w.add_string(f"coexit.exit_head.{e}", "sidecar" if hasattr(head, "lm_head") else "output")
         if hasattr(head, "lm_head"):
             sidecar[f"exit.{e}.output.weight"] = _np(head.lm_head.weight)
     tok = model_dir / "tokenizer.json"
-    if tok.is_file():
+    if tok.is_file() and lo == 0:
         w.add_string("coexit.tokenizer_json", tok.read_text())
     add_vocab(w, tok, cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)
-    for name, a in stage_tensors(model).items():
+    for name, a in stage_tensors(model, layers).items():
         w.add_tensor(name, a.astype(np.float16) if f16 and a.ndim == 2 else a.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()

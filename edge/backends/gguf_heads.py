@@ -59,7 +59,8 @@ class EdgeGGUF:
     fingerprint: str
     quant: int  # general.file_type
     tokenizer_json: str | None
-    heads: dict[int, ExitHead] = field(default_factory=dict)  # exits before the split
+    heads: dict[int, ExitHead] = field(default_factory=dict)  # exits before the split (whole-edge files)
+    layers: tuple[int, int] | None = None  # a segment's layer range (edge/export_segments.py); None: [0, split)
 
 
 def gguf_fingerprint(path: str | Path) -> str | None:
@@ -81,6 +82,10 @@ def read_edge_gguf(path: str | Path) -> EdgeGGUF:
     config = Config.from_dict(json.loads(cfg_json))
     meta = EdgeGGUF(path, config, _field(reader, "coexit.fingerprint") or "",
                     int(_field(reader, "general.file_type") or 0), _field(reader, "coexit.tokenizer_json"))
+    layers = _field(reader, "coexit.layers")
+    if layers is not None:  # a segment: its one exit is llama.cpp's own output head
+        meta.layers = (int(layers[0]), int(layers[1]))
+        return meta
     shared: Tensor | None = None
     side = None
     for e in (e for e in config.exit_layers if e < config.split_layer):

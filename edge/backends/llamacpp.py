@@ -1,23 +1,27 @@
-"""The llama.cpp edge backend: runs an edge GGUF (edge/export_gguf.py) through llama-cpp-python's low-level API.
+"""The llama.cpp edge backend: runs an edge GGUF, or a chain of GGUF segments, through llama-cpp-python's
+low-level API.
 
-How the hidden states are captured: the context is created with an eval callback (`cb_eval`, ggml's
-`ggml_backend_sched_eval_callback`). llama.cpp names each layer's output (the residual after layer i, i.e. after
-i + 1 layers) `l_out-{i}`. In the callback's "ask" phase we answer True only for the names we need
-(`l_out-{e-1}` for each exit e, `l_out-{split-1}` for the split), which makes the scheduler compute the graph up to
-that node and call us again with the finished tensor; we then copy it (f32, (n_tokens, C)) out with
-`ggml_backend_tensor_get`. Every batch row is marked as an output row: llama.cpp drops non-output rows inside the
-last layer, and the split rows must all survive.
+Layouts (edge/export_gguf.py, edge/export_segments.py):
+- **segments** (a directory of `layers-LO-HI.gguf`): one llama.cpp context per exit interval, chained through
+  `llama_batch.embd`. Each segment's output head is the exit at its top, so llama.cpp computes that exit's logits
+  itself. A token accepted at an exit stops there: the segments above never run it. Its rows wait, parked at that
+  depth, and catch up in one batch with the next token that goes deeper (KV recomputation, as coexit.decoding's
+  LayerRunner does), so every position's KV exists in every segment it needs, and its split row is released then.
+- **whole** (one `.gguf`): every token runs all of [0, split); earlier exits are applied in Python to captured
+  layer outputs (edge/backends/gguf_heads.py). One stock file, no compute saved by exits.
 
-What it computes: every token runs through all layers [0, split) (no early stop inside llama.cpp's graph), so an
-accepted early exit saves no edge compute here, only cloud traffic; every position's split row is available
-from take_split_rows() right after its step (the torch backend releases an exited row's split state later,
-through KV recomputation; the rows, their order and their values are the same). The split exit's logits are
-llama.cpp's own (the GGUF's output head); earlier exits are applied in Python (edge/backends/gguf_heads.py).
-The KV cache lives in the llama.cpp context across steps; truncate() removes positions with llama_memory_seq_rm.
+How hidden states are read: llama.cpp names each layer's output (the residual after layer i, i.e. after i + 1
+layers) `l_out-{i}`. The context's eval callback is a C function (edge/native/capture.c via
+edge/llamacpp_lib.Capture) that asks for the wanted names only and copies them out as f32 (n_tokens, C); a
+Python callback per graph node would cost more than the layers at this size. Every batch row is marked as an
+output row: llama.cpp drops non-output rows inside the last layer, and the segment's output rows must all
+survive. The KV caches live in the llama.cpp contexts across steps; truncate() removes positions with
+llama_memory_seq_rm.
 """
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +30,20 @@ from torch import Tensor
 
 from coexit.decoding import Decide, RunResult
 from edge.backends.base import EdgeBackend
-from edge.backends.gguf_heads import read_edge_gguf
-from edge.llamacpp_lib import GGMLTensorHead, ggml, llama
+from edge.backends.gguf_heads import ExitHead, read_edge_gguf
+from edge.llamacpp_lib import Capture, llama
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids for the K/V cache
-GGML_TYPE_F32 = 0
 
 
 class LlamaSession:
-    """One llama.cpp model + context + batch for a single sequence (seq id 0); optional layer capture."""
+    """One llama.cpp model + context + batch for a single sequence (seq id 0); optional layer capture.
+    embd_input: the batch carries embeddings (n, n_embd) instead of token ids (a segment above the first)."""
 
     def __init__(self, path: str | Path, n_ctx: int, n_threads: int = 2, n_batch: int = 256,
-                 capture: list[int] | None = None, kv_type: str = "f16", flash_attn: bool = False) -> None:
-        self.lc, self.g = llama(), ggml()
-        lc = self.lc
+                 capture: list[int] | None = None, kv_type: str = "f16", flash_attn: bool = False,
+                 embd_input: bool = False) -> None:
+        self.lc = lc = llama()
         self.model = self.ctx = self.batch = None
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0
@@ -48,61 +52,51 @@ class LlamaSession:
             raise RuntimeError(f"llama.cpp could not load {path}; set the 'edge.llamacpp' logger to DEBUG for why")
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
         self.n_embd = lc.llama_model_n_embd(self.model)
-        self.n_batch = n_batch
-        self.wanted = {f"l_out-{i}".encode(): i for i in (capture or [])}
-        self.captured: dict[int, list[np.ndarray]] = {i: [] for i in (capture or [])}
-        self.error: BaseException | None = None
+        self.n_batch, self.embd_input = n_batch, embd_input
+        self.layers = list(capture or [])
+        self.captured: dict[int, list[np.ndarray]] = {i: [] for i in self.layers}
+        self.capture = Capture([f"l_out-{i}".encode() for i in self.layers], n_batch, self.n_embd) \
+            if self.layers else None
         cp = lc.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, 1
         cp.n_threads = cp.n_threads_batch = n_threads
         cp.type_k = cp.type_v = KV_TYPES[kv_type]
         cp.flash_attn_type = 1 if flash_attn else 0
         cp.no_perf = True
-        if self.wanted:
-            self._cb = lc.ggml_backend_sched_eval_callback(self._eval)  # referenced for the context's lifetime
-            cp.cb_eval = self._cb
+        if self.capture is not None:
+            cp.cb_eval = lc.ggml_backend_sched_eval_callback(self.capture.callback)
+            cp.cb_eval_user_data = self.capture.user_data
         self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}) for {path}")
         self.n_ctx = lc.llama_n_ctx(self.ctx)
         self.mem = lc.llama_get_memory(self.ctx)
-        self.batch = lc.llama_batch_init(n_batch, 0, 1)
+        self.batch = lc.llama_batch_init(n_batch, self.n_embd if embd_input else 0, 1)
 
-    def _eval(self, t, ask, _user) -> bool:
-        try:
-            name = self.g.ggml_get_name(t)
-            if ask:
-                return name in self.wanted
-            if name in self.wanted:
-                head = GGMLTensorHead.from_address(t)
-                c, n = head.ne[0], head.ne[1]
-                if head.type != GGML_TYPE_F32 or head.nb[1] != 4 * c or head.ne[2] != 1 or head.ne[3] != 1:
-                    raise RuntimeError(f"{name.decode()} is not a contiguous f32 (C, n) tensor")
-                rows = np.empty((n, c), dtype=np.float32)
-                self.g.ggml_backend_tensor_get(t, rows.ctypes.data, 0, rows.nbytes)
-                self.captured[self.wanted[name]].append(rows)
-            return True
-        except BaseException as exc:  # an exception must not unwind through C; report it after llama_decode
-            self.error = exc
-            return True
-
-    def decode(self, tokens: list[int], first: int, all_outputs: bool = True) -> None:
-        """Run tokens at positions [first, first + n) in chunks of n_batch; captures land in self.captured."""
+    def decode(self, tokens: list[int] | np.ndarray, first: int, all_outputs: bool = True) -> None:
+        """Run positions [first, first + n) in chunks of n_batch: token ids, or embedding rows (n, n_embd) f32
+        for an embd_input session. Captures land in self.captured."""
         lc, b = self.lc, self.batch
         for lo in range(0, len(tokens), self.n_batch):
             chunk = tokens[lo: lo + self.n_batch]
-            b.n_tokens = len(chunk)
-            for i, tok in enumerate(chunk):
-                b.token[i], b.pos[i], b.n_seq_id[i] = int(tok), first + lo + i, 1
+            n = b.n_tokens = len(chunk)
+            if self.embd_input:
+                rows = np.ascontiguousarray(chunk, dtype=np.float32)
+                ctypes.memmove(b.embd, rows.ctypes.data, rows.nbytes)
+            for i in range(n):
+                if not self.embd_input:
+                    b.token[i] = int(chunk[i])
+                b.pos[i], b.n_seq_id[i] = first + lo + i, 1
                 b.seq_id[i][0] = 0
-                b.logits[i] = 1 if all_outputs or i == len(chunk) - 1 else 0
+                b.logits[i] = 1 if all_outputs or i == n - 1 else 0
             rc = lc.llama_decode(self.ctx, b)
-            if self.error is not None:
-                err, self.error = self.error, None
-                raise RuntimeError(f"hidden-state capture failed: {err}") from err
+            if self.capture is not None:
+                self.capture.check()
+                for k, layer in enumerate(self.layers):
+                    self.captured[layer].append(self.capture.take(k))
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc} at positions [{first + lo}, "
-                                   f"{first + lo + len(chunk)}) (1: no KV slot; context is {self.n_ctx})")
+                                   f"{first + lo + n}) (1: no KV slot; context is {self.n_ctx})")
 
     def last_logits(self) -> Tensor:
         ptr = self.lc.llama_get_logits_ith(self.ctx, -1)
@@ -140,76 +134,138 @@ class LlamaSession:
             pass
 
 
+class _Stage:
+    """Layers [lo, hi) in one llama.cpp context; `heads`: exits inside it run in Python (whole layout only)."""
+
+    def __init__(self, lo: int, hi: int, session: LlamaSession, heads: dict[int, ExitHead]) -> None:
+        self.lo, self.hi, self.session, self.heads = lo, hi, session, heads
+
+
 class LlamaCppBackend(EdgeBackend):
-    """EdgeBackend over an edge GGUF. max_len: context size (default min(max_position_embeddings, 4096))."""
+    """EdgeBackend over an edge GGUF file (whole layout) or a directory of GGUF segments. max_len: context size
+    (default min(max_position_embeddings, 4096))."""
 
     name = "llama.cpp"
 
     def __init__(self, path: str | Path, n_threads: int = 2, max_len: int | None = None, n_batch: int = 256,
                  kv_type: str = "f16", flash_attn: bool = False) -> None:
-        meta = read_edge_gguf(path)
-        self.path, self.config, self.fingerprint = Path(path), meta.config, meta.fingerprint
-        self.tokenizer_json = meta.tokenizer_json
-        self.heads = meta.heads
-        capture = sorted({e - 1 for e in self.exit_layers if e < self.split} | {self.split - 1})
+        from edge.export_segments import segment_files
+
+        self.path = Path(path)
+        files = segment_files(self.path) if self.path.is_dir() else [self.path]
+        metas = [read_edge_gguf(f) for f in files]
+        meta = metas[0]
+        self.config, self.fingerprint, self.tokenizer_json = meta.config, meta.fingerprint, meta.tokenizer_json
+        self.layout = "segments" if meta.layers is not None else "whole"
         n_ctx = max_len or min(self.config.max_position_embeddings, 4096)
-        self.session = LlamaSession(path, n_ctx, n_threads, n_batch, capture, kv_type, flash_attn)
+        split = self.split
+        self.stages: list[_Stage] = []
+        if self.layout == "whole":
+            capture = sorted({e - 1 for e in self.exit_layers if e < split} | {split - 1})
+            session = LlamaSession(files[0], n_ctx, n_threads, n_batch, capture, kv_type, flash_attn)
+            self.stages.append(_Stage(0, split, session, meta.heads))
+        else:
+            expect = 0
+            for f, m in zip(files, metas):
+                lo, hi = m.layers
+                if m.fingerprint != meta.fingerprint or lo != expect or hi > split:
+                    raise ValueError(f"{f.name} (layers [{lo}, {hi}), fingerprint {m.fingerprint[:12]}) does not "
+                                     f"continue the segments before it in {self.path}; re-export them together")
+                session = LlamaSession(f, n_ctx, n_threads, n_batch, [hi - lo - 1], kv_type, flash_attn,
+                                       embd_input=lo > 0)
+                self.stages.append(_Stage(lo, hi, session, {}))
+                expect = hi
+            if expect != split:
+                raise ValueError(f"the segments in {self.path} end at layer {expect}, not the split ({split})")
+        self.session = self.stages[0].session  # the first (token-fed) context
         self.reset()
 
     def reset(self) -> None:
-        self.session.clear()
-        self._pending: list[np.ndarray] = []
-        self._pending_first = 0
+        for st in self.stages:
+            st.session.clear()
+        self._parked: dict[int, tuple[int, np.ndarray]] = {}  # depth -> (first position, rows) waiting above it
+        self._outbox: list[np.ndarray] = []
+        self._outbox_first = 0
         self._next = 0
         self._layer_tokens = 0
 
+    def _park(self, depth: int, first: int, rows: np.ndarray) -> None:
+        if depth in self._parked:
+            f0, r0 = self._parked[depth]
+            assert f0 + r0.shape[0] == first, "parked rows must stay contiguous"
+            first, rows = f0, np.concatenate([r0, rows], 0)
+        self._parked[depth] = (first, rows)
+
     def step(self, token_ids: list[int], first: int, decide: Decide | None, to_split: bool = False) -> RunResult:
-        """llama.cpp runs every edge layer whatever the exit, so rows always reach the split (to_split holds)."""
         if first != self._next:
             raise ValueError(f"rows start at position {first} but this backend expects position {self._next}; "
                              f"positions must continue without gap or overlap (truncate() to roll back)")
         n = len(token_ids)
         if n == 0:
             raise ValueError("step() needs at least one token")
-        if first + n > self.session.n_ctx:
-            raise ValueError(f"positions up to {first + n} exceed the llama.cpp context of {self.session.n_ctx}; "
-                             f"create the backend with a larger max_len")
-        self.session.decode(token_ids, first)
-        self._pending.append(self.session.take_captured(self.split - 1))
+        if first + n > self.stages[0].session.n_ctx:
+            raise ValueError(f"positions up to {first + n} exceed the llama.cpp context of "
+                             f"{self.stages[0].session.n_ctx}; create the backend with a larger max_len")
         self._next = first + n
-        self._layer_tokens += n * self.split
-        result = RunResult(depth=self.split, exited=False, rows_computed=n * self.split)
-        for e in self.exit_layers:
-            if e == self.split:
-                logits = self.session.last_logits()
-                hidden = torch.from_numpy(self._pending[-1][-1])
-            else:
-                hidden = torch.from_numpy(self.session.take_captured(e - 1)[-1])
-                logits = self.heads[e](hidden)
-            result.exit_logits[e] = logits
-            if decide is not None and decide(e, logits, hidden):
-                result.depth, result.exited = e, True
-                break
-        for e in self.exit_layers:  # drop captures of exits not evaluated this step
-            if e < self.split:
-                self.session.captured[e - 1].clear()
+        result = RunResult(depth=self.split, exited=False)
+        exits = set(self.exit_layers)
+        checking, stopped = True, False
+        x, lo_pos = token_ids, first
+        for st in self.stages:
+            if st.lo in self._parked:  # catch up rows that stopped at this depth earlier
+                pf, prow = self._parked.pop(st.lo)
+                assert pf + prow.shape[0] == lo_pos, "parked rows must end where the batch begins"
+                x, lo_pos = np.concatenate([prow, x], 0), pf
+            st.session.decode(x, lo_pos)
+            x = st.session.take_captured(st.hi - st.lo - 1)
+            computed = x.shape[0] * (st.hi - st.lo)
+            self._layer_tokens += computed
+            result.rows_computed += computed
+            for e in sorted(st.heads):  # whole layout: exits inside the stage, on captured layer outputs
+                hidden_rows = st.session.take_captured(e - 1)
+                if checking and e in exits:
+                    hidden = torch.from_numpy(hidden_rows[-1])
+                    logits = st.heads[e](hidden)
+                    result.exit_logits[e] = logits
+                    if decide is not None and decide(e, logits, hidden):
+                        result.depth, result.exited, checking = e, True, False
+            if checking and st.hi in exits:
+                logits, hidden = st.session.last_logits(), torch.from_numpy(x[-1])
+                result.exit_logits[st.hi] = logits
+                if decide is not None and decide(st.hi, logits, hidden):
+                    result.depth, result.exited, checking = st.hi, True, False
+                    stopped = not to_split
+            if stopped and st.hi < self.split:
+                self._park(st.hi, lo_pos, x)
+                return result
+        if not self._outbox:
+            self._outbox_first = lo_pos
+        self._outbox.append(x)
         return result
 
     def take_split_rows(self) -> tuple[int, Tensor]:
-        first = self._pending_first
-        rows = np.concatenate(self._pending, 0) if self._pending else np.zeros((0, self.config.hidden_size),
-                                                                                np.float32)
-        self._pending, self._pending_first = [], self._next
+        first = self._outbox_first
+        rows = np.concatenate(self._outbox, 0) if self._outbox else np.zeros((0, self.config.hidden_size),
+                                                                              np.float32)
+        self._outbox = []
+        self._outbox_first = first + rows.shape[0]
         return first, torch.from_numpy(rows)
 
     def truncate(self, length: int) -> None:
         if length >= self._next:
             return
-        self.session.remove_from(length)
-        rows = np.concatenate(self._pending, 0) if self._pending else None
-        keep = max(0, length - self._pending_first)
-        self._pending = [rows[:keep]] if rows is not None and keep else []
-        self._pending_first = min(self._pending_first, length)
+        for st in self.stages:
+            st.session.remove_from(length)
+        for depth, (pf, rows) in list(self._parked.items()):
+            keep = max(0, length - pf)
+            if keep:
+                self._parked[depth] = (pf, rows[:keep])
+            else:
+                del self._parked[depth]
+        rows = np.concatenate(self._outbox, 0) if self._outbox else None
+        keep = max(0, length - self._outbox_first)
+        self._outbox = [rows[:keep]] if rows is not None and keep else []
+        self._outbox_first = min(self._outbox_first, length)
         self._next = length
 
     @property
@@ -221,4 +277,5 @@ class LlamaCppBackend(EdgeBackend):
         return self._layer_tokens
 
     def close(self) -> None:
-        self.session.close()
+        for st in self.stages:
+            st.session.close()

@@ -3,10 +3,11 @@
 Kinds:
 - "torch": coexit's model in fp32 (kw: dtype, max_len); path is a checkpoint directory.
 - "bnb-int8", "bnb-nf4": bitsandbytes edge blocks (kw: max_len); path is a checkpoint directory.
-- "gguf": llama.cpp. path is an edge .gguf file (from `coexit export-edge`), or a checkpoint directory, which is
-  exported on the fly (kw: quant, default "q8_0"; out, default DIR/edge-QUANT.gguf, reused when it exists and
-  holds the checkpoint's fingerprint). Other kw go to LlamaCppBackend (n_threads, max_len, n_batch, kv_type,
-  flash_attn).
+- "gguf": llama.cpp. path is an edge .gguf file or a directory of GGUF segments (from `coexit export-edge`), or a
+  checkpoint directory, which is exported on the fly (kw: quant, default "q8_0"; layout, "segments" (default:
+  exits skip the layers above them) or "whole" (one file); out, default DIR/edge-QUANT.segments or
+  DIR/edge-QUANT.gguf, reused when it exists and holds the checkpoint's fingerprint). Other kw go to
+  LlamaCppBackend (n_threads, max_len, n_batch, kv_type, flash_attn).
 """
 
 from __future__ import annotations
@@ -18,13 +19,25 @@ from edge.backends.base import EdgeBackend
 KINDS = ("torch", "bnb-int8", "bnb-nf4", "gguf")
 
 
-def _gguf_path(path: Path, quant: str, out: str | Path | None) -> Path:
-    if path.is_file():
-        return path
+LAYOUTS = ("segments", "whole")
+
+
+def _gguf_path(path: Path, quant: str, layout: str, out: str | Path | None) -> Path:
+    if path.is_file() or (path.is_dir() and not (path / "config.json").exists()):
+        return path  # an exported file or segment directory
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown GGUF layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     from coexit.checkpoint import fingerprint
     from edge.backends.gguf_heads import gguf_fingerprint
     from edge.export_gguf import export_gguf
+    from edge.export_segments import export_segments, segment_files
 
+    if layout == "segments":
+        target = Path(out) if out else path / f"edge-{quant}.segments"
+        files = segment_files(target) if target.is_dir() and any(target.glob("layers-*.gguf")) else []
+        if files and all(gguf_fingerprint(f) == fingerprint(path) for f in files):
+            return target
+        return export_segments(path, quant, target)
     target = Path(out) if out else path / f"edge-{quant}.gguf"
     if target.exists() and gguf_fingerprint(target) == fingerprint(path):
         return target
@@ -44,6 +57,6 @@ def make_backend(kind: str, path: str | Path, **kw) -> EdgeBackend:
     if kind == "gguf":
         from edge.backends.llamacpp import LlamaCppBackend
 
-        gguf = _gguf_path(path, kw.pop("quant", "q8_0"), kw.pop("out", None))
+        gguf = _gguf_path(path, kw.pop("quant", "q8_0"), kw.pop("layout", "segments"), kw.pop("out", None))
         return LlamaCppBackend(gguf, **kw)
     raise ValueError(f"unknown edge backend {kind!r}; choose one of {', '.join(KINDS)}")

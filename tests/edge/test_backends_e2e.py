@@ -17,9 +17,11 @@ from coexit.exits import ExitPolicy
 from edge.backends import make_backend
 from edge.client import EdgeClient
 
-BACKENDS = [("torch", {}), ("bnb-int8", {}), ("bnb-nf4", {}), ("gguf", {"quant": "f32", "kv_type": "f32"}),
-            ("gguf", {"quant": "q8_0"}), ("gguf", {"quant": "q4_k_m"})]
-IDS = [f"{k}-{kw.get('quant', '')}".rstrip("-") for k, kw in BACKENDS]
+BACKENDS = [("torch", {}), ("bnb-int8", {}), ("bnb-nf4", {}),
+            ("gguf", {"quant": "f32", "kv_type": "f32", "layout": "segments"}),
+            ("gguf", {"quant": "f32", "kv_type": "f32", "layout": "whole"}),
+            ("gguf", {"quant": "q8_0", "layout": "segments"}), ("gguf", {"quant": "q4_k_m", "layout": "whole"})]
+IDS = [f"{k}-{kw.get('quant', '')}-{kw.get('layout', '')}".rstrip("-") for k, kw in BACKENDS]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def cloud(quant_dir):
 def _backend(kind, kw, quant_dir, tmp_path):
     kw = dict(kw)
     if kind == "gguf":
-        kw["out"] = tmp_path / f"edge-{kw['quant']}.gguf"
+        kw["out"] = tmp_path / f"edge-{kw['quant']}.{'gguf' if kw['layout'] == 'whole' else 'segments'}"
     return make_backend(kind, quant_dir, **kw)
 
 

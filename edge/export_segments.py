@@ -1,0 +1,62 @@
+"""The edge stage as GGUF segments, one per exit interval, so that an early exit in llama.cpp skips the layers above.
+
+For exits e1 < e2 < ... < split, the edge [0, split) becomes the files `layers-00-02.gguf`, `layers-02-04.gguf`, ...
+in one directory (`edge-QUANT.segments/` by default). Each is a stock llama.cpp GGUF (edge/export_gguf.py
+`write_f32_gguf(layers=...)`, then llama.cpp's own quantizer):
+- its blocks are the model's layers [lo, hi), renumbered from blk.0;
+- its output head is exit `hi`'s (norm + projection), so llama.cpp's logits are that exit's logits;
+- all but the first are fed the previous segment's residual through `llama_batch.embd`, never token ids;
+- each carries the model config, the fingerprint and `coexit.layers` = [lo, hi].
+The llama.cpp backend (edge/backends/llamacpp.py) chains them: a token that exits at `hi` never runs the next
+segment, and the KV it skipped there is caught up with the next token that goes deeper, as coexit.decoding does.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from edge.export_gguf import QUANTS, _load_edge, quantize_gguf, write_f32_gguf
+
+
+def segment_bounds(exit_layers, split: int) -> list[tuple[int, int]]:
+    """[(0, e1), (e1, e2), ..., (ek, split)] over the exits below the split."""
+    cuts = sorted({int(e) for e in exit_layers if 0 < e < split} | {split})
+    return list(zip([0, *cuts[:-1]], cuts))
+
+
+def segment_name(lo: int, hi: int) -> str:
+    return f"layers-{lo:02d}-{hi:02d}.gguf"
+
+
+def segment_files(directory: str | Path) -> list[Path]:
+    """The segment files of a directory written by export_segments, in layer order."""
+    files = sorted(Path(directory).glob("layers-*-*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no GGUF segments (layers-LO-HI.gguf); write them with "
+                                f"`coexit export-edge --model DIR --layout segments`")
+    return files
+
+
+def export_segments(model_dir: str | Path, quant: str = "f16", out: str | Path | None = None,
+                    threads: int = 2) -> Path:
+    """Write the edge of a checkpoint directory as GGUF segments into `out`; returns the directory."""
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {sorted(QUANTS)}")
+    model_dir = Path(model_dir)
+    model = _load_edge(model_dir)
+    cfg = model.config
+    out = Path(out) if out else model_dir / f"edge-{quant}.segments"
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("layers-*-*.gguf"):
+        stale.unlink()
+    for lo, hi in segment_bounds(cfg.exit_layers, cfg.split_layer):
+        target = out / segment_name(lo, hi)
+        if quant in ("f32", "f16"):
+            write_f32_gguf(model, model_dir, target, f16=quant == "f16", layers=(lo, hi))
+            continue
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            src = Path(tmp) / "segment-f32.gguf"
+            write_f32_gguf(model, model_dir, src, layers=(lo, hi))
+            quantize_gguf(src, target, quant, threads)
+    return out
