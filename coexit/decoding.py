@@ -17,7 +17,7 @@ unchanged (`EarlyExitLM.run_layers(fill=...)`). They count as filled, not comput
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -31,11 +31,62 @@ from coexit.sampling import GREEDY, sample
 Decide = Callable[[int, Tensor, Tensor], bool]
 
 
+class _Due:
+    """An exit head not applied yet: the newest row's hidden state (C,) at that exit."""
+
+    __slots__ = ("row", "grad")
+
+    def __init__(self, row: Tensor) -> None:
+        self.row, self.grad = row, torch.is_grad_enabled()
+
+
+class ExitLogits(MutableMapping):
+    """{exit layer: logits (V,) of the newest row}, in the order the exits were reached. An exit that no decide()
+    looked at keeps only its hidden row and applies its head on first access, so a step computes no LM head
+    nobody reads (a prompt chunk, decide=None); an exit decide() checked holds the logits it was shown."""
+
+    def __init__(self, model: EarlyExitLM) -> None:
+        self._model = model
+        self._d: dict[int, Tensor | _Due] = {}
+
+    def defer(self, layer: int, row: Tensor) -> None:
+        self._d[layer] = _Due(row.clone())  # a copy: the caller may reuse the buffer the row lives in
+
+    def is_computed(self, layer: int) -> bool:
+        return not isinstance(self._d[layer], _Due)
+
+    def __getitem__(self, layer: int) -> Tensor:
+        v = self._d[layer]
+        if isinstance(v, _Due):
+            with torch.set_grad_enabled(v.grad):
+                v = self._d[layer] = self._model.head_logits(layer, v.row)
+        return v
+
+    def __setitem__(self, layer: int, logits: Tensor) -> None:
+        self._d[layer] = logits
+
+    def __delitem__(self, layer: int) -> None:
+        del self._d[layer]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self._d
+
+    def __repr__(self) -> str:
+        return f"ExitLogits({[(e, 'logits' if self.is_computed(e) else 'due') for e in self._d]})"
+
+
 @dataclass
 class RunResult:
     depth: int  # where the newest row stopped: an exit layer, or the range's stop
     exited: bool  # True when a decide() said stop at `depth` (even if depth == stop)
-    exit_logits: dict[int, Tensor] = field(default_factory=dict)  # logits (V,) of the newest row at checked exits
+    # logits (V,) of the newest row at checked exits (LayerRunner: an ExitLogits, computed when first read)
+    exit_logits: MutableMapping[int, Tensor] = field(default_factory=dict)
     logits: Tensor | None = None  # final logits (V,) of the newest row when the range ends the model
     rows_computed: int = 0  # layer-row computations (layer-tokens) this call performed
     last_hidden: Tensor | None = None  # newest row's hidden (C,) at the top when the final head is due
@@ -109,7 +160,8 @@ class LayerRunner:
 
         x is token ids (T,) when start == 0, else hidden states (T, C) at depth `start`. Exit heads in `exits`
         (default: every exit in (start, stop]) are evaluated on the newest row in order; the first one that
-        `decide` accepts stops the rows there (parked at that depth). Without `decide`, rows run to `stop`. With
+        `decide` accepts stops the rows there (parked at that depth). Without `decide`, rows run to `stop` and no
+        head is applied until its logits are read from RunResult.exit_logits (see ExitLogits). With
         to_stop the accepted exit is only recorded (RunResult.depth, .exited; later exits are not checked) and the
         rows still run to `stop`: a draft that still needs its split row. head is how many of the newest rows
         need their top hidden state (RunResult.top_hidden; .last_hidden is the newest): 0 for a chunk of a longer
@@ -124,7 +176,7 @@ class LayerRunner:
         h = x[None]  # (1, T, C)
         lo = first  # first position of the rows in h
         check = [e for e in (exits if exits is not None else model.config.exit_layers) if self.start < e <= self.stop]
-        result = RunResult(depth=self.stop, exited=False)
+        result = RunResult(depth=self.stop, exited=False, exit_logits=ExitLogits(model))
         layer = self.start
         while layer < self.stop:
             if layer in self.parked:  # catch up rows parked at this depth (KV recomputation)
@@ -142,9 +194,12 @@ class LayerRunner:
             result.rows_filled += filled * (nxt - layer)
             layer = nxt
             if layer in check and layer < model.config.num_hidden_layers:
+                if decide is None:  # nobody decides here: the head is applied only if its logits are read
+                    result.exit_logits.defer(layer, h[0, -1])
+                    continue
                 logits = model.head_logits(layer, h[0, -1])
                 result.exit_logits[layer] = logits
-                if decide is not None and decide(layer, logits, h[0, -1]):
+                if decide(layer, logits, h[0, -1]):
                     result.depth, result.exited = layer, True
                     if to_stop:
                         check = []
@@ -168,9 +223,7 @@ class LayerRunner:
         try:
             work = next(plan)
             while True:
-                positions = torch.arange(work.first, work.first + work.hidden.shape[1], device=work.hidden.device)
-                out = self.model.run_layers(work.hidden, positions, self.cache, work.start, work.stop,
-                                            fill=work.fill)
+                out = self.model.run_layers(work.hidden, work.first, self.cache, work.start, work.stop, fill=work.fill)
                 work = plan.send(out.hidden)
         except StopIteration as done:
             result = done.value

@@ -9,6 +9,7 @@ memory is what it uses, and `nbytes` is what a memory budget counts.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from coexit.attention import attend
@@ -80,7 +81,11 @@ class KVCache(LayerLengths):
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Store the new k, v (B, K, T, D) and attend q (B, H, T, D) at `positions` (B, T) over all keys."""
         k, v = self.update(layer, k, v)
-        key_pos = torch.arange(k.shape[2], device=q.device)[None, :].expand(q.shape[0], -1)
+        s = k.shape[2]
+        if q.shape[2] == 1 and positions.shape[1] == 1 and bool((positions >= s - 1).all()):
+            # one query at the newest position sees every key: no mask (SDPA's masked CPU path is far slower)
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+        key_pos = torch.arange(s, device=q.device)[None, :].expand(q.shape[0], -1)
         return attend(q, k, v, positions, key_pos)
 
     def get(self, layer: int) -> tuple[Tensor, Tensor]:

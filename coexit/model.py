@@ -64,11 +64,25 @@ class Rotary(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
+        self._tables: dict[torch.dtype, tuple] = {}  # dtype -> (inv_freq, its version, cos, sin)
+
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         # positions (B, T) -> cos, sin (B, 1, T, D)
         freqs = positions[..., None].float() * self.inv_freq.float()
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def span(self, first: int, t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin (1, 1, T, D) for the contiguous positions [first, first + t): rows of a table computed once
+        (growing by doubling), elementwise the same values `forward` computes."""
+        inv = self.inv_freq
+        src, version, cos, sin = self._tables.get(dtype, (None, -1, None, None))
+        if src is not inv or version != inv._version or cos.shape[0] < first + t:  # inv_freq may be reassigned
+            n = max(first + t, 2 * cos.shape[0] if src is inv and version == inv._version else 0, 256)
+            with torch.inference_mode(False):  # a table made under inference_mode must still serve autograd
+                cos, sin = (x[0, 0] for x in self.forward(torch.arange(n, device=inv.device)[None], dtype))
+            self._tables[dtype] = (inv, inv._version, cos, sin)
+        return cos[first:first + t][None, None], sin[first:first + t][None, None]
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -221,9 +235,11 @@ class EarlyExitLM(nn.Module):
             positions = positions[None, :].expand(b, -1)
         return positions
 
-    def run_layers(self, hidden: Tensor, positions: Tensor | None, cache: KVCache | None, start: int, stop: int,
+    def run_layers(self, hidden: Tensor, positions: Tensor | int | None, cache: KVCache | None, start: int, stop: int,
                    exits: ExitSpec = None, head_rows: str = "all", fill: Tensor | None = None) -> ModelOutput:
-        """Run layers [start, stop) on hidden (B, T, C); compute the asked exits e with start < e <= stop, and
+        """Run layers [start, stop) on hidden (B, T, C) at positions (T,) or (B, T), or given as the first of T
+        contiguous positions (an int; None: the cache's length at `start`, else 0), which takes RoPE from the
+        rotary table; compute the asked exits e with start < e <= stop, and
         the final logits when stop == L. head_rows="last" applies heads to the last position only (decoding),
         "none" skips the final head (KV catch-up). fill (T,) bool marks rows whose KV is propagated: each
         layer stores its k, v projections of the row as given, and the row comes out unchanged."""
@@ -231,14 +247,20 @@ class EarlyExitLM(nn.Module):
             raise ValueError(f"layers [{start}, {stop}) are not held by this model, which holds "
                              f"[{self.start}, {self.stop})")
         want = self._exit_set(exits, start, stop)
-        positions = self.positions_for(hidden, positions, cache, start)
+        if positions is None or isinstance(positions, int):  # contiguous: cos, sin from the rotary table
+            b, t = hidden.shape[:2]
+            first = positions if positions is not None else cache.length(start) if cache is not None else 0
+            positions = torch.arange(first, first + t, device=hidden.device)[None].expand(b, -1)
+            cos, sin = self.rotary.span(first, t, hidden.dtype)
+        else:
+            positions = self.positions_for(hidden, positions, cache, start)
+            first = int(positions[0, 0]) if cache is not None else 0
+            cos, sin = self.rotary(positions, hidden.dtype)
         if cache is not None:
-            first = int(positions[0, 0])
             for i in range(start, stop):
                 if cache.length(i) != first:
                     raise CacheError(f"layer {i} holds {cache.length(i)} positions but the new rows start at "
                                      f"position {first}; rows must continue each layer without gap or overlap")
-        cos, sin = self.rotary(positions, hidden.dtype)
         out = ModelOutput(hidden=hidden)
         last = head_rows == "last"
         for i in range(start, stop):
