@@ -59,17 +59,21 @@ class Tokenizer:
 
 
 class StreamDecoder:
+    """Incremental detokenizing in constant time per token: only a window of the newest ids is decoded (the text
+    of ids[prefix:read] is already out; ids[prefix:] decoded, minus it, is the new piece). Decoding both from the
+    same offset cancels any context a decoder applies at the start of a sequence."""
+
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix = self.read = 0  # ids[prefix:read]: the window whose text is already emitted
 
     def push(self, token: int) -> str:
         """The text this token adds; "" while it ends inside a multi-byte character."""
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids)
-        if full.endswith("\ufffd"):
+        decode = self.tokenizer.decode
+        done = decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        full = decode(self.ids[self.prefix:])
+        if full.endswith("\ufffd") or len(full) <= len(done):
             return ""
-        i = 0  # a decode may revise earlier characters (bytes completing a character): emit from the first change
-        while i < min(len(full), len(self.text)) and full[i] == self.text[i]:
-            i += 1
-        self.text = full
-        return full[i:]
+        self.prefix, self.read = self.read, len(self.ids)
+        return full[len(done):]

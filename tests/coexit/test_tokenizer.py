@@ -25,3 +25,11 @@ def test_stream_pieces_rebuild_text():
     pieces = [stream.push(i) for i in ids]
     assert "".join(pieces) == text
     assert "" in pieces or len(pieces) == len(text)  # multi-byte characters split across tokens wait for the rest
+
+
+def test_stream_pieces_rebuild_long_text(tiny_dir):
+    tok = coexit.load(tiny_dir).tokenizer
+    text = "".join(f"def f{i}(x):\n    return x * {i}  # ünïcode ✓ {i}\n" for i in range(60))
+    ids = tok.encode(text)
+    stream = tok.stream()
+    assert "".join(stream.push(i) for i in ids) == tok.decode(ids) == text
