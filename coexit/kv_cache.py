@@ -73,17 +73,21 @@ class KVCache(LayerLengths):
         if end > self.max_len:
             raise CacheError(f"layer {layer}: {end} positions exceed the cache's max_len {self.max_len}")
         self._reserve(layer, end)
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
+        kc, vc = self.k[layer], self.v[layer]
+        kc.narrow(2, start, t).copy_(k)  # narrow + copy_: the same write as slice assignment, less overhead
+        vc.narrow(2, start, t).copy_(v)
         self.lengths[layer] = end
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return kc.narrow(2, 0, end), vc.narrow(2, 0, end)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """Store the new k, v (B, K, T, D) and attend q (B, H, T, D) at `positions` (B, T) over all keys."""
+        """Store the new k, v (B, K, T, D) and attend q (B, H, T, D) at `positions` (B, T) over all keys.
+
+        The new rows' positions continue the layer's filled prefix (EarlyExitLM.run_layers checks it for the first
+        sequence of the batch), so one sequence's single query is at the newest position and sees every key."""
         k, v = self.update(layer, k, v)
         s = k.shape[2]
-        if q.shape[2] == 1 and positions.shape[1] == 1 and bool((positions >= s - 1).all()):
-            # one query at the newest position sees every key: no mask (SDPA's masked CPU path is far slower)
+        if q.shape[2] == 1 and (q.shape[0] == 1 or bool((positions >= s - 1).all())):
+            # no mask: every key is visible (and SDPA's masked CPU path is several times slower)
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
         key_pos = torch.arange(s, device=q.device)[None, :].expand(q.shape[0], -1)
         return attend(q, k, v, positions, key_pos)

@@ -36,6 +36,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and x.device.type == "cpu" and self.weight.dtype == dtype and not (
+                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            # inference on CPU in fp32: the fused op, elementwise the same values as the lines below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
@@ -63,8 +67,7 @@ class Rotary(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-
-        self._tables: dict[torch.dtype, tuple] = {}  # dtype -> (inv_freq, its version, cos, sin)
+        self._tables: dict[torch.dtype, tuple] = {}  # dtype -> (inv_freq, its version, positions, cos, sin)
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         # positions (B, T) -> cos, sin (B, 1, T, D)
@@ -72,17 +75,19 @@ class Rotary(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
-    def span(self, first: int, t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin (1, 1, T, D) for the contiguous positions [first, first + t): rows of a table computed once
-        (growing by doubling), elementwise the same values `forward` computes."""
+    def span(self, first: int, t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """positions (1, T), cos, sin (1, 1, T, D) for the contiguous positions [first, first + t): views of
+        tables computed once (growing by doubling); cos and sin are elementwise the values `forward` computes."""
         inv = self.inv_freq
-        src, version, cos, sin = self._tables.get(dtype, (None, -1, None, None))
-        if src is not inv or version != inv._version or cos.shape[0] < first + t:  # inv_freq may be reassigned
-            n = max(first + t, 2 * cos.shape[0] if src is inv and version == inv._version else 0, 256)
+        src, version, pos, cos, sin = self._tables.get(dtype, (None, -1, None, None, None))
+        if src is not inv or version != inv._version or pos.shape[0] < first + t:  # inv_freq may be reassigned
+            n = max(first + t, 2 * pos.shape[0] if src is inv and version == inv._version else 0, 256)
             with torch.inference_mode(False):  # a table made under inference_mode must still serve autograd
-                cos, sin = (x[0, 0] for x in self.forward(torch.arange(n, device=inv.device)[None], dtype))
-            self._tables[dtype] = (inv, inv._version, cos, sin)
-        return cos[first:first + t][None, None], sin[first:first + t][None, None]
+                pos = torch.arange(n, device=inv.device)
+                cos, sin = (x[0, 0] for x in self.forward(pos[None], dtype))
+            self._tables[dtype] = (inv, inv._version, pos, cos, sin)
+        return (pos.narrow(0, first, t).unsqueeze(0), cos.narrow(0, first, t).unsqueeze(0).unsqueeze(0),
+                sin.narrow(0, first, t).unsqueeze(0).unsqueeze(0))
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -250,8 +255,9 @@ class EarlyExitLM(nn.Module):
         if positions is None or isinstance(positions, int):  # contiguous: cos, sin from the rotary table
             b, t = hidden.shape[:2]
             first = positions if positions is not None else cache.length(start) if cache is not None else 0
-            positions = torch.arange(first, first + t, device=hidden.device)[None].expand(b, -1)
-            cos, sin = self.rotary.span(first, t, hidden.dtype)
+            positions, cos, sin = self.rotary.span(first, t, hidden.dtype)
+            if b > 1:
+                positions = positions.expand(b, -1)
         else:
             positions = self.positions_for(hidden, positions, cache, start)
             first = int(positions[0, 0]) if cache is not None else 0
