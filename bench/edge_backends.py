@@ -1,12 +1,21 @@
-"""Benchmark of the edge backends on one random checkpoint: torch fp32, bitsandbytes int8/nf4, llama.cpp GGUF
-f16/q8_0/q4_0/q4_k_m.
+"""Benchmark of the edge backends on one checkpoint (random, or --model): torch fp32, bitsandbytes int8/nf4,
+llama.cpp GGUF f16/q8_0/q4_0/q4_k_m as segments (default; `-whole` for one file).
 
 Per backend, in a fresh subprocess (so resident memory is the stage's own): edge decode tokens/s (one token per
 step after a prompt, all edge exits evaluated, decide=None, `--threads` threads), resident memory added by
 building the stage and running it (VmRSS delta; glibc told to return freed memory: MALLOC_MMAP_THRESHOLD_=65536
 MALLOC_TRIM_THRESHOLD_=0), top-1 agreement of the split exit with torch fp32, teacher-forced over held-out text
-tokenized by the checkpoint's tokenizer, and for llama.cpp the capture overhead: tokens/s of the same GGUF
-decoded with the hidden-state capture (eval callback) over tokens/s of plain llama.cpp decoding (no callback).
+tokenized by the checkpoint's tokenizer, and the share of edge layer-tokens that exits saved over that text (1 -
+layer-rows computed / (tokens x split), every row caught up to the split at the end) under the checkpoint's
+exit_policy.json, or for a random checkpoint a policy taking the first exit at its median confidence.
+
+llama.cpp also gets, against plain llama.cpp decoding of one whole GGUF of the same weights and threads:
+- capture/plain: a decode step through the layout's contexts with the C capture callback (every segment, so a
+  segmented layout also pays each segment's exit head) over a plain decode step (no callback);
+- e2e/llama: `EdgeClient(...).generate` in standalone mode (the checkpoint's policy, 128 tokens) over
+  `llama_cpp.Llama.create_completion` (greedy, 128 tokens), same prompt.
+The torch row gets torch/plain: the torch backend's decode step over a plain-PyTorch step of the same layers
+(bench/torch_step.py).
 
     python bench/edge_backends.py [--layers 8 --split 4 --hidden 512 ...] [--backends torch,gguf-q4_0]
 """
@@ -22,10 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 HELD_OUT = ("Edge devices answer easy tokens themselves and hand the hard ones to the cloud. The server keeps "
             "each session's cache, so the device never resends its context; it uploads hidden states only. "
             "def mean(xs):\n    return sum(xs) / len(xs)\n\nfor name in sorted(names):\n    print(name.upper())\n")
-BACKENDS = ["torch", "bnb-int8", "bnb-nf4", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "gguf-q4_k_m"]
+BACKENDS = ["torch", "bnb-int8", "bnb-nf4", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "gguf-q4_0-whole", "gguf-q4_k_m"]
 
 
 def rss_mib() -> float:
@@ -49,6 +60,19 @@ def make_checkpoint(args, path: Path) -> Path:
     return save(model, path, tokenizer=train_bpe(SAMPLE_TEXT * 4 + [HELD_OUT[:40]], args.vocab))
 
 
+def _policy(ckpt: Path, exits: list[int], confidences: dict[int, list[float]]):
+    """The checkpoint's calibrated policy, else the first exit at its median confidence (a random model has
+    none; this exercises the mechanism with about half the tokens exiting)."""
+    from coexit.exits import ExitPolicy
+    from edge.calibrate import load_policy
+
+    if (ckpt / "exit_policy.json").exists():
+        return load_policy(ckpt), "exit_policy.json"
+    first = exits[0]
+    conf = sorted(confidences[first])
+    return ExitPolicy({first: conf[len(conf) // 2]}), f"exit {first} at its median max-prob {conf[len(conf) // 2]:.3f}"
+
+
 def worker(kind: str, ckpt: Path, gguf: Path | None, args) -> dict:
     """Runs in its own process: build one backend, measure it, return figures."""
     import torch
@@ -57,6 +81,7 @@ def worker(kind: str, ckpt: Path, gguf: Path | None, args) -> dict:
     import bitsandbytes  # noqa: F401  (imported before the baseline so its import is not counted)
     import llama_cpp  # noqa: F401
 
+    from coexit.exits import confidence
     from coexit.tokenizer import Tokenizer
     from edge.backends.registry import make_backend
 
@@ -80,52 +105,113 @@ def worker(kind: str, ckpt: Path, gguf: Path | None, args) -> dict:
         backend = make_backend(kind, ckpt, max_len=1024)
     split = backend.split
     # teacher-forced split-exit top-1 over the held-out text
-    top1 = []
+    top1, conf = [], {e: [] for e in backend.exit_layers}
     for i, t in enumerate(text_ids):
-        top1.append(int(backend.step([t], i, None).exit_logits[split].argmax()))
+        r = backend.step([t], i, None)
+        top1.append(int(r.exit_logits[split].argmax()))
+        for e, lg in r.exit_logits.items():
+            conf[e].append(float(confidence(lg, "max_prob")))
+    policy, policy_name = _policy(ckpt, backend.exit_layers, conf)
+    backend.reset()  # the same text under the policy: layer-rows computed, every row caught up at the end
+    for i, t in enumerate(text_ids):
+        backend.step([t], i, policy.decide)
+    backend.step([text_ids[0]], len(text_ids), None)
+    saved = 1 - backend.layer_tokens / ((len(text_ids) + 1) * split)
     tps = 0.0
     for _ in range(args.repeats):  # best of N: the machine is shared, the best run is the least disturbed
         backend.reset()
         backend.step(prompt, 0, None)
-        pos, tok = len(prompt), prompt[-1]
+        pos, tok_id = len(prompt), prompt[-1]
         t0 = time.perf_counter()
         for _ in range(args.tokens):
-            r = backend.step([tok], pos, None)
-            tok, pos = int(r.exit_logits[split].argmax()), pos + 1
+            r = backend.step([tok_id], pos, None)
+            tok_id, pos = int(r.exit_logits[split].argmax()), pos + 1
         tps = max(tps, args.tokens / (time.perf_counter() - t0))
         if time.perf_counter() - t0 > 5:  # slow backends: one run is long enough to average out noise
             break
-    out = {"kind": kind, "tps": tps, "rss_mib": rss_mib() - base, "top1": top1}
+    out = {"kind": kind, "tps": tps, "rss_mib": rss_mib() - base, "top1": top1, "saved": saved,
+           "policy": policy_name}
     if kind.startswith("gguf"):
         out.update(capture_overhead(backend, prompt, args))
+        out.update(end_to_end(backend, ckpt, tok, policy, args))
+    if kind == "torch":
+        from bench.torch_step import measure
+
+        out["torch_vs_plain"] = measure(str(ckpt), args.threads, args.prompt, args.tokens, args.repeats)["ratio"]
     return out
 
 
+def _plain_file(backend) -> Path:
+    """One whole GGUF of the backend's weights: the backend's own file, or the one exported beside segments."""
+    return backend.path if backend.path.is_file() else backend.path.with_suffix(".whole.gguf")
+
+
 def capture_overhead(backend, prompt, args) -> dict:
-    """Decode the same GGUF with the backend's capture set, and plain (no eval callback): tokens/s of each."""
+    """Decode steps through the backend's contexts with the C capture (segments chained through embeddings),
+    and plain steps of one whole GGUF of the same weights (no callback): tokens/s of each, interleaved."""
     from edge.backends.llamacpp import LlamaSession
 
-    capture = sorted(backend.session.wanted.values())
-    backend.close()
-    sessions = {"plain": LlamaSession(backend.path, 1024, args.threads),
-                "capture": LlamaSession(backend.path, 1024, args.threads, capture=capture)}
+    plain = LlamaSession(_plain_file(backend), 1024, args.threads)
+    stages = backend.stages
+
+    def capture_step(pos: int, first: bool) -> None:
+        x: list[int] | np.ndarray = prompt if first else [5]
+        at = 0 if first else pos
+        for st in stages:
+            st.session.decode(x, at)
+            x = st.session.take_captured(st.hi - st.lo - 1)
+            for e in st.heads:
+                st.session.take_captured(e - 1)
+
     figures = {"plain_tps": 0.0, "capture_tps": 0.0}
     for _ in range(args.repeats):  # interleaved, best of N each, so load from other processes hits both alike
-        for label, s in sessions.items():
-            s.clear()
-            s.decode(prompt, 0)
+        for label in ("plain", "capture"):
+            if label == "plain":
+                plain.clear()
+                plain.decode(prompt, 0)
+            else:
+                backend.reset()
+                capture_step(0, True)
             pos = len(prompt)
             t0 = time.perf_counter()
             for _ in range(args.tokens):
-                s.decode([5], pos)
+                if label == "plain":
+                    plain.decode([5], pos)
+                else:
+                    capture_step(pos, False)
                 pos += 1
-                for parts in s.captured.values():
-                    parts.clear()
             figures[f"{label}_tps"] = max(figures[f"{label}_tps"], args.tokens / (time.perf_counter() - t0))
-    for s in sessions.values():
-        s.close()
+    plain.close()
     figures["capture_ratio"] = figures["capture_tps"] / figures["plain_tps"]
     return figures
+
+
+def end_to_end(backend, ckpt: Path, tok, policy, args) -> dict:
+    """EdgeClient standalone generation against llama-cpp-python's create_completion on one whole GGUF of the
+    same weights: tokens/s of each (greedy, --e2e-tokens tokens, the same prompt), best of N, interleaved."""
+    import llama_cpp
+
+    from edge.client import EdgeClient
+
+    backend.reset()
+    client = EdgeClient(backend, tok, policy=policy, mode="standalone")
+    llm = llama_cpp.Llama(str(_plain_file(backend)), n_ctx=1024, n_threads=args.threads, n_batch=256,
+                          verbose=False)
+    ids = tok.encode("import os\n\n\ndef read_config(path):\n", add_bos=True)
+    n = args.e2e_tokens
+    best = {"edge_tps": 0.0, "llama_tps": 0.0}
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        gen = client.generate(ids, n, stop_at_eos=False)
+        best["edge_tps"] = max(best["edge_tps"], len(gen.events) / (time.perf_counter() - t0))
+        llm.reset()
+        t0 = time.perf_counter()
+        out = llm.create_completion(ids, max_tokens=n, temperature=0.0)
+        best["llama_tps"] = max(best["llama_tps"], out["usage"]["completion_tokens"] / (time.perf_counter() - t0))
+    llm.close()
+    best["e2e_ratio"] = best["edge_tps"] / best["llama_tps"]
+    best["e2e_edge_exits"] = {int(k): v for k, v in gen.counters.exits.items()}
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="benchmark this checkpoint directory instead of a random one")
     ap.add_argument("--text", help="held-out text (file, directory or .jsonl) for the top-1 agreement")
     ap.add_argument("--text-tokens", type=int, default=512, help="tokens of --text to score")
+    ap.add_argument("--e2e-tokens", type=int, default=128, help="tokens generated in the end-to-end comparison")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
@@ -172,11 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for kind in args.backends.split(","):
             gguf = None
-            if kind.startswith("gguf"):
+            if kind.startswith("gguf"):  # gguf-QUANT (segments) or gguf-QUANT-whole (one file)
                 from edge.export_gguf import export_gguf
+                from edge.export_segments import export_segments
 
-                gguf = export_gguf(ckpt, kind.split("-", 1)[1], Path(tmp) / f"edge-{kind}.gguf")
-            shared = [x for k in ("threads", "prompt", "tokens", "repeats", "text_tokens")
+                quant = kind.split("-", 1)[1].removesuffix("-whole")
+                whole = Path(tmp) / f"edge-{kind}.whole.gguf"  # also the plain-llama.cpp reference
+                export_gguf(ckpt, quant, whole)
+                gguf = whole if kind.endswith("-whole") else export_segments(ckpt, quant,
+                                                                             Path(tmp) / f"edge-{kind}")
+            shared = [x for k in ("threads", "prompt", "tokens", "repeats", "text_tokens", "e2e_tokens")
                       for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
             if args.text:
                 shared += ["--text", str(Path(args.text).resolve())]
@@ -189,22 +281,32 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
             if gguf:
-                rows[kind]["file_mib"] = gguf.stat().st_size / 2**20
+                files = sorted(gguf.glob("layers-*.gguf")) if gguf.is_dir() else [gguf]
+                rows[kind]["file_mib"] = sum(f.stat().st_size for f in files) / 2**20
     ref = rows.get("torch", {}).get("top1")
     base_tps = rows.get("torch", {}).get("tps")
-    print(f"\n{'backend':12s} {'tok/s':>8s} {'x fp32':>7s} {'RSS MiB':>8s} {'file MiB':>8s} {'top-1 vs fp32':>13s} "
-          f"{'plain tok/s':>11s} {'capture/plain':>13s}")
+    cols = ["tok/s", "x fp32", "RSS MiB", "file MiB", "top-1 vs fp32", "saved", "capture/plain", "e2e tok/s",
+            "llama tok/s", "e2e/llama", "torch/plain"]
+    print("\n| backend | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
     for kind, r in rows.items():
         agree = (sum(a == b for a, b in zip(r["top1"], ref)) / len(ref)) if ref else float("nan")
-        speed = r["tps"] / base_tps if base_tps else float("nan")
-        plain = f"{r['plain_tps']:11.1f}" if "plain_tps" in r else f"{'-':>11s}"
-        ratio = f"{r['capture_ratio']:13.2f}" if "capture_ratio" in r else f"{'-':>13s}"
-        file_mib = f"{r['file_mib']:8.1f}" if "file_mib" in r else f"{'-':>8s}"
-        print(f"{kind:12s} {r['tps']:8.1f} {speed:7.2f} {r['rss_mib']:8.1f} {file_mib} {agree:13.1%} {plain} {ratio}")
+
+        def f(key, fmt, r=r):
+            return format(r[key], fmt) if key in r else "-"
+
+        cells = [f"{r['tps']:.1f}", f"{r['tps'] / base_tps:.2f}" if base_tps else "-", f"{r['rss_mib']:.1f}",
+                 f("file_mib", ".1f"), f"{agree:.1%}", f("saved", ".1%"), f("capture_ratio", ".2f"),
+                 f("edge_tps", ".0f"), f("llama_tps", ".0f"), f("e2e_ratio", ".2f"), f("torch_vs_plain", ".2f")]
+        print(f"| {kind} | " + " | ".join(cells) + " |")
     n = len(ref) if ref else 0
-    print(f"\ntop-1: split exit (layer {args.split}) argmax, teacher-forced over {n} held-out tokens; capture/plain: "
-          f"llama.cpp tokens/s with the eval-callback capture over plain decoding of the same GGUF (best of "
-          f"{args.repeats})")
+    policy = next((r["policy"] for r in rows.values() if "policy" in r), "-")
+    print(f"\ntop-1: split exit (layer {args.split}) argmax, teacher-forced over {n} held-out tokens. saved: edge "
+          f"layer-tokens that exits saved over that text (policy: {policy}). capture/plain: a decode step through "
+          f"the layout's contexts with the C capture over a plain llama.cpp step of one whole GGUF of the same "
+          f"weights. e2e/llama: EdgeClient standalone tokens/s over llama_cpp create_completion on that GGUF "
+          f"({args.e2e_tokens} tokens). torch/plain: the torch backend's step over a plain-PyTorch step "
+          f"(bench/torch_step.py; a ratio, lower is better). Best of {args.repeats}, {args.threads} threads.")
     return 0
 
 
