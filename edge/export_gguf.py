@@ -18,15 +18,24 @@ File layout (arch "llama", or "qwen2" for Qwen2 checkpoints, whose qkv bias llam
 
 Quantization: an f32 GGUF is written with gguf-py, then `llama_model_quantize` (llama.cpp's quantizer, the one
 llama-quantize uses) converts it; its rules apply (e.g. q4_k_m keeps some tensors at q6_K, and tensors whose
-rows are not a multiple of the block size fall back to a compatible type).
+rows are not a multiple of the block size fall back to a compatible type). On top of a base type:
+- per-tensor types: the token embedding and the output head (`token_embedding_type`, `output_tensor_type` of
+  llama_model_quantize_params) and whole layers (`tt_overrides`, regex -> type), e.g. `--keep-layers 0`;
+- an importance matrix (edge/imatrix.py, `coexit imatrix`): `MODEL/imatrix.gguf` is used by default for the
+  4-bit types when it exists (`--imatrix none` to opt out); the file and its datasets are recorded in the
+  GGUF's `quantize.imatrix.*` metadata, as llama-quantize records them;
+- named mixes (MIXES): "q4-mix" = q4_k_m with token_embd, output and layer 0 at q8_0 (+ the imatrix when
+  there is one). The mix (or the per-tensor choices) is recorded as `coexit.quant`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import sys
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -41,6 +50,36 @@ from edge.gguf_vocab import add_vocab
 QUANTS = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
           "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+IMATRIX_FILE = "imatrix.gguf"  # in a checkpoint directory: used by default for 4-bit exports
+
+
+@dataclass(frozen=True)
+class QuantMix:
+    """A base llama.cpp file type plus per-tensor types (ggml type names, e.g. "q8_0") and the imatrix."""
+
+    base: str
+    embd: str | None = None  # token_embd.weight
+    output: str | None = None  # output.weight (the split exit's head)
+    layers: tuple[int, ...] = ()  # edge layers kept whole at `layer_type`
+    layer_type: str = "q8_0"
+    imatrix: bool = True  # use the checkpoint's imatrix when there is one
+
+    def describe(self) -> str:
+        parts = [self.base] + [f"{k}:{v}" for k, v in (("embd", self.embd), ("output", self.output)) if v]
+        return "+".join(parts + [f"blk.{i}:{self.layer_type}" for i in self.layers])
+
+
+# The best mix measured by bench/quant_mix.py (bench/results/quant_mix.txt): 4-bit layers, but the token
+# embedding, the output head and the first layer (the tensors whose rounding the split exit feels most) at q8_0.
+MIXES = {"q4-mix": QuantMix("q4_k_m", embd="q8_0", output="q8_0", layers=(0,))}
+IMATRIX_QUANTS = ("q4_0", "q4_k_m")  # base types whose quantizers use an importance matrix
+
+
+def ggml_type(name: str) -> int:
+    try:
+        return int(gguf.GGMLQuantizationType[name.upper()])
+    except KeyError:
+        raise ValueError(f"unknown ggml type {name!r} (e.g. f16, q8_0, q6_k, q4_k, q4_0)") from None
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -163,43 +202,115 @@ def write_sidecar(heads: dict[str, np.ndarray], path: Path, quant: str) -> None:
     w.close()
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 2) -> None:
-    """Run llama.cpp's quantizer (llama_model_quantize) from an f32 GGUF to `quant`."""
+def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 2, *, embd: str | None = None,
+                  output: str | None = None, tensor_types: dict[str, str] | None = None,
+                  imatrix: dict[str, np.ndarray] | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Run llama.cpp's quantizer (llama_model_quantize) from an f32 GGUF to `quant` (a QUANTS key), with
+    token_embd / output at `embd` / `output`, tensors matching a `tensor_types` regex at its type, an importance
+    matrix (GGUF tensor name -> per-column weights) and extra string metadata."""
     from edge.llamacpp_lib import llama
 
     lc = llama()
     params = lc.llama_model_quantize_default_params()
     params.ftype = int(QUANTS[quant])
     params.nthread = threads
+    if embd:
+        params.token_embedding_type = ggml_type(embd)
+    if output:
+        params.output_tensor_type = ggml_type(output)
+    keep = []  # the C arrays and what they point to must outlive the call
+    if tensor_types:
+        tt = (lc.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, t) in enumerate(tensor_types.items()):
+            keep.append(pattern.encode())
+            tt[i].pattern, tt[i].type = keep[-1], ggml_type(t)
+        params.tt_overrides = tt
+    if imatrix:
+        im = (lc.llama_model_imatrix_data * (len(imatrix) + 1))()  # ends with a null name
+        for i, (name, v) in enumerate(sorted(imatrix.items())):
+            v = np.ascontiguousarray(v, dtype=np.float32)
+            keep += [name.encode(), v]
+            im[i].name, im[i].size = keep[-2], v.size
+            im[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = im
+    if metadata:
+        kv = (lc.llama_model_kv_override * (len(metadata) + 1))()  # ends with an empty key
+        for i, (key, value) in enumerate(metadata.items()):
+            kv[i].tag, kv[i].key = lc.LLAMA_KV_OVERRIDE_TYPE_STR, key.encode()
+            kv[i].value.val_str = value.encode()[:127]
+        params.kv_overrides = kv
     rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {quant}) failed with code {rc}; set the "
                            f"'edge.llamacpp' logger to DEBUG to see llama.cpp's message")
 
 
+def resolve_imatrix(model_dir: Path, imatrix: str | Path | bool | None) -> Path | None:
+    """None/True: MODEL/imatrix.gguf when it exists (True: it must); False or "none": no imatrix; else a path."""
+    if imatrix is False or (isinstance(imatrix, str) and imatrix.lower() == "none"):
+        return None
+    if imatrix is None or imatrix is True:
+        path = model_dir / IMATRIX_FILE
+        if imatrix is True and not path.is_file():
+            raise ValueError(f"no {IMATRIX_FILE} in {model_dir}; make one with `coexit imatrix`")
+        return path if path.is_file() else None
+    path = Path(imatrix)
+    if not path.is_file():
+        raise ValueError(f"imatrix file {path} does not exist")
+    return path
+
+
 def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | None = None,
-                threads: int = 2) -> Path:
-    """Export layers [0, split) and the edge exits of a checkpoint directory as a GGUF; returns its path."""
-    if quant not in QUANTS:
-        raise ValueError(f"unknown quantization {quant!r}; choose one of {sorted(QUANTS)}")
+                threads: int = 2, *, imatrix: str | Path | bool | None = None, embd: str | None = None,
+                output: str | None = None, keep_layers: tuple[int, ...] | None = None,
+                keep_type: str | None = None) -> Path:
+    """Export layers [0, split) and the edge exits of a checkpoint directory as a GGUF; returns its path.
+
+    quant: a QUANTS key or a MIXES name; embd / output / keep_layers (+ keep_type) override the mix's
+    per-tensor types. imatrix: see resolve_imatrix (used for the 4-bit base types only; a mix can opt out)."""
+    if quant not in QUANTS and quant not in MIXES:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {sorted(QUANTS) + sorted(MIXES)}")
+    mix = MIXES.get(quant, QuantMix(quant))
+    mix = replace(mix, embd=embd or mix.embd, output=output or mix.output,
+                  layers=mix.layers if keep_layers is None else tuple(keep_layers),
+                  layer_type=keep_type or mix.layer_type)
     model_dir = Path(model_dir)
     model = _load_edge(model_dir)
     out = Path(out) if out else model_dir / f"edge-{quant}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
-    if quant in ("f32", "f16"):
-        write_f32_gguf(model, model_dir, out, f16=quant == "f16")
+    if mix.base in ("f32", "f16"):
+        write_f32_gguf(model, model_dir, out, f16=mix.base == "f16")
         return out
+    im_path = resolve_imatrix(model_dir, imatrix if mix.imatrix or imatrix not in (None, True) else False)
+    if mix.base not in IMATRIX_QUANTS:
+        im_path = None
+    meta, im_values = {}, None
+    if quant in MIXES or mix != QuantMix(quant):
+        meta["coexit.quant"] = quant if mix == MIXES.get(quant) else mix.describe()
+    if im_path is not None:
+        from edge.imatrix import Imatrix
+
+        im = Imatrix.load(im_path)
+        if im.fingerprint and im.fingerprint != model.fingerprint:
+            raise ValueError(f"{im_path} was computed for another checkpoint (fingerprint {im.fingerprint[:12]}, "
+                             f"this one {model.fingerprint[:12]}); recompute it with `coexit imatrix`")
+        im_values = im.values()
+        meta.update({"quantize.imatrix.file": im_path.name, "quantize.imatrix.dataset": ",".join(im.datasets),
+                     "quantize.imatrix.entries_count": str(len(im_values)),
+                     "quantize.imatrix.chunks_count": str(im.chunk_count)})
+    layer_types = {rf"^blk\.{i}\.": mix.layer_type for i in mix.layers}
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src = Path(tmp) / "edge-f32.gguf"
         write_f32_gguf(model, model_dir, src)
-        quantize_gguf(src, out, quant, threads)
+        quantize_gguf(src, out, mix.base, threads, embd=mix.embd, output=mix.output, tensor_types=layer_types,
+                      imatrix=im_values, metadata=meta)
         if sidecar_path(src).exists():
             heads = {}
             reader = gguf.GGUFReader(str(sidecar_path(src)))
             for t in reader.tensors:
                 heads[t.name] = np.array(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
             del reader
-            write_sidecar(heads, sidecar_path(out), quant)
+            write_sidecar(heads, sidecar_path(out), mix.base)
     return out
 
 
@@ -214,12 +325,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="coexit export-edge", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors)")
     ap.add_argument("--format", default="gguf", choices=["gguf"])
-    ap.add_argument("--quant", default="f16", choices=sorted(QUANTS))
+    ap.add_argument("--quant", default="f16", choices=sorted(QUANTS) + sorted(MIXES),
+                    help="file type, or a mix: q4-mix = q4_k_m + token_embd/output/layer 0 at q8_0")
     ap.add_argument("--out", help="output file (default: MODEL/edge-QUANT.gguf)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--imatrix", help=f"importance matrix GGUF (`coexit imatrix`) for 4-bit types; default "
+                                      f"MODEL/{IMATRIX_FILE} when it exists; 'none' to quantize without")
+    ap.add_argument("--keep-embd", metavar="TYPE", help="ggml type for token_embd (e.g. q8_0, q6_k, f16)")
+    ap.add_argument("--keep-output", metavar="TYPE", help="ggml type for the output head (e.g. q8_0)")
+    ap.add_argument("--keep-layers", metavar="I,J", help="edge layers kept whole at --keep-layer-type")
+    ap.add_argument("--keep-layer-type", metavar="TYPE", help="type for --keep-layers (default q8_0)")
     args = ap.parse_args(argv)
     try:
-        path = export_gguf(args.model, args.quant, args.out, args.threads)
+        layers = None if args.keep_layers is None else tuple(int(x) for x in args.keep_layers.split(",") if x)
+        path = export_gguf(args.model, args.quant, args.out, args.threads, imatrix=args.imatrix,
+                           embd=args.keep_embd, output=args.keep_output, keep_layers=layers,
+                           keep_type=args.keep_layer_type)
     except Exception as exc:  # a CLI prints a message a person can act on, not a traceback
         print(f"coexit export-edge: {exc}", file=sys.stderr)
         return 1
