@@ -40,6 +40,15 @@ class _Due:
         self.row, self.grad = row, torch.is_grad_enabled()
 
 
+def checks(decide: Decide | None, layer: int) -> bool:
+    """Whether `decide` looks at this exit. A policy's bound decide() answers through the policy's checks()
+    (coexit.exits.ExitPolicy); any other callable is asked at every exit; None at none."""
+    if decide is None:
+        return False
+    policy = getattr(decide, "__self__", None)
+    return policy.checks(layer) if hasattr(policy, "checks") else True
+
+
 class ExitLogits(MutableMapping):
     """{exit layer: logits (V,) of the newest row}, in the order the exits were reached. An exit that no decide()
     looked at keeps only its hidden row and applies its head on first access, so a step computes no LM head
@@ -194,7 +203,7 @@ class LayerRunner:
             result.rows_filled += filled * (nxt - layer)
             layer = nxt
             if layer in check and layer < model.config.num_hidden_layers:
-                if decide is None:  # nobody decides here: the head is applied only if its logits are read
+                if not checks(decide, layer):  # nobody decides here: the head is applied only if its logits are read
                     result.exit_logits.defer(layer, h[0, -1])
                     continue
                 logits = model.head_logits(layer, h[0, -1])

@@ -61,6 +61,11 @@ class ExitPolicy:
     def observe_verdict(self, accepted: bool) -> None:
         """The cloud's verdict on a draft made through a fallback (speculative collaborative mode)."""
 
+    def checks(self, exit_layer: int) -> bool:
+        """Whether decide() looks at this exit. A backend applies no head at an exit its policy does not check
+        (the logits are still there if read, e.g. the split exit's in standalone mode)."""
+        return exit_layer in self.thresholds
+
     def decide(self, exit_layer: int, logits: Tensor, hidden: Tensor | None = None) -> bool:
         """Stop at this exit? logits (V,) and hidden (C,) of the newest row (a criterion may use either)."""
         t = self.thresholds.get(exit_layer)

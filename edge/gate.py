@@ -100,6 +100,9 @@ class GatePolicy(ExitPolicy):
         self._prev: tuple[Tensor, Tensor | None] | None = None
         self._first = min(self.gates, default=0)
 
+    def checks(self, exit_layer: int) -> bool:
+        return exit_layer in self.gates or exit_layer in self.thresholds  # later gates read earlier exits' tops
+
     def decide(self, exit_layer: int, logits: Tensor, hidden: Tensor | None = None) -> bool:
         if exit_layer == self._first:
             self._prev = None

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coexit.decoding import Decide, RunResult
+from coexit.decoding import Decide, RunResult, checks
 from edge.backends.base import EdgeBackend
 from edge.backends.gguf_heads import ExitHead, read_edge_gguf
 from edge.llamacpp_lib import Capture, llama
@@ -223,16 +223,17 @@ class LlamaCppBackend(EdgeBackend):
             result.rows_computed += computed
             for e in sorted(st.heads):  # whole layout: exits inside the stage, on captured layer outputs
                 hidden_rows = st.session.take_captured(e - 1)
-                if checking and e in exits:
+                if checking and e in exits and (decide is None or checks(decide, e)):
                     hidden = torch.from_numpy(hidden_rows[-1])
                     logits = st.heads[e](hidden)
                     result.exit_logits[e] = logits
                     if decide is not None and decide(e, logits, hidden):
                         result.depth, result.exited, checking = e, True, False
-            if checking and st.hi in exits:
+            looked = checking and checks(decide, st.hi)
+            if checking and st.hi in exits and (looked or decide is None or st.hi == self.split):
                 logits, hidden = st.session.last_logits(), torch.from_numpy(x[-1])
                 result.exit_logits[st.hi] = logits
-                if decide is not None and decide(st.hi, logits, hidden):
+                if looked and decide(st.hi, logits, hidden):
                     result.depth, result.exited, checking = st.hi, True, False
                     stopped = not to_split
             if stopped and st.hi < self.split:

@@ -122,3 +122,19 @@ def test_rotary_table_matches_forward_and_follows_a_new_inv_freq(tiny_dir):
     _, cos3, _ = m.rotary.span(300, 5, torch.float32)
     assert torch.equal(cos3, m.rotary(torch.arange(300, 305)[None], torch.float32)[0])
     assert not torch.equal(cos3, cos)
+
+
+def test_a_policy_pays_only_for_the_exits_it_checks(edge):
+    from coexit.exits import ExitPolicy
+
+    backend, full, calls = edge
+    backend.step(PROMPT, 0, None)
+    calls.clear()
+    policy = ExitPolicy({3: 2.0})  # checks exit 3 only (max-prob never reaches 2: never taken)
+    res = backend.step([8], len(PROMPT), policy.decide)
+    assert not res.exited and res.depth == 4
+    hidden = full.config.hidden_size
+    assert calls == [("norm3", hidden), ("lm_head", hidden)]  # exits 2 and 4 apply no head...
+    ref = reference(full, PROMPT + [8])
+    torch.testing.assert_close(res.exit_logits[4], ref[4], atol=1e-5, rtol=0)  # ...until their logits are read
+    assert calls[2:] == [("norm4", hidden), ("lm_head", hidden)]
