@@ -213,7 +213,7 @@ class _Run:
         self.counters = Counters()
         self.decoder = tok.stream() if tok is not None else None
         self.ids = list(self.prompt_ids)
-        self.history: list[torch.Tensor] = []  # split-layer rows, position order
+        self.history = torch.empty(0)  # split-layer rows in position order: [:history_len] used, grown by doubling
         self.history_len = 0
         self.stream: SessionStream | None = None
         self.session_id = ""
@@ -323,17 +323,21 @@ class _Run:
         self.retry_at = time.monotonic() + self.c.retry_s
 
     def _rows(self, a: int, b: int) -> torch.Tensor:
-        rows = torch.cat(self.history, 0) if len(self.history) > 1 else self.history[0]
-        self.history = [rows]
-        return rows[a:b]
+        return self.history[a:b]
 
     # ---- edge ----------------------------------------------------------------------------------------------
     def _collect_rows(self) -> None:
         first, rows = self.c.backend.take_split_rows()
         if rows.shape[0]:
             assert first == self.history_len, "split rows must arrive in position order"
-            self.history.append(rows)
-            self.history_len += rows.shape[0]
+            end = self.history_len + rows.shape[0]
+            if end > self.history.shape[0]:  # amortised O(1) per row, not a copy of the whole history per step
+                grown = torch.empty(max(end, 2 * self.history.shape[0], 64), rows.shape[1], dtype=rows.dtype)
+                if self.history_len:
+                    grown[: self.history_len] = self.history[: self.history_len]
+                self.history = grown
+            self.history[self.history_len: end] = rows
+            self.history_len = end
 
     def __iter__(self) -> Iterator[TokenEvent]:
         be, mode = self.c.backend, self.mode

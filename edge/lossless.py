@@ -238,8 +238,7 @@ class LosslessRun(_Run):
     def _forget_from(self, p: int) -> None:
         self.c.backend.truncate(p)
         if self.history_len > p:
-            self.history = [self._rows(0, p)] if p else []
-            self.history_len = p
+            self.history_len = p  # rows from p on are overwritten as they come again
         self.stepped = min(self.stepped, p)
         self.cloud_len = min(self.cloud_len, p)
         self.waiting = False
