@@ -56,6 +56,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--mode", choices=MODES, default="collaborative")
     ap.add_argument("--backend", choices=KINDS, default="torch", help="edge runtime (gguf exports on first use)")
     ap.add_argument("--quant", default="q8_0", help="GGUF quantization for --backend gguf")
+    ap.add_argument("--layout", choices=["segments", "whole"], default="segments",
+                    help="--backend gguf: one file per exit interval (exits skip the layers above) or one file")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threshold", type=float, default=0.9, help="exit threshold for every edge exit")
     ap.add_argument("--thresholds", help="per-exit thresholds, e.g. 2=0.8,4=0.9 (overrides --threshold)")
@@ -78,7 +80,7 @@ def main(argv: list[str]) -> int:
                     help="lossless mode: draft only from a confident exit (default: else from the split exit)")
     ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     args = ap.parse_args(argv)
-    backend_kw = {"quant": args.quant} if args.backend == "gguf" else {}
+    backend_kw = {"quant": args.quant, "layout": args.layout} if args.backend == "gguf" else {}
     client = EdgeClient.from_checkpoint(args.model, cloud=args.cloud, backend=args.backend, mode=args.mode,
                                         encoding=args.encoding, deadline_s=args.deadline, token=args.token,
                                         tls_ca=args.tls_ca, backend_kw=backend_kw, kv_fill=args.kv_fill,
