@@ -1,0 +1,225 @@
+"""Quant mixes for the llama.cpp edge: file size, decode speed vs torch fp32, split-exit top-1 agreement.
+
+Per choice (plain q4_0 / q4_k_m, token_embd + output at q8_0, + imatrix, + layer 0 at q8_0, the best mix
+`q4-mix`, q8_0 and f16 for reference), exported from one checkpoint with edge/export_gguf.py:
+- file MiB of the edge GGUF;
+- tok/s: the edge backend (make_backend("gguf"), `--threads` threads) decoding one token per step after a
+  `--prompt`-token prompt, all edge exits evaluated, best of `--repeats`; x fp32: over make_backend("torch")
+  (fp32) doing the same, one backend alive at a time (torch measured first and last);
+- top-1: agreement of the split exit's argmax with torch fp32, teacher-forced over >= `--text-tokens` tokens
+  of `--text` (every k-th document, up to `--chunk` tokens each, so all held-out packages count). Both sides
+  score whole chunks at once: torch runs the edge stage over the chunk, llama.cpp decodes it with logits for
+  every row (its own output head, the same kernels as one-token steps).
+The imatrix comes from `--imatrix`, or is computed from `--calib` text (keep it disjoint from `--text`).
+
+    python bench/quant_mix.py --model models/coexit-code-small --text data/corpus/heldout.jsonl \\
+        --calib data/corpus/train.jsonl [--phase agree|speed|all --state FILE.json]
+
+--phase lets the agreement (slow, no timing) and the timing (short) run separately, e.g. the timing while other
+jobs on the machine are paused; both write to --state and the table is printed once it holds both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name: export_gguf keyword arguments ("IM" = the imatrix)
+CHOICES = {
+    "q4_0": {"quant": "q4_0", "imatrix": False},
+    "q4_k_m": {"quant": "q4_k_m", "imatrix": False},
+    "q4_0 +embd/out q8_0": {"quant": "q4_0", "imatrix": False, "embd": "q8_0", "output": "q8_0"},
+    "q4_0 +imatrix": {"quant": "q4_0", "imatrix": "IM"},
+    "q4_0 +embd/out +imatrix": {"quant": "q4_0", "imatrix": "IM", "embd": "q8_0", "output": "q8_0"},
+    "q4_0 +embd/out +blk.0": {"quant": "q4_0", "imatrix": False, "embd": "q8_0", "output": "q8_0",
+                              "keep_layers": (0,)},
+    "q4_0 +embd/out +blk.0 +im": {"quant": "q4_0", "imatrix": "IM", "embd": "q8_0", "output": "q8_0",
+                                  "keep_layers": (0,)},
+    "q4-mix (no imatrix)": {"quant": "q4-mix", "imatrix": False},
+    "q4-mix": {"quant": "q4-mix", "imatrix": "IM"},
+    "q8_0": {"quant": "q8_0"},
+    "f16": {"quant": "f16"},
+}
+
+
+def eval_chunks(model_dir: Path, text: str, tokens: int, chunk: int) -> list[list[int]]:
+    from coexit.textdata import read_documents
+    from coexit.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(model_dir / "tokenizer.json")
+    docs = read_documents([text])
+    stride = max(1, len(docs) // max(1, -(-tokens // chunk)))
+    out: list[list[int]] = []
+    for start in range(stride):
+        for doc in docs[start::stride]:
+            ids = tok.encode(doc)[:chunk]
+            if len(ids) >= 32:
+                out.append(ids)
+            if sum(map(len, out)) >= tokens:
+                return out
+    return out
+
+
+@torch.no_grad()
+def torch_top1(model_dir: Path, chunks: list[list[int]]) -> np.ndarray:
+    from edge.backends.registry import make_backend
+
+    b = make_backend("torch", model_dir)
+    stage = b.model.stage(0, b.split)
+    return np.concatenate([stage(torch.tensor([ids]), exits=[b.split]).exit_logits[b.split][0].argmax(-1).numpy()
+                           for ids in chunks])
+
+
+def llama_top1(path: Path, chunks: list[list[int]], threads: int) -> np.ndarray:
+    """llama.cpp's own logits (the GGUF's output head = the split exit) for every row, teacher-forced."""
+    from edge.llamacpp_lib import llama
+
+    lc = llama()
+    mp = lc.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    model = lc.llama_model_load_from_file(str(path).encode(), mp)
+    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    n = max(map(len, chunks))
+    cp = lc.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = max(n, 64), n, n, 1
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = lc.llama_init_from_model(model, cp)
+    batch = lc.llama_batch_init(n, 0, 1)
+    out = []
+    try:
+        for ids in chunks:
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+            batch.n_tokens = len(ids)
+            for i, t in enumerate(ids):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
+                batch.seq_id[i][0] = 0
+            if lc.llama_decode(ctx, batch) != 0:
+                raise RuntimeError(f"llama_decode failed on {path}")
+            ptr = lc.llama_get_logits(ctx)
+            logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                           shape=(len(ids), n_vocab))
+            out.append(logits.argmax(-1))
+    finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
+    return np.concatenate(out)
+
+
+def decode_tps(backends: dict[str, object], prompt: list[int], tokens: int, repeats: int) -> dict[str, float]:
+    best = dict.fromkeys(backends, 0.0)
+    for _ in range(repeats):
+        for name, b in backends.items():
+            b.reset()
+            b.step(prompt, 0, None)
+            pos, tok = len(prompt), prompt[-1]
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                r = b.step([tok], pos, None)
+                tok, pos = int(r.exit_logits[b.split].argmax()), pos + 1
+            best[name] = max(best[name], tokens / (time.perf_counter() - t0))
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="checkpoint directory")
+    ap.add_argument("--text", required=True, help="held-out evaluation text (file, directory or .jsonl)")
+    ap.add_argument("--calib", help="calibration text for the imatrix (disjoint from --text)")
+    ap.add_argument("--imatrix", help="an imatrix GGUF instead of --calib (default MODEL/imatrix.gguf)")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--text-tokens", type=int, default=4096, help="teacher-forced tokens scored (>= 2000)")
+    ap.add_argument("--chunk", type=int, default=256, help="tokens per scored document")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64, help="timed decode steps")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--choices", default=",".join(CHOICES), help="comma-separated names from CHOICES")
+    ap.add_argument("--phase", default="all", choices=["agree", "speed", "all"])
+    ap.add_argument("--state", help="JSON file holding the results of each phase (default: a temporary one)")
+    ap.add_argument("--workdir", help="where the GGUFs are written (default: a temporary directory)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from edge.backends.registry import make_backend
+    from edge.export_gguf import IMATRIX_FILE, export_gguf
+
+    model_dir = Path(args.model)
+    names = args.choices.split(",")
+    tmp = tempfile.TemporaryDirectory()
+    work = Path(args.workdir or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = Path(args.state) if args.state else work / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"rows": {}}
+    chunks = eval_chunks(model_dir, args.text, args.text_tokens, args.chunk)
+    paths = {name: work / f"edge-{i}.gguf" for i, name in enumerate(names)}
+
+    if args.phase in ("agree", "all"):
+        im = Path(args.imatrix) if args.imatrix else model_dir / IMATRIX_FILE
+        if not args.imatrix and args.calib:
+            from edge.imatrix import compute
+
+            im = compute(model_dir, [args.calib], args.calib_tokens, threads=args.threads).save(work / IMATRIX_FILE)
+        if not im.is_file() and any(CHOICES[n].get("imatrix") == "IM" for n in names):
+            ap.error(f"no imatrix: pass --calib TEXT or --imatrix FILE (or put one at {im})")
+        ref = torch_top1(model_dir, chunks)
+        for name in names:
+            kw = {k: (im if v == "IM" else v) for k, v in CHOICES[name].items()}
+            path = export_gguf(model_dir, out=paths[name], threads=args.threads, **kw)
+            agree = float((llama_top1(path, chunks, args.threads) == ref).mean())
+            state["rows"].setdefault(name, {}).update(file_mib=path.stat().st_size / 2**20, top1=agree)
+            print(f"{name}: top-1 {agree:.2%}", file=sys.stderr, flush=True)
+        state.update(eval_tokens=int(ref.size), eval_chunks=len(chunks), imatrix=str(im), calib=args.calib,
+                     text=args.text)
+        state_path.write_text(json.dumps(state, indent=1))
+
+    if args.phase in ("speed", "all"):
+        for name in names:
+            if not paths[name].is_file():
+                export_gguf(model_dir, out=paths[name], threads=args.threads,
+                            **{k: (Path(state["imatrix"]) if v == "IM" else v) for k, v in CHOICES[name].items()})
+        # one backend alive at a time: idle llama.cpp contexts' worker threads would spin and steal the CPU
+        prompt, tps = chunks[0][: args.prompt], {}
+        for name in ["torch fp32", *names, "torch fp32"]:  # torch first and last: the best of both counts
+            b = (make_backend("torch", model_dir, max_len=1024) if name == "torch fp32" else
+                 make_backend("gguf", paths[name], n_threads=args.threads, max_len=1024))
+            tps[name] = max(tps.get(name, 0.0), decode_tps({name: b}, prompt, args.tokens, args.repeats)[name])
+            getattr(b, "close", lambda: None)()
+            del b
+        state["torch_tps"] = tps.pop("torch fp32")
+        for name, v in tps.items():
+            state["rows"].setdefault(name, {})["tps"] = v
+        state_path.write_text(json.dumps(state, indent=1))
+
+    rows = state["rows"]
+    if "torch_tps" not in state or not all("top1" in rows.get(n, {}) and "tps" in rows[n] for n in names):
+        print(f"results so far in {state_path}; run the other phase with --state {state_path}")
+        return 0
+    print(f"model: {model_dir}; edge GGUF (llama.cpp), {args.threads} threads; torch fp32 edge "
+          f"{state['torch_tps']:.1f} tok/s")
+    print(f"\n{'choice':28s} {'file MiB':>8s} {'tok/s':>8s} {'x fp32':>7s} {'top-1 vs fp32':>13s}")
+    for name in names:
+        r = rows[name]
+        print(f"{name:28s} {r['file_mib']:8.2f} {r['tps']:8.1f} {r['tps'] / state['torch_tps']:7.2f} "
+              f"{r['top1']:13.2%}")
+    print(f"\ntop-1: split exit argmax vs torch fp32, teacher-forced over {state['eval_tokens']} tokens of "
+          f"{state['text']} ({state['eval_chunks']} documents, up to {args.chunk} tokens each); imatrix from "
+          f"{state['calib'] or state['imatrix']}; tok/s: one-token edge steps after a {args.prompt}-token prompt, "
+          f"{args.tokens} steps, best of {args.repeats}. embd/out = token_embd and output at q8_0; blk.0 = layer 0 "
+          f"at q8_0; q4-mix = q4_k_m + embd/out + blk.0 (edge/export_gguf.py MIXES)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
