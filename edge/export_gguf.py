@@ -263,8 +263,10 @@ def resolve_imatrix(model_dir: Path, imatrix: str | Path | bool | None) -> Path 
 def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | None = None,
                 threads: int = 2, *, imatrix: str | Path | bool | None = None, embd: str | None = None,
                 output: str | None = None, keep_layers: tuple[int, ...] | None = None,
-                keep_type: str | None = None) -> Path:
+                keep_type: str | None = None, layers: tuple[int, int] | None = None) -> Path:
     """Export layers [0, split) and the edge exits of a checkpoint directory as a GGUF; returns its path.
+    layers=(lo, hi): one segment instead (edge/export_segments.py), its blocks renumbered from blk.0; the mix's
+    kept layers and the imatrix entries follow the renumbering.
 
     quant: a QUANTS key or a MIXES name; embd / output / keep_layers (+ keep_type) override the mix's
     per-tensor types. imatrix: see resolve_imatrix (used for the 4-bit base types only; a mix can opt out)."""
@@ -279,8 +281,9 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
     out = Path(out) if out else model_dir / f"edge-{quant}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     if mix.base in ("f32", "f16"):
-        write_f32_gguf(model, model_dir, out, f16=mix.base == "f16")
+        write_f32_gguf(model, model_dir, out, f16=mix.base == "f16", layers=layers)
         return out
+    lo, hi = layers or (0, model.config.split_layer)
     im_path = resolve_imatrix(model_dir, imatrix if mix.imatrix or imatrix not in (None, True) else False)
     if mix.base not in IMATRIX_QUANTS:
         im_path = None
@@ -294,14 +297,14 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
         if im.fingerprint and im.fingerprint != model.fingerprint:
             raise ValueError(f"{im_path} was computed for another checkpoint (fingerprint {im.fingerprint[:12]}, "
                              f"this one {model.fingerprint[:12]}); recompute it with `coexit imatrix`")
-        im_values = im.values()
+        im_values = _renumber(im.values(), lo, hi, keep_output=hi == model.config.split_layer)
         meta.update({"quantize.imatrix.file": im_path.name, "quantize.imatrix.dataset": ",".join(im.datasets),
                      "quantize.imatrix.entries_count": str(len(im_values)),
                      "quantize.imatrix.chunks_count": str(im.chunk_count)})
-    layer_types = {rf"^blk\.{i}\.": mix.layer_type for i in mix.layers}
+    layer_types = {rf"^blk\.{i - lo}\.": mix.layer_type for i in mix.layers if lo <= i < hi}
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src = Path(tmp) / "edge-f32.gguf"
-        write_f32_gguf(model, model_dir, src)
+        write_f32_gguf(model, model_dir, src, layers=layers)
         quantize_gguf(src, out, mix.base, threads, embd=mix.embd, output=mix.output, tensor_types=layer_types,
                       imatrix=im_values, metadata=meta)
         if sidecar_path(src).exists():
@@ -311,6 +314,20 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
                 heads[t.name] = np.array(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
             del reader
             write_sidecar(heads, sidecar_path(out), mix.base)
+    return out
+
+
+def _renumber(values: dict[str, np.ndarray], lo: int, hi: int, keep_output: bool) -> dict[str, np.ndarray]:
+    """imatrix entries of the edge's tensors -> those of the segment [lo, hi) (blk.i -> blk.{i - lo}); the
+    `output` entry belongs to the split exit's head, so only the segment ending at the split keeps it."""
+    out = {}
+    for name, v in values.items():
+        if name.startswith("blk."):
+            i, rest = name[4:].split(".", 1)
+            if lo <= int(i) < hi:
+                out[f"blk.{int(i) - lo}.{rest}"] = v
+        elif name != "output.weight" or keep_output:
+            out[name] = v
     return out
 
 
@@ -327,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", default="gguf", choices=["gguf"])
     ap.add_argument("--quant", default="f16", choices=sorted(QUANTS) + sorted(MIXES),
                     help="file type, or a mix: q4-mix = q4_k_m + token_embd/output/layer 0 at q8_0")
-    ap.add_argument("--out", help="output file (default: MODEL/edge-QUANT.gguf)")
+    ap.add_argument("--layout", choices=["whole", "segments"], default="whole",
+                    help="one file, or one file per exit interval in a directory (exits then skip the layers "
+                         "above them in llama.cpp; edge/export_segments.py)")
+    ap.add_argument("--out", help="output file, or directory for segments (default: MODEL/edge-QUANT.gguf or "
+                                  "MODEL/edge-QUANT.segments)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--imatrix", help=f"importance matrix GGUF (`coexit imatrix`) for 4-bit types; default "
                                       f"MODEL/{IMATRIX_FILE} when it exists; 'none' to quantize without")
@@ -338,9 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         layers = None if args.keep_layers is None else tuple(int(x) for x in args.keep_layers.split(",") if x)
-        path = export_gguf(args.model, args.quant, args.out, args.threads, imatrix=args.imatrix,
-                           embd=args.keep_embd, output=args.keep_output, keep_layers=layers,
-                           keep_type=args.keep_layer_type)
+        kw = dict(imatrix=args.imatrix, embd=args.keep_embd, output=args.keep_output, keep_layers=layers,
+                  keep_type=args.keep_layer_type)
+        if args.layout == "segments":
+            from edge.export_segments import export_segments, segment_files
+
+            out = export_segments(args.model, args.quant, args.out, args.threads, **kw)
+            files = segment_files(out)
+            size = sum(f.stat().st_size for f in files) / 2**20
+            print(f"wrote {out}/: {', '.join(f.name for f in files)}: {size:.2f} MiB")
+            return 0
+        path = export_gguf(args.model, args.quant, args.out, args.threads, **kw)
     except Exception as exc:  # a CLI prints a message a person can act on, not a traceback
         print(f"coexit export-edge: {exc}", file=sys.stderr)
         return 1

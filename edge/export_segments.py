@@ -1,8 +1,8 @@
 """The edge stage as GGUF segments, one per exit interval, so that an early exit in llama.cpp skips the layers above.
 
 For exits e1 < e2 < ... < split, the edge [0, split) becomes the files `layers-00-02.gguf`, `layers-02-04.gguf`, ...
-in one directory (`edge-QUANT.segments/` by default). Each is a stock llama.cpp GGUF (edge/export_gguf.py
-`write_f32_gguf(layers=...)`, then llama.cpp's own quantizer):
+in one directory (`edge-QUANT.segments/` by default). Each is a stock llama.cpp GGUF, written by edge/export_gguf.py
+`export_gguf(layers=...)` with the same quantization choices (mixes, imatrix) as a whole-edge file:
 - its blocks are the model's layers [lo, hi), renumbered from blk.0;
 - its output head is exit `hi`'s (norm + projection), so llama.cpp's logits are that exit's logits;
 - all but the first are fed the previous segment's residual through `llama_batch.embd`, never token ids;
@@ -13,10 +13,10 @@ segment, and the KV it skipped there is caught up with the next token that goes 
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-from edge.export_gguf import QUANTS, _load_edge, quantize_gguf, write_f32_gguf
+from coexit.checkpoint import read_config
+from edge.export_gguf import export_gguf
 
 
 def segment_bounds(exit_layers, split: int) -> list[tuple[int, int]]:
@@ -39,24 +39,15 @@ def segment_files(directory: str | Path) -> list[Path]:
 
 
 def export_segments(model_dir: str | Path, quant: str = "f16", out: str | Path | None = None,
-                    threads: int = 2) -> Path:
-    """Write the edge of a checkpoint directory as GGUF segments into `out`; returns the directory."""
-    if quant not in QUANTS:
-        raise ValueError(f"unknown quantization {quant!r}; choose one of {sorted(QUANTS)}")
+                    threads: int = 2, **kw) -> Path:
+    """Write the edge of a checkpoint directory as GGUF segments into `out`; returns the directory. quant and kw
+    (imatrix, embd, output, keep_layers, keep_type) are export_gguf's, applied to every segment."""
     model_dir = Path(model_dir)
-    model = _load_edge(model_dir)
-    cfg = model.config
+    cfg = read_config(model_dir)
     out = Path(out) if out else model_dir / f"edge-{quant}.segments"
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("layers-*-*.gguf"):
         stale.unlink()
     for lo, hi in segment_bounds(cfg.exit_layers, cfg.split_layer):
-        target = out / segment_name(lo, hi)
-        if quant in ("f32", "f16"):
-            write_f32_gguf(model, model_dir, target, f16=quant == "f16", layers=(lo, hi))
-            continue
-        with tempfile.TemporaryDirectory(dir=out) as tmp:
-            src = Path(tmp) / "segment-f32.gguf"
-            write_f32_gguf(model, model_dir, src, layers=(lo, hi))
-            quantize_gguf(src, target, quant, threads)
+        export_gguf(model_dir, quant, out / segment_name(lo, hi), threads, layers=(lo, hi), **kw)
     return out

@@ -3,8 +3,7 @@
 llama-cpp-python is built from source on install, so a C/C++ compiler is present wherever coexit's edge runs. A
 library is built once per source (keyed by its sha256 and the compiler's target) into
 `$COEXIT_NATIVE_CACHE` (default `~/.cache/coexit/native`) and loaded with ctypes. The sources use only public
-llama.cpp/ggml entry points, passed in as function pointers or linked against llama-cpp-python's own libraries,
-never private struct layouts.
+llama.cpp/ggml entry points, passed in as function pointers, never private struct layouts.
 """
 
 from __future__ import annotations
@@ -25,14 +24,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("COEXIT_NATIVE_CACHE", Path.home() / ".cache" / "coexit" / "native"))
 
 
-def llama_lib_dir() -> Path:
-    import llama_cpp
-
-    return Path(llama_cpp.__file__).parent / "lib"
-
-
 @cache
-def load(source: str, link_llama: bool = False) -> ctypes.CDLL:
+def load(source: str) -> ctypes.CDLL:
     """Compile edge/native/<source> (a .c or .cpp file) into a shared library, once, and load it."""
     src = HERE / source
     cpp = src.suffix == ".cpp"
@@ -41,14 +34,11 @@ def load(source: str, link_llama: bool = False) -> ctypes.CDLL:
     if not compiler:
         raise RuntimeError(f"no {'C++' if cpp else 'C'} compiler found to build {source} (set CC/CXX); the "
                            f"llama.cpp edge needs one, as llama-cpp-python's own install does")
-    libdir = llama_lib_dir() if link_llama else None
-    key = hashlib.sha256(src.read_bytes() + str(libdir).encode() + compiler.encode()).hexdigest()[:16]
+    key = hashlib.sha256(src.read_bytes() + compiler.encode()).hexdigest()[:16]
     out = cache_dir() / f"{src.stem}-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [compiler, "-O2", "-shared", "-fPIC", *(["-std=c++17"] if cpp else []), str(src)]
-        if libdir:
-            cmd += [f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lllama", "-lggml-base"]
         with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
             pass
         proc = subprocess.run([*cmd, "-o", tmp.name], capture_output=True, text=True)

@@ -106,3 +106,16 @@ def test_truncate_inside_parked_rows(segments):
     assert first == 0 and rows.shape == expect.shape == (8, 256)
     np.testing.assert_allclose(rows.numpy(), expect.numpy(), rtol=1e-4, atol=1e-4)
     fresh.close()
+
+
+def test_a_quant_mix_follows_the_layer_renumbering(quant_dir, tmp_path):
+    from edge.export_segments import export_segments
+
+    out = export_segments(quant_dir, "q4-mix", tmp_path / "seg", imatrix="none")
+    types = []
+    for f in segment_files(out):
+        r = gguf.GGUFReader(str(f))
+        types.append({t.name: t.tensor_type.name for t in r.tensors})
+    kept = [t["blk.0.attn_q.weight"] == t["blk.0.ffn_down.weight"] == "Q8_0" for t in types]
+    assert kept == [True, False, False]  # the model's layer 0 only, though every segment has a blk.0
+    assert {t["token_embd.weight"] for t in types} == {"Q8_0"}
