@@ -5,9 +5,10 @@ Per backend, in a fresh subprocess (so resident memory is the stage's own): edge
 step after a prompt, all edge exits evaluated, decide=None, `--threads` threads), resident memory added by
 building the stage and running it (VmRSS delta; glibc told to return freed memory: MALLOC_MMAP_THRESHOLD_=65536
 MALLOC_TRIM_THRESHOLD_=0), top-1 agreement of the split exit with torch fp32, teacher-forced over held-out text
-tokenized by the checkpoint's tokenizer, and the share of edge layer-tokens that exits saved over that text (1 -
-layer-rows computed / (tokens x split), every row caught up to the split at the end) under the checkpoint's
-exit_policy.json, or for a random checkpoint a policy taking the first exit at its median confidence.
+tokenized by the checkpoint's tokenizer, and the share of edge layer-tokens that exits kept off each token's own
+step (`skipped`: the latency saving) and those never run by the end of the text (`saved`: KV catch-up runs the
+others later, batched with the next token that goes deeper), under the checkpoint's exit_policy.json, or for a
+random checkpoint a policy taking the first exit at its median confidence.
 
 llama.cpp also gets, against plain llama.cpp decoding of one whole GGUF of the same weights and threads:
 - capture/plain: a decode step through the layout's contexts with the C capture callback (every segment, so a
@@ -112,11 +113,17 @@ def worker(kind: str, ckpt: Path, gguf: Path | None, args) -> dict:
         for e, lg in r.exit_logits.items():
             conf[e].append(float(confidence(lg, "max_prob")))
     policy, policy_name = _policy(ckpt, backend.exit_layers, conf)
-    backend.reset()  # the same text under the policy: layer-rows computed, every row caught up at the end
+    # the same text under the policy. skipped: layer-rows each token did not run on its own step (its latency);
+    # saved: layer-rows never run by the end of the text (KV catch-up of exited rows runs most of them later,
+    # batched with the next deeper token)
+    skips = getattr(backend, "layout", "") != "whole"
+    backend.reset()
+    own = 0
     for i, t in enumerate(text_ids):
-        backend.step([t], i, policy.decide)
-    backend.step([text_ids[0]], len(text_ids), None)
-    saved = 1 - backend.layer_tokens / ((len(text_ids) + 1) * split)
+        r = backend.step([t], i, policy.decide)
+        own += r.depth if (r.exited and skips) else split
+    skipped = 1 - own / (len(text_ids) * split)
+    saved = 1 - backend.layer_tokens / (len(text_ids) * split)
     tps = 0.0
     for _ in range(args.repeats):  # best of N: the machine is shared, the best run is the least disturbed
         backend.reset()
@@ -129,7 +136,7 @@ def worker(kind: str, ckpt: Path, gguf: Path | None, args) -> dict:
         tps = max(tps, args.tokens / (time.perf_counter() - t0))
         if time.perf_counter() - t0 > 5:  # slow backends: one run is long enough to average out noise
             break
-    out = {"kind": kind, "tps": tps, "rss_mib": rss_mib() - base, "top1": top1, "saved": saved,
+    out = {"kind": kind, "tps": tps, "rss_mib": rss_mib() - base, "top1": top1, "skipped": skipped, "saved": saved,
            "policy": policy_name}
     if kind.startswith("gguf"):
         out.update(capture_overhead(backend, prompt, args))
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[kind]["file_mib"] = sum(f.stat().st_size for f in files) / 2**20
     ref = rows.get("torch", {}).get("top1")
     base_tps = rows.get("torch", {}).get("tps")
-    cols = ["tok/s", "x fp32", "RSS MiB", "file MiB", "top-1 vs fp32", "saved", "capture/plain", "e2e tok/s",
+    cols = ["tok/s", "x fp32", "RSS MiB", "file MiB", "top-1 vs fp32", "skipped", "saved", "capture/plain", "e2e tok/s",
             "llama tok/s", "e2e/llama", "torch/plain"]
     print("\n| backend | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
@@ -296,13 +303,16 @@ def main(argv: list[str] | None = None) -> int:
             return format(r[key], fmt) if key in r else "-"
 
         cells = [f"{r['tps']:.1f}", f"{r['tps'] / base_tps:.2f}" if base_tps else "-", f"{r['rss_mib']:.1f}",
-                 f("file_mib", ".1f"), f"{agree:.1%}", f("saved", ".1%"), f("capture_ratio", ".2f"),
+                 f("file_mib", ".1f"), f"{agree:.1%}", f("skipped", ".1%"), f("saved", ".1%"),
+                 f("capture_ratio", ".2f"),
                  f("edge_tps", ".0f"), f("llama_tps", ".0f"), f("e2e_ratio", ".2f"), f("torch_vs_plain", ".2f")]
         print(f"| {kind} | " + " | ".join(cells) + " |")
     n = len(ref) if ref else 0
     policy = next((r["policy"] for r in rows.values() if "policy" in r), "-")
-    print(f"\ntop-1: split exit (layer {args.split}) argmax, teacher-forced over {n} held-out tokens. saved: edge "
-          f"layer-tokens that exits saved over that text (policy: {policy}). capture/plain: a decode step through "
+    print(f"\ntop-1: split exit (layer {args.split}) argmax, teacher-forced over {n} held-out tokens. skipped: edge "
+          f"layer-tokens that exits kept off each token's own step, over that text (policy: {policy}); saved: those "
+          f"never run by its end (KV catch-up runs the rest, batched with the next deeper token). "
+          f"capture/plain: a decode step through "
           f"the layout's contexts with the C capture over a plain llama.cpp step of one whole GGUF of the same "
           f"weights. e2e/llama: EdgeClient standalone tokens/s over llama_cpp create_completion on that GGUF "
           f"({args.e2e_tokens} tokens). torch/plain: the torch backend's step over a plain-PyTorch step "

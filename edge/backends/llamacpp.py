@@ -143,12 +143,13 @@ class _Stage:
 
 class LlamaCppBackend(EdgeBackend):
     """EdgeBackend over an edge GGUF file (whole layout) or a directory of GGUF segments. max_len: context size
-    (default min(max_position_embeddings, 4096))."""
+    (default min(max_position_embeddings, 4096)). flash_attn: default on with an f16/q8_0 KV cache (about 15%
+    faster decode at d 256), off with f32 (llama.cpp's CPU flash attention rounds through f16)."""
 
     name = "llama.cpp"
 
     def __init__(self, path: str | Path, n_threads: int = 2, max_len: int | None = None, n_batch: int = 256,
-                 kv_type: str = "f16", flash_attn: bool = False) -> None:
+                 kv_type: str = "f16", flash_attn: bool | None = None) -> None:
         from edge.export_segments import segment_files
 
         self.path = Path(path)
@@ -157,6 +158,7 @@ class LlamaCppBackend(EdgeBackend):
         meta = metas[0]
         self.config, self.fingerprint, self.tokenizer_json = meta.config, meta.fingerprint, meta.tokenizer_json
         self.layout = "segments" if meta.layers is not None else "whole"
+        flash_attn = kv_type != "f32" if flash_attn is None else flash_attn
         n_ctx = max_len or min(self.config.max_position_embeddings, 4096)
         split = self.split
         self.stages: list[_Stage] = []
