@@ -12,9 +12,10 @@ random checkpoint a policy taking the first exit at its median confidence.
 
 llama.cpp also gets, against plain llama.cpp decoding of one whole GGUF of the same weights and threads:
 - capture/plain: a decode step through the layout's contexts with the C capture callback (every segment, so a
-  segmented layout also pays each segment's exit head) over a plain decode step (no callback);
+  segmented layout also pays each segment's exit head) over a plain decode step (no callback), both with the
+  backend's flash-attention setting;
 - e2e/llama: `EdgeClient(...).generate` in standalone mode (the checkpoint's policy, 128 tokens) over
-  `llama_cpp.Llama.create_completion` (greedy, 128 tokens), same prompt.
+  `llama_cpp.Llama.create_completion` (greedy, 128 tokens, the same flash-attention setting), same prompt.
 The torch row gets torch/plain: the torch backend's decode step over a plain-PyTorch step of the same layers
 (bench/torch_step.py).
 
@@ -158,7 +159,7 @@ def capture_overhead(backend, prompt, args) -> dict:
     and plain steps of one whole GGUF of the same weights (no callback): tokens/s of each, interleaved."""
     from edge.backends.llamacpp import LlamaSession
 
-    plain = LlamaSession(_plain_file(backend), 1024, args.threads)
+    plain = LlamaSession(_plain_file(backend), 1024, args.threads, flash_attn=backend.flash_attn)
     stages = backend.stages
 
     def capture_step(pos: int, first: bool) -> None:
@@ -203,7 +204,7 @@ def end_to_end(backend, ckpt: Path, tok, policy, args) -> dict:
     backend.reset()
     client = EdgeClient(backend, tok, policy=policy, mode="standalone")
     llm = llama_cpp.Llama(str(_plain_file(backend)), n_ctx=1024, n_threads=args.threads, n_batch=256,
-                          verbose=False)
+                          flash_attn=backend.flash_attn, verbose=False)
     ids = tok.encode("import os\n\n\ndef read_config(path):\n", add_bos=True)
     n = args.e2e_tokens
     best = {"edge_tps": 0.0, "llama_tps": 0.0}

@@ -158,7 +158,7 @@ class LlamaCppBackend(EdgeBackend):
         meta = metas[0]
         self.config, self.fingerprint, self.tokenizer_json = meta.config, meta.fingerprint, meta.tokenizer_json
         self.layout = "segments" if meta.layers is not None else "whole"
-        flash_attn = kv_type != "f32" if flash_attn is None else flash_attn
+        self.flash_attn = flash_attn = kv_type != "f32" if flash_attn is None else flash_attn
         n_ctx = max_len or min(self.config.max_position_embeddings, 4096)
         split = self.split
         self.stages: list[_Stage] = []
