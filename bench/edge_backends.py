@@ -38,7 +38,8 @@ import numpy as np
 HELD_OUT = ("Edge devices answer easy tokens themselves and hand the hard ones to the cloud. The server keeps "
             "each session's cache, so the device never resends its context; it uploads hidden states only. "
             "def mean(xs):\n    return sum(xs) / len(xs)\n\nfor name in sorted(names):\n    print(name.upper())\n")
-BACKENDS = ["torch", "bnb-int8", "bnb-nf4", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "gguf-q4_0-whole", "gguf-q4_k_m"]
+BACKENDS = ["torch", "bnb-int8", "bnb-nf4", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "gguf-q4_k_m", "gguf-q4-mix",
+            "gguf-q4-mix-whole"]
 
 
 def rss_mib() -> float:
