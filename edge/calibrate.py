@@ -220,6 +220,13 @@ def calibrate(model_dir: str | Path, data: str | Path, target: float = 0.99, cri
     if criterion != "learned":  # the adaptive policy's settings (it reads confidence from the logits)
         result["frontier"] = [p.to_dict() for p in frontier(stats.conf, stats.agree, exits, high,
                                                             include=thresholds)]
+    else:  # the adaptive policy stays on max-prob (its settings are threshold vectors): the gate's first feature
+        stats.conf = {e: stats.feats[e][:, 0] for e in exits}
+        mp, _ = choose_thresholds(stats, exits, target, "max_prob", delta=delta)
+        result["adaptive"] = {"criterion": "max_prob", "thresholds": {str(k): v for k, v in mp.items()},
+                              "disagreement": evaluate(stats.conf, stats.agree, exits, mp, True).disagreement,
+                              "frontier": [p.to_dict() for p in frontier(stats.conf, stats.agree, exits, True,
+                                                                         include=mp)]}
     if write:
         (Path(model_dir) / POLICY_FILE).write_text(json.dumps(result, indent=2) + "\n")
         if gates is not None:
@@ -240,10 +247,12 @@ def load_policy(model_dir: str | Path, adaptive: bool = False,
     criterion = d.get("criterion", "max_prob")
     thresholds = {int(k): float(v) for k, v in d["thresholds"].items()}
     if criterion == "learned":
-        if adaptive:
-            raise ValueError(f"{f} was calibrated with the learned gate; the adaptive policy needs a confidence "
-                             f"criterion (calibrate with --criterion max_prob)")
-        return GatePolicy(thresholds, "learned", gates=load_gates(model_dir))
+        if not adaptive:
+            return GatePolicy(thresholds, "learned", gates=load_gates(model_dir))
+        if "adaptive" not in d:
+            raise ValueError(f"{f} was calibrated with the learned gate and holds no max-prob frontier for the "
+                             f"adaptive policy: re-run `coexit calibrate`")
+        d, criterion = d["adaptive"], "max_prob"  # the network-aware policy moves max-prob thresholds
     if not adaptive:
         return ExitPolicy(thresholds, criterion)
     if "frontier" not in d:

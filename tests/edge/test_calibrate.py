@@ -123,3 +123,10 @@ def test_on_policy_learned_gate_with_guarantee(tiny_dir, tmp_path):
     assert isinstance(client.policy, GatePolicy)
     gen = client.generate("def add(a, b):", 8, stop_at_eos=False)
     assert len(gen.events) == 8
+    # the network-aware policy still works from a learned calibration: max-prob settings within their budget
+    from edge.adaptive import AdaptivePolicy
+
+    adaptive = load_policy(d, adaptive=True)
+    assert isinstance(adaptive, AdaptivePolicy) and adaptive.criterion == "max_prob"
+    assert adaptive.budget == saved["adaptive"]["disagreement"]
+    assert adaptive.admissible and all(p.disagreement <= adaptive.budget for p in adaptive.admissible)
