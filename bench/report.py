@@ -33,8 +33,9 @@ from cloud.launch import start_cloud
 from coexit.exits import ExitPolicy
 from edge.adaptive import AdaptivePolicy, evaluate, frontier
 from edge.backends import make_backend
-from edge.calibrate import choose_thresholds, collect
+from edge.calibrate import choose_thresholds, collect, load_policy
 from edge.client import EdgeClient
+from edge.gate import GatePolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = "CE-CoLLM reports -84.55% cloud compute and -13.81% latency vs cloud-only serving, at comparable accuracy."
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         modes += [(f"collab@{t:g}", "collaborative", p, "exact") for t, p in policies.items()]
         modes += [(f"propagate@{t:g}", "collaborative", p, "propagate") for t, p in policies.items()
                   if t in args.propagate_targets]
+        shipped = load_policy(args.model)  # the model's own exit_policy.json (coexit calibrate), as users get it
+        if shipped is not None:
+            modes.append(("shipped", "collaborative", shipped, "exact"))
         for t in args.adaptive_targets:  # the same calibration data and the budget collab@t uses there
             budget = evaluate(stats.conf, stats.agree, edge_exits, policies[t].thresholds).disagreement
             points = frontier(stats.conf, stats.agree, edge_exits, include=policies[t].thresholds)
@@ -253,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = run_mode(client, model, pairs, mode, policy, args.max_new, kv_fill)
             head = cfg.split_layer if name == "edge-only" else None
             use_policy = policy if mode == "collaborative" else None
-            rows[name]["perplexity"], rows[name]["accuracy"] = perplexity(
-                model, calib_texts[::-1], use_policy, head, args.ppl_tokens, propagate=kv_fill == "propagate")
+            if isinstance(policy, GatePolicy):  # its features need each exit's hidden state: not scored here
+                rows[name]["perplexity"] = rows[name]["accuracy"] = float("nan")
+            else:
+                rows[name]["perplexity"], rows[name]["accuracy"] = perplexity(
+                    model, calib_texts[::-1], use_policy, head, args.ppl_tokens, propagate=kv_fill == "propagate")
             rows[name]["thresholds"] = {str(k): round(v, 4) for k, v in policy.thresholds.items()}
             if isinstance(policy, AdaptivePolicy):
                 rows[name]["budget"] = policy.budget
