@@ -215,7 +215,8 @@ def end_to_end(backend, ckpt: Path, tok, policy, args) -> dict:
         best["edge_tps"] = max(best["edge_tps"], len(gen.events) / (time.perf_counter() - t0))
         llm.reset()
         t0 = time.perf_counter()
-        out = llm.create_completion(ids, max_tokens=n, temperature=0.0)
+        out = llm.create_completion(ids, max_tokens=n, temperature=0.0,  # no early EOS: the edge side goes on too
+                                    logit_bias={tok.eos_id: -1e9} if tok.eos_id is not None else None)
         best["llama_tps"] = max(best["llama_tps"], out["usage"]["completion_tokens"] / (time.perf_counter() - t0))
     llm.close()
     best["e2e_ratio"] = best["edge_tps"] / best["llama_tps"]
