@@ -114,6 +114,27 @@ class LayerWork:
     fill: Tensor | None = None  # (T,) bool: rows whose KV is propagated, not computed
 
 
+class ParkedRows(dict):
+    """depth -> (first position, rows (n, C)): rows that stopped at that depth and wait to catch up, contiguous in
+    position per depth (the invariant every runner of exits keeps: coexit's LayerRunner, the llama.cpp edge)."""
+
+    def add(self, depth: int, first: int, rows: Tensor) -> None:
+        if depth in self:
+            f0, r0 = self[depth]
+            assert f0 + r0.shape[0] == first, "parked rows must stay contiguous"
+            first, rows = f0, torch.cat([r0, rows], 0)
+        self[depth] = (first, rows)
+
+    def truncate(self, length: int) -> None:
+        """Forget rows of positions >= length."""
+        for d in list(self):
+            first, rows = self[d]
+            if first >= length:
+                del self[d]
+            else:
+                self[d] = (first, rows[: length - first])
+
+
 class LayerRunner:
     """Runs layers [start, stop) of `model` for one sequence, letting rows stop at exit layers."""
 
@@ -122,8 +143,7 @@ class LayerRunner:
         self.model, self.start, self.stop = model, start, stop
         self.cache = cache or model.new_cache(max_len=max_len, layers=range(start, stop))
         self.ends_model = stop == model.config.num_hidden_layers
-        # depth -> (first position, hidden rows (n, C)) parked at that depth, contiguous by the invariant
-        self.parked: dict[int, tuple[int, Tensor]] = {}
+        self.parked = ParkedRows()  # hidden rows parked at each depth
         self.layer_tokens = 0  # total layer-row computations so far
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------
@@ -133,18 +153,10 @@ class LayerRunner:
         top = max((first + rows.shape[0] for first, rows in self.parked.values()), default=0)
         return max(top, self.cache.length(self.start))
 
-    def _park(self, depth: int, first: int, rows: Tensor) -> None:
-        if depth in self.parked:
-            f0, r0 = self.parked[depth]
-            assert f0 + r0.shape[0] == first, "parked rows must stay contiguous"
-            rows = torch.cat([r0, rows], 0)
-            first = f0
-        self.parked[depth] = (first, rows)
-
     def park(self, rows: Tensor, first: int) -> None:
         """Accept rows (n, C) at depth `start` without computing them yet (they catch up with the next run)."""
         self._check_first(first)
-        self._park(self.start, first, rows)
+        self.parked.add(self.start, first, rows)
 
     def _check_first(self, first: int) -> None:
         if first != self.next_position:
@@ -214,10 +226,10 @@ class LayerRunner:
                         check = []
                         continue
                     if layer < self.stop or not self.ends_model:
-                        self._park(layer, lo, h[0])
+                        self.parked.add(layer, lo, h[0])
                     return result
         if not self.ends_model:
-            self._park(self.stop, lo, h[0])
+            self.parked.add(self.stop, lo, h[0])
         elif head:
             result.last_hidden = h[0, -1]
             result.top_hidden = h[0, -head:]
@@ -243,12 +255,7 @@ class LayerRunner:
     def truncate(self, length: int) -> None:
         """Forget positions >= length (rollback)."""
         self.cache.truncate(length)
-        for d in list(self.parked):
-            first, rows = self.parked[d]
-            if first >= length:
-                del self.parked[d]
-            else:
-                self.parked[d] = (first, rows[: length - first])
+        self.parked.truncate(length)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coexit.decoding import Decide, RunResult, checks
+from coexit.decoding import Decide, ParkedRows, RunResult, checks
 from edge.backends.base import EdgeBackend
 from edge.backends.gguf_heads import ExitHead, read_edge_gguf
 from edge.llamacpp_lib import Capture, llama
@@ -179,24 +179,14 @@ class LlamaCppBackend(EdgeBackend):
                 expect = hi
             if expect != split:
                 raise ValueError(f"the segments in {self.path} end at layer {expect}, not the split ({split})")
-        self.session = self.stages[0].session  # the first (token-fed) context
         self.reset()
 
     def reset(self) -> None:
         for st in self.stages:
             st.session.clear()
-        self._parked: dict[int, tuple[int, np.ndarray]] = {}  # depth -> (first position, rows) waiting above it
-        self._outbox: list[np.ndarray] = []
-        self._outbox_first = 0
+        self._parked = ParkedRows()  # rows waiting above an exit; at depth split: the outbox of take_split_rows
         self._next = 0
         self._layer_tokens = 0
-
-    def _park(self, depth: int, first: int, rows: np.ndarray) -> None:
-        if depth in self._parked:
-            f0, r0 = self._parked[depth]
-            assert f0 + r0.shape[0] == first, "parked rows must stay contiguous"
-            first, rows = f0, np.concatenate([r0, rows], 0)
-        self._parked[depth] = (first, rows)
 
     def step(self, token_ids: list[int], first: int, decide: Decide | None, to_split: bool = False) -> RunResult:
         if first != self._next:
@@ -217,9 +207,9 @@ class LlamaCppBackend(EdgeBackend):
             if st.lo in self._parked:  # catch up rows that stopped at this depth earlier
                 pf, prow = self._parked.pop(st.lo)
                 assert pf + prow.shape[0] == lo_pos, "parked rows must end where the batch begins"
-                x, lo_pos = np.concatenate([prow, x], 0), pf
-            st.session.decode(x, lo_pos)
-            x = st.session.take_captured(st.hi - st.lo - 1)
+                x, lo_pos = torch.cat([prow, x], 0), pf
+            st.session.decode(x.numpy() if isinstance(x, Tensor) else x, lo_pos)
+            x = torch.from_numpy(st.session.take_captured(st.hi - st.lo - 1))
             computed = x.shape[0] * (st.hi - st.lo)
             self._layer_tokens += computed
             result.rows_computed += computed
@@ -233,42 +223,29 @@ class LlamaCppBackend(EdgeBackend):
                         result.depth, result.exited, checking = e, True, False
             looked = checking and checks(decide, st.hi)
             if checking and st.hi in exits and (looked or decide is None or st.hi == self.split):
-                logits, hidden = st.session.last_logits(), torch.from_numpy(x[-1])
+                logits, hidden = st.session.last_logits(), x[-1]
                 result.exit_logits[st.hi] = logits
                 if looked and decide(st.hi, logits, hidden):
                     result.depth, result.exited, checking = st.hi, True, False
                     stopped = not to_split
             if stopped and st.hi < self.split:
-                self._park(st.hi, lo_pos, x)
+                self._parked.add(st.hi, lo_pos, x)
                 return result
-        if not self._outbox:
-            self._outbox_first = lo_pos
-        self._outbox.append(x)
+        self._parked.add(self.split, lo_pos, x)
         return result
 
     def take_split_rows(self) -> tuple[int, Tensor]:
-        first = self._outbox_first
-        rows = np.concatenate(self._outbox, 0) if self._outbox else np.zeros((0, self.config.hidden_size),
-                                                                              np.float32)
-        self._outbox = []
-        self._outbox_first = first + rows.shape[0]
-        return first, torch.from_numpy(rows)
+        if self.split in self._parked:
+            return self._parked.pop(self.split)
+        first = min((f for f, _ in self._parked.values()), default=self._next)  # the next row to reach it
+        return first, torch.zeros(0, self.config.hidden_size)
 
     def truncate(self, length: int) -> None:
         if length >= self._next:
             return
         for st in self.stages:
             st.session.remove_from(length)
-        for depth, (pf, rows) in list(self._parked.items()):
-            keep = max(0, length - pf)
-            if keep:
-                self._parked[depth] = (pf, rows[:keep])
-            else:
-                del self._parked[depth]
-        rows = np.concatenate(self._outbox, 0) if self._outbox else None
-        keep = max(0, length - self._outbox_first)
-        self._outbox = [rows[:keep]] if rows is not None and keep else []
-        self._outbox_first = min(self._outbox_first, length)
+        self._parked.truncate(length)
         self._next = length
 
     @property
