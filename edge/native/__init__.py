@@ -1,7 +1,7 @@
-"""Small native helpers for the llama.cpp edge, compiled from the C/C++ sources in this folder on first use.
+"""Small native helpers for the llama.cpp edge, compiled from the C sources in this folder on first use.
 
-llama-cpp-python is built from source on install, so a C/C++ compiler is present wherever coexit's edge runs. A
-library is built once per source (keyed by its sha256 and the compiler's target) into
+llama-cpp-python is built from source on install, so a C compiler is present wherever coexit's edge runs. A
+library is built once per source (keyed by its sha256 and the compiler) into
 `$COEXIT_NATIVE_CACHE` (default `~/.cache/coexit/native`) and loaded with ctypes. The sources use only public
 llama.cpp/ggml entry points, passed in as function pointers, never private struct layouts.
 """
@@ -26,19 +26,17 @@ def cache_dir() -> Path:
 
 @cache
 def load(source: str) -> ctypes.CDLL:
-    """Compile edge/native/<source> (a .c or .cpp file) into a shared library, once, and load it."""
+    """Compile edge/native/<source> (a .c file) into a shared library, once, and load it."""
     src = HERE / source
-    cpp = src.suffix == ".cpp"
-    compiler = os.environ.get("CXX" if cpp else "CC") or shutil.which("c++" if cpp else "cc") or \
-        shutil.which("g++" if cpp else "gcc")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        raise RuntimeError(f"no {'C++' if cpp else 'C'} compiler found to build {source} (set CC/CXX); the "
-                           f"llama.cpp edge needs one, as llama-cpp-python's own install does")
+        raise RuntimeError(f"no C compiler found to build {source} (set CC); the llama.cpp edge needs one, as "
+                           f"llama-cpp-python's own install does")
     key = hashlib.sha256(src.read_bytes() + compiler.encode()).hexdigest()[:16]
     out = cache_dir() / f"{src.stem}-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [compiler, "-O2", "-shared", "-fPIC", *(["-std=c++17"] if cpp else []), str(src)]
+        cmd = [compiler, "-O2", "-shared", "-fPIC", str(src)]
         with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
             pass
         proc = subprocess.run([*cmd, "-o", tmp.name], capture_output=True, text=True)
