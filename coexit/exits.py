@@ -61,6 +61,10 @@ class ExitPolicy:
     def observe_verdict(self, accepted: bool) -> None:
         """The cloud's verdict on a draft made through a fallback (speculative collaborative mode)."""
 
+    def may_stop(self) -> set[int]:
+        """The exits where decide() can ever say stop (a policy that moves its thresholds: at any setting)."""
+        return set(self.thresholds)
+
     def checks(self, exit_layer: int) -> bool:
         """Whether decide() looks at this exit. A backend applies no head at an exit its policy does not check
         (the logits are still there if read, e.g. the split exit's in standalone mode)."""
@@ -75,3 +79,23 @@ class ExitPolicy:
             return True
         score = confidence(logits, self.criterion)
         return score <= t if self.criterion == "entropy" else score >= t
+
+
+class Below:
+    """`policy` as a run that must emit at `limit` sees it (standalone mode: the split exit emits whatever a
+    decide() there would say). Only exits below `limit` can stop a row, so an exit is checked only when it, or a
+    later exit below `limit` whose decision reads it (the learned gate reads earlier exits), has a threshold.
+    With no threshold below `limit` nothing is checked, and a backend runs straight to `limit`."""
+
+    def __init__(self, policy: ExitPolicy, limit: int) -> None:
+        self.policy, self.limit = policy, limit
+
+    def checks(self, exit_layer: int) -> bool:
+        return exit_layer < self.limit and self.policy.checks(exit_layer) and \
+            any(exit_layer <= t < self.limit for t in self.policy.thresholds)
+
+    def may_stop(self) -> set[int]:
+        return {e for e in self.policy.may_stop() if e < self.limit}
+
+    def decide(self, exit_layer: int, logits: Tensor, hidden: Tensor | None = None) -> bool:
+        return exit_layer < self.limit and self.policy.decide(exit_layer, logits, hidden)

@@ -159,6 +159,9 @@ class AdaptivePolicy(ExitPolicy):
         slack = max(0.05 * best, 0.0002)
         return min((p for p, t in zip(self.admissible, costs) if t <= best + slack), key=lambda p: p.disagreement)
 
+    def may_stop(self) -> set[int]:
+        return {e for p in self.admissible for e in p.thresholds}
+
     def repick(self) -> None:
         self.current = self.choose()
         self.thresholds = dict(self.current.thresholds)

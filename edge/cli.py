@@ -7,6 +7,7 @@ import argparse
 import statistics
 import sys
 
+from coexit.checkpoint import read_config
 from coexit.exits import CRITERIA, ExitPolicy
 from coexit.sampling import SamplingParams
 from edge.backends import KINDS
@@ -56,8 +57,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--mode", choices=MODES, default="collaborative")
     ap.add_argument("--backend", choices=KINDS, default="torch", help="edge runtime (gguf exports on first use)")
     ap.add_argument("--quant", default="q8_0", help="GGUF quantization for --backend gguf")
-    ap.add_argument("--layout", choices=["segments", "whole"], default="segments",
-                    help="--backend gguf: one file per exit interval (exits skip the layers above) or one file")
+    ap.add_argument("--layout", choices=["segments", "whole"],
+                    help="--backend gguf: one file per exit interval (exits skip the layers above) or one file "
+                         "(default: segments when the policy can stop or looks below the split, else whole)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threshold", type=float, default=0.9, help="exit threshold for every edge exit")
     ap.add_argument("--thresholds", help="per-exit thresholds, e.g. 2=0.8,4=0.9 (overrides --threshold)")
@@ -80,20 +82,23 @@ def main(argv: list[str]) -> int:
                     help="lossless mode: draft only from a confident exit (default: else from the split exit)")
     ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     args = ap.parse_args(argv)
-    backend_kw = {"quant": args.quant, "layout": args.layout} if args.backend == "gguf" else {}
-    client = EdgeClient.from_checkpoint(args.model, cloud=args.cloud, backend=args.backend, mode=args.mode,
-                                        encoding=args.encoding, deadline_s=args.deadline, token=args.token,
-                                        tls_ca=args.tls_ca, backend_kw=backend_kw, kv_fill=args.kv_fill,
-                                        max_drafts=args.max_drafts, draft_always=not args.draft_when_confident)
-    edge_exits = client.backend.exit_layers
-    thresholds = parse_thresholds(args.thresholds) or {e: args.threshold for e in edge_exits}
-    policy = ExitPolicy(thresholds, args.criterion)
     if args.policy == "adaptive":
         from edge.calibrate import load_policy
 
         policy = load_policy(args.model, adaptive=True, quality_budget=args.quality_budget)
+    else:
+        cfg = read_config(args.model)
+        edge_exits = [e for e in cfg.exit_layers if e <= cfg.split_layer]
+        thresholds = parse_thresholds(args.thresholds) or {e: args.threshold for e in edge_exits}
+        policy = ExitPolicy(thresholds, args.criterion)
+    backend_kw = {"quant": args.quant, "layout": args.layout} if args.backend == "gguf" else {}
+    client = EdgeClient.from_checkpoint(args.model, cloud=args.cloud, backend=args.backend, mode=args.mode,
+                                        encoding=args.encoding, deadline_s=args.deadline, token=args.token,
+                                        tls_ca=args.tls_ca, backend_kw=backend_kw, kv_fill=args.kv_fill,
+                                        max_drafts=args.max_drafts, draft_always=not args.draft_when_confident,
+                                        policy=policy)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    gen = client.generate(args.prompt, args.max_new_tokens, sampling, policy)
+    gen = client.generate(args.prompt, args.max_new_tokens, sampling)
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(args.prompt + render(gen, colour))
     legend = "green = edge exit, blue = cloud, yellow = edge while the cloud was unreachable" if colour else \

@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from coexit.exits import ExitPolicy
+from coexit.exits import Below, ExitPolicy
 from coexit.sampling import GREEDY, SamplingParams, sample
 from coexit.tokenizer import Tokenizer
 from coexit.v1 import coexit_pb2 as pb
@@ -147,15 +147,21 @@ class EdgeClient:
     def from_checkpoint(cls, model_dir, cloud: str | None = None, backend: str = "torch",
                         backend_kw: dict | None = None, **kw) -> EdgeClient:
         """Build the backend by name; the default exit policy is DIR/exit_policy.json (coexit calibrate), and
-        policy="adaptive" (with quality_budget=...) is the network-aware policy over its calibrated frontier."""
+        policy="adaptive" (with quality_budget=...) is the network-aware policy over its calibrated frontier.
+        backend="gguf" without a layout in backend_kw takes the one that serves this policy and mode fastest
+        (edge.backends.registry.gguf_layout)."""
         from coexit.checkpoint import load_tokenizer
         from edge.backends import make_backend
+        from edge.backends.registry import gguf_layout
         from edge.calibrate import load_policy
 
         budget = kw.pop("quality_budget", None)
         if kw.get("policy") is None or kw.get("policy") == "adaptive":
             kw["policy"] = load_policy(model_dir, adaptive=kw.get("policy") == "adaptive", quality_budget=budget)
-        return cls(make_backend(backend, model_dir, **(backend_kw or {})), load_tokenizer(model_dir), cloud=cloud, **kw)
+        backend_kw = dict(backend_kw or {})
+        if backend == "gguf" and backend_kw.get("layout") is None:
+            backend_kw["layout"] = gguf_layout(kw["policy"], kw.get("mode", "collaborative"), model_dir)
+        return cls(make_backend(backend, model_dir, **backend_kw), load_tokenizer(model_dir), cloud=cloud, **kw)
 
     def close(self) -> None:
         if self.link is not None:
@@ -344,6 +350,8 @@ class _Run:
         if mode != "cloud-only":
             be.reset()
         decide = None if mode == "naive-split" else self.policy.decide
+        if mode == "standalone":  # the split exit emits regardless: only exits below it need a decision
+            decide = Below(self.policy, be.split).decide
         chunk = self.c.prefill_chunk
         pos, pending = 0, self.prompt_ids
         try:

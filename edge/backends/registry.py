@@ -5,9 +5,9 @@ Kinds:
 - "bnb-int8", "bnb-nf4": bitsandbytes edge blocks (kw: max_len); path is a checkpoint directory.
 - "gguf": llama.cpp. path is an edge .gguf file or a directory of GGUF segments (from `coexit export-edge`), or a
   checkpoint directory, which is exported on the fly (kw: quant, default "q8_0"; layout, "segments" (default:
-  exits skip the layers above them) or "whole" (one file); out, default DIR/edge-QUANT.segments or
-  DIR/edge-QUANT.gguf, reused when it exists and holds the checkpoint's fingerprint). Other kw go to
-  LlamaCppBackend (n_threads, max_len, n_batch, kv_type, flash_attn).
+  exits skip the layers above them) or "whole" (one file); EdgeClient.from_checkpoint picks it with gguf_layout;
+  out, default DIR/edge-QUANT.segments or DIR/edge-QUANT.gguf, reused when it exists and holds the checkpoint's
+  fingerprint). Other kw go to LlamaCppBackend (n_threads, max_len, n_batch, kv_type, flash_attn).
 """
 
 from __future__ import annotations
@@ -20,6 +20,24 @@ KINDS = ("torch", "bnb-int8", "bnb-nf4", "gguf")
 
 
 LAYOUTS = ("segments", "whole")
+
+
+def gguf_layout(policy, mode: str, model_dir: str | Path) -> str:
+    """The GGUF layout that serves `policy` in `mode` fastest: segments when the run can stop at, or looks at, an
+    exit below the split (llama.cpp computes that exit's head, and a stop skips the layers above); otherwise one
+    whole file, so a token costs one llama_decode rather than one per segment. Standalone mode emits at the split
+    whatever a decision there says, so only the exits below it count (coexit.exits.Below)."""
+    from coexit.checkpoint import read_config
+    from coexit.exits import Below
+
+    if not (Path(model_dir) / "config.json").exists():
+        return "segments"  # an exported file or directory: its layout is already chosen
+    if policy is None:
+        return "whole"  # no exit can stop a row
+    cfg = read_config(model_dir)
+    view = Below(policy, cfg.split_layer) if mode == "standalone" else policy
+    inner = [e for e in cfg.exit_layers if e < cfg.split_layer]
+    return "segments" if any(e in view.may_stop() or view.checks(e) for e in inner) else "whole"
 
 
 def _gguf_path(path: Path, quant: str, layout: str, out: str | Path | None) -> Path:
@@ -57,6 +75,6 @@ def make_backend(kind: str, path: str | Path, **kw) -> EdgeBackend:
     if kind == "gguf":
         from edge.backends.llamacpp import LlamaCppBackend
 
-        gguf = _gguf_path(path, kw.pop("quant", "q8_0"), kw.pop("layout", "segments"), kw.pop("out", None))
+        gguf = _gguf_path(path, kw.pop("quant", "q8_0"), kw.pop("layout", None) or "segments", kw.pop("out", None))
         return LlamaCppBackend(gguf, **kw)
     raise ValueError(f"unknown edge backend {kind!r}; choose one of {', '.join(KINDS)}")

@@ -138,3 +138,47 @@ def test_a_policy_pays_only_for_the_exits_it_checks(edge):
     ref = reference(full, PROMPT + [8])
     torch.testing.assert_close(res.exit_logits[4], ref[4], atol=1e-5, rtol=0)  # ...until their logits are read
     assert calls[2:] == [("norm4", hidden), ("lm_head", hidden)]
+
+
+def test_standalone_checks_only_exits_below_the_split_that_can_stop(edge):
+    """Standalone mode emits at the split whatever a decision there says: a gate policy thresholded only at the
+    split checks no exit at all (not even the earlier exits its gate reads), and runs straight to the split."""
+    from coexit.exits import Below
+    from edge.gate import ExitGate, GatePolicy
+
+    backend, full, calls = edge
+    gate = ExitGate([1.0] * 7, 0.0, [0.0] * 7, [1.0] * 7)
+    split_only = GatePolicy({4: 0.5}, "learned", gates={2: gate, 3: gate, 4: gate})
+    assert [e for e in (2, 3, 4) if split_only.checks(e)] == [2, 3, 4]  # collaborative: 4's gate reads 2 and 3
+    view = Below(split_only, 4)
+    assert [e for e in (2, 3, 4) if view.checks(e)] == [] and view.may_stop() == set()
+    backend.step(PROMPT, 0, None)
+    calls.clear()
+    res = backend.step([8], len(PROMPT), view.decide)
+    assert not res.exited and res.depth == 4 and calls == []
+    torch.testing.assert_close(res.exit_logits[4], reference(full, PROMPT + [8])[4], atol=1e-5, rtol=0)
+    inner = Below(GatePolicy({3: 0.5, 4: 0.5}, "learned", gates={2: gate, 3: gate, 4: gate}), 4)
+    assert [e for e in (2, 3, 4) if inner.checks(e)] == [2, 3] and inner.may_stop() == {3}
+
+
+def test_gguf_layout_follows_what_the_policy_can_stop_at(split_dir):
+    from coexit.exits import ExitPolicy
+    from edge.adaptive import AdaptivePolicy, FrontierPoint
+    from edge.backends.registry import gguf_layout
+    from edge.gate import ExitGate, GatePolicy
+
+    d = split_dir(4)  # edge exits 2, 3, 4; split 4
+    gate = ExitGate([1.0] * 7, 0.0, [0.0] * 7, [1.0] * 7)
+    split_gate = GatePolicy({4: 0.5}, "learned", gates={2: gate, 4: gate})
+    cases = [(None, "collaborative", "whole"), (ExitPolicy.never(), "standalone", "whole"),
+             (ExitPolicy({4: 0.9}), "collaborative", "whole"), (ExitPolicy({2: 0.9}), "standalone", "segments"),
+             (split_gate, "collaborative", "segments"),  # its gate at 4 reads exit 2: llama.cpp's head is cheaper
+             (split_gate, "standalone", "whole")]
+    for policy, mode, want in cases:
+        assert gguf_layout(policy, mode, d) == want, (policy, mode)
+    points = [FrontierPoint({4: 0.9}, {4: 0.3}, 0.0), FrontierPoint({2: 0.9, 4: 0.5}, {2: 0.2, 4: 0.4}, 0.01)]
+    adaptive = AdaptivePolicy({}, "max_prob", points=points, budget=0.02, split=4)
+    assert gguf_layout(adaptive, "collaborative", d) == "segments"  # exit 2 is in an admissible setting
+    adaptive.budget = 0.0
+    adaptive.__post_init__()
+    assert gguf_layout(adaptive, "collaborative", d) == "whole"
