@@ -70,6 +70,11 @@ class TrainSection:
     log_every: int = 10
     log_file: str = ""  # JSONL metrics (per-exit losses); default <export.dir>/../metrics.jsonl when empty
     progress: bool = True
+    # wall-clock budget of the training loop in seconds (0: none). `steps` then becomes an upper bound: after
+    # `time_probe_steps` steps the run measures its step time and shortens itself to fit, before warm-up ends,
+    # so the cosine schedule still decays to min_lr at the (new) last step. For lent machines with a hard limit.
+    time_limit_s: float = 0.0
+    time_probe_steps: int = 20
 
 
 @dataclass

@@ -106,6 +106,20 @@ def _instrument(engine) -> dict[str, float]:
     return prof
 
 
+def fit_time_budget(t, step: int, per_step_s: float, elapsed_s: float) -> None:
+    """Shorten t.steps so that the loop, `elapsed_s` into t.time_limit_s at `step`, ends within it at
+    `per_step_s` a step. The slowest rank's pace counts for every rank (all must run the same steps)."""
+    pace = torch.tensor([per_step_s], dtype=torch.float64)
+    if dist.is_initialized():
+        pace = pace.to("cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(pace, op=dist.ReduceOp.MAX)
+    fits = step + int(max(0.0, t.time_limit_s - elapsed_s) / max(float(pace), 1e-9))
+    if fits < t.steps:
+        print(f"coexit train: {float(pace):.3f} s/step; {t.steps} steps would exceed time_limit_s="
+              f"{t.time_limit_s:g}: running {fits}", flush=True)
+        t.steps = max(step, fits)
+
+
 def run(job: Job) -> int:
     cuda = torch.cuda.is_available()
     if cuda:
@@ -189,7 +203,16 @@ def run(job: Job) -> int:
 
     bar = tqdm(total=t.steps, initial=start, desc="train", disable=not (reporter and t.progress), unit="step")
     tokens_per_step = t.micro_batch_size * t.grad_accum * p.dp * job.data.seq_len
-    for step in range(start, t.steps):
+    loop_t0 = probe_t0 = time.perf_counter()
+    skip = min(5, t.time_probe_steps // 4)  # the first steps (allocation, kernel choice) are not the pace
+    step = start
+    while step < t.steps:
+        if step == start + skip:
+            probe_t0 = time.perf_counter()
+        if t.time_limit_s and step == start + t.time_probe_steps:
+            now = time.perf_counter()
+            fit_time_budget(t, step, (now - probe_t0) / (step - start - skip), now - loop_t0)
+            bar.total = t.steps
         loss_fn.step = step
         loss_fn.records.clear()
         tic = time.perf_counter()
@@ -214,6 +237,7 @@ def run(job: Job) -> int:
             evaluate(step + 1)
         if ckpt is not None and job.checkpoint.every and (step + 1) % job.checkpoint.every == 0:
             engine.save_checkpoint(str(ckpt), tag=f"step{step + 1}", client_state={"step": step + 1})
+        step += 1
     bar.close()
     if os.environ.get("COEXIT_PROFILE"):
         print(f"PROFILE rank {rank} stage {coord.pipe} cpu {time.process_time():.2f} " +

@@ -92,3 +92,26 @@ def test_prepare_data_deterministic_with_held_out_split(tmp_path, data_dir):
     ids, labels = shards.batch(0, 3)
     assert ids.shape == (3, 8) and np.array_equal(ids[:, 1:].numpy(), labels[:, :-1].numpy())
     assert int(ids.max()) < 300
+
+
+def test_time_limit_shortens_the_run_and_keeps_the_cosine_ending_at_min_lr():
+    """time_limit_s turns `steps` into an upper bound, fitted from the measured pace; the LR schedule follows the
+    new length, so a budgeted run still anneals to min_lr at its last step."""
+    import torch
+
+    from training.job import TrainSection
+    from training.trainer import _optimizer, fit_time_budget
+
+    t = TrainSection(steps=1000, lr=1e-3, min_lr=1e-4, lr_warmup_steps=50, time_limit_s=100.0)
+    fit_time_budget(t, step=20, per_step_s=0.5, elapsed_s=12.0)
+    assert t.steps == 20 + int(88.0 / 0.5)  # 196
+    fit_time_budget(t, step=20, per_step_s=0.01, elapsed_s=12.0)
+    assert t.steps == 196  # never longer than asked
+    job = type("J", (), {"train": t})()
+    opt, sched = _optimizer(job, torch.nn.Linear(2, 2))
+    lrs = []
+    for _ in range(t.steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[49] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4, rel=1e-2)
