@@ -63,10 +63,12 @@ class QuantMix:
     layers: tuple[int, ...] = ()  # edge layers kept whole at `layer_type`
     layer_type: str = "q8_0"
     imatrix: bool = True  # use the checkpoint's imatrix when there is one
+    tensors: tuple[str, ...] = ()  # tensors of every edge layer kept at `layer_type`, e.g. ("attn_v", "ffn_down")
 
     def describe(self) -> str:
         parts = [self.base] + [f"{k}:{v}" for k, v in (("embd", self.embd), ("output", self.output)) if v]
-        return "+".join(parts + [f"blk.{i}:{self.layer_type}" for i in self.layers])
+        return "+".join(parts + [f"blk.{i}:{self.layer_type}" for i in self.layers] +
+                        [f"blk.*.{t}:{self.layer_type}" for t in self.tensors])
 
 
 # The best mix measured by bench/quant_mix.py (bench/results/quant_mix.txt): 4-bit layers, but the token
@@ -263,18 +265,20 @@ def resolve_imatrix(model_dir: Path, imatrix: str | Path | bool | None) -> Path 
 def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | None = None,
                 threads: int = 2, *, imatrix: str | Path | bool | None = None, embd: str | None = None,
                 output: str | None = None, keep_layers: tuple[int, ...] | None = None,
-                keep_type: str | None = None, layers: tuple[int, int] | None = None) -> Path:
+                keep_type: str | None = None, keep_tensors: tuple[str, ...] | None = None,
+                layers: tuple[int, int] | None = None) -> Path:
     """Export layers [0, split) and the edge exits of a checkpoint directory as a GGUF; returns its path.
     layers=(lo, hi): one segment instead (edge/export_segments.py), its blocks renumbered from blk.0; the mix's
     kept layers and the imatrix entries follow the renumbering.
 
-    quant: a QUANTS key or a MIXES name; embd / output / keep_layers (+ keep_type) override the mix's
-    per-tensor types. imatrix: see resolve_imatrix (used for the 4-bit base types only; a mix can opt out)."""
+    quant: a QUANTS key or a MIXES name; embd / output / keep_layers / keep_tensors (+ keep_type) override the
+    mix's per-tensor types. imatrix: see resolve_imatrix (used for the 4-bit base types only; a mix can opt out)."""
     if quant not in QUANTS and quant not in MIXES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {sorted(QUANTS) + sorted(MIXES)}")
     mix = MIXES.get(quant, QuantMix(quant))
     mix = replace(mix, embd=embd or mix.embd, output=output or mix.output,
                   layers=mix.layers if keep_layers is None else tuple(keep_layers),
+                  tensors=mix.tensors if keep_tensors is None else tuple(keep_tensors),
                   layer_type=keep_type or mix.layer_type)
     model_dir = Path(model_dir)
     model = _load_edge(model_dir)
@@ -302,6 +306,7 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
                      "quantize.imatrix.entries_count": str(len(im_values)),
                      "quantize.imatrix.chunks_count": str(im.chunk_count)})
     layer_types = {rf"^blk\.{i - lo}\.": mix.layer_type for i in mix.layers if lo <= i < hi}
+    layer_types.update({rf"^blk\.\d+\.{t}\.": mix.layer_type for t in mix.tensors})
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src = Path(tmp) / "edge-f32.gguf"
         write_f32_gguf(model, model_dir, src, layers=layers)
@@ -355,12 +360,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-embd", metavar="TYPE", help="ggml type for token_embd (e.g. q8_0, q6_k, f16)")
     ap.add_argument("--keep-output", metavar="TYPE", help="ggml type for the output head (e.g. q8_0)")
     ap.add_argument("--keep-layers", metavar="I,J", help="edge layers kept whole at --keep-layer-type")
-    ap.add_argument("--keep-layer-type", metavar="TYPE", help="type for --keep-layers (default q8_0)")
+    ap.add_argument("--keep-tensors", metavar="NAME,NAME",
+                    help="tensors of every edge layer kept at --keep-layer-type (e.g. attn_v,ffn_down)")
+    ap.add_argument("--keep-layer-type", metavar="TYPE", help="type for --keep-layers/--keep-tensors (default q8_0)")
     args = ap.parse_args(argv)
     try:
         layers = None if args.keep_layers is None else tuple(int(x) for x in args.keep_layers.split(",") if x)
+        tensors = None if args.keep_tensors is None else tuple(x for x in args.keep_tensors.split(",") if x)
         kw = dict(imatrix=args.imatrix, embd=args.keep_embd, output=args.keep_output, keep_layers=layers,
-                  keep_type=args.keep_layer_type)
+                  keep_tensors=tensors, keep_type=args.keep_layer_type)
         if args.layout == "segments":
             from edge.export_segments import export_segments, segment_files
 

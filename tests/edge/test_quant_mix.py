@@ -131,6 +131,15 @@ def test_mix_keeps_embedding_output_and_layers_at_their_types(ckpt, imatrix_path
     assert b.step([5, 6, 7], 0, None).exit_logits[3].isfinite().all()
     b.close()
 
+    per_tensor = tmp_path / "tensors.gguf"
+    assert export_main(["--model", str(ckpt), "--quant", "q4-mix", "--imatrix", "none", "--keep-tensors",
+                        "attn_v,ffn_down", "--out", str(per_tensor)]) == 0
+    t = types_of(per_tensor)
+    assert {t[f"blk.{i}.{w}.weight"] for i in (1, 2) for w in ("attn_v", "ffn_down")} == {"Q8_0"}
+    assert {t[f"blk.{i}.{w}.weight"] for i in (1, 2) for w in ("attn_q", "ffn_gate", "ffn_up")} == {"Q4_K"}
+    assert meta(per_tensor, "coexit.quant") == \
+        "q4_k_m+embd:q8_0+output:q8_0+blk.0:q8_0+blk.*.attn_v:q8_0+blk.*.ffn_down:q8_0"
+
 
 def test_checkpoint_imatrix_is_used_by_default(ckpt, imatrix_path, tmp_path):
     d = tmp_path / "ckpt"
