@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator, MutableMapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -49,13 +50,17 @@ def checks(decide: Decide | None, layer: int) -> bool:
     return policy.checks(layer) if hasattr(policy, "checks") else True
 
 
+class HeadSource(Protocol):
+    def head_logits(self, layer: int, hidden: Tensor) -> Tensor: ...
+
+
 class ExitLogits(MutableMapping):
     """{exit layer: logits (V,) of the newest row}, in the order the exits were reached. An exit that no decide()
     looked at keeps only its hidden row and applies its head on first access, so a step computes no LM head
     nobody reads (a prompt chunk, decide=None); an exit decide() checked holds the logits it was shown."""
 
-    def __init__(self, model: EarlyExitLM) -> None:
-        self._model = model
+    def __init__(self, model: EarlyExitLM | HeadSource) -> None:
+        self._model = model  # anything with head_logits(layer, rows) (the llama.cpp edge's Python heads too)
         self._d: dict[int, Tensor | _Due] = {}
 
     def defer(self, layer: int, row: Tensor) -> None:

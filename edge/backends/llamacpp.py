@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coexit.decoding import Decide, ParkedRows, RunResult, checks
+from coexit.decoding import Decide, ExitLogits, ParkedRows, RunResult, checks
 from edge.backends.base import EdgeBackend
 from edge.backends.gguf_heads import ExitHead, read_edge_gguf
 from edge.llamacpp_lib import Capture, llama
@@ -199,7 +199,7 @@ class LlamaCppBackend(EdgeBackend):
             raise ValueError(f"positions up to {first + n} exceed the llama.cpp context of "
                              f"{self.stages[0].session.n_ctx}; create the backend with a larger max_len")
         self._next = first + n
-        result = RunResult(depth=self.split, exited=False)
+        result = RunResult(depth=self.split, exited=False, exit_logits=ExitLogits(self))
         exits = set(self.exit_layers)
         checking, stopped = True, False
         x, lo_pos = token_ids, first
@@ -214,13 +214,15 @@ class LlamaCppBackend(EdgeBackend):
             self._layer_tokens += computed
             result.rows_computed += computed
             for e in sorted(st.heads):  # whole layout: exits inside the stage, on captured layer outputs
-                hidden_rows = st.session.take_captured(e - 1)
-                if checking and e in exits and (decide is None or checks(decide, e)):
-                    hidden = torch.from_numpy(hidden_rows[-1])
-                    logits = st.heads[e](hidden)
-                    result.exit_logits[e] = logits
-                    if decide is not None and decide(e, logits, hidden):
-                        result.depth, result.exited, checking = e, True, False
+                hidden = torch.from_numpy(st.session.take_captured(e - 1)[-1])
+                if not (checking and e in exits):
+                    continue
+                if not checks(decide, e):  # nobody looks: the head runs only if its logits are read
+                    result.exit_logits.defer(e, hidden)
+                    continue
+                logits = result.exit_logits[e] = st.heads[e](hidden)
+                if decide(e, logits, hidden):
+                    result.depth, result.exited, checking = e, True, False
             looked = checking and checks(decide, st.hi)
             if checking and st.hi in exits and (looked or decide is None or st.hi == self.split):
                 logits, hidden = st.session.last_logits(), x[-1]
@@ -233,6 +235,10 @@ class LlamaCppBackend(EdgeBackend):
                 return result
         self._parked.add(self.split, lo_pos, x)
         return result
+
+    def head_logits(self, layer: int, hidden: Tensor) -> Tensor:
+        """Exit `layer`'s logits of hidden rows (.., C) (the whole layout's Python heads; ExitLogits calls it)."""
+        return next(st.heads[layer] for st in self.stages if layer in st.heads)(hidden)
 
     def take_split_rows(self) -> tuple[int, Tensor]:
         if self.split in self._parked:

@@ -119,3 +119,26 @@ def test_a_quant_mix_follows_the_layer_renumbering(quant_dir, tmp_path):
     kept = [t["blk.0.attn_q.weight"] == t["blk.0.ffn_down.weight"] == "Q8_0" for t in types]
     assert kept == [True, False, False]  # the model's layer 0 only, though every segment has a blk.0
     assert {t["token_embd.weight"] for t in types} == {"Q8_0"}
+
+
+def test_whole_file_applies_an_inner_head_only_when_read(quant_dir, tmp_path):
+    """The whole layout computes an inner exit's Python head only where a decide() looks, or when its logits are
+    read (as the torch backend does): a prompt chunk or a standalone step pays no head nobody reads."""
+    whole = make_backend("gguf", quant_dir, quant="f32", kv_type="f32", layout="whole", out=tmp_path / "e.gguf")
+    torch_be = make_backend("torch", quant_dir)
+    ids = [5, 9, 14, 3, 22, 7]
+    calls = []
+    head = whole.stages[0].heads[1]
+    whole.stages[0].heads[1] = lambda h: calls.append(h.shape) or head(h)
+    for be in (whole, torch_be):
+        be.reset()
+        be.step(ids, 0, None)
+    r = whole.step([8], 6, None)
+    assert calls == [] and not r.exit_logits.is_computed(1) and not r.exit_logits.is_computed(2)
+    ref = torch_be.step([8], 6, None).exit_logits
+    for e in (1, 2, 3):
+        torch.testing.assert_close(r.exit_logits[e], ref[e], rtol=2e-3, atol=2e-3)
+    assert len(calls) == 1  # exit 1's head, once, on the newest row
+    r = whole.step([4], 7, lambda e, lg, h: False)  # a decide that looks everywhere gets every inner head
+    assert r.exit_logits.is_computed(1) and r.exit_logits.is_computed(2) and len(calls) == 2
+    whole.close()
