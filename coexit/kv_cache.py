@@ -86,8 +86,9 @@ class KVCache(LayerLengths):
         sequence of the batch), so one sequence's single query is at the newest position and sees every key."""
         k, v = self.update(layer, k, v)
         s = k.shape[2]
-        if q.shape[2] == 1 and (q.shape[0] == 1 or bool((positions >= s - 1).all())):
-            # no mask: every key is visible (and SDPA's masked CPU path is several times slower)
+        if q.shape[2] == 1 and (q.shape[0] == 1 or (not positions.is_cuda and bool((positions >= s - 1).all()))):
+            # no mask: every key is visible (and SDPA's masked CPU path is several times slower). On a GPU the
+            # batched check would be a host sync, which also breaks CUDA graph capture: the mask path runs there
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
         key_pos = torch.arange(s, device=q.device)[None, :].expand(q.shape[0], -1)
         return attend(q, k, v, positions, key_pos)
