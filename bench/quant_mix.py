@@ -55,6 +55,7 @@ CHOICES = {
                                                    "keep_tensors": ("attn_q", "attn_k", "attn_v", "attn_output",
                                                                     "ffn_down")},
     "q8_0 with output f16": {"quant": "q8_0", "output": "f16"},
+    "q4-mix with embd/out f16": {"quant": "q4-mix", "imatrix": "IM", "embd": "f16", "output": "f16"},
     "q4-mix with blk.0 f16": {"quant": "q4-mix", "imatrix": "IM", "keep_type": "f16"},
     "q4-mix +attn q8_0": {"quant": "q4-mix", "imatrix": "IM",
                           "keep_tensors": ("attn_q", "attn_k", "attn_v", "attn_output")},
