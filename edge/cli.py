@@ -49,7 +49,22 @@ def parse_thresholds(text: str | None) -> dict[int, float]:
     return out
 
 
-def main(argv: list[str]) -> int:
+def choose_policy(args) -> ExitPolicy:
+    """--policy, or by default the model's calibrated policy unless fixed thresholds were given."""
+    from edge.calibrate import load_policy
+
+    kind = args.policy or ("fixed" if args.threshold is not None or args.thresholds else "calibrated")
+    if kind == "adaptive":
+        return load_policy(args.model, adaptive=True, quality_budget=args.quality_budget)
+    if kind == "calibrated" and (policy := load_policy(args.model)) is not None:
+        return policy
+    cfg = read_config(args.model)
+    edge_exits = [e for e in cfg.exit_layers if e <= cfg.split_layer]
+    threshold = 0.9 if args.threshold is None else args.threshold
+    return ExitPolicy(parse_thresholds(args.thresholds) or {e: threshold for e in edge_exits}, args.criterion)
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="coexit generate", description=__doc__)
     ap.add_argument("prompt")
     ap.add_argument("--model", required=True)
@@ -61,11 +76,14 @@ def main(argv: list[str]) -> int:
                     help="--backend gguf: one file per exit interval (exits skip the layers above) or one file "
                          "(default: segments when the policy can stop or looks below the split, else whole)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--threshold", type=float, default=0.9, help="exit threshold for every edge exit")
+    ap.add_argument("--threshold", type=float,
+                    help="a fixed exit threshold for every edge exit (default policy: the model's calibrated "
+                         "exit_policy.json, else 0.9 at every edge exit)")
     ap.add_argument("--thresholds", help="per-exit thresholds, e.g. 2=0.8,4=0.9 (overrides --threshold)")
     ap.add_argument("--criterion", choices=CRITERIA, default="max_prob")
-    ap.add_argument("--policy", choices=["fixed", "adaptive"], default="fixed",
-                    help="adaptive: the network-aware policy calibrated for the model (exit_policy.json)")
+    ap.add_argument("--policy", choices=["calibrated", "fixed", "adaptive"],
+                    help="calibrated: the model's exit_policy.json (the default unless --threshold(s) is given); "
+                         "fixed: --threshold(s); adaptive: the network-aware policy over its calibrated frontier")
     ap.add_argument("--quality-budget", type=float, help="adaptive policy: disagreement allowed over all tokens")
     ap.add_argument("--encoding", choices=["fp32", "fp16", "bf16", "int8"], default="fp16")
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -81,16 +99,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--draft-when-confident", action="store_true",
                     help="lossless mode: draft only from a confident exit (default: else from the split exit)")
     ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
-    args = ap.parse_args(argv)
-    if args.policy == "adaptive":
-        from edge.calibrate import load_policy
+    return ap
 
-        policy = load_policy(args.model, adaptive=True, quality_budget=args.quality_budget)
-    else:
-        cfg = read_config(args.model)
-        edge_exits = [e for e in cfg.exit_layers if e <= cfg.split_layer]
-        thresholds = parse_thresholds(args.thresholds) or {e: args.threshold for e in edge_exits}
-        policy = ExitPolicy(thresholds, args.criterion)
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    policy = choose_policy(args)
     backend_kw = {"quant": args.quant, "layout": args.layout} if args.backend == "gguf" else {}
     client = EdgeClient.from_checkpoint(args.model, cloud=args.cloud, backend=args.backend, mode=args.mode,
                                         encoding=args.encoding, deadline_s=args.deadline, token=args.token,

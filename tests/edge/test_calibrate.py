@@ -130,3 +130,32 @@ def test_on_policy_learned_gate_with_guarantee(tiny_dir, tmp_path):
     assert isinstance(adaptive, AdaptivePolicy) and adaptive.criterion == "max_prob"
     assert adaptive.budget == saved["adaptive"]["disagreement"]
     assert adaptive.admissible and all(p.disagreement <= adaptive.budget for p in adaptive.admissible)
+
+
+def test_coexit_generate_uses_the_calibrated_policy_unless_told_otherwise(tiny_dir, tmp_path, capsys):
+    """`coexit generate` runs the model's exit_policy.json by default; --threshold(s) or --policy fixed give a
+    fixed policy, and a model without a calibration falls back to 0.9 at every edge exit."""
+    import shutil
+
+    from edge import cli
+    from edge.calibrate import POLICY_FILE
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    (d / POLICY_FILE).unlink(missing_ok=True)
+
+    def policy_of(*flags):
+        return cli.choose_policy(cli.parser().parse_args(["--model", str(d), *flags, "def f():"]))
+
+    split = coexit.read_config(d).split_layer
+    edge_exits = [e for e in coexit.read_config(d).exit_layers if e <= split]
+    assert policy_of().thresholds == {e: 0.9 for e in edge_exits}  # nothing calibrated yet
+    (d / POLICY_FILE).write_text(json.dumps({"criterion": "margin", "thresholds": {str(split): 0.25}}))
+    calibrated = policy_of()
+    assert calibrated.thresholds == {split: 0.25} and calibrated.criterion == "margin"
+    assert policy_of("--threshold", "0.5").thresholds == {e: 0.5 for e in edge_exits}
+    assert policy_of("--thresholds", "2=0.7").thresholds == {2: 0.7}
+    assert policy_of("--policy", "fixed").thresholds == {e: 0.9 for e in edge_exits}
+    assert cli.main(["--model", str(d), "--mode", "standalone", "--max-new-tokens", "3", "--color", "never",
+                     "def f():"]) == 0
+    assert "3 tokens: 100% on the edge" in capsys.readouterr().out
