@@ -93,6 +93,11 @@ class Config:
     def split_layer(self) -> int:
         return self.early_exit.split_layer
 
+    @property
+    def edge_exit_layers(self) -> list[int]:
+        """The exits the edge evaluates, in order: those in (0, split]."""
+        return [e for e in self.exit_layers if e <= self.split_layer]
+
     def loss_weight(self, exit_layer: int) -> float:
         """Weight of an exit's loss; `num_hidden_layers` names the final head."""
         heads = list(self.exit_layers) + [self.num_hidden_layers]

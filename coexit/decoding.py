@@ -59,8 +59,8 @@ class ExitLogits(MutableMapping):
     looked at keeps only its hidden row and applies its head on first access, so a step computes no LM head
     nobody reads (a prompt chunk, decide=None); an exit decide() checked holds the logits it was shown."""
 
-    def __init__(self, model: EarlyExitLM | HeadSource) -> None:
-        self._model = model  # anything with head_logits(layer, rows) (the llama.cpp edge's Python heads too)
+    def __init__(self, model: HeadSource) -> None:
+        self._model = model  # an EarlyExitLM, or the llama.cpp edge's Python heads
         self._d: dict[int, Tensor | _Due] = {}
 
     def defer(self, layer: int, row: Tensor) -> None:

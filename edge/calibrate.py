@@ -195,7 +195,7 @@ def calibrate(model_dir: str | Path, data: str | Path, target: float = 0.99, cri
     """Thresholds (and, for criterion "learned", the gates) for DIR; on_policy measures agreement on the full
     model's own greedy continuations; delta asks for the Learn-then-Test guarantee at confidence 1 - delta."""
     model = coexit.load(model_dir, dtype=torch.float32)
-    exits = [e for e in model.config.exit_layers if e <= model.config.split_layer]
+    exits = model.config.edge_exit_layers
     texts = read_texts(data, max_tokens * 6)
     gather = collect_on_policy if on_policy else collect
     stats = gather(model, texts, exits, criterion, max_tokens=max_tokens)

@@ -58,10 +58,9 @@ def choose_policy(args) -> ExitPolicy:
         return load_policy(args.model, adaptive=True, quality_budget=args.quality_budget)
     if kind == "calibrated" and (policy := load_policy(args.model)) is not None:
         return policy
-    cfg = read_config(args.model)
-    edge_exits = [e for e in cfg.exit_layers if e <= cfg.split_layer]
     threshold = 0.9 if args.threshold is None else args.threshold
-    return ExitPolicy(parse_thresholds(args.thresholds) or {e: threshold for e in edge_exits}, args.criterion)
+    return ExitPolicy(parse_thresholds(args.thresholds) or
+                      {e: threshold for e in read_config(args.model).edge_exit_layers}, args.criterion)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ class EdgeBackend(ABC):
     @property
     def exit_layers(self) -> list[int]:
         """Exit layers this backend evaluates, in order (all in (0, split])."""
-        return [e for e in self.config.exit_layers if e <= self.split]
+        return self.config.edge_exit_layers
 
     @abstractmethod
     def step(self, token_ids: list[int], first: int, decide: Decide | None, to_split: bool = False) -> RunResult:
