@@ -219,6 +219,9 @@ def validate(job: Job, world_size: int) -> Job:
     cfg = job.config
     for name in ("pp", "tp"):
         _need(getattr(p, name) >= 1, f"[parallel] {name} must be >= 1")
+    _need(t.time_limit_s >= 0 and (t.time_limit_s == 0 or t.time_probe_steps >= 1),
+          f"[train] time_limit_s ({t.time_limit_s}) must be >= 0, and time_probe_steps >= 1 when it is set "
+          f"(the run measures its pace over those steps)")
     if p.dp == 0:
         _need(world_size % (p.pp * p.tp) == 0,
               f"[parallel] pp x tp = {p.pp} x {p.tp} = {p.pp * p.tp} does not divide the world size {world_size}")

@@ -155,3 +155,13 @@ def test_distill_needs_exits_on_the_last_stage(tmp_path, data_dir, checkpoint_fa
         'mode = "ee-tune"', 'mode = "ee-tune"\ndistill = 1.0'))
     with pytest.raises(JobError, match="distill needs every exit on the last pipeline stage"):
         validate(load_job(tmp_path / "job.toml"), 2)
+
+
+def test_a_time_limit_needs_probe_steps(tmp_path, data_dir, checkpoint_factory):
+    from training.job import JobError, load_job, validate
+
+    source = hf_style(checkpoint_factory("tiny-mha"), tmp_path / "hf")
+    (tmp_path / "job.toml").write_text(job_text(source, data_dir, 2).replace(
+        'mode = "ee-tune"', 'mode = "ee-tune"\ntime_limit_s = 60\ntime_probe_steps = 0'))
+    with pytest.raises(JobError, match="time_probe_steps >= 1"):
+        validate(load_job(tmp_path / "job.toml"), 2)
