@@ -13,7 +13,11 @@ Per choice (plain q4_0 / q4_k_m, token_embd + output at q8_0, + imatrix, + layer
 The imatrix comes from `--imatrix`, or is computed from `--calib` text (keep it disjoint from `--text`).
 
     python bench/quant_mix.py --model models/coexit-code-small --text data/corpus/heldout.jsonl \\
-        --calib data/corpus/train.jsonl [--phase agree|speed|all --state FILE.json]
+        --calib data/corpus/train.jsonl [--phase agree|emit|speed|all --state FILE.json]
+
+--phase emit adds the product's view: in collaborative mode with the model's calibrated policy, the share of
+positions the quantized edge emits and the share of all emitted tokens (the edge's, and the cloud's computed from
+that edge's split rows) equal to the fp32 system's.
 
 --phase lets the agreement (slow, no timing) and the timing (short) run separately, e.g. the timing while other
 jobs on the machine are paused; both write to --state and the table is printed once it holds both.
@@ -134,6 +138,78 @@ def llama_top1(path: Path, chunks: list[list[int]], threads: int) -> np.ndarray:
     return np.concatenate(out)
 
 
+def layer_bpw(path: Path) -> float:
+    """Bits per weight of the edge layers' matrices as stored (llama.cpp's fallbacks included: q4_k_m keeps
+    matrices whose rows are not a multiple of 256 wide at q5_0, 5.5 bits)."""
+    import gguf
+
+    ts = [t for t in gguf.GGUFReader(str(path)).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts)
+
+
+def llama_edge_pass(path: Path, ids: list[int], threads: int):
+    """The whole-layout edge GGUF over ids, teacher-forced, as the product's llama.cpp backend computes it:
+    per edge exit its logits (T, V) and the residual after it (T, C); the split exit's logits are llama.cpp's own,
+    earlier exits' come from their Python heads on the captured layer outputs."""
+    from edge.backends.gguf_heads import read_edge_gguf
+    from edge.backends.llamacpp import LlamaSession
+
+    meta = read_edge_gguf(path)
+    exits = meta.config.edge_exit_layers
+    s = LlamaSession(path, max(len(ids), 64), threads, len(ids), capture=[e - 1 for e in exits],
+                     kv_type="f16", flash_attn=True)  # the backend's defaults
+    try:
+        s.decode(ids, 0)
+        ptr = s.lc.llama_get_logits(s.ctx)
+        split_logits = torch.from_numpy(np.ctypeslib.as_array(
+            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(len(ids), s.n_vocab)).copy())
+        hidden = {e: torch.from_numpy(s.take_captured(e - 1).copy()) for e in exits}
+    finally:
+        s.close()
+    logits = {e: split_logits if e == meta.config.split_layer else meta.heads[e](hidden[e]) for e in exits}
+    return logits, hidden
+
+
+def emitted(policy, exits: list[int], logits: dict, hidden: dict, cloud_top: torch.Tensor):
+    """Collaborative mode, position by position: the policy's decisions at the edge exits (in order, as
+    EdgeClient asks them), and the emitted token: the accepting exit's top-1, else the cloud's (cloud_top)."""
+    out, at_edge = cloud_top.clone(), torch.zeros(cloud_top.shape[0], dtype=torch.bool)
+    for t in range(cloud_top.shape[0]):
+        for e in exits:
+            if policy.checks(e) and policy.decide(e, logits[e][t], hidden[e][t]):
+                out[t], at_edge[t] = logits[e][t].argmax(), True
+                break
+    return out, at_edge
+
+
+@torch.no_grad()
+def emit_agreement(model_dir: Path, chunks: list[list[int]], paths: dict[str, Path], threads: int) -> dict:
+    """For the fp32 edge and each GGUF edge, in collaborative mode with the model's calibrated policy: the share
+    of positions emitted at the edge, and the share of emitted tokens equal to the fp32 full model's top-1. The
+    cloud's token comes from fp32 deep layers on *that edge's* split rows (every row reaches the cloud, as in
+    collaborative mode with exact KV), so a quantized edge shows up in both the edge's and the cloud's tokens."""
+    import coexit
+    from edge.calibrate import exit_pass, load_policy
+
+    model = coexit.load(model_dir, dtype=torch.float32)
+    policy = load_policy(model_dir)
+    cfg = model.config
+    exits, split, n = cfg.edge_exit_layers, cfg.split_layer, cfg.num_hidden_layers
+    stats = {name: [0, 0, 0] for name in ["torch fp32", *paths]}  # positions, at edge, emitted == reference
+    for ids in chunks:
+        logits, hidden, final = exit_pass(model, torch.tensor([ids]), exits)
+        ref = final.argmax(-1)
+        runs = {"torch fp32": (logits, hidden)}
+        runs.update({name: llama_edge_pass(p, ids, threads) for name, p in paths.items()})
+        for name, (lg, hd) in runs.items():
+            cloud = ref if name == "torch fp32" else \
+                model.run_layers(hd[split][None], None, None, split, n).logits[0].argmax(-1)
+            out, at_edge = emitted(policy, exits, lg, hd, cloud)
+            st = stats[name]
+            st[0], st[1], st[2] = st[0] + len(ids), st[1] + int(at_edge.sum()), st[2] + int((out == ref).sum())
+    return {name: {"edge_share": e / t, "emit_agree": a / t} for name, (t, e, a) in stats.items()}
+
+
 def decode_tps(backends: dict[str, object], prompt: list[int], tokens: int, repeats: int) -> dict[str, float]:
     best = dict.fromkeys(backends, 0.0)
     for _ in range(repeats):
@@ -163,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="timed decode steps")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--choices", default=",".join(CHOICES), help="comma-separated names from CHOICES")
-    ap.add_argument("--phase", default="all", choices=["agree", "speed", "all"])
+    ap.add_argument("--phase", default="all", choices=["agree", "emit", "speed", "all"])
     ap.add_argument("--state", help="JSON file holding the results of each phase (default: a temporary one)")
     ap.add_argument("--workdir", help="where the GGUFs are written (default: a temporary directory)")
     args = ap.parse_args(argv)
@@ -182,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     chunks = eval_chunks(model_dir, args.text, args.text_tokens, args.chunk)
     paths = {name: work / f"edge-{i}.gguf" for i, name in enumerate(names)}
 
+    def exported(name: str) -> Path:  # the choice's GGUF, exported unless an earlier phase left it in --workdir
+        if not paths[name].is_file():
+            im_path = Path(state.get("imatrix") or args.imatrix or model_dir / IMATRIX_FILE)
+            export_gguf(model_dir, out=paths[name], threads=args.threads,
+                        **{k: (im_path if v == "IM" else v) for k, v in CHOICES[name].items()})
+        return paths[name]
+
     if args.phase in ("agree", "all"):
         im = Path(args.imatrix) if args.imatrix else model_dir / IMATRIX_FILE
         if not args.imatrix and args.calib:
@@ -195,17 +278,27 @@ def main(argv: list[str] | None = None) -> int:
             kw = {k: (im if v == "IM" else v) for k, v in CHOICES[name].items()}
             path = export_gguf(model_dir, out=paths[name], threads=args.threads, **kw)
             agree = float((llama_top1(path, chunks, args.threads) == ref).mean())
-            state["rows"].setdefault(name, {}).update(file_mib=path.stat().st_size / 2**20, top1=agree)
+            state["rows"].setdefault(name, {}).update(file_mib=path.stat().st_size / 2**20, top1=agree,
+                                                      bpw=layer_bpw(path))
             print(f"{name}: top-1 {agree:.2%}", file=sys.stderr, flush=True)
         state.update(eval_tokens=int(ref.size), eval_chunks=len(chunks), imatrix=str(im), calib=args.calib,
                      text=args.text)
         state_path.write_text(json.dumps(state, indent=1))
 
+    if args.phase in ("emit", "all"):
+        for name in names:
+            exported(name)
+        res = emit_agreement(model_dir, chunks, paths, args.threads)
+        state["emit_fp32"] = res.pop("torch fp32")
+        for name, r in res.items():
+            state["rows"].setdefault(name, {}).update(r)
+            print(f"{name}: edge share {r['edge_share']:.2%}, emitted = fp32 {r['emit_agree']:.2%}",
+                  file=sys.stderr, flush=True)
+        state_path.write_text(json.dumps(state, indent=1))
+
     if args.phase in ("speed", "all"):
         for name in names:
-            if not paths[name].is_file():
-                export_gguf(model_dir, out=paths[name], threads=args.threads,
-                            **{k: (Path(state["imatrix"]) if v == "IM" else v) for k, v in CHOICES[name].items()})
+            exported(name)
         # one backend alive at a time: idle llama.cpp contexts' worker threads would spin and steal the CPU
         prompt, tps = chunks[0][: args.prompt], {}
         for name in ["torch fp32", *names, "torch fp32"]:  # torch first and last: the best of both counts
@@ -220,21 +313,36 @@ def main(argv: list[str] | None = None) -> int:
         state_path.write_text(json.dumps(state, indent=1))
 
     rows = state["rows"]
-    if "torch_tps" not in state or not all("top1" in rows.get(n, {}) and "tps" in rows[n] for n in names):
-        print(f"results so far in {state_path}; run the other phase with --state {state_path}")
+    cols = [  # (header, width, row key, format) of the phases that every chosen row has results of
+        c for c in (("file MiB", 8, "file_mib", "8.2f"), ("layer bpw", 9, "bpw", "9.2f"), ("tok/s", 8, "tps", "8.1f"),
+                    ("x fp32", 7, "x", "7.2f"),
+                    ("top-1 vs fp32", 13, "top1", "13.2%"), ("edge share", 10, "edge_share", "10.1%"),
+                    ("emitted = fp32", 14, "emit_agree", "14.2%"))
+        if all(c[2] in rows.get(n, {}) or (c[2] == "x" and "tps" in rows.get(n, {})) for n in names)]
+    if not cols:
+        print(f"results so far in {state_path}")
         return 0
-    print(f"model: {model_dir}; edge GGUF (llama.cpp), {args.threads} threads; torch fp32 edge "
-          f"{state['torch_tps']:.1f} tok/s")
-    print(f"\n{'choice':28s} {'file MiB':>8s} {'tok/s':>8s} {'x fp32':>7s} {'top-1 vs fp32':>13s}")
+    for n in names:
+        if "tps" in rows[n]:
+            rows[n]["x"] = rows[n]["tps"] / state["torch_tps"]
+    print(f"model: {model_dir}; edge GGUF (llama.cpp), {args.threads} threads" +
+          (f"; torch fp32 edge {state['torch_tps']:.1f} tok/s" if "torch_tps" in state else ""))
+    print(f"\n{'choice':28s} " + " ".join(f"{h:>{w}s}" for h, w, _, _ in cols))
     for name in names:
-        r = rows[name]
-        print(f"{name:28s} {r['file_mib']:8.2f} {r['tps']:8.1f} {r['tps'] / state['torch_tps']:7.2f} "
-              f"{r['top1']:13.2%}")
-    print(f"\ntop-1: split exit argmax vs torch fp32, teacher-forced over {state['eval_tokens']} tokens of "
-          f"{state['text']} ({state['eval_chunks']} documents, up to {args.chunk} tokens each); imatrix from "
-          f"{state['calib'] or state['imatrix']}; tok/s: one-token edge steps after a {args.prompt}-token prompt, "
-          f"{args.tokens} steps, best of {args.repeats}. embd/out = token_embd and output at q8_0; blk.0 = layer 0 "
-          f"at q8_0; q4-mix = q4_k_m + embd/out + blk.0 (edge/export_gguf.py MIXES)")
+        print(f"{name:28s} " + " ".join(format(rows[name][k], f) for _, _, k, f in cols))
+    print(f"\ntop-1: split exit argmax vs torch fp32, teacher-forced over {len(sum(chunks, []))} tokens of "
+          f"{args.text} ({len(chunks)} documents, up to {args.chunk} tokens each); imatrix from "
+          f"{state.get('calib') or state.get('imatrix') or model_dir / IMATRIX_FILE}; " +
+          (f"tok/s: one-token edge steps after a {args.prompt}-token prompt, {args.tokens} steps, best of "
+           f"{args.repeats}; " if "torch_tps" in state else "") +
+          "layer bpw: bits per weight of the edge layers' matrices as stored. embd/out = token_embd and output at "
+          "q8_0; blk.0 = layer 0 at q8_0; q4-mix = q4_k_m + embd/out + blk.0 (edge/export_gguf.py MIXES)")
+    if "emit_fp32" in state:
+        e = state["emit_fp32"]
+        print(f"edge share / emitted = fp32: collaborative mode with the model's calibrated policy, teacher-forced "
+              f"over the same tokens; the cloud runs fp32 deep layers on each edge's own split rows; emitted = "
+              f"fp32 counts tokens equal to the fp32 full model's top-1. The torch fp32 edge: edge share "
+              f"{e['edge_share']:.1%}, emitted = fp32 {e['emit_agree']:.2%}")
     return 0
 
 
