@@ -1,6 +1,6 @@
 """Benchmark: S concurrent sessions of hidden-state traffic against a real `coexit serve` process.
 
-Writes a random checkpoint of a Llama shape (`--shape default`: the bundled default model's, 8 layers d 256 split
+Writes a random checkpoint of a Llama shape (`--shape default`: the bundled default model's, 8 layers d 384 split
 4; `--shape tinyllama`: 22 layers d 2048 split 11, served in bf16 on a GPU), starts `coexit serve` on it, and
 drives S sessions from `--clients` load-generator processes (grpc.aio, many streams each). Each session uploads a
 `--prompt`-row prompt, then runs `--steps` decode steps (one split-layer row up, one token down). Printed per S:
@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-SHAPES = {  # name: config overrides of the tiny flavour
-    "default": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+SHAPES = {  # name: config overrides of the tiny flavour (head_dim too: the flavour's own is 16)
+    "default": dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=8,
+                    num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
                     exits=((2, 4, 6), 4)),
     "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
                       exits=((6, 11, 16), 11)),
 }
 
