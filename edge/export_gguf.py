@@ -71,8 +71,10 @@ class QuantMix:
                         [f"blk.*.{t}:{self.layer_type}" for t in self.tensors])
 
 
-# The best mix measured by bench/quant_mix.py (bench/results/quant_mix.txt): 4-bit layers, but the token
+# The best mix measured by bench/quant_mix.py (bench/results/quant_mix.txt): q4_k_m layers, but the token
 # embedding, the output head and the first layer (the tensors whose rounding the split exit feels most) at q8_0.
+# k-quants need rows a multiple of 256 wide: narrower matrices fall back to q5_0 (llama.cpp's rule), so at d 384
+# this mix's layers average 6.2 bits per weight (bench/quant_mix.py's "layer bpw").
 MIXES = {"q4-mix": QuantMix("q4_k_m", embd="q8_0", output="q8_0", layers=(0,))}
 IMATRIX_QUANTS = ("q4_0", "q4_k_m")  # base types whose quantizers use an importance matrix
 
@@ -92,6 +94,11 @@ def sidecar_path(path: str | Path) -> Path:
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half rows -> llama.cpp interleaved rows, per head (convert_hf_to_gguf LlamaModel.permute)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of permute_qk: llama.cpp interleaved rows -> HF rotate-half rows."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -14,6 +14,7 @@ import torch
 from coexit.checkpoint import load, save
 from coexit.config import Config, EarlyExitConfig
 from coexit.tiny import SAMPLE_TEXT, random_model, train_bpe
+from edge.export_gguf import unpermute_qk
 
 # Rows are multiples of 256, so q8_0/q4_0 (blocks of 32) and k-quants (256) apply to every matrix, without
 # llama.cpp's fallback types. Exits 1, 2, 3 with the split at 3; own exit projections (sidecar path in GGUF).
@@ -30,10 +31,6 @@ def make_quant_checkpoint(path: Path, seed: int = 0) -> Path:
     return save(model, path, tokenizer=train_bpe(SAMPLE_TEXT * 4, QUANT_CONFIG.vocab_size))
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def dequantized_reference(gguf_path: Path, ckpt: Path):
     """The torch edge model of `ckpt` with every weight replaced by the GGUF's dequantized tensor."""
     cfg = load(ckpt, layers=(0, 1)).config
@@ -47,8 +44,8 @@ def dequantized_reference(gguf_path: Path, ckpt: Path):
     new = {"model.embed_tokens.weight": ts["token_embd.weight"]}
     for i in range(cfg.split_layer):
         p, b = f"model.layers.{i}.", f"blk.{i}."
-        new[p + "self_attn.q_proj.weight"] = _unpermute(ts[b + "attn_q.weight"], cfg.num_attention_heads)
-        new[p + "self_attn.k_proj.weight"] = _unpermute(ts[b + "attn_k.weight"], cfg.num_key_value_heads)
+        new[p + "self_attn.q_proj.weight"] = unpermute_qk(ts[b + "attn_q.weight"], cfg.num_attention_heads)
+        new[p + "self_attn.k_proj.weight"] = unpermute_qk(ts[b + "attn_k.weight"], cfg.num_key_value_heads)
         new[p + "self_attn.v_proj.weight"] = ts[b + "attn_v.weight"]
         new[p + "self_attn.o_proj.weight"] = ts[b + "attn_output.weight"]
         new[p + "input_layernorm.weight"] = ts[b + "attn_norm.weight"]
