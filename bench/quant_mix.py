@@ -147,27 +147,30 @@ def layer_bpw(path: Path) -> float:
     return 8 * sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts)
 
 
-def llama_edge_pass(path: Path, ids: list[int], threads: int):
-    """The whole-layout edge GGUF over ids, teacher-forced, as the product's llama.cpp backend computes it:
-    per edge exit its logits (T, V) and the residual after it (T, C); the split exit's logits are llama.cpp's own,
-    earlier exits' come from their Python heads on the captured layer outputs."""
+def llama_edge_passes(path: Path, chunks: list[list[int]], threads: int):
+    """The whole-layout edge GGUF over each chunk, teacher-forced, as the product's llama.cpp backend computes it
+    (one context, cleared between chunks): yields per edge exit its logits (T, V) and the residual after it
+    (T, C); the split exit's logits are llama.cpp's own, earlier exits' come from their Python heads on the
+    captured layer outputs."""
     from edge.backends.gguf_heads import read_edge_gguf
     from edge.backends.llamacpp import LlamaSession
 
     meta = read_edge_gguf(path)
-    exits = meta.config.edge_exit_layers
-    s = LlamaSession(path, max(len(ids), 64), threads, len(ids), capture=[e - 1 for e in exits],
+    exits, n = meta.config.edge_exit_layers, max(map(len, chunks))
+    s = LlamaSession(path, max(n, 64), threads, n, capture=[e - 1 for e in exits],
                      kv_type="f16", flash_attn=True)  # the backend's defaults
     try:
-        s.decode(ids, 0)
-        ptr = s.lc.llama_get_logits(s.ctx)
-        split_logits = torch.from_numpy(np.ctypeslib.as_array(
-            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(len(ids), s.n_vocab)).copy())
-        hidden = {e: torch.from_numpy(s.take_captured(e - 1).copy()) for e in exits}
+        for ids in chunks:
+            s.clear()
+            s.decode(ids, 0)
+            ptr = s.lc.llama_get_logits(s.ctx)
+            split_logits = torch.from_numpy(np.ctypeslib.as_array(
+                ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(len(ids), s.n_vocab)).copy())
+            hidden = {e: torch.from_numpy(s.take_captured(e - 1).copy()) for e in exits}
+            yield {e: split_logits if e == meta.config.split_layer else meta.heads[e](hidden[e]) for e in exits}, \
+                hidden
     finally:
         s.close()
-    logits = {e: split_logits if e == meta.config.split_layer else meta.heads[e](hidden[e]) for e in exits}
-    return logits, hidden
 
 
 def emitted(policy, exits: list[int], logits: dict, hidden: dict, cloud_top: torch.Tensor):
@@ -196,17 +199,21 @@ def emit_agreement(model_dir: Path, chunks: list[list[int]], paths: dict[str, Pa
     cfg = model.config
     exits, split, n = cfg.edge_exit_layers, cfg.split_layer, cfg.num_hidden_layers
     stats = {name: [0, 0, 0] for name in ["torch fp32", *paths]}  # positions, at edge, emitted == reference
+
+    def count(name: str, logits: dict, hidden: dict, cloud: torch.Tensor, ref: torch.Tensor) -> None:
+        out, at_edge = emitted(policy, exits, logits, hidden, cloud)
+        st = stats[name]
+        st[0], st[1], st[2] = st[0] + len(ref), st[1] + int(at_edge.sum()), st[2] + int((out == ref).sum())
+
+    refs = []  # the fp32 full model's top-1 per chunk
     for ids in chunks:
         logits, hidden, final = exit_pass(model, torch.tensor([ids]), exits)
-        ref = final.argmax(-1)
-        runs = {"torch fp32": (logits, hidden)}
-        runs.update({name: llama_edge_pass(p, ids, threads) for name, p in paths.items()})
-        for name, (lg, hd) in runs.items():
-            cloud = ref if name == "torch fp32" else \
-                model.run_layers(hd[split][None], None, None, split, n).logits[0].argmax(-1)
-            out, at_edge = emitted(policy, exits, lg, hd, cloud)
-            st = stats[name]
-            st[0], st[1], st[2] = st[0] + len(ids), st[1] + int(at_edge.sum()), st[2] + int((out == ref).sum())
+        refs.append(final.argmax(-1))
+        count("torch fp32", logits, hidden, refs[-1], refs[-1])
+    for name, p in paths.items():  # one llama.cpp context at a time
+        for (logits, hidden), ref in zip(llama_edge_passes(p, chunks, threads), refs):
+            count(name, logits, hidden, model.run_layers(hidden[split][None], None, None, split, n).logits[0]
+                  .argmax(-1), ref)
     return {name: {"edge_share": e / t, "emit_agree": a / t} for name, (t, e, a) in stats.items()}
 
 
