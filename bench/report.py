@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     model = coexit.load(args.model, dtype=torch.float32)
     cfg = model.config
     pairs, calib_texts = load_snippets(data, args.prompts, args.seed)
-    edge_exits = [e for e in cfg.exit_layers if e <= cfg.split_layer]
+    edge_exits = cfg.edge_exit_layers
     print(f"model {args.model}: {cfg.num_hidden_layers} layers, exits {list(cfg.exit_layers)}, split "
           f"{cfg.split_layer}; {len(pairs)} held-out prompts x {args.max_new} tokens", flush=True)
     stats = collect(model, calib_texts, edge_exits, "max_prob", max_tokens=args.calib_tokens)

@@ -147,21 +147,15 @@ def test_self_distillation_raises_exit_final_agreement(tmp_path, data_dir, check
     assert all(result[4.0][e] > result[0.0][e] for e in (1, 2)), result
 
 
-def test_distill_needs_exits_on_the_last_stage(tmp_path, data_dir, checkpoint_factory):
+@pytest.mark.parametrize("setting, message", [
+    ("distill = 1.0", "distill needs every exit on the last pipeline stage"),
+    ("time_limit_s = 60\ntime_probe_steps = 0", "time_probe_steps >= 1"),  # its pace would be measured over 0 steps
+])
+def test_an_unusable_train_setting_is_refused_at_validation(setting, message, tmp_path, data_dir, checkpoint_factory):
     from training.job import JobError, load_job, validate
 
     source = hf_style(checkpoint_factory("tiny-mha"), tmp_path / "hf")
     (tmp_path / "job.toml").write_text(job_text(source, data_dir, 2).replace(
-        'mode = "ee-tune"', 'mode = "ee-tune"\ndistill = 1.0'))
-    with pytest.raises(JobError, match="distill needs every exit on the last pipeline stage"):
-        validate(load_job(tmp_path / "job.toml"), 2)
-
-
-def test_a_time_limit_needs_probe_steps(tmp_path, data_dir, checkpoint_factory):
-    from training.job import JobError, load_job, validate
-
-    source = hf_style(checkpoint_factory("tiny-mha"), tmp_path / "hf")
-    (tmp_path / "job.toml").write_text(job_text(source, data_dir, 2).replace(
-        'mode = "ee-tune"', 'mode = "ee-tune"\ntime_limit_s = 60\ntime_probe_steps = 0'))
-    with pytest.raises(JobError, match="time_probe_steps >= 1"):
+        'mode = "ee-tune"', f'mode = "ee-tune"\n{setting}'))
+    with pytest.raises(JobError, match=message):
         validate(load_job(tmp_path / "job.toml"), 2)
