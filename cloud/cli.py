@@ -1,4 +1,5 @@
-"""`coexit serve --model DIR [--port P]`: run the cloud service in the foreground."""
+"""`coexit serve --model DIR [--port P]`: serve an early-exit model's deep layers (and cloud-only decoding) over
+gRPC, in the foreground; SIGTERM drains it."""
 
 from __future__ import annotations
 
@@ -6,20 +7,49 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
+from pathlib import Path
 
+import coexit
 from cloud.auth import Auth
 from cloud.server import serve_forever
 from cloud.sessions import Limits
+from coexit.errors import UsageError
+
+
+def check_args(args) -> None:
+    """Refuse half a configuration and out-of-range numbers before loading the model."""
+    if bool(args.tls_key) != bool(args.tls_cert):
+        given, missing = ("--tls-key", "--tls-cert") if args.tls_key else ("--tls-cert", "--tls-key")
+        raise UsageError(f"{given} without {missing}: TLS needs both the private key and the certificate (the "
+                         f"server will not fall back to plaintext)")
+    for flag, path in (("--tls-key", args.tls_key), ("--tls-cert", args.tls_cert), ("--auth-file", args.auth_file)):
+        if path and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    at_least = {"--max-sessions": (args.max_sessions, 1), "--max-rows": (args.max_rows, 1),
+                "--block-size": (args.block_size, 1), "--rows-per-tick": (args.rows_per_tick, 1),
+                "--max-length": (args.max_length, 0), "--idle-ttl": (args.idle_ttl, 0),
+                "--batch-wait": (args.batch_wait, 0), "--drain-grace": (args.drain_grace, 0),
+                "--frontends": (args.frontends, 0)}
+    for flag, (value, low) in at_least.items():
+        if value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if not args.kv_budget_mib > 0:
+        raise UsageError(f"--kv-budget-mib must be positive, got {args.kv_budget_mib}")
+    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+        if not 0 <= port <= 65535:
+            raise UsageError(f"{flag} must be a TCP port in [0, 65535], got {port}")
+    coexit.read_config(args.model)  # a wrong --model: one line naming the directory
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="coexit serve", description="Serve an early-exit model's deep layers over gRPC.")
+    from coexit.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="coexit serve", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors)")
-    ap.add_argument("--port", type=int, default=50151)
+    ap.add_argument("--port", type=int, default=50151, help="gRPC port")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
-    ap.add_argument("--max-sessions", type=int, default=64)
-    ap.add_argument("--kv-budget-mib", type=float, default=2048)
+    ap.add_argument("--max-sessions", type=int, default=64, help="sessions held at once")
+    ap.add_argument("--kv-budget-mib", type=float, default=2048, help="size of the deep-layer KV pool")
     ap.add_argument("--max-length", type=int, default=0, help="positions per session (0: the model's maximum)")
     ap.add_argument("--max-rows", type=int, default=4096, help="rows per Append")
     ap.add_argument("--idle-ttl", type=float, default=300.0, help="seconds a broken session stays resumable")
@@ -37,22 +67,24 @@ def main(argv: list[str]) -> int:
                     help="gRPC front-end processes in front of one engine process (0: one process does all)")
     ap.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
     ap.add_argument("--deep-only", action="store_true", help="load only layers [split, L) (no cloud-only mode)")
-    ap.add_argument("--token", default=os.environ.get("COEXIT_TOKEN"), help="require this bearer token")
-    ap.add_argument("--auth-file", help="TOML of identities: token hashes and per-identity limits (see README)")
+    ap.add_argument("--token", default=os.environ.get("COEXIT_TOKEN"),
+                    help="require this bearer token (default: $COEXIT_TOKEN, else none)")
+    ap.add_argument("--auth-file",
+                    help="TOML of identities: token hashes and per-identity limits (see README); replaces --token")
     ap.add_argument("--tls-key", help="PEM private key (with --tls-cert) to serve TLS")
-    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key) to serve TLS")
     args = ap.parse_args(argv)
+    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     limits = Limits(max_sessions=args.max_sessions, kv_budget_bytes=int(args.kv_budget_mib * 2**20),
                     max_length=args.max_length, max_rows_per_append=args.max_rows, idle_ttl_s=args.idle_ttl,
                     block_size=args.block_size, rows_per_tick=args.rows_per_tick,
                     batch_wait=args.batch_wait, static_decode=args.static_decode)
-    tls = (args.tls_key, args.tls_cert) if args.tls_key and args.tls_cert else None
+    tls = (args.tls_key, args.tls_cert) if args.tls_key else None
     try:
         auth = Auth.from_file(args.auth_file) if args.auth_file else Auth.from_token(args.token) if args.token else None
     except ValueError as exc:
-        print(f"coexit serve: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     if args.frontends > 0:
         from cloud.server import serve_processes
 

@@ -1,9 +1,15 @@
 """Start `coexit serve` as a child process on a free loopback port and wait until grpc.health says SERVING.
-Used by the demo, the benchmarks and the restart test (a real separate process, a real loopback link)."""
+Used by the demo, the benchmarks and the restart test (a real separate process, a real loopback link).
+
+Children die with their parent: every process coexit starts asks the kernel (Linux PR_SET_PDEATHSIG) for a signal
+when its parent dies, so a killed demo, a closed terminal or a crashed supervisor leaves no server behind."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +17,12 @@ import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Linux: receive `sig` when the parent dies (call it in the child: preexec_fn, or a process's target)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -50,7 +62,8 @@ def start_cloud(model_dir, port: int | None = None, extra_args: list[str] | None
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     cmd = [*(prefix or []), sys.executable, "-m", "coexit.cli", "serve", "--model", str(model_dir),
            "--port", str(port), *(extra_args or [])]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd,
+                            preexec_fn=die_with_parent)  # SIGTERM: the orphan drains and exits
     proc.coexit_port = port
     address = f"{health_host}:{port}"
     try:

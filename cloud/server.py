@@ -20,6 +20,7 @@ from cloud.auth import Auth
 from cloud.errors import StatusInterceptor
 from cloud.service import CoexitService
 from cloud.sessions import Limits
+from coexit.errors import UsageError
 from coexit.v1 import coexit_pb2 as pb
 from coexit.v1 import coexit_pb2_grpc as pb_grpc
 
@@ -66,10 +67,16 @@ async def start_grpc(service: CoexitService, port: int, host: str, limits: Limit
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{host}:{port}"
-    if tls is not None:
-        bound = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
-    else:
-        bound = server.add_insecure_port(address)
+    try:
+        if tls is not None:
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise UsageError(f"cannot listen on {address}: the port is in use (or {host} is not an address of this "
+                         f"machine); pick another --port or stop the process that holds it")
     await server.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -127,7 +134,7 @@ async def serve_until_drained(server: grpc.aio.Server, service: CoexitService, g
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal closed
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining: %d open streams, grace %.1f s", service.active_streams, grace_s)
@@ -167,20 +174,15 @@ async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, au
 
 
 # ---- several front-end processes and one engine process ---------------------------------------------------------
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the supervisor dies, so no orphan keeps the port or the device."""
-    import ctypes
+def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, ready) -> None:
     import signal
 
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, ready) -> None:
     from cloud.backend import LocalBackend
     from cloud.ipc import serve_engine
+    from cloud.launch import die_with_parent
 
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor stops the engine
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[engine] %(levelname)s %(message)s")
     backend = LocalBackend(load_model(model_dir, deep_only=deep_only), limits)
     if metrics_port:
@@ -191,11 +193,14 @@ def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, read
 
 
 def _frontend_main(address, port, host, limits, auth, tls, drain_grace_s) -> None:
+    import signal
+
     import torch
 
     from cloud.ipc import RemoteBackend
+    from cloud.launch import die_with_parent
 
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)
     torch.set_num_threads(1)  # a front end only decodes and checks rows
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[front] %(levelname)s %(message)s")
 

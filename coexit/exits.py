@@ -52,6 +52,14 @@ class ExitPolicy:
     def uniform(cls, exit_layers, threshold: float, criterion: str = "max_prob") -> ExitPolicy:
         return cls({int(e): threshold for e in exit_layers}, criterion)
 
+    def describe(self) -> str:
+        """What this policy does, in words (the demo and `coexit generate` print it)."""
+        if not self.thresholds:
+            return "no edge exit (every token goes to the cloud)"
+        op = "<=" if self.criterion == "entropy" else ">="
+        return f"fixed {self.criterion} thresholds: " + ", ".join(
+            f"exit {e} when {self.criterion} {op} {t:.3g}" for e, t in sorted(self.thresholds.items()))
+
     def observe(self, round_trip_s: float, compute_s: float, queue_s: float, bytes_up: int) -> None:
         """A fallback's measurements (a fixed policy ignores them; edge.adaptive.AdaptivePolicy does not)."""
 
@@ -81,6 +89,24 @@ class ExitPolicy:
         return score <= t if self.criterion == "entropy" else score >= t
 
 
+def check_thresholds(thresholds: dict[int, float], exits: list[int], criterion: str = "max_prob") -> None:
+    """Refuse thresholds a policy would silently ignore or that cannot mean anything: a layer that is not one of
+    `exits` (the edge's exits, named in the message) or a probability-like threshold outside [0, 1]."""
+    from coexit.errors import UsageError
+
+    bad = sorted(set(thresholds) - set(exits))
+    if bad:
+        raise UsageError(f"no edge exit at layer{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}: this "
+                         f"model's edge exits are {', '.join(map(str, exits))}")
+    for e, t in thresholds.items():
+        if t == -math.inf:
+            continue
+        if criterion == "entropy" and not (t >= 0 and math.isfinite(t)):
+            raise UsageError(f"the entropy threshold at exit {e} must be a finite number >= 0, got {t}")
+        if criterion != "entropy" and not 0 <= t <= 1:
+            raise UsageError(f"the {criterion} threshold at exit {e} must be within [0, 1], got {t}")
+
+
 class Below:
     """`policy` as a run that must emit at `limit` sees it (standalone mode: the split exit emits whatever a
     decide() there would say). Only exits below `limit` can stop a row, so an exit is checked only when it, or a
@@ -99,3 +125,30 @@ class Below:
 
     def decide(self, exit_layer: int, logits: Tensor, hidden: Tensor | None = None) -> bool:
         return exit_layer < self.limit and self.policy.decide(exit_layer, logits, hidden)
+
+
+class AlsoAt:
+    """`policy` with one more exit that always stops: lossless mode drafts from the split exit when nothing below it
+    is confident. It wraps any policy (fixed, the learned gate, the adaptive one) instead of rebuilding it, so the
+    wrapped policy still decides every other exit, keeps its own state (the gate remembers the earlier exits of a
+    row), and still receives the client's measurements (the adaptive policy moves its thresholds)."""
+
+    def __init__(self, policy: ExitPolicy, layer: int) -> None:
+        self.policy, self.layer = policy, layer
+
+    def __getattr__(self, name: str):  # observe*, speculate, criterion, ...: the wrapped policy's
+        return getattr(self.policy, name)
+
+    @property
+    def thresholds(self) -> dict[int, float]:
+        return {**self.policy.thresholds, self.layer: -math.inf}
+
+    def checks(self, exit_layer: int) -> bool:
+        return exit_layer == self.layer or self.policy.checks(exit_layer)
+
+    def may_stop(self) -> set[int]:
+        return self.policy.may_stop() | {self.layer}
+
+    def decide(self, exit_layer: int, logits: Tensor, hidden: Tensor | None = None) -> bool:
+        stop = self.policy.decide(exit_layer, logits, hidden)  # always asked: a stateful policy sees every exit
+        return stop or exit_layer == self.layer

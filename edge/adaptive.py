@@ -145,6 +145,11 @@ class AdaptivePolicy(ExitPolicy):
                              f"the strictest disagrees on {min(p.disagreement for p in self.points):.4f}")
         self.repick()
 
+    def describe(self) -> str:
+        now = ", ".join(f"exit {e} at {self.criterion} >= {t:.3g}" for e, t in sorted(self.thresholds.items()))
+        return (f"network-aware max-prob thresholds within a {self.budget:.2%} disagreement budget, re-picked from "
+                f"{len(self.admissible)} calibrated settings as the link is measured (now: {now or 'no exit'})")
+
     def latency(self, p: FrontierPoint) -> float:
         c = self.net.edge_step_s
         edge = sum(s * c * e / self.split for e, s in p.shares.items())

@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from coexit.errors import ContextLengthError, UsageError
 from coexit.exits import Below, ExitPolicy
 from coexit.sampling import GREEDY, SamplingParams, sample
 from coexit.tokenizer import Tokenizer
@@ -103,14 +104,19 @@ class EdgeClient:
         flight (unverified). draft_always: in lossless mode, when no exit is confident, draft from the split exit
         anyway (a rejected draft costs the same round trip as asking the cloud; an accepted one saves it)."""
         if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+            raise UsageError(f"unknown mode {mode!r}; use one of {MODES}")
         if kv_fill not in KV_FILLS:
-            raise ValueError(f"unknown kv_fill {kv_fill!r}; use one of {sorted(KV_FILLS)}")
+            raise UsageError(f"unknown kv_fill {kv_fill!r}; use one of {sorted(KV_FILLS)}")
         if max_drafts < 1:
-            raise ValueError(f"max_drafts must be at least 1, got {max_drafts}")
+            raise UsageError(f"max_drafts must be at least 1, got {max_drafts}")
+        if kv_fill != "exact" and mode != "collaborative":
+            raise UsageError(f"kv_fill {kv_fill!r} (--kv-fill) applies to collaborative mode only; mode {mode!r} "
+                             f"always fills the cloud's KV exactly: drop it or use mode collaborative")
+        if deadline_s <= 0:
+            raise UsageError(f"the cloud deadline must be positive seconds, got {deadline_s}")
         self.kv_fill, self.max_drafts, self.draft_always = kv_fill, max_drafts, draft_always
         if encoding not in ENCODING_CODES:
-            raise ValueError(f"unknown encoding {encoding!r}; use one of {sorted(ENCODING_CODES)}")
+            raise UsageError(f"unknown encoding {encoding!r}; use one of {sorted(ENCODING_CODES)}")
         self.backend, self.tokenizer, self.encoding = backend, tokenizer, encoding
         self.policy = policy or ExitPolicy.never()
         self.mode, self.deadline_s, self.retry_s, self.prefill_chunk = mode, deadline_s, retry_s, prefill_chunk
@@ -206,14 +212,23 @@ class _Run:
     def __init__(self, client: EdgeClient, prompt, max_new: int, sampling: SamplingParams, policy: ExitPolicy,
                  mode: str, stop_at_eos: bool) -> None:
         if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+            raise UsageError(f"unknown mode {mode!r}; use one of {MODES}")
         if mode != "standalone" and client.link is None:
-            raise ValueError(f"mode {mode!r} needs a cloud address")
+            raise UsageError(f"mode {mode!r} needs a cloud: pass --cloud HOST:PORT (cloud=...) of a `coexit serve`, "
+                             f"or use mode standalone")
         self.c, self.mode, self.sampling, self.policy = client, mode, sampling, policy
         tok = client.tokenizer
+        if tok is None and isinstance(prompt, str):
+            raise UsageError("this model has no tokenizer.json, so a text prompt cannot be encoded: add the "
+                             "checkpoint's tokenizer.json to the model folder, or pass token ids")
         self.prompt_ids = list(prompt) if not isinstance(prompt, str) else tok.encode(prompt, add_bos=True)
         if not self.prompt_ids:
-            raise ValueError("empty prompt")
+            raise UsageError("empty prompt")
+        if max_new < 1:
+            raise UsageError(f"max_new_tokens must be at least 1, got {max_new}")
+        limit = client.backend.max_length
+        if len(self.prompt_ids) + max_new > limit:
+            raise ContextLengthError(len(self.prompt_ids), max_new, limit)
         self.max_new, self.stop_at_eos = max_new, stop_at_eos
         self.max_length = len(self.prompt_ids) + max_new
         self.counters = Counters()

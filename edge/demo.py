@@ -14,16 +14,19 @@ import sys
 from pathlib import Path
 
 import coexit
+from coexit.errors import UsageError
 from coexit.exits import ExitPolicy
 from edge.cli import render
 from edge.client import EdgeClient, Generation
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "coexit-code-small"
+# Each ends where a completion can start: after a newline, so the model writes the next line's indentation itself
+# (a prompt ending in spaces makes the first token add one more, and the completion is no longer valid Python).
 PROMPTS = [
     "import os\nimport sys\n",
-    "if __name__ == '__main__':\n    ",
-    "def read_file(path):\n    with open(path) as f:\n        ",
-    "    for i in range(len(items)):\n        ",
+    "if __name__ == '__main__':\n",
+    "def read_file(path):\n    with open(path) as f:\n",
+    "for i in range(len(items)):\n",
 ]
 
 
@@ -54,50 +57,72 @@ def totals(gens: list[Generation], num_layers: int) -> dict:
 
 
 def run_mode(client: EdgeClient, max_new: int, mode: str | None = None, show: bool = False,
-             colour: bool = False) -> list[Generation]:
+             colour: bool = False, progress: str | None = None) -> list[Generation]:
     gens = []
-    for prompt in PROMPTS:
+    for i, prompt in enumerate(PROMPTS):
+        if progress:
+            print(f"\r{progress}: prompt {i + 1}/{len(PROMPTS)} ...", end="", file=sys.stderr, flush=True)
         gen = client.generate(prompt, max_new, mode=mode)
         gens.append(gen)
         if show:
             print(("\033[2m" if colour else "") + prompt + ("\033[0m" if colour else "") + render(gen, colour))
             print("-" * 60)
+    if progress:
+        print(f"\r{progress}: done{' ' * 20}", file=sys.stderr, flush=True)
     return gens
 
 
+def check_cloud(address: str) -> None:
+    """A --cloud given by the user: refuse at once, in one line, when no coexit cloud answers there."""
+    from cloud.launch import wait_healthy
+
+    try:
+        wait_healthy(address, timeout_s=10)
+    except TimeoutError:
+        raise UsageError(f"no coexit cloud answers at {address} (its gRPC health check, for 10 s): start `coexit "
+                         f"serve` there, or drop --cloud and the demo starts one on loopback") from None
+
+
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="coexit demo", description=__doc__)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    from coexit.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="coexit demo", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory")
     ap.add_argument("--cloud", help="HOST:PORT of a running `coexit serve` (default: start one on loopback)")
     ap.add_argument("--link", type=parse_link, default=parse_link("50ms,20mbit"),
                     help="emulated link between edge and cloud, RTT,rate (default 50ms,20mbit), or none")
-    ap.add_argument("--max-new-tokens", type=int, default=40)
-    ap.add_argument("--encoding", default="fp16")
-    ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    ap.add_argument("--max-new-tokens", type=int, default=40, help="tokens per prompt")
+    ap.add_argument("--encoding", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
+                    help="how hidden rows travel to the cloud")
+    ap.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                    help="colour tokens by origin (auto: on a terminal)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the cloud-only comparison run")
     args = ap.parse_args(argv)
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
-        print(f"coexit demo: no model at {model_dir}; pass --model DIR", file=sys.stderr)
-        return 2
+        raise UsageError(f"no model at {model_dir} (no config.json there): pass --model DIR")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     proc = proxy = None
     address = args.cloud
-    if address is None:
-        from cloud.launch import start_cloud
-
-        print(f"starting the cloud service on loopback for {model_dir} ...", flush=True)
-        proc, address = start_cloud(model_dir)
-    link = "loopback"
-    if args.link is not None:
-        from edge.wan import DelayProxy
-
-        host, port = address.rsplit(":", 1)
-        proxy = DelayProxy(host, int(port), *args.link)
-        address = proxy.start()
-        link = f"an emulated {args.link[0]:g} ms RTT, {args.link[1]:g} Mbit/s link"
-    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     clients = []
     try:
+        if address is None:
+            from cloud.launch import start_cloud
+
+            print(f"starting the cloud service on loopback for {model_dir} ...", flush=True)
+            proc, address = start_cloud(model_dir)
+        else:
+            check_cloud(address)
+        link = "loopback"
+        if args.link is not None:
+            from edge.wan import DelayProxy
+
+            host, port = address.rsplit(":", 1)
+            proxy = DelayProxy(host, int(port), *args.link)
+            address = proxy.start()
+            link = f"an emulated {args.link[0]:g} ms RTT, {args.link[1]:g} Mbit/s link"
+        colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
         config = coexit.read_config(model_dir)
         fixed = EdgeClient.from_checkpoint(model_dir, cloud=address, encoding=args.encoding, deadline_s=30.0)
         clients.append(fixed)
@@ -110,19 +135,24 @@ def main(argv: list[str]) -> int:
         except (FileNotFoundError, ValueError) as exc:  # a model calibrated before the adaptive policy existed
             print(f"(no adaptive policy: {exc})")
             adaptive = None
-        print(f"edge: layers [0, {config.split_layer}) with exits {fixed.backend.exit_layers}, calibrated thresholds "
-              f"{ {k: round(v, 3) for k, v in fixed.policy.thresholds.items()} }; cloud: {args.cloud or 'loopback'} "
-              f"over {link}\n")
-        runs = {"collaborative": run_mode(fixed, args.max_new_tokens, show=adaptive is None, colour=colour)}
+        print(f"edge: layers [0, {config.split_layer}) with exits {fixed.backend.exit_layers}; cloud: "
+              f"{args.cloud or 'loopback'} over {link}")
+        print(f"collaborative run: {fixed.policy.describe()}")
+        if adaptive is not None:
+            print(f"adaptive run: {adaptive.policy.describe()}")
+        legend = ("green = edge exit, blue = cloud, yellow = edge while the cloud was unreachable" if colour else
+                  "[E<layer>] = edge exit at that layer, [C] = cloud, [S] = edge while the cloud was unreachable")
+        shown = "adaptive" if adaptive is not None else "collaborative"
+        print(f"\nthe {shown} run's completions ({legend}):\n")
+        runs = {"collaborative": run_mode(fixed, args.max_new_tokens, show=adaptive is None, colour=colour,
+                                          progress=None if adaptive is None else "collaborative run")}
         if adaptive is not None:
             run_mode(adaptive, 4)  # a few fallbacks to measure the link before the runs that count
             runs["adaptive"] = run_mode(adaptive, args.max_new_tokens, show=True, colour=colour)
-        legend = ("green = edge exit, blue = cloud, yellow = edge while the cloud was unreachable" if colour else
-                  "[E<layer>] = edge exit at that layer, [C] = cloud, [S] = edge while the cloud was unreachable")
-        print(legend + (f"; adaptive thresholds now { {k: round(v, 3) for k, v in adaptive.policy.thresholds.items()} }"
-                        if adaptive is not None else ""))
+            print(f"adaptive policy after the run: {adaptive.policy.describe()}")
         if not args.no_baseline:
-            runs["cloud-only"] = run_mode(fixed, args.max_new_tokens, mode="cloud-only")
+            runs["cloud-only"] = run_mode(fixed, args.max_new_tokens, mode="cloud-only",
+                                          progress="cloud-only run, for comparison")
         rows = {name: totals(gens, config.num_hidden_layers) for name, gens in runs.items()}
         print(f"\n{'mode':<14} {'ms/token':>9} {'up B/tok':>9} {'down B/tok':>10} {'edge share':>10} "
               f"{'cloud compute':>14}")

@@ -100,6 +100,13 @@ class GatePolicy(ExitPolicy):
         self._prev: tuple[Tensor, Tensor | None] | None = None
         self._first = min(self.gates, default=0)
 
+    def describe(self) -> str:
+        if not self.thresholds:
+            return "learned exit gate, with no exit taken"
+        return "learned exit gate (exit_gate.json): " + ", ".join(
+            f"exit {e} when its predicted agreement with the full model >= {t:.3g}"
+            for e, t in sorted(self.thresholds.items()))
+
     def checks(self, exit_layer: int) -> bool:
         return exit_layer in self.gates or exit_layer in self.thresholds  # later gates read earlier exits' tops
 

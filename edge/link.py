@@ -13,6 +13,7 @@ import threading
 
 import grpc
 
+from coexit.errors import CoexitError
 from coexit.v1 import coexit_pb2 as pb
 from coexit.v1 import coexit_pb2_grpc as pb_grpc
 
@@ -21,20 +22,22 @@ _OUTAGE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                  grpc.StatusCode.ABORTED}
 
 
-class CloudError(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+class CloudError(CoexitError):
+    """A status from the cloud (or a local stand-in for one); `address` is the cloud's when known."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, address: str | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
+        self.code, self.details, self.address = code, details, address
 
 
 class CloudUnavailable(CloudError):
     """The cloud did not answer in time or the connection broke."""
 
 
-def _wrap(exc: grpc.RpcError) -> CloudError:
+def _wrap(exc: grpc.RpcError, address: str | None = None) -> CloudError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return (CloudUnavailable if code in _OUTAGE_CODES else CloudError)(code, details or "")
+    return (CloudUnavailable if code in _OUTAGE_CODES else CloudError)(code, details or "", address)
 
 
 class CloudLink:
@@ -67,7 +70,7 @@ class CloudLink:
         try:
             return self.stub.Info(pb.InfoRequest(), timeout=self.deadline_s, metadata=self.metadata)
         except grpc.RpcError as exc:
-            raise _wrap(exc) from None
+            raise _wrap(exc, self.address) from None
 
     def stream(self) -> SessionStream:
         return SessionStream(self)
@@ -96,7 +99,7 @@ class SessionStream:
                 self._replies.put(reply)
             self._replies.put(CloudUnavailable(grpc.StatusCode.UNAVAILABLE, "the server ended the stream"))
         except grpc.RpcError as exc:
-            self._replies.put(_wrap(exc))
+            self._replies.put(_wrap(exc, self.link.address))
         except Exception as exc:  # channel closed under us
             self._replies.put(CloudUnavailable(grpc.StatusCode.UNAVAILABLE, str(exc)))
 

@@ -26,13 +26,12 @@ verified rows replayed) for up to `deadline_s` x 6 before raising: lossless neve
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from coexit.exits import ExitPolicy
+from coexit.exits import AlsoAt
 from coexit.sampling import draft_distribution, sample, sample_draft
 from coexit.v1 import coexit_pb2 as pb
 from edge.client import TokenEvent, _Run
@@ -66,7 +65,7 @@ class LosslessRun(_Run):
     def __init__(self, client, prompt, max_new: int, sampling, policy, stop_at_eos: bool, provisional: bool,
                  speculative: bool = False) -> None:
         if client.draft_always and not speculative:
-            policy = ExitPolicy({**policy.thresholds, client.backend.split: -math.inf}, policy.criterion)
+            policy = AlsoAt(policy, client.backend.split)
         super().__init__(client, prompt, max_new, sampling, policy, "lossless", stop_at_eos)
         self.provisional, self.speculative = provisional, speculative
         self.drafts: list[_Draft] = []  # unverified, at positions len(ids), len(ids) + 1, ...

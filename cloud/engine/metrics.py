@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from coexit.errors import UsageError
+
 _TIME_BUCKETS = (.0002, .0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)
 _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -36,5 +38,9 @@ class EngineMetrics:
         self.rows = Counter("coexit_rows", "rows computed", registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise UsageError(f"--metrics-port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); pick "
+                             f"another port") from None
         return server.server_port

@@ -47,6 +47,11 @@ class EdgeBackend(ABC):
         """The first position the backend has not seen."""
 
     @property
+    def max_length(self) -> int:
+        """Positions one sequence may hold (prompt and generated tokens together)."""
+        return self.config.max_position_embeddings
+
+    @property
     def layer_tokens(self) -> int:
         """Layer-row computations performed so far (for compute accounting)."""
         return 0

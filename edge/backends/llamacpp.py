@@ -181,6 +181,10 @@ class LlamaCppBackend(EdgeBackend):
                 raise ValueError(f"the segments in {self.path} end at layer {expect}, not the split ({split})")
         self.reset()
 
+    @property
+    def max_length(self) -> int:
+        return self.stages[0].session.n_ctx
+
     def reset(self) -> None:
         for st in self.stages:
             st.session.clear()

@@ -12,10 +12,12 @@ Kinds:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from edge.backends.base import EdgeBackend
 
+log = logging.getLogger("edge.backends")
 KINDS = ("torch", "bnb-int8", "bnb-nf4", "gguf")
 
 
@@ -43,26 +45,35 @@ def gguf_layout(policy, mode: str, model_dir: str | Path) -> str:
 def _gguf_path(path: Path, quant: str, layout: str, out: str | Path | None) -> Path:
     if path.is_file() or (path.is_dir() and not (path / "config.json").exists()):
         return path  # an exported file or segment directory
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown GGUF layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     from coexit.checkpoint import fingerprint
+    from coexit.errors import UsageError
     from edge.backends.gguf_heads import gguf_fingerprint
-    from edge.export_gguf import export_gguf
+    from edge.export_gguf import MIXES, QUANTS, export_gguf
     from edge.export_segments import export_segments, segment_files
+
+    if layout not in LAYOUTS:
+        raise UsageError(f"unknown GGUF layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if quant not in QUANTS and quant not in MIXES:  # before anything is written into the model directory
+        raise UsageError(f"unknown quantization {quant!r}; choose one of {', '.join(sorted(QUANTS) + sorted(MIXES))}")
 
     if layout == "segments":
         target = Path(out) if out else path / f"edge-{quant}.segments"
         files = segment_files(target) if target.is_dir() and any(target.glob("layers-*.gguf")) else []
         if files and all(gguf_fingerprint(f) == fingerprint(path) for f in files):
             return target
+        log.warning("exporting the edge layers as %s GGUF segments into %s (first use; reused afterwards)", quant,
+                    target)
         return export_segments(path, quant, target)
     target = Path(out) if out else path / f"edge-{quant}.gguf"
     if target.exists() and gguf_fingerprint(target) == fingerprint(path):
         return target
+    log.warning("exporting the edge layers as a %s GGUF into %s (first use; reused afterwards)", quant, target)
     return export_gguf(path, quant, target)
 
 
 def make_backend(kind: str, path: str | Path, **kw) -> EdgeBackend:
+    from coexit.errors import UsageError
+
     path = Path(path)
     if kind == "torch":
         from edge.backends.torch_backend import TorchBackend
@@ -77,4 +88,4 @@ def make_backend(kind: str, path: str | Path, **kw) -> EdgeBackend:
 
         gguf = _gguf_path(path, kw.pop("quant", "q8_0"), kw.pop("layout", None) or "segments", kw.pop("out", None))
         return LlamaCppBackend(gguf, **kw)
-    raise ValueError(f"unknown edge backend {kind!r}; choose one of {', '.join(KINDS)}")
+    raise UsageError(f"unknown edge backend {kind!r}; choose one of {', '.join(KINDS)}")

@@ -29,6 +29,10 @@ class TorchBackend(EdgeBackend):
         split = read_config(path).split_layer
         return cls(load(path, layers=(0, split), dtype=dtype), max_len=max_len)
 
+    @property
+    def max_length(self) -> int:
+        return self.max_len or self.config.max_position_embeddings
+
     def reset(self) -> None:
         self.runner = LayerRunner(self.model, 0, self.config.split_layer, max_len=self.max_len)
 
