@@ -198,14 +198,14 @@ def capture_overhead(backend, prompt, args) -> dict:
 def end_to_end(backend, ckpt: Path, tok, policy, args) -> dict:
     """EdgeClient standalone generation against llama-cpp-python's create_completion on one whole GGUF of the
     same weights: tokens/s of each (greedy, --e2e-tokens tokens, the same prompt), best of N, interleaved."""
-    import llama_cpp
-
     from edge.client import EdgeClient
+    from edge.llamacpp_lib import stock_llama
 
     backend.reset()
     client = EdgeClient(backend, tok, policy=policy, mode="standalone")
-    llm = llama_cpp.Llama(str(_plain_file(backend)), n_ctx=1024, n_threads=args.threads, n_batch=256,
-                          flash_attn=backend.flash_attn, verbose=False)
+    # the same extra-buffer-types verdict as the backend's own sessions (edge/llamacpp_lib.py), so like for like
+    llm = stock_llama(_plain_file(backend), n_ctx=1024, n_threads=args.threads, n_batch=256,
+                      flash_attn=backend.flash_attn, verbose=False)
     ids = tok.encode("import os\n\n\ndef read_config(path):\n", add_bos=True)
     n = args.e2e_tokens
     best = {"edge_tps": 0.0, "llama_tps": 0.0}

@@ -104,12 +104,10 @@ def torch_top1(model_dir: Path, chunks: list[list[int]]) -> np.ndarray:
 
 def llama_top1(path: Path, chunks: list[list[int]], threads: int) -> np.ndarray:
     """llama.cpp's own logits (the GGUF's output head = the split exit) for every row, teacher-forced."""
-    from edge.llamacpp_lib import llama
+    from edge.llamacpp_lib import llama, model_params
 
     lc = llama()
-    mp = lc.llama_model_default_params()
-    mp.n_gpu_layers = 0
-    model = lc.llama_model_load_from_file(str(path).encode(), mp)
+    model = lc.llama_model_load_from_file(str(path).encode(), model_params(path))
     n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
     n = max(map(len, chunks))
     cp = lc.llama_context_default_params()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import coexit
 from cloud.auth import Auth
+from cloud.launch import check_port_free
 from cloud.server import serve_forever
 from cloud.sessions import Limits
 from coexit.errors import UsageError
@@ -39,6 +40,9 @@ def check_args(args) -> None:
         if not 0 <= port <= 65535:
             raise UsageError(f"{flag} must be a TCP port in [0, 65535], got {port}")
     coexit.read_config(args.model)  # a wrong --model: one line naming the directory
+    check_port_free(args.host, args.port)
+    if args.metrics_port:
+        check_port_free(args.host, args.metrics_port, "--metrics-port")
 
 
 def main(argv: list[str]) -> int:

@@ -25,6 +25,23 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
 
 
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
+    """Refuse, in one line, a port another process holds (before loading a model, and before gRPC's C core logs
+    its own bind failure)."""
+    from coexit.errors import UsageError
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror}); pick another port or "
+                             f"stop the process that holds it") from None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -120,8 +120,8 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def run(name: str, fn, rest: list[str], debug: bool) -> int:
-    """Run one subcommand, printing coexit's own errors as one line."""
+def run(name: str, ep, rest: list[str], debug: bool) -> int:
+    """Import and run one subcommand, printing coexit's own errors as one line."""
     from coexit.errors import CoexitError, UsageError
 
     def fail(msg: str, code: int) -> int:
@@ -131,7 +131,7 @@ def run(name: str, fn, rest: list[str], debug: bool) -> int:
         return code
 
     try:
-        return int(fn(rest) or 0)
+        return int(ep.load()(rest) or 0)
     except KeyboardInterrupt as exc:
         return fail(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'})", INTERRUPT_EXIT)
     except CoexitError as exc:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_EXIT
     for sig in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C: finally blocks run and children are stopped
         signal.signal(sig, _raise_interrupt)
-    return run(name, cmds[name].load(), rest, debug)
+    return run(name, cmds[name], rest, debug)
 
 
 if __name__ == "__main__":

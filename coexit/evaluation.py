@@ -6,19 +6,21 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm import tqdm
 
 from coexit.model import EarlyExitLM
 
 
 @torch.no_grad()
-def head_metrics(model: EarlyExitLM, ids: list[int], seq_len: int = 256) -> dict[int, dict[str, float]]:
+def head_metrics(model: EarlyExitLM, ids: list[int], seq_len: int = 256,
+                 progress: bool = False) -> dict[int, dict[str, float]]:
     L = model.config.num_hidden_layers
     heads = [*model.config.exit_layers, L]
     nll = {h: 0.0 for h in heads}
     hits = {h: 0 for h in heads}
     agree = {h: 0 for h in heads}
     count = 0
-    for a in range(0, len(ids) - 1, seq_len):
+    for a in tqdm(range(0, len(ids) - 1, seq_len), desc="evaluating", unit="window", disable=not progress):
         x = torch.tensor([ids[a:a + seq_len + 1]])
         if x.shape[1] < 2:
             break

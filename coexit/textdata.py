@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from coexit.errors import UsageError
+
 
 def _read_jsonl(path: Path, key: str) -> Iterator[str]:
     with path.open(encoding="utf-8") as f:
@@ -35,7 +37,9 @@ def read_documents(inputs: list[str | Path], text_key: str = "text") -> list[str
         elif p.is_file():
             files.append(p)
         else:
-            raise ValueError(f"input {p} does not exist")
+            hint = (": build it with `coexit build-corpus` (it writes data/corpus/train.jsonl and heldout.jsonl)"
+                    if p.suffix == ".jsonl" and p.parent.name == "corpus" else "")
+            raise UsageError(f"input {p} does not exist{hint}")
     docs: list[str] = []
     for f in tqdm(files, desc="read", unit="file", disable=len(files) < 2):
         if f.suffix in (".jsonl", ".ndjson"):
@@ -44,5 +48,5 @@ def read_documents(inputs: list[str | Path], text_key: str = "text") -> list[str
             docs.append(f.read_text(encoding="utf-8", errors="replace"))
     docs = [d for d in docs if d]
     if not docs:
-        raise ValueError("the inputs hold no text")
+        raise UsageError(f"the inputs {', '.join(map(str, inputs))} hold no text")
     return docs

@@ -1,8 +1,9 @@
 """`coexit calibrate`: per-exit thresholds so that tokens exited on the edge agree with the full model at a target
 rate on held-out data, and the share of tokens that then exit on the edge.
 
-Method: run the full model over held-out text (teacher forcing) and record, at every position, each edge exit's
-confidence and whether its top-1 equals the final head's top-1. Exits are taken in order, so thresholds are chosen
+Method: run the full model over held-out prompts and its own greedy continuations of them (on-policy, the default;
+--teacher-forced: over the held-out text itself) and record, at every position, each edge exit's confidence and
+whether its top-1 equals the final head's top-1. Exits are taken in order, so thresholds are chosen
 in order: for each exit, among the positions no earlier exit took, the lowest threshold whose accepted positions
 agree with the final head at >= target. Every exit's accepted set meets the target, hence so does their union.
 The result is written to DIR/exit_policy.json, which EdgeClient.from_checkpoint uses as its default policy.
@@ -22,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import coexit
+from coexit.errors import UsageError
 from coexit.exits import ExitPolicy, confidence
 from coexit.textdata import read_documents
 from edge.adaptive import AdaptivePolicy, FrontierPoint, evaluate, frontier
@@ -138,6 +140,7 @@ def collect_on_policy(model: coexit.EarlyExitLM, texts: list[str], exits: list[i
                 break
         if done >= max_tokens:
             break
+    bar.total = bar.n  # the texts ran out before max_tokens: the bar ends full, at what was done
     bar.close()
     return _stats(out, exits, criterion, want)
 
@@ -264,14 +267,15 @@ def load_policy(model_dir: str | Path, adaptive: bool = False,
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="coexit calibrate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
+    from coexit.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="coexit calibrate", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory (exit_policy.json is written there)")
     ap.add_argument("--data", required=True, help="held-out .jsonl (field text), text file or directory")
     ap.add_argument("--target", type=float, default=0.99, help="agreement of edge-exited tokens with the full model")
     ap.add_argument("--criterion", choices=["max_prob", "margin", "entropy", "learned"], default="max_prob",
                     help="learned: a small gate per exit on cheap features, stored as DIR/exit_gate.json")
-    ap.add_argument("--max-tokens", type=int, default=50_000)
+    ap.add_argument("--max-tokens", type=int, default=50_000, help="calibration positions at most")
     ap.add_argument("--teacher-forced", action="store_true",
                     help="measure agreement on the held-out text itself instead of on the model's own continuations")
     ap.add_argument("--delta", type=float, default=0.05,
@@ -279,6 +283,13 @@ def main(argv: list[str]) -> int:
                          "plain empirical thresholds, no guarantee)")
     ap.add_argument("--dry-run", action="store_true", help="print, do not write exit_policy.json")
     args = ap.parse_args(argv)
+    if not 0 < args.target < 1:
+        raise UsageError(f"--target is an agreement rate in (0, 1), like 0.99; got {args.target}")
+    if not 0 <= args.delta < 1:
+        raise UsageError(f"--delta is a failure probability in [0, 1), got {args.delta}")
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    coexit.read_config(args.model)  # a wrong --model: one line
     r = calibrate(args.model, args.data, args.target, args.criterion, args.max_tokens, write=not args.dry_run,
                   on_policy=not args.teacher_forced, delta=args.delta or None)
     for e, v in r["per_exit"].items():

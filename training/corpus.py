@@ -126,15 +126,16 @@ def build(out: Path, seed: int = 0, heldout_fraction: float = 0.08, pins: list[s
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="coexit build-corpus", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="data/corpus")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--heldout-fraction", type=float, default=0.08)
+    from coexit.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="coexit build-corpus", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--out", default="data/corpus", help="output directory (train.jsonl, heldout.jsonl)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the held-out package split")
+    ap.add_argument("--heldout-fraction", type=float, default=0.08, help="share of packages held out")
     ap.add_argument("--no-pypi", action="store_true", help="stdlib only (no package downloads)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                    help="small: the corpus the bundled model was trained on (27 M chars); large: 101 more "
-                         "packages (about 300 M chars, 80 M tokens)")
+                    help="small: the stdlib and 30-odd pinned wheels (27 M chars); large: 101 more packages "
+                         "(about 300 M chars, 80 M tokens), the corpus the bundled model was trained on")
     args = ap.parse_args(argv)
     m = build(Path(args.out), args.seed, args.heldout_fraction, [] if args.no_pypi else list(PRESETS[args.preset]))
     print(f"train: {m['files']['train']} files, {m['chars']['train'] / 1e6:.1f} M chars; held out: "

@@ -31,7 +31,7 @@ from torch import Tensor
 from coexit.decoding import Decide, ExitLogits, ParkedRows, RunResult, checks
 from edge.backends.base import EdgeBackend
 from edge.backends.gguf_heads import ExitHead, read_edge_gguf
-from edge.llamacpp_lib import Capture, llama
+from edge.llamacpp_lib import Capture, llama, model_params
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids for the K/V cache
 
@@ -45,9 +45,7 @@ class LlamaSession:
                  embd_input: bool = False) -> None:
         self.lc = lc = llama()
         self.model = self.ctx = self.batch = None
-        mp = lc.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        self.model = lc.llama_model_load_from_file(str(path).encode(), mp)
+        self.model = lc.llama_model_load_from_file(str(path).encode(), model_params(path))
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}; set the 'edge.llamacpp' logger to DEBUG for why")
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))

@@ -21,7 +21,7 @@ def segments(quant_dir, tmp_path_factory):
 
 
 def test_segments_are_stock_llama_files(segments, quant_dir):
-    import llama_cpp
+    from edge.llamacpp_lib import stock_llama
 
     files = segment_files(segments.path)
     assert [f.name for f in files] == ["layers-00-01.gguf", "layers-01-02.gguf", "layers-02-03.gguf"]
@@ -31,7 +31,7 @@ def test_segments_are_stock_llama_files(segments, quant_dir):
         assert int(r.get_field("llama.block_count").parts[-1][0]) == 1
         assert {t.name for t in r.tensors} >= {"token_embd.weight", "blk.0.attn_q.weight", "output.weight"}
         assert not any(t.name.startswith("blk.1.") for t in r.tensors)
-        llm = llama_cpp.Llama(str(f), n_ctx=64, verbose=False)  # the stock loader, not coexit's session code
+        llm = stock_llama(f, n_ctx=64, verbose=False)  # the stock loader, not coexit's session code
         assert llm.n_embd() == 256
         llm.close()
 
