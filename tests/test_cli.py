@@ -210,7 +210,7 @@ def test_ctrl_c_in_generate_is_one_line():
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         listener.settimeout(60)
-        address = "127.0.0.1:%d" % listener.getsockname()[1]
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
         p = subprocess.Popen([sys.executable, "-m", "coexit.cli", "generate", "--model", MODEL, "--cloud", address,
                               "--mode", "cloud-only", "--deadline", "60", "x"], stderr=subprocess.PIPE, text=True,
                              cwd=ROOT)
