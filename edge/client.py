@@ -227,6 +227,8 @@ class _Run:
         if max_new < 1:
             raise UsageError(f"max_new_tokens must be at least 1, got {max_new}")
         limit = client.backend.max_length
+        if client._info is not None and client._info.limits.max_length:  # the cloud's own limit, once it is known
+            limit = min(limit, client._info.limits.max_length)
         if len(self.prompt_ids) + max_new > limit:
             raise ContextLengthError(len(self.prompt_ids), max_new, limit)
         self.max_new, self.stop_at_eos = max_new, stop_at_eos

@@ -221,3 +221,25 @@ def test_ctrl_c_in_generate_is_one_line():
         conn.close()
     assert p.returncode == 130 and "Traceback" not in err
     assert [ln for ln in err.splitlines() if ln.strip()] == ["coexit generate: interrupted (SIGINT)"]
+
+
+def test_ctrl_c_in_serve_with_frontends_stops_every_process():
+    """Ctrl-C reaches the whole process group: the supervisor, its engine and front ends; none prints a traceback
+    and none is left behind."""
+    from cloud.launch import wait_healthy
+
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "coexit.cli", "serve", "--model", MODEL, "--port", str(port),
+                          "--frontends", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        wait_healthy(f"127.0.0.1:{port}", timeout_s=120, proc=p)
+        children = _children(p.pid)
+        assert len(children) >= 3  # engine + 2 front ends (+ multiprocessing's resource tracker)
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and "Traceback" not in err, err
+        assert _wait(lambda: not any(_alive(c) for c in children), 30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)

@@ -47,7 +47,7 @@ def test_tls_client_gets_the_full_models_tokens(tiny_dir, tls_server, capsys):
 
     from edge.cli import main
 
-    assert main(["--model", str(tiny_dir), "--cloud", address, "--tls-ca", cert, "--threshold", "2",
+    assert main(["--model", str(tiny_dir), "--cloud", address, "--tls-ca", cert, "--threshold", "1",
                  "--max-new-tokens", "4", "--color", "never", "def add(a, b):"]) == 0
     assert "[C]" in capsys.readouterr().out  # every token came from the cloud, over TLS
 
