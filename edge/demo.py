@@ -20,13 +20,14 @@ from edge.cli import render
 from edge.client import EdgeClient, Generation
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "coexit-code-small"
-# Each ends where a completion can start: after a newline, so the model writes the next line's indentation itself
-# (a prompt ending in spaces makes the first token add one more, and the completion is no longer valid Python).
+# Each ends where the tokenizer would put a token boundary in real code: after a line's code, or at the start of a
+# line at column 0. A prompt that ends in indentation ("...:\n    ") makes the first token add one more space (the
+# tokenizer merges a newline's spaces and keeps one for the next word), so its completion is not valid Python.
 PROMPTS = [
     "import os\nimport sys\n",
-    "if __name__ == '__main__':\n",
-    "def read_file(path):\n    with open(path) as f:\n",
-    "for i in range(len(items)):\n",
+    "def main():\n    parser = argparse.ArgumentParser()",
+    "class Point:\n    def __init__(self, x, y):",
+    "def read_file(path):\n    with open(path) as f:\n        return",
 ]
 
 
@@ -59,15 +60,17 @@ def totals(gens: list[Generation], num_layers: int) -> dict:
 def run_mode(client: EdgeClient, max_new: int, mode: str | None = None, show: bool = False,
              colour: bool = False, progress: str | None = None) -> list[Generation]:
     gens = []
+    tty = sys.stderr.isatty()
     for i, prompt in enumerate(PROMPTS):
-        if progress:
-            print(f"\r{progress}: prompt {i + 1}/{len(PROMPTS)} ...", end="", file=sys.stderr, flush=True)
+        if progress and (tty or i == 0):
+            print(f"\r{progress}: prompt {i + 1}/{len(PROMPTS)} ..." if tty else f"{progress}: {len(PROMPTS)} prompts",
+                  end="" if tty else "\n", file=sys.stderr, flush=True)
         gen = client.generate(prompt, max_new, mode=mode)
         gens.append(gen)
         if show:
             print(("\033[2m" if colour else "") + prompt + ("\033[0m" if colour else "") + render(gen, colour))
             print("-" * 60)
-    if progress:
+    if progress and tty:
         print(f"\r{progress}: done{' ' * 20}", file=sys.stderr, flush=True)
     return gens
 

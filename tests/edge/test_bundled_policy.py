@@ -98,3 +98,30 @@ def test_cli_lossless_equals_cloud_only(cloud):
     summary = lossless.strip().splitlines()[-1]
     cloud_tokens = lossless.split("\n-- ")[0].count("[C]")
     assert f"{cloud_tokens} from the cloud" in summary
+
+
+def test_demo_prompts_end_at_a_token_boundary(full):
+    """A completion can start where each demo prompt ends: no trailing indentation (its spaces would be merged
+    into the prompt's last token and the first generated token would add one more), and the prompt's tokens are a
+    prefix of the tokens of the prompt with its greedy continuation, re-tokenized."""
+    from edge.demo import PROMPTS
+
+    tok = full.tokenizer
+    for prompt in PROMPTS:
+        assert not prompt.endswith((" ", "\t")), prompt
+        ids = tok.encode(prompt, add_bos=True)
+        text = prompt + tok.decode(generate_full(full, ids, 8))
+        assert tok.encode(text, add_bos=True)[:len(ids)] == ids, prompt
+
+
+def test_demo_labels_each_run():
+    r = subprocess.run([sys.executable, "-m", "coexit.cli", "demo", "--link", "none", "--max-new-tokens", "4",
+                        "--color", "never"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "collaborative run: learned exit gate" in out and "adaptive run: network-aware" in out
+    assert "the adaptive run's completions" in out
+    assert "cloud-only run, for comparison" in r.stderr
+    rows = [ln.split()[0] for ln in out.splitlines() if len(ln.split()) == 6 and ln.split()[0] in
+            ("collaborative", "adaptive", "cloud-only")]
+    assert rows == ["collaborative", "adaptive", "cloud-only"]
