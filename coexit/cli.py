@@ -31,8 +31,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Every subcommand's help: the description as written, and each option's default after its help."""
 
     def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
-            return action.help  # nothing worth saying (a flag, or an option that is off unless given)
+        if action.default is None or isinstance(action.default, bool) or "default" in (action.help or ""):
+            return action.help  # nothing worth saying (a flag, an option off unless given), or said in words
         return super()._get_help_string(action)
 
 

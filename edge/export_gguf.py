@@ -351,9 +351,12 @@ def _load_edge(model_dir: Path) -> EarlyExitLM:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="coexit export-edge", description=__doc__.split("\n\n")[0])
+    from coexit.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="coexit export-edge", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors)")
-    ap.add_argument("--format", default="gguf", choices=["gguf"])
+    ap.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
     ap.add_argument("--quant", default="f16", choices=sorted(QUANTS) + sorted(MIXES),
                     help="file type, or a mix: q4-mix = q4_k_m + token_embd/output/layer 0 at q8_0")
     ap.add_argument("--layout", choices=["whole", "segments"], default="whole",
@@ -361,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                          "above them in llama.cpp; edge/export_segments.py)")
     ap.add_argument("--out", help="output file, or directory for segments (default: MODEL/edge-QUANT.gguf or "
                                   "MODEL/edge-QUANT.segments)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="quantizer threads")
     ap.add_argument("--imatrix", help=f"importance matrix GGUF (`coexit imatrix`) for 4-bit types; default "
                                       f"MODEL/{IMATRIX_FILE} when it exists; 'none' to quantize without")
     ap.add_argument("--keep-embd", metavar="TYPE", help="ggml type for token_embd (e.g. q8_0, q6_k, f16)")

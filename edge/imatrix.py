@@ -174,14 +174,17 @@ def compute(model_dir: str | Path, text: list[str], tokens: int = 16384, chunk: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="coexit imatrix", description=__doc__.split("\n\n")[0])
+    from coexit.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="coexit imatrix", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory")
     ap.add_argument("--text", required=True, nargs="+",
                     help="calibration text: files, directories or .jsonl (keep it disjoint from evaluation text)")
     ap.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     ap.add_argument("--chunk", type=int, default=512, help="tokens per sequence (default 512)")
     ap.add_argument("--out", help="output file (default: MODEL/imatrix.gguf, which export-edge then uses)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     args = ap.parse_args(argv)
     try:
         im = compute(args.model, args.text, args.tokens, args.chunk, args.threads)

@@ -530,19 +530,11 @@ def _token(e: TokenEvent) -> dict:
             "exit_layer": e.exit_layer, "logprob": e.logprob}
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and each option's default (options without one say theirs in words)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parser() -> argparse.ArgumentParser:
+    from coexit.cli import HelpFormatter
     from edge.backends import KINDS
 
-    ap = argparse.ArgumentParser(prog="coexit edge-serve", description=__doc__, formatter_class=_Help)
+    ap = argparse.ArgumentParser(prog="coexit edge-serve", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="the model directory")
     ap.add_argument("--cloud", help="HOST:PORT of `coexit serve`; required unless --mode standalone")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -17,7 +17,10 @@ from training.job import JobError, load_job, stage_ranges, validate
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="coexit train", description="early-exit training with DeepSpeed")
+    from coexit.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="coexit train", description="early-exit training with DeepSpeed",
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--config", required=True, help="job.toml")
     ap.add_argument("--check", action="store_true", help="validate the job and print the plan; launch nothing")
     ap.add_argument("--world-size", type=int, help="ranks to validate against (default: $WORLD_SIZE or 1)")

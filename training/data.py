@@ -150,13 +150,16 @@ def sample_index(step: int, micro: int, dp_rank: int, grad_accum: int, dp: int, 
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="coexit prepare-data", description=__doc__.split("\n\n")[0])
+    from coexit.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="coexit prepare-data", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("inputs", nargs="+", help="text files, directories (read recursively) or .jsonl files")
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--vocab-size", type=int, default=32000)
+    ap.add_argument("--vocab-size", type=int, default=32000, help="BPE vocabulary to train")
     ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shard-tokens", type=int, default=50_000_000)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    ap.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard file")
     ap.add_argument("--text-key", default="text", help="JSONL field holding the text")
     ap.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
     a = ap.parse_args(argv)
