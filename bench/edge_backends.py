@@ -67,7 +67,7 @@ def _policy(ckpt: Path, exits: list[int], confidences: dict[int, list[float]]):
     """The checkpoint's calibrated policy, else the first exit at its median confidence (a random model has
     none; this exercises the mechanism with about half the tokens exiting)."""
     from coexit.exits import ExitPolicy
-    from edge.calibrate import load_policy
+    from edge.policy.calibrate import load_policy
 
     if (ckpt / "exit_policy.json").exists():
         return load_policy(ckpt), "exit_policy.json"
@@ -199,11 +199,11 @@ def end_to_end(backend, ckpt: Path, tok, policy, args) -> dict:
     """EdgeClient standalone generation against llama-cpp-python's create_completion on one whole GGUF of the
     same weights: tokens/s of each (greedy, --e2e-tokens tokens, the same prompt), best of N, interleaved."""
     from edge.client import EdgeClient
-    from edge.llamacpp_lib import stock_llama
+    from edge.llamacpp.lib import stock_llama
 
     backend.reset()
     client = EdgeClient(backend, tok, policy=policy, mode="standalone")
-    # the same extra-buffer-types verdict as the backend's own sessions (edge/llamacpp_lib.py), so like for like
+    # the same extra-buffer-types verdict as the backend's own sessions (edge/llamacpp/lib.py), so like for like
     llm = stock_llama(_plain_file(backend), n_ctx=1024, n_threads=args.threads, n_batch=256,
                       flash_attn=backend.flash_attn, verbose=False)
     ids = tok.encode("import os\n\n\ndef read_config(path):\n", add_bos=True)
@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.backends.split(","):
             gguf = None
             if kind.startswith("gguf"):  # gguf-QUANT (segments) or gguf-QUANT-whole (one file)
-                from edge.export_gguf import export_gguf
-                from edge.export_segments import export_segments
+                from edge.export.gguf import export_gguf
+                from edge.export.segments import export_segments
 
                 quant = kind.split("-", 1)[1].removesuffix("-whole")
                 whole = Path(tmp) / f"edge-{kind}.whole.gguf"  # also the plain-llama.cpp reference

@@ -14,8 +14,8 @@ import sys
 import torch
 
 import coexit
-from edge.calibrate import choose_thresholds, collect_on_policy, read_texts
-from edge.gate import ExitGate
+from edge.policy.calibrate import choose_thresholds, collect_on_policy, read_texts
+from edge.policy.gate import ExitGate
 
 
 def shares(model_dir: str, data: str, tokens: int, targets: list[float], delta: float, seed: int = 0) -> dict:

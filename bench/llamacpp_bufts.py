@@ -1,5 +1,5 @@
 """What llama.cpp's extra CPU buffer types are worth: edge decode tokens/s of one whole edge GGUF with
-`use_extra_bufts` on and off (edge/llamacpp_lib.py turns them off where its probe dies, e.g. on hosts whose AMX
+`use_extra_bufts` on and off (edge/llamacpp/lib.py turns them off where its probe dies, e.g. on hosts whose AMX
 faults), through coexit's own LlamaSession, both models loaded side by side and timed interleaved, best of N.
 
 Per quantization: prefill tokens/s (a --prompt-token batch) and decode tokens/s (--tokens single-token steps after
@@ -38,7 +38,7 @@ class _Buffers(logging.Handler):
 def session(path: Path, extra_bufts: bool, args, buffers: _Buffers):
     from edge.backends.llamacpp import LlamaSession
 
-    os.environ["COEXIT_LLAMA_EXTRA_BUFTS"] = "1" if extra_bufts else "0"  # read by edge.llamacpp_lib.model_params
+    os.environ["COEXIT_LLAMA_EXTRA_BUFTS"] = "1" if extra_bufts else "0"  # read by edge.llamacpp.lib.model_params
     buffers.lines.clear()
     s = LlamaSession(path, 1024, args.threads)
     return s, "; ".join(buffers.lines)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7, help="timing repeats, interleaved (the best is kept)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from edge.export_gguf import export_gguf
+    from edge.export.gguf import export_gguf
 
     buffers = _Buffers()
     log = logging.getLogger("edge.llamacpp")

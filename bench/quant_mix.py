@@ -1,7 +1,7 @@
 """Quant mixes for the llama.cpp edge: file size, decode speed vs torch fp32, split-exit top-1 agreement.
 
 Per choice (plain q4_0 / q4_k_m, token_embd + output at q8_0, + imatrix, + layer 0 at q8_0, the best mix
-`q4-mix`, q8_0 and f16 for reference), exported from one checkpoint with edge/export_gguf.py:
+`q4-mix`, q8_0 and f16 for reference), exported from one checkpoint with edge/export/gguf.py:
 - file MiB of the edge GGUF;
 - tok/s: the edge backend (make_backend("gguf"), `--threads` threads) decoding one token per step after a
   `--prompt`-token prompt, all edge exits evaluated, best of `--repeats`; x fp32: over make_backend("torch")
@@ -75,21 +75,12 @@ CHOICES = {
 
 
 def eval_chunks(model_dir: Path, text: str, tokens: int, chunk: int) -> list[list[int]]:
-    from coexit.textdata import read_documents
+    """The first `chunk` tokens (at least 32) of documents spread over the held-out text."""
+    from coexit.textdata import read_documents, spread_chunks
     from coexit.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(model_dir / "tokenizer.json")
-    docs = read_documents([text])
-    stride = max(1, len(docs) // max(1, -(-tokens // chunk)))
-    out: list[list[int]] = []
-    for start in range(stride):
-        for doc in docs[start::stride]:
-            ids = tok.encode(doc)[:chunk]
-            if len(ids) >= 32:
-                out.append(ids)
-            if sum(map(len, out)) >= tokens:
-                return out
-    return out
+    return spread_chunks(tok, read_documents([text]), tokens, chunk, per_doc=1, min_len=32)
 
 
 @torch.no_grad()
@@ -104,7 +95,7 @@ def torch_top1(model_dir: Path, chunks: list[list[int]]) -> np.ndarray:
 
 def llama_top1(path: Path, chunks: list[list[int]], threads: int) -> np.ndarray:
     """llama.cpp's own logits (the GGUF's output head = the split exit) for every row, teacher-forced."""
-    from edge.llamacpp_lib import llama, model_params
+    from edge.llamacpp.lib import llama, model_params
 
     lc = llama()
     model = lc.llama_model_load_from_file(str(path).encode(), model_params(path))
@@ -190,7 +181,7 @@ def emit_agreement(model_dir: Path, chunks: list[list[int]], paths: dict[str, Pa
     cloud's token comes from fp32 deep layers on *that edge's* split rows (every row reaches the cloud, as in
     collaborative mode with exact KV), so a quantized edge shows up in both the edge's and the cloud's tokens."""
     import coexit
-    from edge.calibrate import exit_pass, load_policy
+    from edge.policy.calibrate import exit_pass, load_policy
 
     model = coexit.load(model_dir, dtype=torch.float32)
     policy = load_policy(model_dir)
@@ -251,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from edge.backends.registry import make_backend
-    from edge.export_gguf import IMATRIX_FILE, export_gguf
+    from edge.export.gguf import IMATRIX_FILE, export_gguf
 
     model_dir = Path(args.model)
     names = args.choices.split(",")
@@ -273,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase in ("agree", "all"):
         im = Path(args.imatrix) if args.imatrix else model_dir / IMATRIX_FILE
         if not args.imatrix and args.calib:
-            from edge.imatrix import compute
+            from edge.export.imatrix import compute
 
             im = compute(model_dir, [args.calib], args.calib_tokens, threads=args.threads).save(work / IMATRIX_FILE)
         if not im.is_file() and any(CHOICES[n].get("imatrix") == "IM" for n in names):
@@ -341,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
           (f"tok/s: one-token edge steps after a {args.prompt}-token prompt, {args.tokens} steps, best of "
            f"{args.repeats}; " if "torch_tps" in state else "") +
           "layer bpw: bits per weight of the edge layers' matrices as stored. embd/out = token_embd and output at "
-          "q8_0; blk.0 = layer 0 at q8_0; q4-mix = q4_k_m + embd/out + blk.0 (edge/export_gguf.py MIXES)")
+          "q8_0; blk.0 = layer 0 at q8_0; q4-mix = q4_k_m + embd/out + blk.0 (edge/export/gguf.py MIXES)")
     if "emit_fp32" in state:
         e = state["emit_fp32"]
         print(f"edge share / emitted = fp32: collaborative mode with the model's calibrated policy, teacher-forced "

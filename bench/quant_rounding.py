@@ -1,7 +1,7 @@
 """Learned rounding on llama.cpp's own grid: how much split-exit top-1 agreement the codes alone buy back.
 
 An experiment behind #14's Q4 line (bench/results/quant_mix.txt), kept so that its figures can be reproduced.
-For every matrix of a quantized edge GGUF (edge/export_gguf.py), the block scales and mins that llama.cpp's
+For every matrix of a quantized edge GGUF (edge/export/gguf.py), the block scales and mins that llama.cpp's
 quantizer chose are kept and only the integer codes are chosen anew:
 - latent weights w = w_fp32 + a * delta (a: the element's grid step), whose nearest grid value the forward pass
   uses (straight-through gradient), trained with Adam to minimise KL(fp32 split exit || quantized split exit) on
@@ -144,8 +144,8 @@ def tune(model_dir: Path, path: Path, calib: list[list[int]], steps: int, lr: fl
     exit's KL to fp32; with `system`, plus the final head's KL when the fp32 deep layers run on the quantized
     edge's split rows (what the cloud computes from them)."""
     from coexit.checkpoint import load, read_config
-    from edge.export_gguf import permute_qk, unpermute_qk
-    from edge.imatrix import LINEAR_NAMES
+    from edge.export.gguf import permute_qk, unpermute_qk
+    from edge.export.imatrix import LINEAR_NAMES
 
     cfg = read_config(model_dir)
     split = cfg.split_layer
@@ -239,14 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from coexit.textdata import read_documents
+    from coexit.textdata import read_documents, spread_chunks
     from coexit.tokenizer import Tokenizer
-    from edge.export_gguf import export_gguf, sidecar_path
-    from edge.imatrix import calibration_chunks
+    from edge.export.gguf import export_gguf, sidecar_path
 
     model_dir = Path(args.model)
     tok = Tokenizer.from_file(model_dir / "tokenizer.json")
-    calib = [c for c in calibration_chunks(tok, read_documents([args.calib]), args.calib_tokens, args.seq)
+    calib = [c for c in spread_chunks(tok, read_documents([args.calib]), args.calib_tokens, args.seq)
              if len(c) == args.seq]
     chunks = eval_chunks(model_dir, args.text, args.text_tokens, 256)
     ref = torch_top1(model_dir, chunks)

@@ -28,14 +28,15 @@ from pathlib import Path
 import torch
 
 import coexit
-from bench.link import DelayProxy, netem_available, netem_namespace
+from bench import shown
 from cloud.launch import start_cloud
 from coexit.exits import ExitPolicy
-from edge.adaptive import AdaptivePolicy, evaluate, frontier
+from edge.apps.wan_emulator import DelayProxy, netem_available, netem_namespace
 from edge.backends import make_backend
-from edge.calibrate import choose_thresholds, collect, load_policy
 from edge.client import EdgeClient
-from edge.gate import GatePolicy
+from edge.policy.adaptive import AdaptivePolicy, evaluate, frontier
+from edge.policy.calibrate import choose_thresholds, collect, load_policy
+from edge.policy.gate import GatePolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = "CE-CoLLM reports -84.55% cloud compute and -13.81% latency vs cloud-only serving, at comparable accuracy."
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model.config
     pairs, calib_texts = load_snippets(data, args.prompts, args.seed)
     edge_exits = cfg.edge_exit_layers
-    print(f"model {args.model}: {cfg.num_hidden_layers} layers, exits {list(cfg.exit_layers)}, split "
+    print(f"model {shown(args.model)}: {cfg.num_hidden_layers} layers, exits {list(cfg.exit_layers)}, split "
           f"{cfg.split_layer}; {len(pairs)} held-out prompts x {args.max_new} tokens", flush=True)
     stats = collect(model, calib_texts, edge_exits, "max_prob", max_tokens=args.calib_tokens)
     policies = {}
@@ -335,10 +336,10 @@ def main(argv: list[str] | None = None) -> int:
                         for name, by in sweep.items()]
         table += ("\n\nLatency per token (ms) against RTT, 20 Mbit/s, userspace relay, "
                   f"{len(link_pairs)} prompts (`latency_vs_rtt.png`):\n\n" + "\n".join(sweep_lines))
-    text = (f"# coexit evaluation report\n\nModel: `{args.model}`; held-out data: `{args.data}` (packages never seen "
-            f"in training); {len(pairs)} prompts x up to {args.max_new} new tokens, greedy; thresholds calibrated "
-            f"on other held-out files. Cloud compute is layer-token computations relative to cloud-only serving of "
-            f"the same sequences, prompts included; decode compute leaves out the prompt rows (the same in every "
+    text = (f"# coexit evaluation report\n\nModel: `{shown(args.model)}`; held-out data: `{shown(args.data)}` "
+            f"(packages never seen in training); {len(pairs)} prompts x up to {args.max_new} new tokens, greedy; "
+            f"thresholds calibrated on other held-out files. Cloud compute is layer-token computations relative "
+            f"to cloud-only serving of the same sequences, prompts included; decode compute leaves out the prompt rows (the same in every "
             f"mode) and is per generated token, against cloud-only's L layers per token; a propagated layer-row "
             f"counts {kv_fill_cost(cfg):.3f} of one (its K/V "
             f"projections). acc: held-out top-1 next-token accuracy, teacher-forced. accept: lossless drafts "

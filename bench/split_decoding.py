@@ -18,13 +18,16 @@ from pathlib import Path
 
 import torch
 
-import coexit
-from cloud.launch import start_cloud
-from coexit.decoding import generate_full
-from coexit.exits import ExitPolicy, confidence
-from coexit.tiny import make_checkpoint
-from edge.backends import TorchBackend
-from edge.client import EdgeClient
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import coexit  # noqa: E402  (after the path: `python bench/split_decoding.py` runs it as a script)
+from bench import shown  # noqa: E402
+from cloud.launch import start_cloud  # noqa: E402
+from coexit.decoding import generate_full  # noqa: E402
+from coexit.exits import ExitPolicy, confidence  # noqa: E402
+from coexit.tiny import make_checkpoint  # noqa: E402
+from edge.backends import TorchBackend  # noqa: E402
+from edge.client import EdgeClient  # noqa: E402
 
 PROMPTS = ["def add(a, b):\n    return", "import os\nimport sys\n", "class Point:\n    def __init__(self, x, y):",
            "for i in range(10):\n    print("]
@@ -80,7 +83,8 @@ def main() -> int:
             rows.append((mode, n, edge_share / n, 1e3 * pct(lat, 0.5), 1e3 * pct(lat, 0.99), up / n, down / n,
                          cloud_lt, 1e3 * pct(over, 0.5) if over else float("nan"), n / wall))
         base = rows[0][7]
-        print(f"\nmodel {model_dir}: {full.config.num_hidden_layers} layers, split {full.config.split_layer}, "
+        name = shown(model_dir, "a tiny random checkpoint" if not args.model else None)
+        print(f"\nmodel {name}: {full.config.num_hidden_layers} layers, split {full.config.split_layer}, "
               f"hidden {full.config.hidden_size}; {len(prompts)} prompts x {args.tokens} tokens; encoding "
               f"{args.encoding}; loopback; thresholds { {k: round(v, 3) for k, v in policy.thresholds.items()} }")
         head = ("mode", "tokens", "edge share", "p50 ms/tok", "p99 ms/tok", "up B/tok", "down B/tok",

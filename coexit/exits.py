@@ -61,7 +61,7 @@ class ExitPolicy:
             f"exit {e} when {self.criterion} {op} {t:.3g}" for e, t in sorted(self.thresholds.items()))
 
     def observe(self, round_trip_s: float, compute_s: float, queue_s: float, bytes_up: int) -> None:
-        """A fallback's measurements (a fixed policy ignores them; edge.adaptive.AdaptivePolicy does not)."""
+        """A fallback's measurements (a fixed policy ignores them; edge.policy.adaptive.AdaptivePolicy does not)."""
 
     def observe_edge(self, step_s: float, full: bool) -> None:
         """An edge step's time; full: it ran every edge layer."""

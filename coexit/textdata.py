@@ -50,3 +50,21 @@ def read_documents(inputs: list[str | Path], text_key: str = "text") -> list[str
     if not docs:
         raise UsageError(f"the inputs {', '.join(map(str, inputs))} hold no text")
     return docs
+
+
+def spread_chunks(tokenizer, docs: list[str], tokens: int, chunk: int, per_doc: int | None = None,
+                  min_len: int = 16) -> list[list[int]]:
+    """About `tokens` tokens as sequences of up to `chunk` tokens (each at least `min_len`), spread over all
+    documents: every k-th one first, at most `per_doc` chunks from each (default ceil(needed / documents)), so that
+    no single file dominates. The imatrix's calibration text and the quantization benches' evaluation text."""
+    want = max(1, -(-tokens // chunk))
+    stride = max(1, len(docs) // want)
+    per_doc = per_doc or max(1, -(-want // len(docs)))
+    out: list[list[int]] = []
+    for start in range(stride):
+        for doc in docs[start::stride]:
+            ids = tokenizer.encode(doc)
+            out += [ids[i: i + chunk] for i in range(0, len(ids), chunk) if len(ids) - i >= min_len][:per_doc]
+            if sum(map(len, out)) >= tokens:
+                return out
+    return out

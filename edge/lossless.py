@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from coexit.exits import AlsoAt
 from coexit.sampling import draft_distribution, sample, sample_draft
 from coexit.v1 import coexit_pb2 as pb
-from edge.client import TokenEvent, _Run
 from edge.link import CloudUnavailable
+from edge.run import Run, TokenEvent
 
 
 @dataclass
@@ -61,7 +61,7 @@ class _Sent:
     nbytes: int = 0
 
 
-class LosslessRun(_Run):
+class LosslessRun(Run):
     def __init__(self, client, prompt, max_new: int, sampling, policy, stop_at_eos: bool, provisional: bool,
                  speculative: bool = False) -> None:
         if client.draft_always and not speculative:
@@ -303,8 +303,7 @@ class LosslessRun(_Run):
         res = be.step(seq[self.stepped:], self.stepped, self.policy.decide, to_split=True)
         self._collect_rows()
         self.stepped = len(seq)
-        layer = res.depth if res.exited else max(res.exit_logits)
-        token, logprob = sample(res.exit_logits[layer], self.sampling, position=len(seq))
+        layer, token, logprob = self._edge_token(res, len(seq))
         self.counters.standalone += 1
         self._emit(token, "edge-standalone", layer, logprob)
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from cloud.engine.slots import LengthsView, SlotTables
 from coexit.attention import attend
 from coexit.config import Config
 from coexit.kv_cache import CacheError, LayerLengths
@@ -35,6 +37,7 @@ class KVPool:
         self.k = torch.empty(num_blocks * block_size, n_kv, head_dim, dtype=dtype, device=self.device)
         self.v = torch.empty_like(self.k)
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.tables = SlotTables()  # every session's block tables and lengths, by slot
         self._scratch: list[Tensor | None] = [None, None]  # reused gather buffers for keys and values
 
     @staticmethod
@@ -94,11 +97,13 @@ class KVPool:
         """n block ids, or None (and nothing taken) when fewer are free."""
         if n > len(self._free):
             return None
-        ids = [self._free.pop() for _ in range(n)]
-        slots = (torch.tensor(ids)[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
-        slots = slots.to(self.device)
-        self.k[slots] = 0
-        self.v[slots] = 0
+        if n == 0:
+            return []
+        ids = self._free[-n:][::-1]
+        del self._free[-n:]
+        rows = torch.tensor(ids, device=self.device)
+        self.k.view(self.num_blocks, -1).index_fill_(0, rows, 0)
+        self.v.view(self.num_blocks, -1).index_fill_(0, rows, 0)
         return ids
 
     def release(self, blocks: list[int]) -> None:
@@ -106,24 +111,46 @@ class KVPool:
 
 
 class PagedCache(LayerLengths):
-    """One session's KV over `layers`: a block table and a filled length per layer (a prefix, as in KVCache).
+    """One session's KV over `layers`: a block table and a filled length per layer (a prefix, as in KVCache), kept
+    in the pool's slot-indexed arrays (`pool.tables`, cloud/engine/slots.py) at this cache's slot.
 
     It offers the KVCache interface the model and LayerRunner use (length, attend, get, truncate), so a session can
-    also be run alone on it; the engine writes and reads it for many sessions at once through BatchAttention."""
+    also be run alone on it; the engine writes and reads it for many sessions at once through BatchAttention, or
+    through the arrays directly on a steady decode tick."""
 
     def __init__(self, pool: KVPool, layers: range) -> None:
-        super().__init__(layers)
+        self.layers = layers
         self.pool = pool
-        self.tables: dict[int, list[int]] = {layer: [] for layer in layers}
+        self.slot = pool.tables.acquire(layers.stop)
+        self.lengths = LengthsView(pool.tables, self._slot, layers)
+
+    def _slot(self) -> int:
+        if self.slot < 0:  # released, then used again: take a fresh slot
+            self.slot = self.pool.tables.acquire(self.layers.stop)
+        return self.slot
+
+    def length(self, layer: int) -> int:
+        return int(self.pool.tables.lengths[layer, self._slot()])
+
+    def table(self, layer: int) -> np.ndarray:
+        """Block ids (n,) of `layer` (a view: valid until the tables grow)."""
+        t, slot = self.pool.tables, self._slot()
+        return t.blocks[layer, slot, :t.nblocks[layer, slot]]
+
+    @property
+    def tables(self) -> dict[int, list[int]]:
+        """{layer: block ids} (a copy)."""
+        return {layer: self.table(layer).tolist() for layer in self.layers}
 
     @property
     def num_blocks(self) -> int:
-        return sum(len(t) for t in self.tables.values())
+        return int(self.pool.tables.nblocks[self.layers.start:self.layers.stop, self._slot()].sum())
 
     def blocks_needed(self, upto: int) -> int:
         """Blocks still to allocate so that every layer can hold positions [0, upto)."""
         want = math.ceil(upto / self.pool.block_size)
-        return sum(max(0, want - len(t)) for t in self.tables.values())
+        have = self.pool.tables.nblocks[self.layers.start:self.layers.stop, self._slot()]
+        return int(np.maximum(want - have, 0).sum())
 
     def grow(self, upto: int) -> bool:
         """Allocate blocks so every layer can hold `upto` positions; all or nothing."""
@@ -134,50 +161,66 @@ class PagedCache(LayerLengths):
         if got is None:
             return False
         want = math.ceil(upto / self.pool.block_size)
-        for table in self.tables.values():
-            while len(table) < want:
-                table.append(got.pop())
+        t, slot = self.pool.tables, self.slot
+        t.reserve_width(want)
+        for layer in self.layers:
+            have = int(t.nblocks[layer, slot])
+            if have < want:  # the same ids, in the same order, as popping them one by one
+                cut = len(got) - (want - have)
+                t.blocks[layer, slot, have:want] = got[cut:][::-1]
+                del got[cut:]
+                t.nblocks[layer, slot] = want
         return True
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length at every layer and return the blocks no longer needed."""
         keep = math.ceil(length / self.pool.block_size)
+        t, slot = self.pool.tables, self._slot()
         for layer in self.layers:
-            self.lengths[layer] = min(self.lengths[layer], length)
-            table = self.tables[layer]
-            if len(table) > keep:
-                self.pool.release(table[keep:])
-                del table[keep:]
+            if t.lengths[layer, slot] > length:
+                t.lengths[layer, slot] = length
+            n = int(t.nblocks[layer, slot])
+            if n > keep:
+                self.pool.release(t.blocks[layer, slot, keep:n].tolist())
+                t.nblocks[layer, slot] = keep
 
     def release(self) -> None:
-        self.truncate(0)
+        """Free every block and the slot (a later use takes a new slot)."""
+        if self.slot >= 0:
+            self.truncate(0)
+            self.pool.tables.release(self.slot)
+            self.slot = -1
 
     def slots(self, layer: int, start: int, stop: int) -> Tensor:
         """Pool slot ids (stop - start,) of positions [start, stop) at `layer`."""
         bs = self.pool.block_size
         pos = torch.arange(start, stop)
-        table = torch.tensor(self.tables[layer], dtype=torch.long)
+        table = torch.from_numpy(self.table(layer).astype(np.int64))
         return (table[pos // bs] * bs + pos % bs).to(self.pool.device)
 
     def claim(self, layer: int, first: int, n: int) -> list[int]:
         """Slot ids for n new positions from `first` at `layer`, which must continue the layer without a gap."""
-        have, table, bs = self.lengths[layer], self.tables[layer], self.pool.block_size
+        t, slot, bs = self.pool.tables, self._slot(), self.pool.block_size
+        have, nb = int(t.lengths[layer, slot]), int(t.nblocks[layer, slot])
         if have != first:
             raise CacheError(f"layer {layer} holds {have} positions but the new rows start at position {first}")
-        if first + n > len(table) * bs:
+        if first + n > nb * bs:
             raise CacheError(f"layer {layer}: positions up to {first + n} exceed the session's blocks; grow() first")
-        self.lengths[layer] = first + n
-        return [table[p // bs] * bs + p % bs for p in range(first, first + n)]
+        t.lengths[layer, slot] = first + n
+        if n == 1:
+            return [int(t.blocks[layer, slot, first // bs]) * bs + first % bs]
+        pos = np.arange(first, first + n)
+        return (t.blocks[layer, slot, pos // bs].astype(np.int64) * bs + pos % bs).tolist()
 
     def get(self, layer: int) -> tuple[Tensor, Tensor]:
         """Keys and values (1, K, S, D) of the filled positions at `layer`."""
-        idx = self.slots(layer, 0, self.lengths[layer])
+        idx = self.slots(layer, 0, self.length(layer))
         return self.pool.k[idx].transpose(0, 1)[None], self.pool.v[idx].transpose(0, 1)[None]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """One sequence (B == 1): store k, v (1, K, T, D) at the layer's length and attend q (1, H, Tq, D) at
         `positions` (1, Tq) over all its keys (Tq < T when some rows only store their KV)."""
-        first, n = self.lengths[layer], k.shape[2]
+        first, n = self.length(layer), k.shape[2]
         fill = None
         if q.shape[2] != n:
             fill = torch.ones(n, dtype=torch.bool)
@@ -207,6 +250,7 @@ class BatchAttention:
         if self.singles:  # layer-independent parts of the decode call
             self.rows = torch.tensor([r for r, _, _ in self.singles], device=pool.device)
             self.lengths = torch.tensor([pos + 1 for _, _, pos in self.singles], device=pool.device)
+            self.slot_ids = np.array([c.slot for _, c, _ in self.singles])
             self._masks: dict[int, tuple[Tensor, Tensor]] = {}
 
     def _mask(self, width: int) -> tuple[Tensor, Tensor]:
@@ -228,9 +272,10 @@ class BatchAttention:
             y[:, :, row:row + nq] = attend(q[:, :, row:row + nq], kk.to(q.dtype), vv.to(q.dtype),
                                            positions[:, row:row + nq], key_pos)
         if self.singles:  # decode rows: gather whole blocks of every session's table, pad to the widest
-            width = max(len(c.tables[layer]) for _, c, _ in self.singles)
-            tables = torch.tensor([c.tables[layer] + [0] * (width - len(c.tables[layer]))
-                                   for _, c, _ in self.singles], device=pool.device)
+            t = pool.tables
+            slots = self.slot_ids
+            width = int(t.nblocks[layer, slots].max())
+            tables = torch.from_numpy(t.blocks[layer, slots, :width].astype(np.int64)).to(pool.device)
             rows = self.rows
             qq = q[0, :, rows].transpose(0, 1)[:, :, None]  # (B, H, 1, D)
             out = pool.attend_blocks(qq, tables, positions[0, rows][:, None], *self._mask(width))

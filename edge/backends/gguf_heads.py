@@ -1,4 +1,4 @@
-"""Reading an edge GGUF written by `coexit export-edge` (edge/export_gguf.py) from Python: the model config, the
+"""Reading an edge GGUF written by `coexit export-edge` (edge/export/gguf.py) from Python: the model config, the
 fingerprint, the tokenizer, and the exit heads that run in Python on captured hidden states.
 
 An exit head is RMSNorm (its own weight, from `coexit.exit_norm.{e}`) followed by a projection: the GGUF's
@@ -60,7 +60,7 @@ class EdgeGGUF:
     quant: int  # general.file_type
     tokenizer_json: str | None
     heads: dict[int, ExitHead] = field(default_factory=dict)  # exits before the split (whole-edge files)
-    layers: tuple[int, int] | None = None  # a segment's layer range (edge/export_segments.py); None: [0, split)
+    layers: tuple[int, int] | None = None  # a segment's layer range (edge/export/segments.py); None: [0, split)
 
 
 def gguf_fingerprint(path: str | Path) -> str | None:
@@ -69,7 +69,7 @@ def gguf_fingerprint(path: str | Path) -> str | None:
 
 
 def read_edge_gguf(path: str | Path) -> EdgeGGUF:
-    from edge.export_gguf import sidecar_path
+    from edge.export.gguf import sidecar_path
 
     path = Path(path)
     if not path.is_file():

@@ -1,7 +1,7 @@
 """The llama.cpp edge backend: runs an edge GGUF, or a chain of GGUF segments, through llama-cpp-python's
 low-level API.
 
-Layouts (edge/export_gguf.py, edge/export_segments.py):
+Layouts (edge/export/gguf.py, edge/export/segments.py):
 - **segments** (a directory of `layers-LO-HI.gguf`): one llama.cpp context per exit interval, chained through
   `llama_batch.embd`. Each segment's output head is the exit at its top, so llama.cpp computes that exit's logits
   itself. A token accepted at an exit stops there: the segments above never run it. Its rows wait, parked at that
@@ -11,8 +11,8 @@ Layouts (edge/export_gguf.py, edge/export_segments.py):
   layer outputs (edge/backends/gguf_heads.py). One stock file, no compute saved by exits.
 
 How hidden states are read: llama.cpp names each layer's output (the residual after layer i, i.e. after i + 1
-layers) `l_out-{i}`. The context's eval callback is a C function (edge/native/capture.c via
-edge/llamacpp_lib.Capture) that asks for the wanted names only and copies them out as f32 (n_tokens, C); a
+layers) `l_out-{i}`. The context's eval callback is a C function (edge/llamacpp/native/capture.c via
+edge.llamacpp.lib.Capture) that asks for the wanted names only and copies them out as f32 (n_tokens, C); a
 Python callback per graph node would cost more than the layers at this size. Every batch row is marked as an
 output row: llama.cpp drops non-output rows inside the last layer, and the segment's output rows must all
 survive. The KV caches live in the llama.cpp contexts across steps; truncate() removes positions with
@@ -31,7 +31,7 @@ from torch import Tensor
 from coexit.decoding import Decide, ExitLogits, ParkedRows, RunResult, checks
 from edge.backends.base import EdgeBackend
 from edge.backends.gguf_heads import ExitHead, read_edge_gguf
-from edge.llamacpp_lib import Capture, llama, model_params
+from edge.llamacpp.lib import Capture, llama, model_params
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids for the K/V cache
 
@@ -148,7 +148,7 @@ class LlamaCppBackend(EdgeBackend):
 
     def __init__(self, path: str | Path, n_threads: int = 2, max_len: int | None = None, n_batch: int = 256,
                  kv_type: str = "f16", flash_attn: bool | None = None) -> None:
-        from edge.export_segments import segment_files
+        from edge.export.segments import segment_files
 
         self.path = Path(path)
         files = segment_files(self.path) if self.path.is_dir() else [self.path]

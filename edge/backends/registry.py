@@ -48,8 +48,8 @@ def _gguf_path(path: Path, quant: str, layout: str, out: str | Path | None) -> P
     from coexit.checkpoint import fingerprint
     from coexit.errors import UsageError
     from edge.backends.gguf_heads import gguf_fingerprint
-    from edge.export_gguf import MIXES, QUANTS, export_gguf
-    from edge.export_segments import export_segments, segment_files
+    from edge.export.gguf import MIXES, QUANTS, export_gguf
+    from edge.export.segments import export_segments, segment_files
 
     if layout not in LAYOUTS:
         raise UsageError(f"unknown GGUF layout {layout!r}; choose one of {', '.join(LAYOUTS)}")

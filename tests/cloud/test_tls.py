@@ -45,7 +45,7 @@ def test_tls_client_gets_the_full_models_tokens(tiny_dir, tls_server, capsys):
     assert client.generate(ids, 6, policy=ExitPolicy.never(), stop_at_eos=False).tokens == generate_full(full, ids, 6)
     client.close()
 
-    from edge.cli import main
+    from edge.apps.generate import main
 
     assert main(["--model", str(tiny_dir), "--cloud", address, "--tls-ca", cert, "--threshold", "1",
                  "--max-new-tokens", "4", "--color", "never", "def add(a, b):"]) == 0

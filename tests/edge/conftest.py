@@ -14,7 +14,7 @@ import torch
 from coexit.checkpoint import load, save
 from coexit.config import Config, EarlyExitConfig
 from coexit.tiny import SAMPLE_TEXT, random_model, train_bpe
-from edge.export_gguf import unpermute_qk
+from edge.export.gguf import unpermute_qk
 
 # Rows are multiples of 256, so q8_0/q4_0 (blocks of 32) and k-quants (256) apply to every matrix, without
 # llama.cpp's fallback types. Exits 1, 2, 3 with the split at 3; own exit projections (sidecar path in GGUF).

@@ -14,10 +14,10 @@ import coexit
 from cloud.server import ServerThread
 from coexit.exits import ExitPolicy
 from coexit.tiny import SAMPLE_TEXT
-from edge.adaptive import AdaptivePolicy, evaluate, frontier
-from edge.calibrate import POLICY_FILE, calibrate, choose_thresholds, collect, load_policy
+from edge.apps.wan_emulator import DelayProxy
 from edge.client import EdgeClient
-from edge.wan import DelayProxy
+from edge.policy.adaptive import AdaptivePolicy, evaluate, frontier
+from edge.policy.calibrate import POLICY_FILE, calibrate, choose_thresholds, collect, load_policy
 
 NETWORKS = [  # (round trip s, server compute s, queue s, bytes up)
     (0.0002, 0.0001, 0.0, 600), (0.002, 0.001, 0.0005, 600), (0.05, 0.002, 0.0, 900), (0.2, 0.002, 0.01, 900),
@@ -142,8 +142,8 @@ def test_speculative_fallbacks_make_collaborative_tokens(tiny_dir, served, thres
     """Collaborative mode with the adaptive policy drafts through fallbacks when they are expensive: with one
     setting on its frontier (so thresholds stay put) its greedy tokens equal plain collaborative mode's with the
     same thresholds, and no token waited for the cloud."""
-    from edge.adaptive import FrontierPoint
     from edge.backends import TorchBackend
+    from edge.policy.adaptive import FrontierPoint
 
     full = coexit.load(tiny_dir)
     ids = full.tokenizer.encode("import os\nimport sys\n\nclass Point:\n", add_bos=True)
@@ -165,8 +165,8 @@ def test_speculative_mode_keeps_collaborative_outage_semantics(tiny_dir):
     changes an emitted token, and once the cloud is back its tokens are the full model's again."""
     from cloud.launch import free_port, start_cloud
     from coexit.decoding import generate_full
-    from edge.adaptive import FrontierPoint
     from edge.backends import TorchBackend
+    from edge.policy.adaptive import FrontierPoint
     from tests.edge.cloud_restart import assert_full_model_greedy, drive_through_restart
 
     full = coexit.load(tiny_dir)

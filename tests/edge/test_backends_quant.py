@@ -34,7 +34,7 @@ pytest.importorskip("bitsandbytes")
 
 from edge.backends.gguf_heads import read_edge_gguf  # noqa: E402
 from edge.backends.llamacpp import LlamaCppBackend  # noqa: E402
-from edge.export_gguf import main as export_main  # noqa: E402
+from edge.export.cli import main as export_main  # noqa: E402
 
 STREAM = torch.randint(3, 380, (40,), generator=torch.Generator().manual_seed(1)).tolist()
 PREFILL = 16

@@ -15,7 +15,7 @@ import coexit
 from cloud.server import ServerThread
 from coexit.decoding import generate_full
 from edge.client import EdgeClient
-from edge.gate import GatePolicy
+from edge.policy.gate import GatePolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "coexit-code-small"
@@ -104,7 +104,7 @@ def test_demo_prompts_end_at_a_token_boundary(full):
     """A completion can start where each demo prompt ends: no trailing indentation (its spaces would be merged
     into the prompt's last token and the first generated token would add one more), and the prompt's tokens are a
     prefix of the tokens of the prompt with its greedy continuation, re-tokenized."""
-    from edge.demo import PROMPTS
+    from edge.apps.demo import PROMPTS
 
     tok = full.tokenizer
     for prompt in PROMPTS:

@@ -8,7 +8,7 @@ import torch
 
 import coexit
 from coexit.exits import ExitPolicy
-from edge.calibrate import ExitStats, calibrate, choose_thresholds, load_policy
+from edge.policy.calibrate import ExitStats, calibrate, choose_thresholds, load_policy
 
 
 def test_thresholds_on_known_statistics():
@@ -62,7 +62,7 @@ def test_calibrate_writes_a_policy_that_meets_the_target(tiny_dir, tmp_path):
 
 
 def test_clopper_pearson_bounds():
-    from edge.guarantee import binom_cdf, clopper_pearson_upper
+    from edge.policy.guarantee import binom_cdf, clopper_pearson_upper
 
     assert abs(clopper_pearson_upper(0, 100, 0.05) - (1 - 0.05 ** (1 / 100))) < 1e-6  # closed form at m = 0
     for m, n in ((3, 50), (10, 400), (40, 1000)):
@@ -74,7 +74,7 @@ def test_ltt_guarantee_holds_over_repeated_calibrations():
     """Scores whose true disagreement rate falls with confidence: over 200 fresh calibration samples, the chosen
     threshold's true disagreement exceeds alpha in at most about delta of them, while the empirical rule (no bound)
     exceeds it far more often; and the bound still finds a threshold nearly every time."""
-    from edge.guarantee import ltt_threshold
+    from edge.policy.guarantee import ltt_threshold
 
     alpha, delta, n, trials = 0.05, 0.1, 3000, 200
     g = torch.Generator().manual_seed(0)
@@ -104,7 +104,7 @@ def test_on_policy_learned_gate_with_guarantee(tiny_dir, tmp_path):
 
     from coexit.tiny import SAMPLE_TEXT
     from edge.client import EdgeClient
-    from edge.gate import GATE_FILE, GatePolicy
+    from edge.policy.gate import GATE_FILE, GatePolicy
 
     d = tmp_path / "m"
     shutil.copytree(tiny_dir, d)
@@ -124,7 +124,7 @@ def test_on_policy_learned_gate_with_guarantee(tiny_dir, tmp_path):
     gen = client.generate("def add(a, b):", 8, stop_at_eos=False)
     assert len(gen.events) == 8
     # the network-aware policy still works from a learned calibration: max-prob settings within their budget
-    from edge.adaptive import AdaptivePolicy
+    from edge.policy.adaptive import AdaptivePolicy
 
     adaptive = load_policy(d, adaptive=True)
     assert isinstance(adaptive, AdaptivePolicy) and adaptive.criterion == "max_prob"
@@ -138,7 +138,7 @@ def test_coexit_generate_uses_the_calibrated_policy_unless_told_otherwise(tiny_d
     import shutil
 
     from edge import cli
-    from edge.calibrate import POLICY_FILE
+    from edge.policy.calibrate import POLICY_FILE
 
     d = tmp_path / "m"
     shutil.copytree(tiny_dir, d)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import coexit
 from cloud.server import ServerThread
+from edge.apps.wan_emulator import DelayProxy
 from edge.backends import TorchBackend
 from edge.client import EdgeClient
-from edge.wan import DelayProxy
 
 
 def test_first_request_over_a_slow_link_connects(tiny_dir):

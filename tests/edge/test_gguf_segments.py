@@ -1,4 +1,4 @@
-"""The llama.cpp edge as GGUF segments (edge/export_segments.py): stock files, exits that skip the layers above
+"""The llama.cpp edge as GGUF segments (edge/export/segments.py): stock files, exits that skip the layers above
 them, and KV caught up later, with the same split rows and exit logits as coexit's torch edge."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edge.backends import make_backend
-from edge.export_segments import segment_bounds, segment_files
+from edge.export.segments import segment_bounds, segment_files
 
 # quant_dir (tests/edge/conftest.py): 4 layers, exits 1, 2, 3 with the split at 3, each exit its own projection
 
@@ -21,7 +21,7 @@ def segments(quant_dir, tmp_path_factory):
 
 
 def test_segments_are_stock_llama_files(segments, quant_dir):
-    from edge.llamacpp_lib import stock_llama
+    from edge.llamacpp.lib import stock_llama
 
     files = segment_files(segments.path)
     assert [f.name for f in files] == ["layers-00-01.gguf", "layers-01-02.gguf", "layers-02-03.gguf"]
@@ -109,7 +109,7 @@ def test_truncate_inside_parked_rows(segments):
 
 
 def test_a_quant_mix_follows_the_layer_renumbering(quant_dir, tmp_path):
-    from edge.export_segments import export_segments
+    from edge.export.segments import export_segments
 
     out = export_segments(quant_dir, "q4-mix", tmp_path / "seg", imatrix="none")
     types = []

@@ -144,7 +144,7 @@ def test_standalone_checks_only_exits_below_the_split_that_can_stop(edge):
     """Standalone mode emits at the split whatever a decision there says: a gate policy thresholded only at the
     split checks no exit at all (not even the earlier exits its gate reads), and runs straight to the split."""
     from coexit.exits import Below
-    from edge.gate import ExitGate, GatePolicy
+    from edge.policy.gate import ExitGate, GatePolicy
 
     backend, full, calls = edge
     gate = ExitGate([1.0] * 7, 0.0, [0.0] * 7, [1.0] * 7)
@@ -163,9 +163,9 @@ def test_standalone_checks_only_exits_below_the_split_that_can_stop(edge):
 
 def test_gguf_layout_follows_what_the_policy_can_stop_at(split_dir):
     from coexit.exits import ExitPolicy
-    from edge.adaptive import AdaptivePolicy, FrontierPoint
     from edge.backends.registry import gguf_layout
-    from edge.gate import ExitGate, GatePolicy
+    from edge.policy.adaptive import AdaptivePolicy, FrontierPoint
+    from edge.policy.gate import ExitGate, GatePolicy
 
     d = split_dir(4)  # edge exits 2, 3, 4; split 4
     gate = ExitGate([1.0] * 7, 0.0, [0.0] * 7, [1.0] * 7)

@@ -1,4 +1,4 @@
-"""The extra-buffer-types probe (edge/llamacpp_lib.py): real llama.cpp in real child processes, a cache in a
+"""The extra-buffer-types probe (edge/llamacpp/lib.py): real llama.cpp in real child processes, a cache in a
 temporary XDG_CACHE_HOME. COEXIT_LLAMA_PROBE_FAULT=1 makes the probe child die of SIGILL the way llama.cpp does
 on a host whose AMX tile instructions fault, so that path runs on any host; nothing here depends on the CPU's
 features (the probes that must pass run f32 weights, which no extra buffer type takes)."""
@@ -15,11 +15,11 @@ import torch
 
 pytest.importorskip("llama_cpp")
 
-import edge.llamacpp_lib as lib  # noqa: E402
+import edge.llamacpp.lib as lib  # noqa: E402
 from coexit.errors import CoexitError, UsageError  # noqa: E402
 from edge.backends.registry import make_backend  # noqa: E402
-from edge.export_gguf import export_gguf  # noqa: E402
-from edge.llamacpp_lib import (  # noqa: E402
+from edge.export.gguf import export_gguf  # noqa: E402
+from edge.llamacpp.lib import (  # noqa: E402
     EXTRA_BUFTS_ENV,
     FAULT_ENV,
     LlamaCppBuildError,

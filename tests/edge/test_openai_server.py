@@ -30,9 +30,9 @@ from cloud.launch import free_port, start_cloud
 from coexit.errors import UsageError
 from coexit.exits import ExitPolicy
 from coexit.sampling import GREEDY, SamplingParams
+from edge.apps.openai_server import EdgeServer, parser, server_from_args
 from edge.backends import TorchBackend
 from edge.client import EdgeClient
-from edge.openai_server import EdgeServer, parser, server_from_args
 
 PROMPTS = ["def add(a, b):", "import os\nimport sys\n", "for i in range(10):", "class Point:"]
 THRESHOLDS = {2: 0.3, 3: 0.2}

@@ -1,4 +1,4 @@
-"""Quant mixes and the importance matrix (edge/export_gguf.py, edge/imatrix.py) on a small random checkpoint.
+"""Quant mixes and the importance matrix (edge/export/gguf.py, edge/export/imatrix.py) on a small random checkpoint.
 
 The checkpoint is conftest's quantization-friendly one with its RMSNorm weights given a heavy-tailed spread
 across channels (log-normal, sigma 1), as trained models have: some input columns of every matrix then carry far
@@ -23,10 +23,10 @@ pytest.importorskip("llama_cpp")
 
 from edge.backends.llamacpp import LlamaCppBackend  # noqa: E402
 from edge.backends.torch_backend import TorchBackend  # noqa: E402
-from edge.export_gguf import IMATRIX_FILE, export_gguf  # noqa: E402
-from edge.export_gguf import main as export_main  # noqa: E402
-from edge.imatrix import Imatrix, collect  # noqa: E402
-from edge.imatrix import main as imatrix_main  # noqa: E402
+from edge.export.cli import main as export_main  # noqa: E402
+from edge.export.gguf import IMATRIX_FILE, export_gguf  # noqa: E402
+from edge.export.imatrix import Imatrix, collect  # noqa: E402
+from edge.export.imatrix import main as imatrix_main  # noqa: E402
 from tests.edge.conftest import QUANT_CONFIG, QUANT_STD  # noqa: E402
 
 TEXT = "".join(SAMPLE_TEXT) * 3

@@ -26,7 +26,7 @@ def cache_dir() -> Path:
 
 @cache
 def load(source: str) -> ctypes.CDLL:
-    """Compile edge/native/<source> (a .c file) into a shared library, once, and load it."""
+    """Compile edge/llamacpp/native/<source> (a .c file) into a shared library, once, and load it."""
     src = HERE / source
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:

@@ -1,5 +1,5 @@
-"""`coexit export-edge`: write the edge stage of a checkpoint (embeddings, layers [0, split), exit heads) as a GGUF
-file that stock llama.cpp loads, optionally quantized by llama.cpp's own quantizer.
+"""Writing the edge stage of a checkpoint (embeddings, layers [0, split), exit heads) as a GGUF file that stock
+llama.cpp loads, optionally quantized by llama.cpp's own quantizer (the command line, `coexit export-edge`: cli.py).
 
 File layout (arch "llama", or "qwen2" for Qwen2 checkpoints, whose qkv bias llama.cpp supports under that arch):
 - `block_count` = split, tensors under llama.cpp's names (token_embd, blk.N.attn_q, ...). For arch "llama" the Q/K
@@ -21,7 +21,7 @@ llama-quantize uses) converts it; its rules apply (e.g. q4_k_m keeps some tensor
 rows are not a multiple of the block size fall back to a compatible type). On top of a base type:
 - per-tensor types: the token embedding and the output head (`token_embedding_type`, `output_tensor_type` of
   llama_model_quantize_params) and whole layers (`tt_overrides`, regex -> type), e.g. `--keep-layers 0`;
-- an importance matrix (edge/imatrix.py, `coexit imatrix`): `MODEL/imatrix.gguf` is used by default for the
+- an importance matrix (edge/export/imatrix.py, `coexit imatrix`): `MODEL/imatrix.gguf` is used by default for the
   4-bit types when it exists (`--imatrix none` to opt out); the file and its datasets are recorded in the
   GGUF's `quantize.imatrix.*` metadata, as llama-quantize records them;
 - named mixes (MIXES): "q4-mix" = q4_k_m with token_embd, output and layer 0 at q8_0 (+ the imatrix when
@@ -30,10 +30,8 @@ rows are not a multiple of the block size fall back to a compatible type). On to
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
-import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,7 +43,7 @@ import torch
 from coexit.checkpoint import fingerprint, load, read_config
 from coexit.config import Config
 from coexit.model import EarlyExitLM, rope_inv_freq
-from edge.gguf_vocab import add_vocab
+from edge.export.vocab import add_vocab
 
 QUANTS = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
@@ -217,7 +215,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 2, *, embd: s
     """Run llama.cpp's quantizer (llama_model_quantize) from an f32 GGUF to `quant` (a QUANTS key), with
     token_embd / output at `embd` / `output`, tensors matching a `tensor_types` regex at its type, an importance
     matrix (GGUF tensor name -> per-column weights) and extra string metadata."""
-    from edge.llamacpp_lib import llama
+    from edge.llamacpp.lib import llama
 
     lc = llama()
     params = lc.llama_model_quantize_default_params()
@@ -275,7 +273,7 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
                 keep_type: str | None = None, keep_tensors: tuple[str, ...] | None = None,
                 layers: tuple[int, int] | None = None) -> Path:
     """Export layers [0, split) and the edge exits of a checkpoint directory as a GGUF; returns its path.
-    layers=(lo, hi): one segment instead (edge/export_segments.py), its blocks renumbered from blk.0; the mix's
+    layers=(lo, hi): one segment instead (edge/export/segments.py), its blocks renumbered from blk.0; the mix's
     kept layers and the imatrix entries follow the renumbering.
 
     quant: a QUANTS key or a MIXES name; embd / output / keep_layers / keep_tensors (+ keep_type) override the
@@ -302,7 +300,7 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
     if quant in MIXES or mix != QuantMix(quant):
         meta["coexit.quant"] = quant if mix == MIXES.get(quant) else mix.describe()
     if im_path is not None:
-        from edge.imatrix import Imatrix
+        from edge.export.imatrix import Imatrix
 
         im = Imatrix.load(im_path)
         if im.fingerprint and im.fingerprint != model.fingerprint:
@@ -348,49 +346,3 @@ def _load_edge(model_dir: Path) -> EarlyExitLM:
     model = load(model_dir, layers=(0, split), dtype=torch.float32)
     model.fingerprint = model.fingerprint or fingerprint(model_dir)
     return model
-
-
-def main(argv: list[str] | None = None) -> int:
-    from coexit.cli import HelpFormatter
-
-    ap = argparse.ArgumentParser(prog="coexit export-edge", description=__doc__.split("\n\n")[0],
-                                 formatter_class=HelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors)")
-    ap.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
-    ap.add_argument("--quant", default="f16", choices=sorted(QUANTS) + sorted(MIXES),
-                    help="file type, or a mix: q4-mix = q4_k_m + token_embd/output/layer 0 at q8_0")
-    ap.add_argument("--layout", choices=["whole", "segments"], default="whole",
-                    help="one file, or one file per exit interval in a directory (exits then skip the layers "
-                         "above them in llama.cpp; edge/export_segments.py)")
-    ap.add_argument("--out", help="output file, or directory for segments (default: MODEL/edge-QUANT.gguf or "
-                                  "MODEL/edge-QUANT.segments)")
-    ap.add_argument("--threads", type=int, default=2, help="quantizer threads")
-    ap.add_argument("--imatrix", help=f"importance matrix GGUF (`coexit imatrix`) for 4-bit types; default "
-                                      f"MODEL/{IMATRIX_FILE} when it exists; 'none' to quantize without")
-    ap.add_argument("--keep-embd", metavar="TYPE", help="ggml type for token_embd (e.g. q8_0, q6_k, f16)")
-    ap.add_argument("--keep-output", metavar="TYPE", help="ggml type for the output head (e.g. q8_0)")
-    ap.add_argument("--keep-layers", metavar="I,J", help="edge layers kept whole at --keep-layer-type")
-    ap.add_argument("--keep-tensors", metavar="NAME,NAME",
-                    help="tensors of every edge layer kept at --keep-layer-type (e.g. attn_v,ffn_down)")
-    ap.add_argument("--keep-layer-type", metavar="TYPE", help="type for --keep-layers/--keep-tensors (default q8_0)")
-    args = ap.parse_args(argv)
-    try:
-        layers = None if args.keep_layers is None else tuple(int(x) for x in args.keep_layers.split(",") if x)
-        tensors = None if args.keep_tensors is None else tuple(x for x in args.keep_tensors.split(",") if x)
-        kw = dict(imatrix=args.imatrix, embd=args.keep_embd, output=args.keep_output, keep_layers=layers,
-                  keep_tensors=tensors, keep_type=args.keep_layer_type)
-        if args.layout == "segments":
-            from edge.export_segments import export_segments, segment_files
-
-            out = export_segments(args.model, args.quant, args.out, args.threads, **kw)
-            files = segment_files(out)
-            size = sum(f.stat().st_size for f in files) / 2**20
-            print(f"wrote {out}/: {', '.join(f.name for f in files)}: {size:.2f} MiB")
-            return 0
-        path = export_gguf(args.model, args.quant, args.out, args.threads, **kw)
-    except Exception as exc:  # a CLI prints a message a person can act on, not a traceback
-        print(f"coexit export-edge: {exc}", file=sys.stderr)
-        return 1
-    extra = f" (+ {sidecar_path(path).name})" if sidecar_path(path).exists() else ""
-    print(f"wrote {path}{extra}: {path.stat().st_size / 2**20:.2f} MiB")
-    return 0

@@ -7,8 +7,8 @@ whether its top-1 equals the final head's top-1. Exits are taken in order, so th
 in order: for each exit, among the positions no earlier exit took, the lowest threshold whose accepted positions
 agree with the final head at >= target. Every exit's accepted set meets the target, hence so does their union.
 The result is written to DIR/exit_policy.json, which EdgeClient.from_checkpoint uses as its default policy.
-The file also holds the frontier of threshold vectors the adaptive policy (edge/adaptive.py) chooses from, and its
-default quality budget: the fixed policy's own disagreement over all calibration positions.
+The file also holds the frontier of threshold vectors the adaptive policy (edge/policy/adaptive.py) chooses from, and
+its default quality budget: the fixed policy's own disagreement over all calibration positions.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import coexit
 from coexit.errors import UsageError
 from coexit.exits import ExitPolicy, confidence
 from coexit.textdata import read_documents
-from edge.adaptive import AdaptivePolicy, FrontierPoint, evaluate, frontier
-from edge.gate import ExitGate, GatePolicy, load_gates, save_gates
-from edge.gate import features as gate_features
-from edge.guarantee import ltt_threshold
+from edge.policy.adaptive import AdaptivePolicy, FrontierPoint, evaluate, frontier
+from edge.policy.gate import ExitGate, GatePolicy, load_gates, save_gates
+from edge.policy.gate import features as gate_features
+from edge.policy.guarantee import ltt_threshold
 
 POLICY_FILE = "exit_policy.json"
 
@@ -162,7 +162,7 @@ def choose_thresholds(stats: ExitStats, exits: list[int], target: float, criteri
                       min_support: int = 20, delta: float | None = None) -> tuple[dict[int, float], dict]:
     """Per exit, in order, among the positions no earlier exit took: the lowest threshold whose accepted positions
     agree with the final head at >= target on this sample, or with delta, the loosest whose disagreement is
-    provably at most 1 - target with confidence 1 - delta / len(exits) (Learn-then-Test, edge/guarantee.py), so
+    provably at most 1 - target with confidence 1 - delta / len(exits) (Learn-then-Test, edge/policy/guarantee.py), so
     that all exits hold at once with confidence 1 - delta."""
     n = next(iter(stats.agree.values())).numel()
     remaining = torch.ones(n, dtype=torch.bool)

@@ -3,7 +3,7 @@
 Owns: importing llama_cpp once, silencing (or forwarding to Python logging) llama.cpp's log output, the backend
 initialisation, the hidden-state capture, and the extra-buffer-types probe.
 
-- Capture: a C eval callback (edge/native/capture.c) that copies named graph tensors into numpy buffers, handed the
+- Capture: a C eval callback (native/capture.c) that copies named graph tensors into numpy buffers, handed the
   public ggml functions it needs (`ggml_get_name`, `ggml_nbytes`, `ggml_nelements`, `ggml_is_contiguous`,
   `ggml_backend_tensor_get`) as pointers.
 - Probe: whether llama.cpp's extra CPU buffer types (`llama_model_params.use_extra_bufts`: weights repacked for
@@ -53,7 +53,7 @@ REBUILD = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --force-reinstall --no-bina
 PROBE_TIMEOUT_S = 120
 
 
-MAX_WANTED, NAME_LEN = 8, 64  # as in edge/native/capture.c
+MAX_WANTED, NAME_LEN = 8, 64  # as in edge/llamacpp/native/capture.c
 
 
 class _CaptureState(ctypes.Structure):
@@ -109,12 +109,12 @@ class Capture:
 
 @cache
 def _capture_lib():
-    from edge.native import load
+    from edge.llamacpp.native import load
 
     lib = load("capture.c")
     lib.coexit_capture_size.restype = ctypes.c_int32
     if lib.coexit_capture_size() != ctypes.sizeof(_CaptureState):
-        raise RuntimeError(f"edge/native/capture.c's state is {lib.coexit_capture_size()} bytes but its Python "
+        raise RuntimeError(f"native/capture.c's state is {lib.coexit_capture_size()} bytes but its Python "
                            f"mirror is {ctypes.sizeof(_CaptureState)}: keep the two in step")
     return lib
 
@@ -217,7 +217,7 @@ def stock_llama(gguf_path: str | os.PathLike, **kwargs):
     if llm.model_params.use_extra_bufts != ok:
         llm.close()
         raise RuntimeError("this llama-cpp-python does not build Llama's model params from "
-                           "llama_model_default_params(); edge/llamacpp_lib.stock_llama needs updating")
+                           "llama_model_default_params(); edge.llamacpp.lib.stock_llama needs updating")
     return llm
 
 

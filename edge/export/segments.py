@@ -1,7 +1,7 @@
 """The edge stage as GGUF segments, one per exit interval, so that an early exit in llama.cpp skips the layers above.
 
 For exits e1 < e2 < ... < split, the edge [0, split) becomes the files `layers-00-02.gguf`, `layers-02-04.gguf`, ...
-in one directory (`edge-QUANT.segments/` by default). Each is a stock llama.cpp GGUF, written by edge/export_gguf.py
+in one directory (`edge-QUANT.segments/` by default). Each is a stock llama.cpp GGUF, written by edge/export/gguf.py
 `export_gguf(layers=...)` with the same quantization choices (mixes, imatrix) as a whole-edge file:
 - its blocks are the model's layers [lo, hi), renumbered from blk.0;
 - its output head is exit `hi`'s (norm + projection), so llama.cpp's logits are that exit's logits;
@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from coexit.checkpoint import read_config
-from edge.export_gguf import export_gguf
+from edge.export.gguf import export_gguf
 
 
 def segment_bounds(exit_layers, split: int) -> list[tuple[int, int]]:

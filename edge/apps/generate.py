@@ -62,7 +62,7 @@ def parse_thresholds(text: str | None) -> dict[int, float]:
 def choose_policy(args) -> ExitPolicy:
     """--policy, or by default the model's calibrated policy unless fixed thresholds were given. Flags the chosen
     policy would ignore are refused."""
-    from edge.calibrate import load_policy
+    from edge.policy.calibrate import load_policy
 
     fixed = args.threshold is not None or bool(args.thresholds)
     kind = args.policy or ("fixed" if fixed else "calibrated")

@@ -5,7 +5,7 @@
  * per decode step; this one costs a string compare. It copies each wanted tensor (f32, contiguous) into a
  * caller-owned buffer, appending across the micro-batches of one llama_decode.
  *
- * Only public ggml entry points are used, handed in as function pointers by the Python side (edge/llamacpp_lib.py),
+ * Only public ggml entry points are used, handed in as function pointers by the Python side (edge/llamacpp/lib.py),
  * so nothing here depends on struct ggml_tensor's layout: the element count and byte size come from ggml_nelements
  * and ggml_nbytes, and a tensor that is not contiguous f32 (4 bytes per element) sets an error code that the
  * Python side raises after llama_decode returns.

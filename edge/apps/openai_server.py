@@ -235,7 +235,7 @@ class EdgeServer:
     def __init__(self, model_dir: str | Path, cloud: str | None, mode: str = "collaborative",
                  policy: ExitPolicy | None = None, parallel: int = 4, backend: str = "torch",
                  model_name: str | None = None, max_tokens: int = 16, client_kw: dict | None = None) -> None:
-        from edge.calibrate import POLICY_FILE
+        from edge.policy.calibrate import POLICY_FILE
 
         self.model_dir, self.cloud, self.mode, self.backend = Path(model_dir), cloud, mode, backend
         self.model_name = model_name or self.model_dir.name
@@ -294,7 +294,7 @@ class EdgeServer:
         return ExitPolicy(thresholds)
 
     def adaptive(self, budget) -> ExitPolicy:
-        from edge.calibrate import load_policy
+        from edge.policy.calibrate import load_policy
 
         if budget is not None and not (_is_number(budget) and 0 <= budget <= 1):
             raise RequestError("coexit.quality_budget must be a number in [0, 1]", "coexit")
@@ -561,7 +561,7 @@ def parser() -> argparse.ArgumentParser:
 
 def server_from_args(args: argparse.Namespace) -> EdgeServer:
     """Check the flags (raising UsageError naming the bad one) and load the server."""
-    from edge.cli import parse_thresholds
+    from edge.apps.generate import parse_thresholds
 
     if args.cloud is None and args.mode != "standalone":
         raise UsageError(f"--mode {args.mode} needs a cloud: pass --cloud HOST:PORT of a `coexit serve`, or use "

@@ -16,7 +16,7 @@ from pathlib import Path
 import coexit
 from coexit.errors import UsageError
 from coexit.exits import ExitPolicy
-from edge.cli import render
+from edge.apps.generate import render
 from edge.client import EdgeClient, Generation
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "coexit-code-small"
@@ -119,7 +119,7 @@ def main(argv: list[str]) -> int:
             check_cloud(address)
         link = "loopback"
         if args.link is not None:
-            from edge.wan import DelayProxy
+            from edge.apps.wan_emulator import DelayProxy
 
             host, port = address.rsplit(":", 1)
             proxy = DelayProxy(host, int(port), *args.link)

@@ -6,7 +6,7 @@ weight's rounding error by it (it minimises sum_j imatrix_j * (w_j - q(w_j))^2 p
 squared error), so columns that see large activations are rounded more carefully.
 
 Collected here with forward pre-hooks on the nn.Linear modules of the edge layers [0, split) (names mapped to the
-GGUF's, as edge/export_gguf.py `stage_tensors` does: q_proj -> blk.N.attn_q.weight, ...) and a forward hook on
+GGUF's, as edge/export/gguf.py `stage_tensors` does: q_proj -> blk.N.attn_q.weight, ...) and a forward hook on
 the split exit's norm, whose output is the input of the GGUF's `output` head. Q/K permutation for llama.cpp
 reorders rows (outputs) only, so per-column statistics need none. The token embedding is a row lookup, not a
 matmul, and gets no entry (llama.cpp does not use one for it either).
@@ -137,25 +137,10 @@ def collect(model: EarlyExitLM, chunks: list[list[int]]) -> Imatrix:
     return im
 
 
-def calibration_chunks(tokenizer, docs: list[str], tokens: int, chunk: int) -> list[list[int]]:
-    """About `tokens` tokens as sequences of up to `chunk` tokens, spread over all documents (every k-th one
-    first, at most ceil(needed / documents) chunks from each), so that no single file dominates."""
-    want = max(1, -(-tokens // chunk))
-    stride, per_doc = max(1, len(docs) // want), max(1, -(-want // len(docs)))
-    out: list[list[int]] = []
-    for start in range(stride):
-        for doc in docs[start::stride]:
-            ids = tokenizer.encode(doc)
-            out += [ids[i: i + chunk] for i in range(0, len(ids), chunk) if len(ids) - i >= 16][:per_doc]
-            if sum(map(len, out)) >= tokens:
-                return out
-    return out
-
-
 def compute(model_dir: str | Path, text: list[str], tokens: int = 16384, chunk: int = 512,
             threads: int = 2) -> Imatrix:
     from coexit.checkpoint import fingerprint, load, read_config
-    from coexit.textdata import read_documents
+    from coexit.textdata import read_documents, spread_chunks
     from coexit.tokenizer import Tokenizer
 
     torch.set_num_threads(threads)
@@ -165,7 +150,7 @@ def compute(model_dir: str | Path, text: list[str], tokens: int = 16384, chunk: 
     model = load(model_dir, layers=(0, cfg.split_layer), dtype=torch.float32)
     model.fingerprint = model.fingerprint or fingerprint(model_dir)
     tok = Tokenizer.from_file(model_dir / "tokenizer.json")
-    chunks = calibration_chunks(tok, read_documents(text), tokens, chunk)
+    chunks = spread_chunks(tok, read_documents(text), tokens, chunk)
     if not chunks:
         raise ValueError(f"no calibration text in {text}")
     im = collect(model, chunks)

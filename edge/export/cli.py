@@ -1,0 +1,55 @@
+"""`coexit export-edge --model DIR --quant Q [--layout whole|segments]`: write the edge stage of a checkpoint as
+GGUF that stock llama.cpp loads (one file, or one file per exit interval), optionally quantized by llama.cpp's own
+quantizer. The command line over edge.export.gguf and edge.export.segments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edge.export.gguf import IMATRIX_FILE, MIXES, QUANTS, export_gguf, sidecar_path
+from edge.export.segments import export_segments, segment_files
+
+
+def main(argv: list[str] | None = None) -> int:
+    from coexit.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="coexit export-edge", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors)")
+    ap.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
+    ap.add_argument("--quant", default="f16", choices=sorted(QUANTS) + sorted(MIXES),
+                    help="file type, or a mix: q4-mix = q4_k_m + token_embd/output/layer 0 at q8_0")
+    ap.add_argument("--layout", choices=["whole", "segments"], default="whole",
+                    help="one file, or one file per exit interval in a directory (exits then skip the layers "
+                         "above them in llama.cpp; edge/export/segments.py)")
+    ap.add_argument("--out", help="output file, or directory for segments (default: MODEL/edge-QUANT.gguf or "
+                                  "MODEL/edge-QUANT.segments)")
+    ap.add_argument("--threads", type=int, default=2, help="quantizer threads")
+    ap.add_argument("--imatrix", help=f"importance matrix GGUF (`coexit imatrix`) for 4-bit types; default "
+                                      f"MODEL/{IMATRIX_FILE} when it exists; 'none' to quantize without")
+    ap.add_argument("--keep-embd", metavar="TYPE", help="ggml type for token_embd (e.g. q8_0, q6_k, f16)")
+    ap.add_argument("--keep-output", metavar="TYPE", help="ggml type for the output head (e.g. q8_0)")
+    ap.add_argument("--keep-layers", metavar="I,J", help="edge layers kept whole at --keep-layer-type")
+    ap.add_argument("--keep-tensors", metavar="NAME,NAME",
+                    help="tensors of every edge layer kept at --keep-layer-type (e.g. attn_v,ffn_down)")
+    ap.add_argument("--keep-layer-type", metavar="TYPE", help="type for --keep-layers/--keep-tensors (default q8_0)")
+    args = ap.parse_args(argv)
+    try:
+        layers = None if args.keep_layers is None else tuple(int(x) for x in args.keep_layers.split(",") if x)
+        tensors = None if args.keep_tensors is None else tuple(x for x in args.keep_tensors.split(",") if x)
+        kw = dict(imatrix=args.imatrix, embd=args.keep_embd, output=args.keep_output, keep_layers=layers,
+                  keep_tensors=tensors, keep_type=args.keep_layer_type)
+        if args.layout == "segments":
+            out = export_segments(args.model, args.quant, args.out, args.threads, **kw)
+            files = segment_files(out)
+            size = sum(f.stat().st_size for f in files) / 2**20
+            print(f"wrote {out}/: {', '.join(f.name for f in files)}: {size:.2f} MiB")
+            return 0
+        path = export_gguf(args.model, args.quant, args.out, args.threads, **kw)
+    except Exception as exc:  # a CLI prints a message a person can act on, not a traceback
+        print(f"coexit export-edge: {exc}", file=sys.stderr)
+        return 1
+    extra = f" (+ {sidecar_path(path).name})" if sidecar_path(path).exists() else ""
+    print(f"wrote {path}{extra}: {path.stat().st_size / 2**20:.2f} MiB")
+    return 0
