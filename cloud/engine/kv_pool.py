@@ -109,6 +109,21 @@ class KVPool:
     def release(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
 
+    def grow_rows(self, slots: np.ndarray, layers: range) -> bool:
+        """One more block at each of `layers` for the sessions at `slots` (a steady decode tick's rows that cross
+        into a new block), in one allocation; all or nothing."""
+        t = self.tables
+        got = self.allocate(len(slots) * len(layers))
+        if got is None:
+            return False
+        nb = t.nblocks[layers.start, slots]
+        t.reserve_width(int(nb.max()) + 1)
+        ids = np.array(got, dtype=np.int32).reshape(len(slots), len(layers)).T  # (layers, rows)
+        t.blocks[layers.start:layers.stop][:, slots, nb] = ids
+        t.nblocks[layers.start:layers.stop, slots] += 1
+        t.changed.update(slots.tolist())
+        return True
+
 
 class PagedCache(LayerLengths):
     """One session's KV over `layers`: a block table and a filled length per layer (a prefix, as in KVCache), kept
@@ -163,6 +178,7 @@ class PagedCache(LayerLengths):
         want = math.ceil(upto / self.pool.block_size)
         t, slot = self.pool.tables, self.slot
         t.reserve_width(want)
+        t.changed.add(slot)
         for layer in self.layers:
             have = int(t.nblocks[layer, slot])
             if have < want:  # the same ids, in the same order, as popping them one by one
@@ -183,6 +199,7 @@ class PagedCache(LayerLengths):
             if n > keep:
                 self.pool.release(t.blocks[layer, slot, keep:n].tolist())
                 t.nblocks[layer, slot] = keep
+                t.changed.add(slot)
 
     def release(self) -> None:
         """Free every block and the slot (a later use takes a new slot)."""

@@ -20,6 +20,11 @@ class SlotTables:
         self.lengths = np.zeros((layers, slots), dtype=np.int64)
         self._free = list(range(slots - 1, -1, -1))  # pop() hands out low slots first
         self.used = 0
+        self.changed: set[int] = set()  # slots whose tables changed since take_changed()
+
+    def take_changed(self) -> set[int]:
+        changed, self.changed = self.changed, set()
+        return changed
 
     @property
     def capacity(self) -> int:
@@ -32,6 +37,7 @@ class SlotTables:
         if not self._free:
             self._resize(slots=2 * self.capacity)
         slot = self._free.pop()
+        self.changed.add(slot)
         self.nblocks[:, slot] = 0
         self.lengths[:, slot] = 0
         self.used += 1
