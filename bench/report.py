@@ -341,11 +341,12 @@ def main(argv: list[str] | None = None) -> int:
             f"thresholds calibrated on other held-out files. Cloud compute is layer-token computations relative "
             f"to cloud-only serving of the same sequences, prompts included; decode compute leaves out the prompt "
             f"rows (the same in every mode) and is per generated token, against cloud-only's L layers per token; "
-            f"a propagated layer-row counts {kv_fill_cost(cfg):.3f} of one (its K/V projections). acc: held-out top-1 next-token accuracy, teacher-forced. accept: lossless drafts "
-            f"accepted by the cloud, of those verified. propagate@t: collab@t with kv_fill=propagate. lossless@t: "
-            f"drafts from the exits calibrated at t, else a fallback; +split: else always a draft from the split "
-            f"exit (max_drafts {EdgeClient.__init__.__defaults__[-1]}). "
-            f"Loopback cloud-only latency {base_lat:.2f} ms/token. Emulated link: {link_note}."
+            f"a propagated layer-row counts {kv_fill_cost(cfg):.3f} of one (its K/V projections). acc: held-out "
+            f"top-1 next-token accuracy, teacher-forced. accept: lossless drafts accepted by the cloud, of those "
+            f"verified. propagate@t: collab@t with kv_fill=propagate. lossless@t: drafts from the exits calibrated "
+            f"at t, else a fallback; +split: else always a draft from the split exit (max_drafts "
+            f"{EdgeClient.__init__.__defaults__[-1]}). Loopback cloud-only latency {base_lat:.2f} ms/token. "
+            f"Emulated link: {link_note}."
             f"\n\n{table}\n\nAnchors: {ANCHORS}\n")
     print("\n" + table + "\n\n" + ANCHORS)
     (out / "report.md").write_text(text)
