@@ -175,7 +175,7 @@ class Harness:
         pickle it, send it), called by the engine per finished Append."""
         self.rid += 1
         if self.new_api:
-            return self.packed.waiter(front, self.rid)
+            return self.packed.waiter(b"front-%d" % front, self.rid)
         rid, push, fan = self.rid, self.fan.push, self.fan
         from cloud.backend import AppendOutcome
 
@@ -222,7 +222,7 @@ class Harness:
         """Cut every session back to its prompt (untimed), so contexts stay within CTX over many ticks."""
         with self.engine.lock:
             for s, prompt, decoding in self.sessions:
-                if decoding and s.expected > prompt:
+                if decoding and not s.queue and s.expected > prompt:
                     s.runner.truncate(prompt)
                     s.expected = prompt
 

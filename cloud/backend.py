@@ -9,6 +9,8 @@ engine process shared by several front-end processes, which serves them with a L
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import grpc
@@ -94,6 +96,7 @@ class LocalBackend:
                               list(c.exit_layers), self.manager.serves_tokens, self.manager.max_length_cap,
                               str(p.dtype).removeprefix("torch."))
         self.device = p.device
+        self._loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its _LoopReplies
 
     def stop(self) -> None:
         self.engine.stop()
@@ -113,24 +116,38 @@ class LocalBackend:
                               args.identity, args.kv_fill)
         return SessionHandle(s.id, s.encoding, s.tokens_input, 0, False)
 
+    def session(self, sid: str) -> CloudSession:
+        return self._get(sid)
+
+    def submit(self, s: CloudSession, first: int, rows: Tensor, want_token: bool, sampling: SamplingParams,
+               top_k: int, acct: tuple[int, int], drafts, fill: Tensor | None, waiter) -> AppendOutcome | None:
+        """Queue an Append's rows; `waiter` (engine thread) gets its outcome when it wants a token or drafts.
+        Returns the outcome now when there is nothing to wait for (discarded rows, or rows without a token)."""
+        self._account(s, acct)
+        wait = want_token or bool(drafts)
+        rows = rows.to(self.device)
+        segment = Segment(first, rows, want_token, sampling, top_k, drafts=list(drafts), fill=fill,
+                          waiter=waiter if wait else None)
+        if not self.manager.submit(s, rows, first, segment):
+            return AppendOutcome(s.length, discarded=True)
+        return None if wait else AppendOutcome(s.length)  # without a token: computed in the background
+
+    def _waiters(self) -> _LoopReplies:
+        loop = asyncio.get_running_loop()
+        replies = self._loops.get(loop)
+        if replies is None:
+            replies = self._loops[loop] = _LoopReplies(loop)
+        return replies
+
     async def append(self, sid: str, first: int, rows: Tensor, want_token: bool, sampling: SamplingParams,
                      top_k: int, want_logits: bool, acct: tuple[int, int], drafts: list[Draft] = (),
                      fill: Tensor | None = None) -> AppendOutcome:
         s = self._get(sid)
-        self._account(s, acct)
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future() if want_token or drafts else None
-
-        def resolve(outcome) -> None:  # engine thread
-            loop.call_soon_threadsafe(_settle, fut, outcome)
-
-        rows = rows.to(self.device)
-        segment = Segment(first, rows, want_token, sampling, top_k, drafts=list(drafts), fill=fill,
-                          waiter=resolve if fut is not None else None)
-        if not self.manager.submit(s, rows, first, segment):
-            return AppendOutcome(s.length, discarded=True)
-        if fut is None:  # rows are queued; the engine computes them in the background, chunk by chunk
-            return AppendOutcome(s.length)
+        fut = asyncio.get_running_loop().create_future()
+        now = self.submit(s, first, rows, want_token, sampling, top_k, acct, drafts, fill,
+                          self._waiters().waiter(fut))
+        if now is not None:
+            return now
         done: SegmentDone | BaseException = await fut
         if isinstance(done, BaseException):
             raise done
@@ -185,6 +202,30 @@ class LocalBackend:
 def _settle(fut: asyncio.Future, outcome: SegmentDone | BaseException) -> None:
     if not fut.done():
         fut.set_result(outcome)
+
+
+class _LoopReplies:
+    """Hands the engine thread's outcomes to one event loop: one wake-up per batch of replies, not per Append."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock = loop, threading.Lock()
+        self.pending: list = []
+
+    def waiter(self, fut: asyncio.Future):
+        def resolve(outcome) -> None:  # engine thread
+            with self.lock:
+                self.pending.append((fut, outcome))
+                first = len(self.pending) == 1
+            if first:
+                self.loop.call_soon_threadsafe(self._flush)
+
+        return resolve
+
+    def _flush(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for fut, outcome in pending:
+            _settle(fut, outcome)
 
 
 def torch_dtype(name: str) -> torch.dtype:

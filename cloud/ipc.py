@@ -9,6 +9,12 @@ front end.
 Wire: a DEALER per front end, a ROUTER in the engine. A request is [header, *payload]: the header a pickled
 (request id, method, args) tuple from a trusted peer on a socket only this user can open, the payload the raw
 bytes of a rows tensor. A reply is [header, *payload] with (request id, ok, result) and logits bytes when asked.
+
+Replies to Appends that want a plain token (no logits, top logprobs or drafts) are not sent one by one: the engine
+thread hands each tick's results to `PackedReplies`, which sends every front end one message per tick,
+[b"P", REPLY array bytes] (request id, token, logprob, length, ...), and the front end builds the AppendOutcomes
+and answers its streams. The engine process thus spends a few numpy operations per tick on replies, not a
+coroutine, a pickle and a send per Append.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import pickle
 import time
 
 import grpc
+import numpy as np
 import torch
 import zmq
 import zmq.asyncio
@@ -39,6 +46,144 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[tuple, bytes]:
 def _tensor_from(meta: tuple, data) -> torch.Tensor:
     dtype, shape = meta
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).view(shape)
+
+
+REPLY = np.dtype([("rid", "<i8"), ("token", "<i8"), ("logprob", "<f8"), ("length", "<i8"), ("layer_tokens", "<i8"),
+                  ("compute_s", "<f8"), ("queue_s", "<f8"), ("exit_layer", "<i4"), ("rows_filled", "<i4")])
+PACKED = b"P"
+
+
+class PackedWaiter:
+    """The engine's waiter for an Append whose reply goes out packed with its tick's others."""
+
+    __slots__ = ("replies", "front", "rid", "session")
+
+    def __init__(self, replies: PackedReplies, front: bytes, rid: int, session=None) -> None:
+        self.replies, self.front, self.rid, self.session = replies, front, rid, session
+
+    def __call__(self, outcome) -> None:  # an outcome handed out alone (a rollback, an error, a closed session)
+        self.replies.flush(None, [(self, outcome)])
+
+
+class PackedReplies:
+    """The engine side of the front ends' replies: `flush` is the engine's fan-out (Engine.fan_out). It packs a
+    tick's plain-token answers into one REPLY array per front end; other answers go alone, pickled as before.
+    `send(front, frames)` runs on the event loop that owns the socket (or directly when loop is None)."""
+
+    def __init__(self, sock, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.sock, self.loop = sock, loop
+
+    def waiter(self, front: bytes, rid: int, session=None) -> PackedWaiter:
+        return PackedWaiter(self, front, rid, session)
+
+    def flush(self, steady, finished: list) -> None:
+        from cloud.engine.engine import Engine
+
+        rows, alone, msgs = [], [], []  # rows: (front, rid, token, logprob, length, layer_tokens, ...)
+        if steady is not None and self._all_packed(steady):
+            msgs += self._pack_steady(steady)
+        elif steady is not None:
+            out, others = steady.out, []
+            for i, (s, seg) in enumerate(zip(steady.sessions, steady.segments)):
+                w = seg.waiter
+                if type(w) is PackedWaiter and not s.retired:
+                    rows.append((w.front, w.rid, out.tokens[i], out.logprobs[i], seg.last, steady.layer_tokens,
+                                 steady.compute_s, steady.queue_s[i], s.runner.stop, 0))
+                else:
+                    others.append(i)
+            if others:
+                Engine.deliver(None, list(steady.outcomes(others)))
+        for w, outcome in finished:
+            if type(w) is not PackedWaiter:
+                if w is not None:
+                    w(outcome)
+                continue
+            t = getattr(outcome, "token", None)
+            if t is not None and not t.top and not outcome.verdicts:
+                length = w.session.length if w.session is not None else 0
+                rows.append((w.front, w.rid, t.token_id, t.logprob, length, outcome.layer_tokens, outcome.compute_s,
+                             outcome.queue_s, t.exit_layer, outcome.rows_filled))
+            else:
+                alone.append((w, outcome))
+        if rows:
+            fronts: dict[bytes, list] = {}
+            for r in rows:
+                fronts.setdefault(r[0], []).append(r[1:])
+            for front, rs in fronts.items():
+                msgs.append([front, PACKED, np.array(rs, dtype=REPLY).tobytes()])
+        for w, outcome in alone:
+            msgs.append([w.front, pickle.dumps(self._reply(w, outcome))])
+        if msgs:
+            self._send(msgs)
+
+    @staticmethod
+    def _all_packed(steady) -> bool:
+        return (all(type(seg.waiter) is PackedWaiter for seg in steady.segments)
+                and not any(s.retired for s in steady.sessions))
+
+    @staticmethod
+    def _pack_steady(steady) -> list:
+        """The steady tick's rows as one REPLY array per front end, filled column by column."""
+        segs, out = steady.segments, steady.out
+        waiters = [seg.waiter for seg in segs]
+        arr = np.empty(len(segs), dtype=REPLY)
+        arr["rid"] = [w.rid for w in waiters]
+        arr["token"] = out.tokens
+        arr["logprob"] = out.logprobs
+        arr["length"] = [seg.first for seg in segs]
+        arr["length"] += 1
+        arr["layer_tokens"] = steady.layer_tokens
+        arr["compute_s"] = steady.compute_s
+        arr["queue_s"] = steady.queue_s
+        arr["exit_layer"] = steady.sessions[0].runner.stop
+        arr["rows_filled"] = 0
+        fronts = [w.front for w in waiters]
+        names = set(fronts)
+        if len(names) == 1:
+            return [[fronts[0], PACKED, arr.tobytes()]]
+        index = {f: i for i, f in enumerate(names)}
+        codes = np.array([index[f] for f in fronts])
+        return [[f, PACKED, arr[codes == i].tobytes()] for f, i in index.items()]
+
+    @staticmethod
+    def _reply(w: PackedWaiter, outcome) -> tuple:
+        from cloud.backend import AppendOutcome
+
+        if isinstance(outcome, ServiceError):
+            return w.rid, False, (outcome.code.name, outcome.message)
+        if isinstance(outcome, BaseException):
+            return w.rid, False, (None, f"{type(outcome).__name__}: {outcome}")
+        length = w.session.length if w.session is not None else 0
+        out = AppendOutcome(length, layer_tokens=outcome.layer_tokens, compute_s=outcome.compute_s,
+                            verdicts=[(v.position, v.accepted, v.token_id, v.logprob) for v in outcome.verdicts],
+                            rows_filled=outcome.rows_filled, queue_s=outcome.queue_s)
+        t = outcome.token
+        if t is not None:
+            out.has_token, out.token_id, out.logprob, out.exit_layer, out.top = (True, t.token_id, t.logprob,
+                                                                                 t.exit_layer, t.top)
+        return w.rid, True, out
+
+    def _send(self, msgs: list) -> None:
+        if self.loop is None:
+            for m in msgs:
+                self.sock.send_multipart(m, copy=False)
+            return
+
+        async def send() -> None:
+            for m in msgs:
+                await self.sock.send_multipart(m, copy=False)
+
+        asyncio.run_coroutine_threadsafe(send(), self.loop)
+
+
+def unpack_replies(data) -> list[tuple[int, object]]:
+    """(request id, AppendOutcome) of each row of a packed reply message."""
+    from cloud.backend import AppendOutcome
+
+    return [(rid, AppendOutcome(length, True, token, logprob, exit_layer, layer_tokens=lt, compute_s=cs,
+                                queue_s=qs, rows_filled=filled))
+            for rid, token, logprob, length, lt, cs, qs, exit_layer, filled
+            in np.frombuffer(data, dtype=REPLY).tolist()]
 
 
 class RemoteBackend:
@@ -69,6 +214,12 @@ class RemoteBackend:
     async def _read(self) -> None:
         while True:
             header, *payload = await self.sock.recv_multipart(copy=False)
+            if header.bytes == PACKED:
+                for rid, out in unpack_replies(payload[0].buffer):
+                    fut = self._pending.pop(rid, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(out)
+                continue
             rid, ok, result = pickle.loads(header.buffer)
             fut = self._pending.pop(rid, None)
             if fut is None or fut.done():
@@ -130,11 +281,22 @@ async def serve_engine(backend: LocalBackend, address: str) -> None:
     else:
         sock.bind(address)
     loop = asyncio.get_running_loop()
+    packed = PackedReplies(sock, loop)
+    backend.engine.fan_out = packed.flush
 
     async def handle(ident, header, payload) -> None:
         rid, method, args = pickle.loads(header.buffer)
         extra = []
         try:
+            if method == "append" and args[3] and not args[5] and not args[6] and not args[8]:
+                # a plain token (want_token, no top_k, logits or drafts): the reply goes out packed
+                sid, first, meta, want_token, sampling, top_k, want_logits, acct, drafts, fill = args
+                s = backend.session(sid)
+                queued = backend.submit(s, first, _tensor_from(meta, payload[0].buffer), want_token, sampling,
+                                        top_k, acct, drafts, fill, packed.waiter(bytes(ident.bytes), rid, s))
+                if queued is not None:  # discarded or queued without a token: answered now
+                    await sock.send_multipart([ident, pickle.dumps((rid, True, queued))], copy=False)
+                return
             if method == "hello":
                 result = backend.info.to_dict()
             elif method == "append":

@@ -73,6 +73,7 @@ class CloudSession:
     refusal: str = ""  # why the engine last found no room for its rows
     kv_fill: str = "exact"  # or "propagate": fill rows' deep KV is propagated from the row
     rejected_at: int | None = None  # position of the last rejected draft, until the client rolls back
+    planned: bool = False  # in the scheduler's steady decode plan
 
     @property
     def length(self) -> int:
@@ -95,6 +96,7 @@ class SessionManager:
         self.serves_tokens = model.start == 0
         engine.make_room = self._make_room
         engine.on_failure = self._no_room
+        engine.quotas = any(i.kv_share < 1.0 for i in limits.identities.values())
 
     @property
     def pool(self):

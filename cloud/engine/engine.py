@@ -5,6 +5,12 @@ Locking: `lock` guards the scheduler, the session queues and the KV pool's free 
 SessionManager. It is never held during a tick's compute, so the event loop only ever waits for bookkeeping.
 Sessions in the tick being computed are marked `in_flight`; one closed or evicted meanwhile is released right
 after the tick.
+
+Steady ticks: when the scheduler hands back its last plan (the same sessions, one plain decode row each), the
+engine grows the blocks of the rows that cross into a new block in one allocation, runs the runner's static step
+on the plan's slots, settles the plan in a few list operations and hands the tick's results to `fan_out` as one
+StepReplies: in one process `deliver` answers each Append's waiter; with front-end processes, cloud.ipc packs
+them into one array per front end. `run_tick` returns its phase time stamps (bench/engine_overhead.py reads them).
 """
 
 from __future__ import annotations
@@ -16,16 +22,39 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
 from cloud.engine.graphs import DecodeGraphs
 from cloud.engine.kv_pool import KVPool
-from cloud.engine.metrics import EngineMetrics
-from cloud.engine.runner import BatchedRunner, TokenResult, VerdictResult
+from cloud.engine.metrics import EngineMetrics, observe_many
+from cloud.engine.runner import BatchedRunner, SteadyOutput, TokenResult, VerdictResult
 from cloud.engine.scheduler import Scheduler, Segment, TickItem
 from cloud.errors import ServiceError
 from coexit.model import EarlyExitLM
 
 log = logging.getLogger("coexit.cloud")
+
+
+@dataclass
+class StepReplies:
+    """A steady tick's answers, row by row in its plan's order; a fan-out reads them in bulk or per Append."""
+
+    sessions: list
+    segments: list[Segment]
+    out: SteadyOutput
+    queue_s: list[float]
+    compute_s: float
+    tick: int
+    layer_tokens: int  # per row: every deep layer
+
+    def outcomes(self, rows=None):
+        """(waiter, SegmentDone) of each row (or of `rows`) whose session is still open."""
+        out, deep, tick, c = self.out, self.layer_tokens, self.tick, self.compute_s
+        for i in range(len(self.segments)) if rows is None else rows:
+            s, seg = self.sessions[i], self.segments[i]
+            if not s.retired:
+                token = TokenResult(out.tokens[i], out.logprobs[i], s.runner.stop, out.logits, row=i)
+                yield seg.waiter, SegmentDone(token, deep, c, (tick, tick), [], 0, self.queue_s[i])
 
 
 @dataclass
@@ -42,16 +71,21 @@ class SegmentDone:
 class Engine:
     def __init__(self, model: EarlyExitLM, pool: KVPool, row_budget: int = 256,
                  metrics: EngineMetrics | None = None, batch_wait: float = 1.0, static_decode: str = "auto") -> None:
-        """static_decode: "auto" captures decode-only ticks in CUDA graphs on a GPU (off on a CPU), "eager" runs
-        the same static step without capture, "off" always takes the general path."""
+        """static_decode: "auto" captures decode-only ticks in CUDA graphs on a GPU (on a CPU it runs the same
+        static step eagerly at each tick's exact shape), "eager" runs it without capture but padded to the graphs'
+        buckets, "off" always takes the general path."""
         self.model, self.pool = model, pool
         self.scheduler = Scheduler(row_budget)
         on_gpu = next(model.parameters()).device.type == "cuda"
         graphs = None
-        if static_decode == "eager" or (static_decode == "auto" and on_gpu):
+        if static_decode in ("eager", "auto"):  # auto: CUDA graphs on a GPU, the exact shapes eagerly elsewhere
             graphs = DecodeGraphs(model, pool, model.config.split_layer, model.config.num_hidden_layers,
-                                  capture=static_decode == "auto")
+                                  capture=static_decode == "auto" and on_gpu, pad=static_decode == "eager" or on_gpu)
         self.runner = BatchedRunner(model, graphs)
+        if graphs is not None:
+            self.scheduler.steady_start = model.config.split_layer
+        self.quotas = False  # identities with KV shares: grow session by session (set by the SessionManager)
+        self.fan_out: Callable = self.deliver  # hands each tick's results out (cloud.ipc packs them per front end)
         self.metrics = metrics or EngineMetrics()
         self.lock = threading.RLock()
         self._wake = threading.Condition(self.lock)
@@ -109,7 +143,26 @@ class Engine:
                 self._coalesce()
                 if self._stop:
                     return
-                tick = self.ticks
+            self.run_tick()
+
+    def run_tick(self, fan_out: Callable | None = None) -> dict[str, float]:
+        """One tick: schedule, compute, settle, hand the results out (`fan_out(steady, finished)`, by default
+        `self.fan_out`). Returns its phase time stamps (perf_counter): start, scheduled, outputs (the compute and
+        its outputs done), settled, fanned."""
+        fan_out = fan_out or self.fan_out
+        stamps = {"start": time.perf_counter()}
+        steady, finished = None, []
+        with self.lock:
+            tick = self.ticks
+            plan = self.scheduler.steady()
+            if plan is not None and not self._grow_steady(plan):
+                plan = None
+                self.scheduler.invalidate()
+            if plan is not None:
+                items, segments = [], [s.queue[0] for s in plan.sessions]
+                for s in plan.sessions:
+                    s.in_flight = True
+            else:
                 try:
                     items, failures, applied = self.scheduler.next_tick(self._grow, tick)
                 except Exception as exc:  # a server fault while scheduling: no Append may wait forever
@@ -121,24 +174,83 @@ class Engine:
                 for item in items:
                     item.session.in_flight = True
                 finished += [w for s, seg in failures for w in self._fail(s, seg)]
-            t0 = time.perf_counter()
-            try:
+        t0 = stamps["scheduled"] = time.perf_counter()
+        error = None
+        try:
+            if plan is not None:
+                results = self.runner.run_steady(plan.slots, [seg.rows for seg in segments],
+                                                 [seg.sampling for seg in segments])
+            else:
                 results = self.runner.run(items) if items else []
-                error = None
-            except Exception as exc:  # a server fault: fail this tick's Appends, keep serving
-                log.exception("engine tick failed")
-                results, error = [], exc
-            seconds = time.perf_counter() - t0
-            with self.lock:
-                self.ticks += 1
+        except Exception as exc:  # a server fault: fail this tick's Appends, keep serving
+            log.exception("engine tick failed")
+            results, error = [], exc
+            if plan is not None:
+                items = [TickItem(s, seg, seg.rows, seg.first, True, None, [], 1)
+                         for s, seg in zip(plan.sessions, segments)]
+                plan = None
+        stamps["outputs"] = t1 = time.perf_counter()
+        seconds = t1 - t0
+        with self.lock:
+            self.ticks += 1
+            self._last_tick_s = seconds
+            if plan is not None:
+                served = plan.by_id
+                steady = self._settle_steady(plan, segments, results, seconds, tick, t0)
+            else:
                 served = {it.session.id: it.session for it in items if not it.session.retired}
-                self._recent, self._served_before = {**self._served_before, **served}, served
-                self._last_tick_s = seconds
                 finished += self._settle(items, results, error, seconds, tick)
                 self._record(items, seconds)
-            for waiter, outcome in finished:
-                if waiter is not None:
-                    waiter(outcome)
+            self._recent, self._served_before = {**self._served_before, **served}, served
+        stamps["settled"] = time.perf_counter()
+        fan_out(steady, finished)
+        stamps["fanned"] = time.perf_counter()
+        return stamps
+
+    def _grow_steady(self, plan) -> bool:
+        """Blocks for the plan's rows that cross into a new block, in one allocation; False (plan from scratch,
+        session by session) when the pool must evict first or identities have KV quotas."""
+        t, bs, lo = self.pool.tables, self.pool.block_size, self.scheduler.steady_start
+        pos = t.lengths[lo, plan.slots]
+        crossing = np.flatnonzero(pos >= t.nblocks[lo, plan.slots] * bs)
+        if crossing.size == 0:
+            return True
+        layers = range(lo, self.model.config.num_hidden_layers)
+        if self.quotas or self.pool.num_free < crossing.size * len(layers):
+            return False
+        return self.pool.grow_rows(plan.slots[crossing], layers)
+
+    def _settle_steady(self, plan, segments: list[Segment], out: SteadyOutput, seconds: float, tick: int,
+                       started: float) -> StepReplies:
+        for s in plan.sessions:
+            s.in_flight = False
+            if s.retired:  # closed or evicted during the tick: its queue was dropped
+                self.scheduler.drop(s)
+                s.runner.cache.release()
+            else:
+                s.queue.popleft()
+                self.scheduler.ready.pop(s.id, None)
+        queue_s = [started - seg.submitted for seg in segments]
+        n, deep = len(segments), self.model.config.num_hidden_layers - self.scheduler.steady_start
+        m = self.metrics
+        observe_many(m.queue_wait, queue_s)
+        m.tick_rows.observe(n)
+        m.tick_sessions.observe(n)
+        m.tick_seconds.observe(seconds)
+        m.rows.inc(n)
+        m.tokens.inc(n)
+        self._update_gauges()
+        return StepReplies(plan.sessions, segments, out, queue_s, seconds, tick, deep)
+
+    @staticmethod
+    def deliver(steady: StepReplies | None, finished: list) -> None:
+        """The in-process fan-out: every Append's waiter gets its own outcome."""
+        if steady is not None:
+            for waiter, outcome in steady.outcomes():
+                waiter(outcome)
+        for waiter, outcome in finished:
+            if waiter is not None:
+                waiter(outcome)
 
     def _coalesce(self) -> None:
         """Decode traffic settles into cohorts: the sessions answered by the last tick are still on their round

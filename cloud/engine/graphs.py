@@ -68,7 +68,7 @@ class DecodeGraphs:
         self.dtype, self.device = p.dtype, p.device
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.pad = pad or self.capture
-        (self.scratch,) = pool.allocate(1)  # padded rows write here
+        (self.scratch,) = pool.allocate(1) if self.pad else (0,)  # padded rows write here (exact shapes: none)
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self._graphs: dict[tuple[int, int], object] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.capture else None

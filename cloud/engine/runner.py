@@ -7,11 +7,15 @@ BatchAttention over the sessions' paged KV, and sends each plan its rows back wh
 applied only to chunks that produce a token or verify drafts, all in one matmul; sampling is batched with
 per-session parameters, and drafts get their verdicts from `coexit.sampling.verify_draft`. Fill rows (propagated
 KV) are packed with the rest but only store their K/V.
+
+A steady tick (`run_steady`: the scheduler's reused plan) skips the plans altogether: its rows go through the static
+step (graphs.py) by KV slot, the final head runs on all of them, and tokens and log-probabilities come back to the
+host in one copy and one `.tolist()`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -21,16 +25,36 @@ from cloud.engine.kv_pool import BatchAttention
 from cloud.engine.scheduler import TickItem
 from coexit.decoding import LayerWork, RunResult
 from coexit.model import EarlyExitLM
-from coexit.sampling import sample_batch, top_logprobs, verify_draft
+from coexit.sampling import SamplingParams, sample_batch, top_logprobs, verify_draft
+
+
+class TokenResult:
+    """A sampled token. logits (V,) are those it was drawn from; on a steady tick they stay one (n, V) tensor for
+    the whole tick and a row is sliced out only when read."""
+
+    __slots__ = ("token_id", "logprob", "exit_layer", "top", "_logits", "_row")
+
+    def __init__(self, token_id: int, logprob: float, exit_layer: int, logits: Tensor,
+                 top: list[tuple[int, float]] | None = None, row: int = -1) -> None:
+        self.token_id, self.logprob, self.exit_layer = token_id, logprob, exit_layer
+        self.top = top if top is not None else []
+        self._logits, self._row = logits, row
+
+    @property
+    def logits(self) -> Tensor:
+        return self._logits if self._row < 0 else self._logits[self._row]
+
+    def __repr__(self) -> str:
+        return f"TokenResult({self.token_id}, {self.logprob:.4f}, exit {self.exit_layer})"
 
 
 @dataclass
-class TokenResult:
-    token_id: int
-    logprob: float
-    exit_layer: int
-    logits: Tensor
-    top: list[tuple[int, float]] = field(default_factory=list)
+class SteadyOutput:
+    """A steady tick's results, row by row in its plan's order: host lists from one device-to-host copy."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    logits: Tensor  # (n, V) on the device
 
 
 @dataclass
@@ -118,6 +142,24 @@ class BatchedRunner:
                     live = [p for p in live if p.result is None]
             layer += 1
         return self._outputs(plans)
+
+    @torch.no_grad()
+    def run_steady(self, slots, rows: list[Tensor], sampling: list[SamplingParams]) -> SteadyOutput:
+        """The steady decode tick: one row per session (at `slots`) through all deep layers on the static step,
+        the final head on every row, then sampling: greedy rows on the device, each sampled row with its own
+        (seed, position) draw as `sample_batch` does; tokens and log-probabilities reach the host in one copy."""
+        h = self.graphs.step(slots, torch.cat(rows).to(self.dtype))
+        logits = self.model.head_logits(self.model.config.num_hidden_layers, h)
+        lf = logits.float()
+        tokens = lf.argmax(-1)
+        drawn = [i for i, p in enumerate(sampling) if p.temperature != 0.0]
+        if drawn:  # each draws at the position after its row: the session's length now
+            positions = self.graphs.pool.tables.lengths[self.graphs.start, slots[drawn]].tolist()
+            picks = sample_batch(lf[drawn], [sampling[i] for i in drawn], positions)
+            tokens[drawn] = torch.tensor([t for t, _ in picks], device=tokens.device)
+        logprobs = lf.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(lf, -1)
+        host = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()  # the tick's one copy back
+        return SteadyOutput(list(map(int, host[0])), host[1], logits)
 
     def _outputs(self, plans: list[_Plan]) -> list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]:
         """Final heads for every row that needs one, in one matmul; then verdicts and batched sampling."""

@@ -12,6 +12,12 @@ A segment that verifies drafts needs the top hidden state of every row from its 
 (its head tail) always run together in its last chunk. A segment with `truncate_to` first forgets the session's
 positions from there on (a stateless session's reset, or a Rollback, which carries no rows and is applied, in
 queue order, as soon as it reaches the front).
+
+Steady state: when a tick served every ready session with one plain decode row (one row through all deep layers,
+a token wanted, no drafts, fill rows, cloud exits or top logprobs), that set of sessions becomes the plan. While
+each planned session, and no other, queues exactly one such row before the next tick, `steady()` hands back the
+same plan and nothing is re-planned or looped over here. Any other submission, a close or a failure marks the
+plan stale, and the next tick is planned from scratch.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 from coexit.decoding import Decide
@@ -92,19 +99,75 @@ class TickItem:
     fill: Tensor | None = None
 
 
+def plain_decode(seg: Segment) -> bool:
+    """One new row that wants a token and nothing else: the steady decode step."""
+    return (seg.n == 1 and seg.want_token and not seg.drafts and seg.fill is None and seg.truncate_to is None
+            and seg.top_k == 0)
+
+
+class SteadyPlan:
+    """The sessions of a steady decode tick, in row order, with their KV slots."""
+
+    def __init__(self, sessions: list) -> None:
+        self.sessions = sessions
+        self.slots = np.array([s.runner.cache.slot for s in sessions], dtype=np.int64)
+        self.by_id = {s.id: s for s in sessions}
+
+
 class Scheduler:
     def __init__(self, row_budget: int = 256) -> None:
         if row_budget < 1:
             raise ValueError(f"row budget must be at least 1, got {row_budget}")
         self.row_budget = row_budget
         self.ready: OrderedDict[str, Any] = OrderedDict()  # sessions with queued segments, round-robin order
+        self.steady_start: int | None = None  # first deep layer when steady ticks may reuse a plan (None: never)
+        self._plan: SteadyPlan | None = None
+        self._fresh = 0  # planned sessions that queued one plain decode row since the last tick
+        self._stale = False
+        self.steady_ticks = 0  # ticks that reused the plan
 
     def submit(self, session, segment: Segment) -> None:
         session.queue.append(segment)
         self.ready.setdefault(session.id, session)
+        if session.planned and len(session.queue) == 1 and plain_decode(segment):
+            self._fresh += 1
+        else:
+            self._stale = True
+
+    def steady(self) -> SteadyPlan | None:
+        """The last plan, when exactly its sessions each queued one plain decode row since the last tick."""
+        plan = self._plan
+        if plan is None or self._stale or self._fresh != len(plan.sessions):
+            return None
+        self._fresh = 0
+        self.steady_ticks += 1
+        return plan
+
+    def invalidate(self) -> None:
+        self._stale = True
+
+    def _replan(self, items: list[TickItem] | None) -> None:
+        """Forget the plan; make this tick's items the new one when they are a steady decode tick."""
+        if self._plan is not None:
+            for s in self._plan.sessions:
+                s.planned = False
+            self._plan = None
+        self._fresh, self._stale = 0, False
+        if not items or self.steady_start is None or len(items) != len(self.ready):
+            return
+        for it in items:
+            s = it.session
+            if (len(s.queue) != 1 or not it.final or not plain_decode(it.segment) or it.decide is not None
+                    or s.runner.start != self.steady_start or s.runner.parked or s.unreported_layer_tokens
+                    or s.unreported_rows_filled or s.rejected_at is not None):
+                return
+        self._plan = SteadyPlan([it.session for it in items])
+        for s in self._plan.sessions:
+            s.planned = True
 
     def drop(self, session) -> list[Segment]:
         """Remove a session's queued segments (close, eviction, a failed segment); returns them."""
+        self._stale = True
         self.ready.pop(session.id, None)
         dropped = list(session.queue)
         session.queue = deque()
@@ -166,6 +229,7 @@ class Scheduler:
             seg.done_rows += g
         for item in items:  # served sessions go to the back of the round-robin order
             self.ready.move_to_end(item.session.id)
+        self._replan(None if failures or applied else items)
         return items, failures, applied
 
     def retire(self, item: TickItem) -> None:

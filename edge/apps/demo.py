@@ -19,7 +19,7 @@ from coexit.exits import ExitPolicy
 from edge.apps.generate import render
 from edge.client import EdgeClient, Generation
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "coexit-code-small"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "coexit-code-small"
 # Each ends where the tokenizer would put a token boundary in real code: after a line's code, or at the start of a
 # line at column 0. A prompt that ends in indentation ("...:\n    ") makes the first token add one more space (the
 # tokenizer merges a newline's spaces and keeps one for the next word), so its completion is not valid Python.

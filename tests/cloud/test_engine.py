@@ -271,3 +271,60 @@ def test_fair_grants():
     assert s.grants([100, 100]) == [5, 5]
     assert s.grants([1] * 12) == [1] * 10 + [0, 0]
     assert s.grants([3, 0, 2]) == [3, 0, 2]
+
+
+def test_churn_while_others_decode_equals_sessions_alone(model):
+    """Sessions open (with prompts) and close while others decode, on the engine's steady path (a reused plan,
+    the static step at exact shapes, rows crossing 4-position blocks): every token, log-probability and logit
+    equals serving that session alone, and the blocks all come back."""
+    cfg = model.config
+    h = Harness(model, blocks=2000, block_size=4, static_decode="auto")
+    rng = torch.Generator().manual_seed(5)
+    try:
+        live, born = {}, 0  # name: [session, Alone, rows, position, sampling]
+
+        def open_one():
+            nonlocal born
+            prompt = int(torch.randint(1, 12, (1,), generator=rng))
+            sampling = SamplingParams(temperature=0.8, top_k=30, seed=born) if born % 3 == 2 else GREEDY
+            live[born] = [h.manager.open(128, "fp32", False, False, {}),
+                          Alone(model, cfg.split_layer, ExitPolicy()), hidden_rows(model, prompt + 40, seed=100 + born),
+                          0, sampling, prompt]
+            born += 1
+
+        for _ in range(6):
+            open_one()
+        checked = 0
+        for step in range(40):
+            if step % 8 == 7:  # churn: one closes, two open; the others keep decoding through it
+                h.manager.close(live.pop(min(live))[0])
+                open_one()
+                open_one()
+            elif step % 8 == 3:  # one opens while every planned session queues its decode row
+                open_one()
+            work, names = [], []
+            for name, (s, _alone, rows, pos, sampling, prompt) in live.items():
+                n = prompt if pos == 0 else 1
+                if pos + n > rows.shape[0]:
+                    continue
+                work.append((s, rows[pos:pos + n], pos, True, sampling))
+                names.append(name)
+            outs = h.step(work)
+            for name, (_s, x, first, _, sampling), out in zip(names, work, outs):
+                assert isinstance(out, SegmentDone), out
+                (token, logprob), _, logits = live[name][1].step(x, first, sampling)
+                assert out.token.token_id == token, (name, step)
+                assert abs(out.token.logprob - logprob) < ATOL
+                torch.testing.assert_close(out.token.logits, logits, atol=ATOL, rtol=0)
+                live[name][3] = first + x.shape[0]
+                checked += 1
+        assert checked > 150
+        assert h.engine.scheduler.steady_ticks >= 20, "the steady plan was never reused"
+        for s, alone, *_ in live.values():
+            for layer in range(cfg.split_layer, cfg.num_hidden_layers):
+                for got, want in zip(s.cache.get(layer), alone.runner.cache.get(layer)):
+                    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+            h.manager.close(s)
+        assert h.pool.num_free == h.pool.num_blocks
+    finally:
+        h.close()

@@ -137,7 +137,7 @@ def test_coexit_generate_uses_the_calibrated_policy_unless_told_otherwise(tiny_d
     fixed policy, and a model without a calibration falls back to 0.9 at every edge exit."""
     import shutil
 
-    from edge import cli
+    from edge.apps import generate as cli
     from edge.policy.calibrate import POLICY_FILE
 
     d = tmp_path / "m"
