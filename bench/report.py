@@ -17,6 +17,7 @@ Prints a table and writes OUT/report.md, OUT/report.json and PNG plots. Measures
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import random
@@ -345,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             f"top-1 next-token accuracy, teacher-forced. accept: lossless drafts accepted by the cloud, of those "
             f"verified. propagate@t: collab@t with kv_fill=propagate. lossless@t: drafts from the exits calibrated "
             f"at t, else a fallback; +split: else always a draft from the split exit (max_drafts "
-            f"{EdgeClient.__init__.__defaults__[-1]}). Loopback cloud-only latency {base_lat:.2f} ms/token. "
-            f"Emulated link: {link_note}."
+            f"{inspect.signature(EdgeClient).parameters['max_drafts'].default}). Loopback cloud-only latency "
+            f"{base_lat:.2f} ms/token. Emulated link: {link_note}."
             f"\n\n{table}\n\nAnchors: {ANCHORS}\n")
     print("\n" + table + "\n\n" + ANCHORS)
     (out / "report.md").write_text(text)

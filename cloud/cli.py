@@ -36,13 +36,16 @@ def check_args(args) -> None:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
     if not args.kv_budget_mib > 0:
         raise UsageError(f"--kv-budget-mib must be positive, got {args.kv_budget_mib}")
-    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port),
+                       ("--health-http-port", args.health_http_port)):
         if not 0 <= port <= 65535:
             raise UsageError(f"{flag} must be a TCP port in [0, 65535], got {port}")
     coexit.read_config(args.model)  # a wrong --model: one line naming the directory
     check_port_free(args.host, args.port)
     if args.metrics_port:
         check_port_free(args.host, args.metrics_port, "--metrics-port")
+    if args.health_http_port:
+        check_port_free(args.host, args.health_http_port, "--health-http-port")
 
 
 def main(argv: list[str]) -> int:
@@ -69,6 +72,9 @@ def main(argv: list[str]) -> int:
                     help="decode-only ticks on static shapes: auto = CUDA graphs on a GPU, general path on a CPU")
     ap.add_argument("--frontends", type=int, default=0,
                     help="gRPC front-end processes in front of one engine process (0: one process does all)")
+    ap.add_argument("--health-http-port", type=int, default=0,
+                    help="answer GET /healthz over HTTP/1 on this port: 200 while serving, 503 while draining (for "
+                         "load balancers without gRPC health checks, e.g. HAProxy; 0: off)")
     ap.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
     ap.add_argument("--deep-only", action="store_true", help="load only layers [split, L) (no cloud-only mode)")
     ap.add_argument("--token", default=os.environ.get("COEXIT_TOKEN"),
@@ -93,10 +99,10 @@ def main(argv: list[str]) -> int:
         from cloud.server import serve_processes
 
         return serve_processes(args.model, args.port, args.host, limits, auth, args.deep_only, tls,
-                               args.metrics_port, args.frontends, args.drain_grace)
+                               args.metrics_port, args.frontends, args.drain_grace, args.health_http_port)
     try:
         asyncio.run(serve_forever(args.model, args.port, args.host, limits, auth, args.deep_only, tls,
-                                 args.metrics_port, args.drain_grace))
+                                 args.metrics_port, args.drain_grace, args.health_http_port))
     except KeyboardInterrupt:
         pass
     return 0

@@ -162,10 +162,14 @@ def _banner(model_dir, host, port, info, layers: tuple[int, int], how: str) -> N
 
 async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None,
                         deep_only: bool, tls_files: tuple[str, str] | None, metrics_port: int = 0,
-                        drain_grace_s: float = 10.0) -> None:
+                        drain_grace_s: float = 10.0, health_http_port: int = 0) -> None:
     """One process: gRPC, sessions and the engine thread together."""
+    from cloud.health_http import serve_health_http
+
     model = load_model(model_dir, deep_only=deep_only)
     server, bound, service = await start_server(model, port, host, limits, auth, _read_tls(tls_files))
+    if health_http_port:
+        await serve_health_http(host, health_http_port, lambda: not service.draining)
     if metrics_port:
         mport = service.engine.metrics.serve(metrics_port, host)
         print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
@@ -192,7 +196,7 @@ def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, read
     asyncio.run(serve_engine(backend, address))
 
 
-def _frontend_main(address, port, host, limits, auth, tls, drain_grace_s) -> None:
+def _frontend_main(address, port, host, limits, auth, tls, drain_grace_s, health_http_port=0) -> None:
     import signal
 
     import torch
@@ -209,6 +213,10 @@ def _frontend_main(address, port, host, limits, auth, tls, drain_grace_s) -> Non
         info = await backend.connect()
         server, _, service = await start_grpc(CoexitService(backend, info, limits), port, host, limits, auth, tls,
                                               reuse_port=True)
+        if health_http_port:  # every front end answers on the shared port, from its own draining state
+            from cloud.health_http import serve_health_http
+
+            await serve_health_http(host, health_http_port, lambda: not service.draining, reuse_port=True)
         await serve_until_drained(server, service, drain_grace_s)
 
     asyncio.run(run())
@@ -216,7 +224,7 @@ def _frontend_main(address, port, host, limits, auth, tls, drain_grace_s) -> Non
 
 def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None, deep_only: bool,
                     tls_files: tuple[str, str] | None, metrics_port: int, frontends: int,
-                    drain_grace_s: float = 10.0) -> int:
+                    drain_grace_s: float = 10.0, health_http_port: int = 0) -> int:
     """`frontends` gRPC processes sharing `port` (SO_REUSEPORT) in front of one engine process; returns when a
     child dies (exit code 1) or on SIGTERM / Ctrl-C (0)."""
     import multiprocessing as mp
@@ -246,7 +254,7 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: 
                 return 1
         for i in range(frontends):
             front = ctx.Process(target=_frontend_main, name=f"coexit-front-{i}",
-                                args=(address, port, host, limits, auth, tls, drain_grace_s))
+                                args=(address, port, host, limits, auth, tls, drain_grace_s, health_http_port))
             front.start()
             children.append(front)
         if tls is None:

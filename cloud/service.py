@@ -23,10 +23,12 @@ from coexit.sampling import GREEDY, check_draft
 from coexit.v1 import coexit_pb2 as pb
 from coexit.v1 import coexit_pb2_grpc as pb_grpc
 from coexit.v1.convert import ENCODING_CODES, encoding_name, sampling_from_proto, tensor_from_proto, tensor_to_proto
+from coexit.wire import SESSION_KEY_HEADER
 
 log = logging.getLogger("coexit.cloud")
 
-FEATURES = ("verify", "kv_fill", "queue")  # protocol additions within v1 this server implements (InfoReply.features)
+# protocol additions within v1 this server implements (InfoReply.features)
+FEATURES = ("verify", "kv_fill", "queue", "heartbeat")
 KV_FILL = {pb.KV_FILL_UNSPECIFIED: "exact", pb.EXACT: "exact", pb.PROPAGATE: "propagate"}
 
 
@@ -84,10 +86,14 @@ class CoexitService(pb_grpc.CoexitServicer):
                                   f"; split the rows over several Appends")
                 if kind != "close":
                     self._refuse_if_draining()
-                if kind == "open":
+                if kind == "heartbeat":  # keeps the stream open through proxies; no session state changes
+                    reply = pb.SessionReply(heartbeat=pb.Heartbeat(sent_unix_ms=req.heartbeat.sent_unix_ms))
+                elif kind == "open":
                     if handle is not None:
                         raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "this stream already opened a session")
                     handle = await self.backend.open(self._open_args(req.open))
+                    log.info("session %s %s (session key %s)", handle.id[:12], "resumed" if handle.resumed else
+                             "opened", _session_key(context))
                     reply = pb.SessionReply(opened=pb.OpenReply(session_id=handle.id, length=handle.length,
                                                                 resumed=handle.resumed))
                 elif handle is None:
@@ -214,3 +220,11 @@ class CoexitService(pb_grpc.CoexitServicer):
         fill = torch.zeros(n, dtype=torch.bool)
         fill[rows] = True
         return fill
+
+
+def _session_key(context) -> str:
+    """The edge's `x-coexit-session` metadata (what a balancer routes on), for the log only."""
+    for key, value in context.invocation_metadata() or ():
+        if key == SESSION_KEY_HEADER:
+            return value[:64]
+    return "-"

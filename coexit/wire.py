@@ -1,5 +1,6 @@
 """Wire tensor codec: hidden-state rows (n, C) to bytes and back, in fp32, fp16, bf16 or int8 with a per-row
-absmax scale. Torch-only; the protobuf conversion at the gRPC boundary calls these."""
+absmax scale. Torch-only; the protobuf conversion at the gRPC boundary calls these. Also the one name of the
+metadata header that carries the edge's session key (what load balancers route a generation's streams on)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import Tensor
 
 ENCODINGS = ("fp32", "fp16", "bf16", "int8")
+SESSION_KEY_HEADER = "x-coexit-session"  # gRPC metadata: the same random key on every stream of one generation
 _FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

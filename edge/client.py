@@ -44,10 +44,11 @@ class EdgeClient:
                  deadline_s: float = 5.0, retry_s: float = 0.5, prefill_chunk: int = 256,
                  token: str | None = None, cloud_exits: dict[int, float] | None = None,
                  tls_ca: str | None = None, kv_fill: str = "exact", max_drafts: int = 8,
-                 draft_always: bool = True) -> None:
+                 draft_always: bool = True, heartbeat_s: float | None = 15.0) -> None:
         """kv_fill: "exact" or "propagate" (collaborative mode). max_drafts: lossless mode's bound on drafts in
         flight (unverified). draft_always: in lossless mode, when no exit is confident, draft from the split exit
-        anyway (a rejected draft costs the same round trip as asking the cloud; an accepted one saves it)."""
+        anyway (a rejected draft costs the same round trip as asking the cloud; an accepted one saves it).
+        heartbeat_s: a cloud stream idle this long sends a heartbeat, so proxies keep it open (None: never)."""
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}; use one of {MODES}")
         if kv_fill not in KV_FILLS:
@@ -59,7 +60,10 @@ class EdgeClient:
                              f"always fills the cloud's KV exactly: drop it or use mode collaborative")
         if deadline_s <= 0:
             raise UsageError(f"the cloud deadline must be positive seconds, got {deadline_s}")
+        if heartbeat_s is not None and heartbeat_s <= 0:
+            raise UsageError(f"heartbeat_s must be positive seconds (or None: no heartbeats), got {heartbeat_s}")
         self.kv_fill, self.max_drafts, self.draft_always = kv_fill, max_drafts, draft_always
+        self.heartbeat_s = heartbeat_s
         if encoding not in ENCODING_CODES:
             raise UsageError(f"unknown encoding {encoding!r}; use one of {sorted(ENCODING_CODES)}")
         self.backend, self.tokenizer, self.encoding = backend, tokenizer, encoding
@@ -83,6 +87,15 @@ class EdgeClient:
             return "verify" in self.info().features
         except CloudError:
             return False
+
+    def heartbeat(self) -> float | None:
+        """Seconds of idleness after which a stream sends a heartbeat, if the server announces the feature."""
+        if self.heartbeat_s is None:
+            return None
+        try:
+            return self.heartbeat_s if "heartbeat" in self.info().features else None
+        except CloudError:
+            return None
 
     def rows_per_append(self) -> int:
         return self.info().limits.max_rows_per_append or 4096

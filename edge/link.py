@@ -4,18 +4,25 @@ A reader thread moves replies into a queue, so each request waits at most `deadl
 deadline, a broken connection or an UNAVAILABLE status raises CloudUnavailable (the edge then continues
 standalone); any other status raises CloudError with the server's message. Byte counts are protobuf message
 sizes (request.ByteSize() up, reply.ByteSize() down), the same numbers the server counts.
+
+Behind a load balancer: every stream carries the generation's session key in the `x-coexit-session` metadata
+(the balancer's stickiness key), and with `heartbeat_s` a stream that has carried no message for that long sends
+a Heartbeat (feature "heartbeat"), whose reply the reader drops: proxies cut idle streams and do not forward
+HTTP/2 PINGs, so only in-stream messages keep them open.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 
 from coexit.errors import CoexitError
 from coexit.v1 import coexit_pb2 as pb
 from coexit.v1 import coexit_pb2_grpc as pb_grpc
+from coexit.wire import SESSION_KEY_HEADER
 
 _END = object()
 _OUTAGE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -72,8 +79,10 @@ class CloudLink:
         except grpc.RpcError as exc:
             raise _wrap(exc, self.address) from None
 
-    def stream(self) -> SessionStream:
-        return SessionStream(self)
+    def stream(self, key: str | None = None, heartbeat_s: float | None = None) -> SessionStream:
+        """A Session stream; `key` routes every stream of one generation to one replica, `heartbeat_s` keeps it
+        open while idle (only for a server that announces "heartbeat")."""
+        return SessionStream(self, key, heartbeat_s)
 
     def close(self) -> None:
         self.channel.close()
@@ -83,19 +92,44 @@ class SessionStream:
     """One Session stream: request(msg) sends a SessionRequest and returns its SessionReply. send() and recv()
     split the two for pipelining (lossless mode keeps several Appends in flight; replies come back in order)."""
 
-    def __init__(self, link: CloudLink) -> None:
+    def __init__(self, link: CloudLink, key: str | None = None, heartbeat_s: float | None = None) -> None:
         self.link = link
         self._requests: queue.Queue = queue.Queue()
         self._replies: queue.Queue = queue.Queue()
-        self._call = link.stub.Session(iter(self._requests.get, _END), metadata=link.metadata)
+        self._lock = threading.Lock()  # byte counts and the idle clock: the heartbeat thread sends too
+        metadata = [*link.metadata, *([(SESSION_KEY_HEADER, key)] if key else [])]
+        self._call = link.stub.Session(iter(self._requests.get, _END), metadata=metadata)
         self._reader = threading.Thread(target=self._read, daemon=True, name="coexit-edge-reader")
         self._reader.start()
         self.bytes_up = self.bytes_down = 0
+        self.heartbeats = 0
         self.broken = False
+        self._last = time.monotonic()  # the last message either way
+        self._stop = threading.Event()
+        if heartbeat_s:
+            threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True, name="coexit-edge-heartbeat").start()
+
+    def _beat(self, every_s: float) -> None:
+        while not self._stop.wait(min(every_s, max(0.05, every_s - (time.monotonic() - self._last)))):
+            if self.broken:
+                return
+            if time.monotonic() - self._last >= every_s:
+                msg = pb.SessionRequest(heartbeat=pb.Heartbeat(sent_unix_ms=int(time.time() * 1000)))
+                with self._lock:
+                    self.bytes_up += msg.ByteSize()
+                    self.heartbeats += 1
+                    self._last = time.monotonic()
+                self._requests.put(msg)
 
     def _read(self) -> None:
         try:
             for reply in self._call:
+                with self._lock:
+                    self._last = time.monotonic()
+                if reply.WhichOneof("msg") == "heartbeat":
+                    with self._lock:
+                        self.bytes_down += reply.ByteSize()
+                    continue  # answers nothing the run asked
                 self._replies.put(reply)
             self._replies.put(CloudUnavailable(grpc.StatusCode.UNAVAILABLE, "the server ended the stream"))
         except grpc.RpcError as exc:
@@ -110,7 +144,9 @@ class SessionStream:
     def send(self, msg: pb.SessionRequest) -> None:
         if self.broken:
             raise CloudUnavailable(grpc.StatusCode.UNAVAILABLE, "stream already broken")
-        self.bytes_up += msg.ByteSize()
+        with self._lock:
+            self.bytes_up += msg.ByteSize()
+            self._last = time.monotonic()
         self._requests.put(msg)
 
     def recv(self, deadline_s: float | None = None) -> pb.SessionReply:
@@ -126,15 +162,18 @@ class SessionStream:
         if isinstance(reply, Exception):
             self.broken = True
             raise reply
-        self.bytes_down += reply.ByteSize()
+        with self._lock:
+            self.bytes_down += reply.ByteSize()
         return reply
 
     def cancel(self) -> None:
         self.broken = True
+        self._stop.set()
         self._call.cancel()
         self._requests.put(_END)
 
     def close(self) -> pb.CloseReply | None:
+        self._stop.set()
         if self.broken:
             return None
         try:

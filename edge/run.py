@@ -7,6 +7,7 @@ is a Run of the same machinery with drafts in flight. EdgeClient (edge/client.py
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -111,6 +112,7 @@ class Run:
         self.history = torch.empty(0)  # split-layer rows in position order: [:history_len] used, grown by doubling
         self.history_len = 0
         self.stream: SessionStream | None = None
+        self.session_key = secrets.token_hex(12)  # on every stream of this generation: a balancer's stickiness key
         self.session_id = ""
         self.cloud_len = 0
         self.retry_at = 0.0
@@ -129,7 +131,7 @@ class Run:
             self.c.link.reconnect()
         try:
             if self.session_id and self.mode in ("collaborative", "lossless"):
-                self.stream = self.c.link.stream()
+                self.stream = self.c.link.stream(self.session_key, self.c.heartbeat())
                 try:
                     reply = self.stream.request(pb.SessionRequest(open=pb.OpenRequest(
                         fingerprint=fp, resume_id=self.session_id)))
@@ -141,7 +143,7 @@ class Run:
                     self.counters.merge_stream(self.stream)
             if self.kv_fill != "exact":
                 self.c.require("kv_fill", "kv_fill='propagate'")
-            self.stream = self.c.link.stream()
+            self.stream = self.c.link.stream(self.session_key, self.c.heartbeat())
             exits = self.c.cloud_exits if self.mode == "collaborative" else {}
             opening = pb.OpenRequest(
                 fingerprint=fp, max_length=self.max_length, encoding=enc,

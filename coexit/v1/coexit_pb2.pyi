@@ -256,26 +256,36 @@ class CloseReply(_message.Message):
     bytes_sent: int
     def __init__(self, bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
 
+class Heartbeat(_message.Message):
+    __slots__ = ("sent_unix_ms",)
+    SENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    sent_unix_ms: int
+    def __init__(self, sent_unix_ms: _Optional[int] = ...) -> None: ...
+
 class SessionRequest(_message.Message):
-    __slots__ = ("open", "append", "close", "rollback")
+    __slots__ = ("open", "append", "close", "rollback", "heartbeat")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     APPEND_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     open: OpenRequest
     append: AppendRequest
     close: CloseRequest
     rollback: RollbackRequest
-    def __init__(self, open: _Optional[_Union[OpenRequest, _Mapping]] = ..., append: _Optional[_Union[AppendRequest, _Mapping]] = ..., close: _Optional[_Union[CloseRequest, _Mapping]] = ..., rollback: _Optional[_Union[RollbackRequest, _Mapping]] = ...) -> None: ...
+    heartbeat: Heartbeat
+    def __init__(self, open: _Optional[_Union[OpenRequest, _Mapping]] = ..., append: _Optional[_Union[AppendRequest, _Mapping]] = ..., close: _Optional[_Union[CloseRequest, _Mapping]] = ..., rollback: _Optional[_Union[RollbackRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class SessionReply(_message.Message):
-    __slots__ = ("opened", "appended", "closed", "rolled_back")
+    __slots__ = ("opened", "appended", "closed", "rolled_back", "heartbeat")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     APPENDED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     opened: OpenReply
     appended: AppendReply
     closed: CloseReply
     rolled_back: RollbackReply
-    def __init__(self, opened: _Optional[_Union[OpenReply, _Mapping]] = ..., appended: _Optional[_Union[AppendReply, _Mapping]] = ..., closed: _Optional[_Union[CloseReply, _Mapping]] = ..., rolled_back: _Optional[_Union[RollbackReply, _Mapping]] = ...) -> None: ...
+    heartbeat: Heartbeat
+    def __init__(self, opened: _Optional[_Union[OpenReply, _Mapping]] = ..., appended: _Optional[_Union[AppendReply, _Mapping]] = ..., closed: _Optional[_Union[CloseReply, _Mapping]] = ..., rolled_back: _Optional[_Union[RollbackReply, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
