@@ -12,9 +12,12 @@ STAMP := $(VENV)/.installed-$(shell echo "$(EXTRAS)" | tr ',' '-')
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@# Debian's docker-compose validates docker-compose.yml in the tests (installed when root and missing)
-	command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-		(apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null); } || true
+	@# Debian's docker-compose validates docker-compose.yml in the tests, and haproxy and nginx run the shipped
+	@# balancer configurations (tests/cloud/test_balancers.py); installed when root and missing
+	missing=""; for t in docker-compose haproxy nginx; do command -v $$t >/dev/null || test -x /usr/sbin/$$t || \
+		missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) || true; fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"

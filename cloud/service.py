@@ -28,7 +28,7 @@ from coexit.wire import SESSION_KEY_HEADER
 log = logging.getLogger("coexit.cloud")
 
 # protocol additions within v1 this server implements (InfoReply.features)
-FEATURES = ("verify", "kv_fill", "queue", "heartbeat")
+FEATURES = ("verify", "kv_fill", "queue", "heartbeat", "resume_or_open")
 KV_FILL = {pb.KV_FILL_UNSPECIFIED: "exact", pb.EXACT: "exact", pb.PROPAGATE: "propagate"}
 
 
@@ -91,7 +91,7 @@ class CoexitService(pb_grpc.CoexitServicer):
                 elif kind == "open":
                     if handle is not None:
                         raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "this stream already opened a session")
-                    handle = await self.backend.open(self._open_args(req.open))
+                    handle = await self._open_session(req.open)
                     log.info("session %s %s (session key %s)", handle.id[:12], "resumed" if handle.resumed else
                              "opened", _session_key(context))
                     reply = pb.SessionReply(opened=pb.OpenReply(session_id=handle.id, length=handle.length,
@@ -121,13 +121,25 @@ class CoexitService(pb_grpc.CoexitServicer):
             if handle is not None and not closed:
                 await self.backend.detach(handle.id, (acct[0], acct[1]))
 
-    def _open_args(self, req: pb.OpenRequest) -> OpenArgs:
+    async def _open_session(self, req: pb.OpenRequest) -> SessionHandle:
+        """Open, or resume; with open_if_missing a resume of a session this server does not hold opens anew."""
+        args = self._open_args(req)
+        if not (req.resume_id and req.open_if_missing):
+            return await self.backend.open(args)
+        try:
+            return await self.backend.open(args)
+        except ServiceError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+        return await self.backend.open(self._open_args(req, fresh=True))
+
+    def _open_args(self, req: pb.OpenRequest, fresh: bool = False) -> OpenArgs:
         m = self.model_info
         if req.fingerprint != m.fingerprint:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"model fingerprint mismatch: the edge has {req.fingerprint[:16] or '(none)'}…, this "
                                f"server serves {m.fingerprint[:16]}…; load the same checkpoint on both sides")
-        if req.resume_id:
+        if req.resume_id and not fresh:
             return OpenArgs(resume_id=req.resume_id, identity=IDENTITY.get())
         if req.input not in pb.InputKind.values():
             raise invalid(f"unknown input {req.input}; use HIDDEN or TOKENS")

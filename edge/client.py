@@ -79,23 +79,19 @@ class EdgeClient:
             self._info = self.link.info()
         return self._info
 
-    def _verifies(self) -> bool:
-        """The cloud verifies drafts (asked once; unknown while it is unreachable)."""
+    def supports(self, feature: str) -> bool:
+        """The server announces this protocol addition (asked once; False without a cloud or while it is
+        unreachable)."""
         if self.link is None:
             return False
         try:
-            return "verify" in self.info().features
+            return feature in self.info().features
         except CloudError:
             return False
 
     def heartbeat(self) -> float | None:
         """Seconds of idleness after which a stream sends a heartbeat, if the server announces the feature."""
-        if self.heartbeat_s is None:
-            return None
-        try:
-            return self.heartbeat_s if "heartbeat" in self.info().features else None
-        except CloudError:
-            return None
+        return self.heartbeat_s if self.heartbeat_s is not None and self.supports("heartbeat") else None
 
     def rows_per_append(self) -> int:
         return self.info().limits.max_rows_per_append or 4096
@@ -155,7 +151,7 @@ class EdgeClient:
         if mode == "lossless":
             return LosslessRun(self, prompt, max_new, sampling, policy, stop_at_eos, provisional)
         if mode == "collaborative" and hasattr(policy, "speculate") and self.kv_fill == "exact" \
-                and self._verifies():  # the adaptive policy: drafts through costly fallbacks
+                and self.supports("verify"):  # the adaptive policy: drafts through costly fallbacks
             return LosslessRun(self, prompt, max_new, sampling, policy, stop_at_eos, provisional, speculative=True)
         return Run(self, prompt, max_new, sampling, policy, mode, stop_at_eos)
 

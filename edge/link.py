@@ -44,7 +44,10 @@ class CloudUnavailable(CloudError):
 def _wrap(exc: grpc.RpcError, address: str | None = None) -> CloudError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return (CloudUnavailable if code in _OUTAGE_CODES else CloudError)(code, details or "", address)
+    # a stream reset by the transport (a proxy whose upstream replica died resets it with INTERNAL_ERROR) is an
+    # outage, not the server's answer: coexit's server ends streams with a status, never with a reset
+    reset = code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (details or "")
+    return (CloudUnavailable if code in _OUTAGE_CODES or reset else CloudError)(code, details or "", address)
 
 
 class CloudLink:

@@ -130,27 +130,36 @@ class Run:
         if self.retry_at:  # coming back after an outage
             self.c.link.reconnect()
         try:
-            if self.session_id and self.mode in ("collaborative", "lossless"):
-                self.stream = self.c.link.stream(self.session_key, self.c.heartbeat())
-                try:
-                    reply = self.stream.request(pb.SessionRequest(open=pb.OpenRequest(
-                        fingerprint=fp, resume_id=self.session_id)))
-                    self.cloud_len = reply.opened.length
-                    return
-                except CloudError as exc:
-                    if exc.code != grpc.StatusCode.NOT_FOUND:
-                        raise
-                    self.counters.merge_stream(self.stream)
             if self.kv_fill != "exact":
                 self.c.require("kv_fill", "kv_fill='propagate'")
-            self.stream = self.c.link.stream(self.session_key, self.c.heartbeat())
             exits = self.c.cloud_exits if self.mode == "collaborative" else {}
             opening = pb.OpenRequest(
                 fingerprint=fp, max_length=self.max_length, encoding=enc,
                 input=pb.TOKENS if self.mode == "cloud-only" else pb.HIDDEN, stateless=self.mode == "naive-split",
                 cloud_exits=[pb.CloudExit(layer=k, threshold=v) for k, v in sorted(exits.items())],
                 kv_fill=KV_FILLS[self.kv_fill])
-            reply = self.stream.request(pb.SessionRequest(open=opening))
+            if self.session_id and self.mode in ("collaborative", "lossless"):
+                self.stream = self.c.link.stream(self.session_key, self.c.heartbeat())
+                if self.c.supports("resume_or_open"):  # one round trip: resumed here, or opened anew
+                    opening.resume_id, opening.open_if_missing = self.session_id, True
+                    reply = self.stream.request(pb.SessionRequest(open=opening))
+                    if reply.opened.resumed:
+                        self.cloud_len = reply.opened.length
+                        return
+                else:
+                    try:
+                        reply = self.stream.request(pb.SessionRequest(open=pb.OpenRequest(
+                            fingerprint=fp, resume_id=self.session_id)))
+                        self.cloud_len = reply.opened.length
+                        return
+                    except CloudError as exc:
+                        if exc.code != grpc.StatusCode.NOT_FOUND:
+                            raise
+                        self.counters.merge_stream(self.stream)
+                        self.stream = None
+            if self.stream is None or not opening.open_if_missing:
+                self.stream = self.c.link.stream(self.session_key, self.c.heartbeat())
+                reply = self.stream.request(pb.SessionRequest(open=opening))
         except CloudUnavailable:
             self._mark_down()
             raise

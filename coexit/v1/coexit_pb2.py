@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63oexit/v1/coexit.proto\x12\tcoexit.v1\"i\n\x06Tensor\x12%\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x13.coexit.v1.Encoding\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\"\r\n\x0bInfoRequest\"\x97\x01\n\x06Limits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x17\n\x0fkv_budget_bytes\x18\x02 \x01(\x04\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x1b\n\x13max_rows_per_append\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x12\n\nidle_ttl_s\x18\x06 \x01(\x01\"\x8c\x02\n\tInfoReply\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0bsplit_layer\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x13\n\x0b\x65xit_layers\x18\x06 \x03(\r\x12&\n\tencodings\x18\x07 \x03(\x0e\x32\x13.coexit.v1.Encoding\x12!\n\x06limits\x18\x08 \x01(\x0b\x32\x11.coexit.v1.Limits\x12\x15\n\rserves_tokens\x18\t \x01(\x08\x12\x0f\n\x07version\x18\n \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x0b \x03(\t\"K\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"-\n\tCloudExit\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x11\n\tthreshold\x18\x02 \x01(\x02\"\xf7\x01\n\x0bOpenRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x11\n\tresume_id\x18\x02 \x01(\t\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12%\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x13.coexit.v1.Encoding\x12#\n\x05input\x18\x05 \x01(\x0e\x32\x14.coexit.v1.InputKind\x12\x11\n\tstateless\x18\x06 \x01(\x08\x12)\n\x0b\x63loud_exits\x18\x07 \x03(\x0b\x32\x14.coexit.v1.CloudExit\x12\"\n\x07kv_fill\x18\x08 \x01(\x0e\x32\x11.coexit.v1.KvFill\"@\n\tOpenReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0f\n\x07resumed\x18\x03 \x01(\x08\"\xf8\x01\n\rAppendRequest\x12\x16\n\x0e\x66irst_position\x18\x01 \x01(\r\x12!\n\x06hidden\x18\x02 \x01(\x0b\x32\x11.coexit.v1.Tensor\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nwant_token\x18\x04 \x01(\x08\x12%\n\x08sampling\x18\x05 \x01(\x0b\x32\x13.coexit.v1.Sampling\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\r\x12\x13\n\x0bwant_logits\x18\x07 \x01(\x08\x12 \n\x06\x64rafts\x18\x08 \x03(\x0b\x32\x10.coexit.v1.Draft\x12\x11\n\tfill_rows\x18\t \x03(\r\"W\n\x05\x44raft\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x13\n\x0bsupport_ids\x18\x03 \x03(\r\x12\x15\n\rsupport_probs\x18\x04 \x03(\x02\"P\n\x07Verdict\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xc0\x02\n\x0b\x41ppendReply\x12\x0e\n\x06length\x18\x01 \x01(\r\x12\x11\n\thas_token\x18\x02 \x01(\x08\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12\x12\n\nexit_layer\x18\x05 \x01(\r\x12$\n\x03top\x18\x06 \x03(\x0b\x32\x17.coexit.v1.TokenLogprob\x12!\n\x06logits\x18\x07 \x01(\x0b\x32\x11.coexit.v1.Tensor\x12\x14\n\x0clayer_tokens\x18\x08 \x01(\x04\x12\x12\n\ncompute_us\x18\t \x01(\x04\x12$\n\x08verdicts\x18\n \x03(\x0b\x32\x12.coexit.v1.Verdict\x12\x11\n\tdiscarded\x18\x0b \x01(\x08\x12\x19\n\x11\x66illed_layer_rows\x18\x0c \x01(\x04\x12\x10\n\x08queue_us\x18\r \x01(\x04\"!\n\x0fRollbackRequest\x12\x0e\n\x06length\x18\x01 \x01(\r\"\x1f\n\rRollbackReply\x12\x0e\n\x06length\x18\x01 \x01(\r\"\x0e\n\x0c\x43loseRequest\"8\n\nCloseReply\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x12\n\nbytes_sent\x18\x02 \x01(\x04\"!\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x04\"\xf0\x01\n\x0eSessionRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.coexit.v1.OpenRequestH\x00\x12*\n\x06\x61ppend\x18\x02 \x01(\x0b\x32\x18.coexit.v1.AppendRequestH\x00\x12(\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x17.coexit.v1.CloseRequestH\x00\x12.\n\x08rollback\x18\x04 \x01(\x0b\x32\x1a.coexit.v1.RollbackRequestH\x00\x12)\n\theartbeat\x18\x05 \x01(\x0b\x32\x14.coexit.v1.HeartbeatH\x00\x42\x05\n\x03msg\"\xee\x01\n\x0cSessionReply\x12&\n\x06opened\x18\x01 \x01(\x0b\x32\x14.coexit.v1.OpenReplyH\x00\x12*\n\x08\x61ppended\x18\x02 \x01(\x0b\x32\x16.coexit.v1.AppendReplyH\x00\x12\'\n\x06\x63losed\x18\x03 \x01(\x0b\x32\x15.coexit.v1.CloseReplyH\x00\x12/\n\x0brolled_back\x18\x04 \x01(\x0b\x32\x18.coexit.v1.RollbackReplyH\x00\x12)\n\theartbeat\x18\x05 \x01(\x0b\x32\x14.coexit.v1.HeartbeatH\x00\x42\x05\n\x03msg*L\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04\x42\x46\x31\x36\x10\x03\x12\x08\n\x04INT8\x10\x04*?\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\n\n\x06HIDDEN\x10\x01\x12\n\n\x06TOKENS\x10\x02*;\n\x06KvFill\x12\x17\n\x13KV_FILL_UNSPECIFIED\x10\x00\x12\t\n\x05\x45XACT\x10\x01\x12\r\n\tPROPAGATE\x10\x02\x32\x81\x01\n\x06\x43oexit\x12\x34\n\x04Info\x12\x16.coexit.v1.InfoRequest\x1a\x14.coexit.v1.InfoReply\x12\x41\n\x07Session\x12\x19.coexit.v1.SessionRequest\x1a\x17.coexit.v1.SessionReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63oexit/v1/coexit.proto\x12\tcoexit.v1\"i\n\x06Tensor\x12%\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x13.coexit.v1.Encoding\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\"\r\n\x0bInfoRequest\"\x97\x01\n\x06Limits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x17\n\x0fkv_budget_bytes\x18\x02 \x01(\x04\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x1b\n\x13max_rows_per_append\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x12\n\nidle_ttl_s\x18\x06 \x01(\x01\"\x8c\x02\n\tInfoReply\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0bsplit_layer\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x13\n\x0b\x65xit_layers\x18\x06 \x03(\r\x12&\n\tencodings\x18\x07 \x03(\x0e\x32\x13.coexit.v1.Encoding\x12!\n\x06limits\x18\x08 \x01(\x0b\x32\x11.coexit.v1.Limits\x12\x15\n\rserves_tokens\x18\t \x01(\x08\x12\x0f\n\x07version\x18\n \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x0b \x03(\t\"K\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"-\n\tCloudExit\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x11\n\tthreshold\x18\x02 \x01(\x02\"\x90\x02\n\x0bOpenRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x11\n\tresume_id\x18\x02 \x01(\t\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12%\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x13.coexit.v1.Encoding\x12#\n\x05input\x18\x05 \x01(\x0e\x32\x14.coexit.v1.InputKind\x12\x11\n\tstateless\x18\x06 \x01(\x08\x12)\n\x0b\x63loud_exits\x18\x07 \x03(\x0b\x32\x14.coexit.v1.CloudExit\x12\"\n\x07kv_fill\x18\x08 \x01(\x0e\x32\x11.coexit.v1.KvFill\x12\x17\n\x0fopen_if_missing\x18\t \x01(\x08\"@\n\tOpenReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0f\n\x07resumed\x18\x03 \x01(\x08\"\xf8\x01\n\rAppendRequest\x12\x16\n\x0e\x66irst_position\x18\x01 \x01(\r\x12!\n\x06hidden\x18\x02 \x01(\x0b\x32\x11.coexit.v1.Tensor\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nwant_token\x18\x04 \x01(\x08\x12%\n\x08sampling\x18\x05 \x01(\x0b\x32\x13.coexit.v1.Sampling\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\r\x12\x13\n\x0bwant_logits\x18\x07 \x01(\x08\x12 \n\x06\x64rafts\x18\x08 \x03(\x0b\x32\x10.coexit.v1.Draft\x12\x11\n\tfill_rows\x18\t \x03(\r\"W\n\x05\x44raft\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x13\n\x0bsupport_ids\x18\x03 \x03(\r\x12\x15\n\rsupport_probs\x18\x04 \x03(\x02\"P\n\x07Verdict\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xc0\x02\n\x0b\x41ppendReply\x12\x0e\n\x06length\x18\x01 \x01(\r\x12\x11\n\thas_token\x18\x02 \x01(\x08\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12\x12\n\nexit_layer\x18\x05 \x01(\r\x12$\n\x03top\x18\x06 \x03(\x0b\x32\x17.coexit.v1.TokenLogprob\x12!\n\x06logits\x18\x07 \x01(\x0b\x32\x11.coexit.v1.Tensor\x12\x14\n\x0clayer_tokens\x18\x08 \x01(\x04\x12\x12\n\ncompute_us\x18\t \x01(\x04\x12$\n\x08verdicts\x18\n \x03(\x0b\x32\x12.coexit.v1.Verdict\x12\x11\n\tdiscarded\x18\x0b \x01(\x08\x12\x19\n\x11\x66illed_layer_rows\x18\x0c \x01(\x04\x12\x10\n\x08queue_us\x18\r \x01(\x04\"!\n\x0fRollbackRequest\x12\x0e\n\x06length\x18\x01 \x01(\r\"\x1f\n\rRollbackReply\x12\x0e\n\x06length\x18\x01 \x01(\r\"\x0e\n\x0c\x43loseRequest\"8\n\nCloseReply\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x12\n\nbytes_sent\x18\x02 \x01(\x04\"!\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x04\"\xf0\x01\n\x0eSessionRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.coexit.v1.OpenRequestH\x00\x12*\n\x06\x61ppend\x18\x02 \x01(\x0b\x32\x18.coexit.v1.AppendRequestH\x00\x12(\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x17.coexit.v1.CloseRequestH\x00\x12.\n\x08rollback\x18\x04 \x01(\x0b\x32\x1a.coexit.v1.RollbackRequestH\x00\x12)\n\theartbeat\x18\x05 \x01(\x0b\x32\x14.coexit.v1.HeartbeatH\x00\x42\x05\n\x03msg\"\xee\x01\n\x0cSessionReply\x12&\n\x06opened\x18\x01 \x01(\x0b\x32\x14.coexit.v1.OpenReplyH\x00\x12*\n\x08\x61ppended\x18\x02 \x01(\x0b\x32\x16.coexit.v1.AppendReplyH\x00\x12\'\n\x06\x63losed\x18\x03 \x01(\x0b\x32\x15.coexit.v1.CloseReplyH\x00\x12/\n\x0brolled_back\x18\x04 \x01(\x0b\x32\x18.coexit.v1.RollbackReplyH\x00\x12)\n\theartbeat\x18\x05 \x01(\x0b\x32\x14.coexit.v1.HeartbeatH\x00\x42\x05\n\x03msg*L\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04\x42\x46\x31\x36\x10\x03\x12\x08\n\x04INT8\x10\x04*?\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\n\n\x06HIDDEN\x10\x01\x12\n\n\x06TOKENS\x10\x02*;\n\x06KvFill\x12\x17\n\x13KV_FILL_UNSPECIFIED\x10\x00\x12\t\n\x05\x45XACT\x10\x01\x12\r\n\tPROPAGATE\x10\x02\x32\x81\x01\n\x06\x43oexit\x12\x34\n\x04Info\x12\x16.coexit.v1.InfoRequest\x1a\x14.coexit.v1.InfoReply\x12\x41\n\x07Session\x12\x19.coexit.v1.SessionRequest\x1a\x17.coexit.v1.SessionReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coexit.v1.coexit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=2481
-  _globals['_ENCODING']._serialized_end=2557
-  _globals['_INPUTKIND']._serialized_start=2559
-  _globals['_INPUTKIND']._serialized_end=2622
-  _globals['_KVFILL']._serialized_start=2624
-  _globals['_KVFILL']._serialized_end=2683
+  _globals['_ENCODING']._serialized_start=2506
+  _globals['_ENCODING']._serialized_end=2582
+  _globals['_INPUTKIND']._serialized_start=2584
+  _globals['_INPUTKIND']._serialized_end=2647
+  _globals['_KVFILL']._serialized_start=2649
+  _globals['_KVFILL']._serialized_end=2708
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=142
   _globals['_INFOREQUEST']._serialized_start=144
@@ -50,33 +50,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOUDEXIT']._serialized_start=661
   _globals['_CLOUDEXIT']._serialized_end=706
   _globals['_OPENREQUEST']._serialized_start=709
-  _globals['_OPENREQUEST']._serialized_end=956
-  _globals['_OPENREPLY']._serialized_start=958
-  _globals['_OPENREPLY']._serialized_end=1022
-  _globals['_APPENDREQUEST']._serialized_start=1025
-  _globals['_APPENDREQUEST']._serialized_end=1273
-  _globals['_DRAFT']._serialized_start=1275
-  _globals['_DRAFT']._serialized_end=1362
-  _globals['_VERDICT']._serialized_start=1364
-  _globals['_VERDICT']._serialized_end=1444
-  _globals['_TOKENLOGPROB']._serialized_start=1446
-  _globals['_TOKENLOGPROB']._serialized_end=1495
-  _globals['_APPENDREPLY']._serialized_start=1498
-  _globals['_APPENDREPLY']._serialized_end=1818
-  _globals['_ROLLBACKREQUEST']._serialized_start=1820
-  _globals['_ROLLBACKREQUEST']._serialized_end=1853
-  _globals['_ROLLBACKREPLY']._serialized_start=1855
-  _globals['_ROLLBACKREPLY']._serialized_end=1886
-  _globals['_CLOSEREQUEST']._serialized_start=1888
-  _globals['_CLOSEREQUEST']._serialized_end=1902
-  _globals['_CLOSEREPLY']._serialized_start=1904
-  _globals['_CLOSEREPLY']._serialized_end=1960
-  _globals['_HEARTBEAT']._serialized_start=1962
-  _globals['_HEARTBEAT']._serialized_end=1995
-  _globals['_SESSIONREQUEST']._serialized_start=1998
-  _globals['_SESSIONREQUEST']._serialized_end=2238
-  _globals['_SESSIONREPLY']._serialized_start=2241
-  _globals['_SESSIONREPLY']._serialized_end=2479
-  _globals['_COEXIT']._serialized_start=2686
-  _globals['_COEXIT']._serialized_end=2815
+  _globals['_OPENREQUEST']._serialized_end=981
+  _globals['_OPENREPLY']._serialized_start=983
+  _globals['_OPENREPLY']._serialized_end=1047
+  _globals['_APPENDREQUEST']._serialized_start=1050
+  _globals['_APPENDREQUEST']._serialized_end=1298
+  _globals['_DRAFT']._serialized_start=1300
+  _globals['_DRAFT']._serialized_end=1387
+  _globals['_VERDICT']._serialized_start=1389
+  _globals['_VERDICT']._serialized_end=1469
+  _globals['_TOKENLOGPROB']._serialized_start=1471
+  _globals['_TOKENLOGPROB']._serialized_end=1520
+  _globals['_APPENDREPLY']._serialized_start=1523
+  _globals['_APPENDREPLY']._serialized_end=1843
+  _globals['_ROLLBACKREQUEST']._serialized_start=1845
+  _globals['_ROLLBACKREQUEST']._serialized_end=1878
+  _globals['_ROLLBACKREPLY']._serialized_start=1880
+  _globals['_ROLLBACKREPLY']._serialized_end=1911
+  _globals['_CLOSEREQUEST']._serialized_start=1913
+  _globals['_CLOSEREQUEST']._serialized_end=1927
+  _globals['_CLOSEREPLY']._serialized_start=1929
+  _globals['_CLOSEREPLY']._serialized_end=1985
+  _globals['_HEARTBEAT']._serialized_start=1987
+  _globals['_HEARTBEAT']._serialized_end=2020
+  _globals['_SESSIONREQUEST']._serialized_start=2023
+  _globals['_SESSIONREQUEST']._serialized_end=2263
+  _globals['_SESSIONREPLY']._serialized_start=2266
+  _globals['_SESSIONREPLY']._serialized_end=2504
+  _globals['_COEXIT']._serialized_start=2711
+  _globals['_COEXIT']._serialized_end=2840
 # @@protoc_insertion_point(module_scope)

@@ -119,7 +119,7 @@ class CloudExit(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("fingerprint", "resume_id", "max_length", "encoding", "input", "stateless", "cloud_exits", "kv_fill")
+    __slots__ = ("fingerprint", "resume_id", "max_length", "encoding", "input", "stateless", "cloud_exits", "kv_fill", "open_if_missing")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     RESUME_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class OpenRequest(_message.Message):
     STATELESS_FIELD_NUMBER: _ClassVar[int]
     CLOUD_EXITS_FIELD_NUMBER: _ClassVar[int]
     KV_FILL_FIELD_NUMBER: _ClassVar[int]
+    OPEN_IF_MISSING_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     resume_id: str
     max_length: int
@@ -136,7 +137,8 @@ class OpenRequest(_message.Message):
     stateless: bool
     cloud_exits: _containers.RepeatedCompositeFieldContainer[CloudExit]
     kv_fill: KvFill
-    def __init__(self, fingerprint: _Optional[str] = ..., resume_id: _Optional[str] = ..., max_length: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., input: _Optional[_Union[InputKind, str]] = ..., stateless: _Optional[bool] = ..., cloud_exits: _Optional[_Iterable[_Union[CloudExit, _Mapping]]] = ..., kv_fill: _Optional[_Union[KvFill, str]] = ...) -> None: ...
+    open_if_missing: bool
+    def __init__(self, fingerprint: _Optional[str] = ..., resume_id: _Optional[str] = ..., max_length: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., input: _Optional[_Union[InputKind, str]] = ..., stateless: _Optional[bool] = ..., cloud_exits: _Optional[_Iterable[_Union[CloudExit, _Mapping]]] = ..., kv_fill: _Optional[_Union[KvFill, str]] = ..., open_if_missing: _Optional[bool] = ...) -> None: ...
 
 class OpenReply(_message.Message):
     __slots__ = ("session_id", "length", "resumed")

@@ -1,0 +1,347 @@
+"""The shipped balancer configurations (deploy/haproxy/haproxy.cfg, deploy/nginx/nginx.conf), run as they are with
+real `haproxy` and `nginx` processes in front of three real `coexit serve` replicas on loopback; only the server
+list, the listen address and the idle timeout are the test's. The edge SDK talks to the balancer only.
+
+`make setup` installs haproxy and nginx from Debian's packages when it runs as root; without them these tests skip."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import coexit
+from cloud.launch import die_with_parent, free_port, start_cloud, wait_healthy
+from coexit.decoding import generate_full
+from coexit.exits import ExitPolicy
+from coexit.v1 import coexit_pb2 as pb
+from edge.backends import TorchBackend
+from edge.client import EdgeClient
+from edge.link import CloudError, CloudLink
+
+ROOT = Path(__file__).resolve().parents[2]
+IDLE_S = 1.0  # the balancers' idle timeout in these tests (60 s as shipped)
+
+
+class Replica:
+    def __init__(self, model_dir, port: int | None = None) -> None:
+        self.port, self.health, self.metrics = port or free_port(), free_port(), free_port()
+        self.model_dir = model_dir
+        self.start()
+
+    def start(self) -> None:
+        self.proc, self.address = start_cloud(self.model_dir, self.port, [
+            "--health-http-port", str(self.health), "--metrics-port", str(self.metrics), "--drain-grace", "5"])
+
+    def gauge(self, name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5).read().decode()
+        m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    def stop(self, sig=signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+
+def _replace_servers(text: str, lines: list[str]) -> str:
+    begin, end = text.index("# BEGIN servers"), text.index("# END servers")
+    indent = text[text.rindex("\n", 0, begin) + 1:begin]
+    return text[:begin] + "# BEGIN servers\n" + "".join(f"{indent}{ln}\n" for ln in lines) + indent + text[end:]
+
+
+class Balancer:
+    """One balancer process over the shipped file; `reload()` starts a successor the way an operator would."""
+
+    def __init__(self, kind: str, replicas: list[Replica], tmp: Path) -> None:
+        self.kind, self.replicas, self.tmp = kind, replicas, tmp
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+        if kind == "haproxy":
+            text = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
+            self.conf = tmp / "haproxy.cfg"
+            self.conf.write_text(_replace_servers(text, [
+                f"server r{i} 127.0.0.1:{r.port} proto h2 check-proto h1 port {r.health}"
+                for i, r in enumerate(replicas)]))
+            self.env = dict(os.environ, COEXIT_LB_BIND=self.address, COEXIT_IDLE_TIMEOUT=f"{int(IDLE_S * 1000)}ms",
+                            COEXIT_HEALTH_INTER="200ms")
+        else:
+            text = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
+            text = _replace_servers(text, [f"server 127.0.0.1:{r.port} max_fails=1 fail_timeout=30s;"
+                                           for r in replicas])
+            text = text.replace("listen 50151 http2;", f"listen {self.address} http2;")
+            text = text.replace(" 60s;", f" {int(IDLE_S * 1000)}ms;")
+            for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+                (tmp / d).mkdir(exist_ok=True)
+            text = text.replace("http {\n", "http {\n" + "".join(f"    {d}_temp_path {tmp / d};\n" for d in
+                                ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")), 1)
+            self.conf = tmp / "nginx.conf"
+            self.conf.write_text(text)
+            self.env = dict(os.environ)
+        self.start()
+
+    def _cmd(self) -> list[str]:
+        if self.kind == "haproxy":
+            return ["haproxy", "-db", "-f", str(self.conf)]
+        return ["nginx", "-c", str(self.conf), "-p", str(self.tmp), "-g",
+                f"daemon off; pid {self.tmp / 'nginx.pid'}; error_log stderr error;"]
+
+    def start(self, extra: list[str] | None = None) -> None:
+        self.procs.append(subprocess.Popen(self._cmd() + (extra or []), env=self.env, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL, preexec_fn=die_with_parent))
+        wait_healthy(self.address, timeout_s=30)
+
+    def reload(self) -> None:
+        """HAProxy's seamless reload: a new process takes the listener; the old one finishes its streams."""
+        self.start(["-sf", str(self.procs[-1].pid)])
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=10)
+
+
+def _have(tool: str) -> bool:
+    return shutil.which(tool) is not None or Path(f"/usr/sbin/{tool}").exists()
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_dir):
+    rs = [Replica(tiny_dir) for _ in range(3)]
+    yield rs
+    for r in rs:
+        r.stop(signal.SIGTERM)
+
+
+@pytest.fixture(params=["haproxy", "nginx"])
+def balancer(request, replicas):
+    if not _have(request.param):
+        pytest.skip(f"{request.param} is not installed (`make setup` installs it from Debian's packages as root)")
+    for r in replicas:  # a test before may have killed one
+        if r.proc.poll() is not None:
+            r.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        b = Balancer(request.param, replicas, Path(tmp))
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _sessions(replicas) -> list[float]:
+    return [r.gauge("coexit_sessions") for r in replicas]
+
+
+def _home(replicas, before: list[float]) -> Replica:
+    """The replica that gained a session since `before` (the replicas' own gauges)."""
+    gained = [r for r, b in zip(replicas, before) if r.gauge("coexit_sessions") > b]
+    assert len(gained) == 1, gained
+    return gained[0]
+
+
+def _open(link: CloudLink, key: str, fingerprint: str, **kw):
+    stream = link.stream(key, **kw)
+    reply = stream.request(pb.SessionRequest(open=pb.OpenRequest(fingerprint=fingerprint, max_length=64,
+                                                                 encoding=pb.FP32, input=pb.TOKENS)))
+    return stream, reply.opened
+
+
+def _resume(link: CloudLink, key: str, fingerprint: str, session_id: str):
+    """The edge's resume behind a balancer (feature resume_or_open): resumed where the session lives, else anew."""
+    stream = link.stream(key)
+    reply = stream.request(pb.SessionRequest(open=pb.OpenRequest(
+        fingerprint=fingerprint, max_length=64, encoding=pb.FP32, input=pb.TOKENS, resume_id=session_id,
+        open_if_missing=True)))
+    return stream, reply.opened
+
+
+def test_every_stream_of_a_key_reaches_one_replica(tiny_dir, replicas, balancer):
+    """Open a session per key, drop its stream, resume it on a new stream with the same key: a resume only succeeds
+    on the replica that holds the session, so every one must reach it; and the keys spread over the replicas."""
+    fp = coexit.load(tiny_dir).fingerprint
+    link = CloudLink(balancer.address)
+    before = [r.gauge("coexit_sessions") for r in replicas]
+    held = []
+    try:
+        for i in range(12):
+            stream, opened = _open(link, f"key-{i}", fp)
+            stream.cancel()
+            again = link.stream(f"key-{i}")
+            reply = again.request(pb.SessionRequest(open=pb.OpenRequest(fingerprint=fp, resume_id=opened.session_id)))
+            assert reply.opened.resumed and reply.opened.session_id == opened.session_id
+            held.append(again)
+        per_replica = [r.gauge("coexit_sessions") - b for r, b in zip(replicas, before)]
+        assert sum(per_replica) == 12 and sum(n > 0 for n in per_replica) >= 2, per_replica  # keys spread
+    finally:
+        for s in held:
+            s.close()
+        link.close()
+
+
+@pytest.mark.parametrize("kill_at", [6])
+def test_a_killed_replica_costs_one_replay(tiny_dir, replicas, balancer, kill_at):
+    """Kill the replica serving a generation mid-stream: the edge finishes with the full model's tokens (lossless:
+    it never emits an unverified token), none lost or repeated, after exactly one new session on another replica."""
+    full = coexit.load(tiny_dir)
+    ids = full.tokenizer.encode("def add(a, b):", add_bos=True)
+    want = generate_full(full, ids, 20)
+    client = EdgeClient(TorchBackend.from_checkpoint(tiny_dir), full.tokenizer, cloud=balancer.address,
+                        mode="lossless", policy=ExitPolicy.never(), draft_always=False, deadline_s=5.0)
+    before = _sessions(replicas)
+    run = client.stream(ids, 20, stop_at_eos=False)
+    got = []
+    for ev in run:
+        got.append(ev.token_id)
+        if len(got) == kill_at:
+            _home(replicas, before).stop(signal.SIGKILL)
+    client.close()
+    assert got == want
+    assert run.counters.sessions_opened == 2  # the first, then one replay on another replica
+
+
+def test_heartbeats_keep_an_idle_stream_open(tiny_dir, balancer):
+    """Idle for three times the balancer's timeout: with heartbeats the stream lives, without it is cut."""
+    fp = coexit.load(tiny_dir).fingerprint
+    link = CloudLink(balancer.address)
+    try:
+        beating, _ = _open(link, "beat", fp, heartbeat_s=IDLE_S / 4)
+        silent, _ = _open(link, "silent", fp)
+        time.sleep(3 * IDLE_S)
+        ok = beating.request(pb.SessionRequest(append=pb.AppendRequest(first_position=0, token_ids=[1, 5, 9],
+                                                                       want_token=True)))
+        assert ok.appended.has_token and beating.heartbeats >= 3
+        with pytest.raises(CloudError):
+            silent.request(pb.SessionRequest(append=pb.AppendRequest(first_position=0, token_ids=[1, 5, 9],
+                                                                     want_token=True)))
+        beating.close()
+    finally:
+        link.close()
+
+
+@pytest.fixture
+def haproxy(request, replicas):
+    if not _have("haproxy"):
+        pytest.skip("haproxy is not installed (`make setup` installs it from Debian's packages as root)")
+    for r in replicas:
+        if r.proc.poll() is not None:
+            r.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        b = Balancer("haproxy", replicas, Path(tmp))
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_haproxy_reload_keeps_open_streams(tiny_dir, haproxy):
+    fp = coexit.load(tiny_dir).fingerprint
+    link = CloudLink(haproxy.address)
+    try:
+        stream, _ = _open(link, "reload", fp)
+        haproxy.reload()
+        reply = stream.request(pb.SessionRequest(append=pb.AppendRequest(first_position=0, token_ids=[1, 5],
+                                                                         want_token=True)))
+        assert reply.appended.has_token
+        stream.close()
+        fresh, _ = _open(link, "after-reload", fp)  # the new process serves new streams
+        fresh.close()
+    finally:
+        link.close()
+
+
+def _wait(cond, timeout_s: float = 20) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_haproxy_keeps_moved_sessions_when_a_replica_returns(tiny_dir, replicas, haproxy):
+    """A session rebuilt on another replica stays there when the dead replica comes back; new keys reach it."""
+    fp = coexit.load(tiny_dir).fingerprint
+    link = CloudLink(haproxy.address)
+    try:
+        before = _sessions(replicas)
+        stream, opened = _open(link, "mover", fp)
+        home = _home(replicas, before)
+        home.stop(signal.SIGKILL)
+        stream.cancel()
+        moved, rebuilt = _resume(link, "mover", fp, opened.session_id)  # what the edge does: resume or open
+        assert not rebuilt.resumed and rebuilt.session_id != opened.session_id  # its KV died with its replica
+        moved.cancel()
+        home.start()
+        assert _wait(lambda: _up(haproxy, home))
+        again, reply = _resume(link, "mover", fp, rebuilt.session_id)
+        assert reply.resumed and reply.session_id == rebuilt.session_id  # still routed to where it was rebuilt
+        again.close()
+        before = home.gauge("coexit_sessions")
+        streams = [_open(link, f"new-{i}", fp)[0] for i in range(12)]
+        assert home.gauge("coexit_sessions") > before  # new sessions reach the returned replica
+        for s in streams:
+            s.close()
+    finally:
+        link.close()
+
+
+def _up(balancer: Balancer, replica: Replica) -> bool:
+    """The returned replica answers its health port, and the balancer has had time to see it (rise 2 x 200 ms)."""
+    try:
+        with socket.create_connection(("127.0.0.1", replica.health), timeout=1):
+            pass
+    except OSError:
+        return False
+    time.sleep(1.0)
+    return True
+
+
+def test_haproxy_stops_sending_to_a_draining_replica(tiny_dir, replicas, haproxy):
+    """SIGTERM on a replica: its health port turns 503, HAProxy takes it out, and new sessions go elsewhere, while
+    the generation it was serving finishes (its drain grace) or moves, with the full model's tokens."""
+    full = coexit.load(tiny_dir)
+    ids = full.tokenizer.encode("def add(a, b):", add_bos=True)
+    want = generate_full(full, ids, 12)
+    client = EdgeClient(TorchBackend.from_checkpoint(tiny_dir), full.tokenizer, cloud=haproxy.address,
+                        mode="lossless", policy=ExitPolicy.never(), draft_always=False)
+    before = _sessions(replicas)
+    run = client.stream(ids, 12, stop_at_eos=False)
+    got, draining = [], None
+    for ev in run:
+        got.append(ev.token_id)
+        if len(got) == 3:
+            draining = _home(replicas, before)
+            draining.proc.send_signal(signal.SIGTERM)
+            assert _wait(lambda r=draining: _health(r) != 200, 10)
+            time.sleep(1.0)  # fall 2 x inter 200 ms
+    client.close()
+    assert got == want
+    fp = full.fingerprint
+    link = CloudLink(haproxy.address)
+    try:
+        for i in range(8):
+            s, _ = _open(link, f"drain-{i}", fp)  # every one succeeds: none reaches the draining replica
+            s.close()
+    finally:
+        link.close()
+    draining.proc.wait(timeout=30)
+
+
+def _health(replica: Replica) -> int:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{replica.health}/healthz", timeout=2).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
