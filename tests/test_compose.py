@@ -5,6 +5,7 @@ completes the demo against it, and the edge-api command serves the OpenAI-compat
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def native(cmd: list[str], model_dir, port: int, api_port: int = 0) -> list[str]
 
 
 def test_compose_services_run_natively(compose, tiny_dir):
-    services = compose["services"]
+    services = {k: v for k, v in compose["services"].items() if not v.get("profiles")}
     assert set(services) == {"cloud", "edge", "edge-api"}
     for name in ("edge", "edge-api"):
         assert services[name]["depends_on"]["cloud"]["condition"] == "service_healthy"
@@ -91,3 +92,31 @@ def test_compose_services_run_natively(compose, tiny_dir):
         cloud.kill()
         cloud.wait()
     assert json.dumps(services)  # the parsed file is plain data
+
+
+def test_scale_profile_puts_the_shipped_haproxy_in_front_of_two_replicas(compose):
+    """`--profile scale`: the balancer mounts deploy/haproxy/haproxy.cfg unchanged, its server list names exactly the
+    replicas with their gRPC and health ports, and the edges go through it."""
+    scale = {k: v for k, v in compose["services"].items() if "scale" in (v.get("profiles") or [])}
+    assert set(scale) == {"cloud1", "cloud2", "balancer", "edge-scale", "edge-api-scale"}
+    mount = scale["balancer"]["volumes"][0]
+    source = mount["source"] if isinstance(mount, dict) else mount.split(":")[0]
+    assert Path(source).resolve() == (ROOT / "deploy" / "haproxy" / "haproxy.cfg").resolve()
+    cfg = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
+    servers = re.findall(r"^\s*server (\S+) (\S+):(\d+) .*port (\d+)", cfg, re.M)
+    assert {(name, host) for name, host, _, _ in servers} == {("cloud1", "cloud1"), ("cloud2", "cloud2")}
+    for name, _, grpc_port, health_port in servers:
+        cmd = scale[name]["command"]
+        assert cmd[cmd.index("--port") + 1] == grpc_port
+        assert cmd[cmd.index("--health-http-port") + 1] == health_port
+        grace = float(cmd[cmd.index("--drain-grace") + 1])
+        assert _seconds(scale[name]["stop_grace_period"]) > grace  # the drain finishes before the kill
+    bind = re.search(r'bind "\$\{COEXIT_LB_BIND-:(\d+)\}"', cfg).group(1)
+    assert {"published": 50150, "target": int(bind)} in scale["balancer"]["ports"]
+    for name in ("edge-scale", "edge-api-scale"):
+        assert f"balancer:{bind}" in scale[name]["command"]
+
+
+def _seconds(value) -> float:
+    text = str(value)
+    return float(text[:-1]) if text.endswith("s") else float(text)
