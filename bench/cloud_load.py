@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import multiprocessing as mp
 import re
+import secrets
 import statistics
 import subprocess
 import sys
@@ -70,12 +71,13 @@ def _client_proc(address, fingerprint, hidden, n_sessions, prompt, steps, barrie
     from coexit.v1 import coexit_pb2 as pb
     from coexit.v1 import coexit_pb2_grpc as pb_grpc
     from coexit.v1.convert import tensor_to_proto
+    from coexit.wire import SESSION_KEY_HEADER
 
     prompt_t = tensor_to_proto(torch.randn(prompt, hidden), "fp16")
     row_t = tensor_to_proto(torch.randn(1, hidden), "fp16")
 
     async def session(stub, ready: asyncio.Event, opened: list):
-        call = stub.Session()
+        call = stub.Session(metadata=((SESSION_KEY_HEADER, secrets.token_hex(12)),))  # a balancer's stickiness key
         await call.write(pb.SessionRequest(open=pb.OpenRequest(fingerprint=fingerprint, encoding=pb.FP16,
                                                                max_length=prompt + steps + 1)))
         await call.read()
@@ -151,7 +153,7 @@ def run_load(address, fingerprint, hidden, sessions, clients, prompt, steps, met
     ticks = d.get("coexit_tick_seconds_count", 0)
     return dict(tok_s=len(lat) / (t1 - t0), p50=pct(lat, .5), p99=pct(lat, .99), s50=pct(server, .5),
                 s99=pct(server, .99), tick=d["coexit_tick_seconds_sum"] / ticks if ticks else float("nan"),
-                batch=d["coexit_tick_sessions_sum"] / ticks if ticks else float("nan"),
+                batch=d["coexit_tick_sessions_sum"] / ticks if ticks else float("nan"),  # no metrics: --target
                 queue=d["coexit_queue_wait_seconds_sum"] / d["coexit_queue_wait_seconds_count"]
                 if d.get("coexit_queue_wait_seconds_count") else float("nan"))
 
@@ -208,6 +210,11 @@ def main() -> int:
                     help="serve with this many gRPC front-end processes and one engine process (0: one process)")
     ap.add_argument("--serve-args", default="", help="more `coexit serve` flags, e.g. \"--batch-wait 0\"")
     ap.add_argument("--server-root", help="run `coexit serve` from this checkout instead (a baseline)")
+    ap.add_argument("--target", metavar="HOST:PORT",
+                    help="drive this running server or balancer instead of starting one (it must serve --model or "
+                         "the --shape's random weights: only the fingerprint and sizes are read from it); "
+                         "the engine columns need --target-metrics-port")
+    ap.add_argument("--target-metrics-port", type=int, default=0, help="the --target server's --metrics-port")
     args = ap.parse_args()
 
     from cloud.launch import free_port, start_cloud
@@ -223,13 +230,14 @@ def main() -> int:
         mport = free_port()
         extra = ["--max-sessions", str(max(counts) + 8), "--kv-budget-mib", "4096" if on_gpu else "1024",
                  *args.serve_args.split()]
-        if args.server_root:
-            mport = 0
+        if args.server_root or args.target:
+            mport = args.target_metrics_port
         else:
             extra += ["--metrics-port", str(mport)]
             if args.frontends:
                 extra += ["--frontends", str(args.frontends)]
-        proc, address = start_cloud(model_dir, extra_args=extra, threads=args.server_threads, cwd=args.server_root)
+        proc, address = (None, args.target) if args.target else \
+            start_cloud(model_dir, extra_args=extra, threads=args.server_threads, cwd=args.server_root)
         try:
             link = CloudLink(address)
             info = link.info()
@@ -241,7 +249,7 @@ def main() -> int:
                   f"prompt {args.prompt}, {args.steps} decode steps "
                   f"per session, {args.clients} client processes; server "
                   f"{f'{args.frontends} front end(s) + engine process, ' if args.frontends else 'one process, '}"
-                  f"{args.server_root or 'this checkout'}")
+                  f"{args.target or args.server_root or 'this checkout'}")
             print("| sessions | tokens/s | client p50 | client p99 | server p50 | server p99 | queue wait | "
                   "engine tick | sessions/tick | plain step | plain tokens/s | ratio |")
             print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -255,11 +263,12 @@ def main() -> int:
                       f"{r['batch']:.1f} | {plain[s] * 1e3:.2f} ms | {plain_tok:.0f} | "
                       f"{r['tok_s'] / plain_tok:.1%} |", flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     return 0
 
 

@@ -1,17 +1,15 @@
 """The shipped balancer configurations (deploy/haproxy/haproxy.cfg, deploy/nginx/nginx.conf), run as they are with
-real `haproxy` and `nginx` processes in front of three real `coexit serve` replicas on loopback; only the server
-list, the listen address and the idle timeout are the test's. The edge SDK talks to the balancer only.
+real `haproxy` and `nginx` processes (cloud/balancer.py) in front of three real `coexit serve` replicas on
+loopback; only the server list, the listen address and the idle timeout are the test's. The edge SDK talks to the
+balancer only.
 
 `make setup` installs haproxy and nginx from Debian's packages when it runs as root; without them these tests skip."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 import urllib.request
@@ -20,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import coexit
-from cloud.launch import die_with_parent, free_port, start_cloud, wait_healthy
+from cloud.balancer import Balancer, installed
+from cloud.launch import free_port, start_cloud
 from coexit.decoding import generate_full
 from coexit.exits import ExitPolicy
 from coexit.v1 import coexit_pb2 as pb
@@ -53,69 +52,6 @@ class Replica:
             self.proc.wait(timeout=30)
 
 
-def _replace_servers(text: str, lines: list[str]) -> str:
-    begin, end = text.index("# BEGIN servers"), text.index("# END servers")
-    indent = text[text.rindex("\n", 0, begin) + 1:begin]
-    return text[:begin] + "# BEGIN servers\n" + "".join(f"{indent}{ln}\n" for ln in lines) + indent + text[end:]
-
-
-class Balancer:
-    """One balancer process over the shipped file; `reload()` starts a successor the way an operator would."""
-
-    def __init__(self, kind: str, replicas: list[Replica], tmp: Path) -> None:
-        self.kind, self.replicas, self.tmp = kind, replicas, tmp
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.procs: list[subprocess.Popen] = []
-        if kind == "haproxy":
-            text = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
-            self.conf = tmp / "haproxy.cfg"
-            self.conf.write_text(_replace_servers(text, [
-                f"server r{i} 127.0.0.1:{r.port} proto h2 check-proto h1 port {r.health}"
-                for i, r in enumerate(replicas)]))
-            self.env = dict(os.environ, COEXIT_LB_BIND=self.address, COEXIT_IDLE_TIMEOUT=f"{int(IDLE_S * 1000)}ms",
-                            COEXIT_HEALTH_INTER="200ms")
-        else:
-            text = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
-            text = _replace_servers(text, [f"server 127.0.0.1:{r.port} max_fails=1 fail_timeout=30s;"
-                                           for r in replicas])
-            text = text.replace("listen 50151 http2;", f"listen {self.address} http2;")
-            text = text.replace(" 60s;", f" {int(IDLE_S * 1000)}ms;")
-            for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-                (tmp / d).mkdir(exist_ok=True)
-            text = text.replace("http {\n", "http {\n" + "".join(f"    {d}_temp_path {tmp / d};\n" for d in
-                                ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")), 1)
-            self.conf = tmp / "nginx.conf"
-            self.conf.write_text(text)
-            self.env = dict(os.environ)
-        self.start()
-
-    def _cmd(self) -> list[str]:
-        if self.kind == "haproxy":
-            return ["haproxy", "-db", "-f", str(self.conf)]
-        return ["nginx", "-c", str(self.conf), "-p", str(self.tmp), "-g",
-                f"daemon off; pid {self.tmp / 'nginx.pid'}; error_log stderr error;"]
-
-    def start(self, extra: list[str] | None = None) -> None:
-        self.procs.append(subprocess.Popen(self._cmd() + (extra or []), env=self.env, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL, preexec_fn=die_with_parent))
-        wait_healthy(self.address, timeout_s=30)
-
-    def reload(self) -> None:
-        """HAProxy's seamless reload: a new process takes the listener; the old one finishes its streams."""
-        self.start(["-sf", str(self.procs[-1].pid)])
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(timeout=10)
-
-
-def _have(tool: str) -> bool:
-    return shutil.which(tool) is not None or Path(f"/usr/sbin/{tool}").exists()
-
-
 @pytest.fixture(scope="module")
 def replicas(tiny_dir):
     rs = [Replica(tiny_dir) for _ in range(3)]
@@ -126,13 +62,13 @@ def replicas(tiny_dir):
 
 @pytest.fixture(params=["haproxy", "nginx"])
 def balancer(request, replicas):
-    if not _have(request.param):
+    if not installed(request.param):
         pytest.skip(f"{request.param} is not installed (`make setup` installs it from Debian's packages as root)")
     for r in replicas:  # a test before may have killed one
         if r.proc.poll() is not None:
             r.start()
     with tempfile.TemporaryDirectory() as tmp:
-        b = Balancer(request.param, replicas, Path(tmp))
+        b = Balancer(request.param, [(r.port, r.health) for r in replicas], Path(tmp), IDLE_S)
         try:
             yield b
         finally:
@@ -231,13 +167,13 @@ def test_heartbeats_keep_an_idle_stream_open(tiny_dir, balancer):
 
 @pytest.fixture
 def haproxy(request, replicas):
-    if not _have("haproxy"):
+    if not installed("haproxy"):
         pytest.skip("haproxy is not installed (`make setup` installs it from Debian's packages as root)")
     for r in replicas:
         if r.proc.poll() is not None:
             r.start()
     with tempfile.TemporaryDirectory() as tmp:
-        b = Balancer("haproxy", replicas, Path(tmp))
+        b = Balancer("haproxy", [(r.port, r.health) for r in replicas], Path(tmp), IDLE_S)
         try:
             yield b
         finally:
