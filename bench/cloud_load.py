@@ -95,8 +95,8 @@ def _client_proc(address, fingerprint, hidden, n_sessions, prompt, steps, barrie
             lat.append(time.perf_counter() - t0)
             server.append(reply.appended.compute_us / 1e6)
         await call.write(pb.SessionRequest(close=pb.CloseRequest()))
+        await call.done_writing()  # Close is the last message (behind a proxy the reply needs the half-close)
         await call.read()
-        await call.done_writing()
         return lat, server
 
     async def main():

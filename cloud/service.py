@@ -110,6 +110,11 @@ class CoexitService(pb_grpc.CoexitServicer):
                     received, sent = await self.backend.close(handle.id, (acct[0] + size, acct[1]))
                     closed = True
                     yield pb.SessionReply(closed=pb.CloseReply(bytes_received=received, bytes_sent=sent))
+                    # End the stream only once the edge has finished sending: a server that ends it first makes
+                    # its HTTP/2 stack reset the client's half, and HAProxy 2.6 then drops the reply before it
+                    # reaches the edge. Anything after Close is ignored.
+                    async for _ in request_iterator:
+                        pass
                     return
                 else:
                     raise invalid("empty SessionRequest: set open, append or close")

@@ -180,8 +180,9 @@ class SessionStream:
         if self.broken:
             return None
         try:
-            reply = self.request(pb.SessionRequest(close=pb.CloseRequest()))
+            self.send(pb.SessionRequest(close=pb.CloseRequest()))
+            self._requests.put(_END)  # Close is the last message: half-close before the reply, as proxies expect
+            reply = self.recv()
         except CloudError:
             return None
-        self._requests.put(_END)
         return reply.closed

@@ -281,3 +281,25 @@ def _health(replica: Replica) -> int:
         return exc.code
     except OSError:
         return 0
+
+
+def test_collaborative_returns_to_the_cloud_after_a_replica_dies(tiny_dir, replicas, haproxy):
+    """The issue's scenario: a collaborative generation whose replica dies carries on standalone for a moment, then
+    opens a session on another replica (one replay) and its fallbacks go to the cloud again."""
+    full = coexit.load(tiny_dir)
+    ids = full.tokenizer.encode("def add(a, b):", add_bos=True)
+    client = EdgeClient(TorchBackend.from_checkpoint(tiny_dir), full.tokenizer, cloud=haproxy.address,
+                        policy=ExitPolicy.never(), retry_s=0.2, deadline_s=2.0)
+    before = _sessions(replicas)
+    run = client.stream(ids, 40, stop_at_eos=False)
+    origins = []
+    for ev in run:
+        origins.append(ev.origin)
+        if len(origins) == 10:
+            _home(replicas, before).stop(signal.SIGKILL)
+        if len(origins) > 10 and ev.origin == "edge-standalone":
+            time.sleep(0.05)  # the user reads on; the retry clock runs
+    client.close()
+    assert origins[:10] == ["cloud"] * 10
+    assert "cloud" in origins[11:] and origins[-1] == "cloud"  # back on the cloud after the outage
+    assert run.counters.sessions_opened == 2
