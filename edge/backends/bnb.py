@@ -16,9 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from coexit.checkpoint import load, read_config
 from coexit.model import EarlyExitLM
-from edge.backends.torch_backend import TorchBackend
+from edge.backends.torch_backend import TorchBackend, load_edge
 
 MODES = ("int8", "nf4")
 
@@ -91,6 +90,6 @@ class BnbBackend(TorchBackend):
         super().__init__(model, max_len=max_len)
 
     @classmethod
-    def from_checkpoint(cls, path, mode: str = "nf4", max_len: int | None = None) -> BnbBackend:
-        split = read_config(path).split_layer
-        return cls(load(path, layers=(0, split), dtype=torch.float32), mode, max_len=max_len)
+    def from_checkpoint(cls, path, mode: str = "nf4", max_len: int | None = None, adapter=None) -> BnbBackend:
+        """adapter: a LoRA adapter directory, merged into the fp32 weights before they are quantized."""
+        return cls(load_edge(path, torch.float32, adapter), mode, max_len=max_len)

@@ -17,6 +17,9 @@ Python callback per graph node would cost more than the layers at this size. Eve
 output row: llama.cpp drops non-output rows inside the last layer, and the segment's output rows must all
 survive. The KV caches live in the llama.cpp contexts across steps; truncate() removes positions with
 llama_memory_seq_rm.
+
+A LoRA adapter (PEFT layout, `adapter=DIR`) is exported once per edge file's layer range into the adapter directory
+(edge/export/lora.py) and applied by llama.cpp at run time over the (quantized) base: `adapter_files`.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class LlamaSession:
 
     def __init__(self, path: str | Path, n_ctx: int, n_threads: int = 2, n_batch: int = 256,
                  capture: list[int] | None = None, kv_type: str = "f16", flash_attn: bool = False,
-                 embd_input: bool = False) -> None:
+                 embd_input: bool = False, lora: str | Path | None = None) -> None:
         self.lc = lc = llama()
         self.model = self.ctx = self.batch = None
         self.model = lc.llama_model_load_from_file(str(path).encode(), model_params(path))
@@ -69,6 +72,15 @@ class LlamaSession:
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}) for {path}")
         self.n_ctx = lc.llama_n_ctx(self.ctx)
         self.mem = lc.llama_get_memory(self.ctx)
+        self.adapter = None
+        if lora is not None:  # a GGUF LoRA adapter (edge/export/lora.py), applied at run time at scale 1
+            self.adapter = lc.llama_adapter_lora_init(self.model, str(lora).encode())
+            if not self.adapter:
+                raise RuntimeError(f"llama.cpp could not load the LoRA adapter {lora} for {path}")
+            rc = lc.llama_set_adapters_lora(self.ctx, (lc.llama_adapter_lora_p_ctypes * 1)(self.adapter), 1,
+                                            (ctypes.c_float * 1)(1.0))
+            if rc != 0:
+                raise RuntimeError(f"llama.cpp refused the LoRA adapter {lora} (code {rc})")
         self.batch = lc.llama_batch_init(n_batch, self.n_embd if embd_input else 0, 1)
 
     def decode(self, tokens: list[int] | np.ndarray, first: int, all_outputs: bool = True) -> None:
@@ -139,6 +151,27 @@ class _Stage:
         self.lo, self.hi, self.session, self.heads = lo, hi, session, heads
 
 
+def adapter_files(adapter: str | Path, config, ranges: list[tuple[int, int]]) -> list[Path | None]:
+    """GGUF LoRA files of a PEFT adapter directory for the edge files' layer ranges, written into the adapter
+    directory on first use (`lora-layers-LO-HI.gguf`) and reused while newer than its weights; None for a range
+    the adapter does not touch."""
+    from coexit.lora import WEIGHTS_FILE, read_adapter
+    from edge.export.lora import export_lora_gguf
+
+    adapter = Path(adapter)
+    adapted = {i for i, _ in read_adapter(adapter)[1]}
+    out = []
+    for lo, hi in ranges:
+        if not adapted & set(range(lo, hi)):
+            out.append(None)
+            continue
+        f = adapter / f"lora-layers-{lo:02d}-{hi:02d}.gguf"
+        if not f.exists() or f.stat().st_mtime < (adapter / WEIGHTS_FILE).stat().st_mtime:
+            export_lora_gguf(adapter, config, f, (lo, hi))
+        out.append(f)
+    return out
+
+
 class LlamaCppBackend(EdgeBackend):
     """EdgeBackend over an edge GGUF file (whole layout) or a directory of GGUF segments. max_len: context size
     (default min(max_position_embeddings, 4096)). flash_attn: default on with an f16/q8_0 KV cache (about 15%
@@ -147,7 +180,7 @@ class LlamaCppBackend(EdgeBackend):
     name = "llama.cpp"
 
     def __init__(self, path: str | Path, n_threads: int = 2, max_len: int | None = None, n_batch: int = 256,
-                 kv_type: str = "f16", flash_attn: bool | None = None) -> None:
+                 kv_type: str = "f16", flash_attn: bool | None = None, adapter: str | Path | None = None) -> None:
         from edge.export.segments import segment_files
 
         self.path = Path(path)
@@ -162,17 +195,19 @@ class LlamaCppBackend(EdgeBackend):
         self.stages: list[_Stage] = []
         if self.layout == "whole":
             capture = sorted({e - 1 for e in self.exit_layers if e < split} | {split - 1})
-            session = LlamaSession(files[0], n_ctx, n_threads, n_batch, capture, kv_type, flash_attn)
+            lora = adapter_files(adapter, self.config, [(0, split)])[0] if adapter else None
+            session = LlamaSession(files[0], n_ctx, n_threads, n_batch, capture, kv_type, flash_attn, lora=lora)
             self.stages.append(_Stage(0, split, session, meta.heads))
         else:
             expect = 0
-            for f, m in zip(files, metas):
+            loras = adapter_files(adapter, self.config, [m.layers for m in metas]) if adapter else [None] * len(files)
+            for f, m, lora in zip(files, metas, loras):
                 lo, hi = m.layers
                 if m.fingerprint != meta.fingerprint or lo != expect or hi > split:
                     raise ValueError(f"{f.name} (layers [{lo}, {hi}), fingerprint {m.fingerprint[:12]}) does not "
                                      f"continue the segments before it in {self.path}; re-export them together")
                 session = LlamaSession(f, n_ctx, n_threads, n_batch, [hi - lo - 1], kv_type, flash_attn,
-                                       embd_input=lo > 0)
+                                       embd_input=lo > 0, lora=lora)
                 self.stages.append(_Stage(lo, hi, session, {}))
                 expect = hi
             if expect != split:

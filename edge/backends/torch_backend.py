@@ -4,6 +4,8 @@ those layers (coexit.decoding.LayerRunner, the same mechanism the cloud uses).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -11,6 +13,16 @@ from coexit.checkpoint import load, read_config
 from coexit.decoding import Decide, LayerRunner, RunResult
 from coexit.model import EarlyExitLM
 from edge.backends.base import EdgeBackend
+
+
+def load_edge(path, dtype: torch.dtype | None = torch.float32, adapter: str | Path | None = None) -> EarlyExitLM:
+    """Layers [0, split) of a checkpoint, with a LoRA adapter merged in when one is given."""
+    model = load(path, layers=(0, read_config(path).split_layer), dtype=dtype)
+    if adapter is not None:
+        from coexit.lora import merge_adapter
+
+        merge_adapter(model, adapter)
+    return model
 
 
 class TorchBackend(EdgeBackend):
@@ -25,9 +37,10 @@ class TorchBackend(EdgeBackend):
         self.reset()
 
     @classmethod
-    def from_checkpoint(cls, path, dtype: torch.dtype | None = torch.float32, max_len: int | None = None):
-        split = read_config(path).split_layer
-        return cls(load(path, layers=(0, split), dtype=dtype), max_len=max_len)
+    def from_checkpoint(cls, path, dtype: torch.dtype | None = torch.float32, max_len: int | None = None,
+                        adapter: str | Path | None = None):
+        """adapter: a LoRA adapter directory (PEFT layout, coexit.lora), merged into the edge's weights."""
+        return cls(load_edge(path, dtype, adapter), max_len=max_len)
 
     @property
     def max_length(self) -> int:
