@@ -116,9 +116,12 @@ class EdgeClient:
         from edge.policy.calibrate import load_policy
 
         budget = kw.pop("quality_budget", None)
+        adapter = kw.pop("adapter", None)  # a LoRA adapter directory (coexit.lora), on every backend
         if kw.get("policy") is None or kw.get("policy") == "adaptive":
             kw["policy"] = load_policy(model_dir, adaptive=kw.get("policy") == "adaptive", quality_budget=budget)
         backend_kw = dict(backend_kw or {})
+        if adapter is not None:
+            backend_kw["adapter"] = adapter
         if backend == "gguf" and backend_kw.get("layout") is None:
             backend_kw["layout"] = gguf_layout(kw["policy"], kw.get("mode", "collaborative"), model_dir)
         return cls(make_backend(backend, model_dir, **backend_kw), load_tokenizer(model_dir), cloud=cloud, **kw)

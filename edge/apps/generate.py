@@ -127,6 +127,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", choices=KINDS, default="torch",
                     help="edge runtime (gguf exports the edge layers into the model directory on first use)")
     ap.add_argument("--quant", help="GGUF quantization for --backend gguf (default q8_0)")
+    ap.add_argument("--adapter", help="a LoRA adapter directory (`coexit adapt`, or PEFT's layout) applied to the "
+                                      "edge layers, on every backend (llama.cpp applies it at run time)")
     ap.add_argument("--layout", choices=["segments", "whole"],
                     help="--backend gguf: one file per exit interval (exits skip the layers above) or one file "
                          "(default: segments when the policy can stop or looks below the split, else whole)")
@@ -167,6 +169,8 @@ def main(argv: list[str]) -> int:
     read_config(args.model)  # a wrong --model: one line naming the directory, before anything else loads
     policy = choose_policy(args)
     backend_kw = {"quant": args.quant or "q8_0", "layout": args.layout} if args.backend == "gguf" else {}
+    if args.adapter:
+        backend_kw["adapter"] = args.adapter
     client = EdgeClient.from_checkpoint(args.model, cloud=args.cloud, backend=args.backend, mode=args.mode,
                                         encoding=args.encoding, deadline_s=args.deadline, token=args.token,
                                         tls_ca=args.tls_ca, backend_kw=backend_kw, kv_fill=args.kv_fill,

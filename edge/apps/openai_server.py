@@ -541,6 +541,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8000, help="HTTP port")
     ap.add_argument("--mode", choices=SERVE_MODES, default="collaborative", help="a request may override it")
     ap.add_argument("--backend", choices=KINDS, default="torch", help="edge runtime")
+    ap.add_argument("--adapter", help="a LoRA adapter directory applied to the edge layers (`coexit adapt`)")
     ap.add_argument("--thresholds", help="per-exit thresholds, e.g. 2=0.8,4=0.9, at edge exits only (default: the "
                                          "model's calibrated policy)")
     ap.add_argument("--policy", choices=["calibrated", "adaptive"], default="calibrated",
@@ -586,6 +587,7 @@ def server_from_args(args: argparse.Namespace) -> EdgeServer:
     token = args.token if args.token is not None else os.environ.get("COEXIT_TOKEN") or None
     server = EdgeServer(args.model, args.cloud, args.mode, policy, args.parallel, args.backend, args.model_name,
                         args.max_tokens, {"encoding": args.encoding, "token": token, "tls_ca": args.tls_ca,
+                                          **({"adapter": args.adapter} if args.adapter else {}),
                                           "deadline_s": args.deadline})
     if args.policy == "adaptive":
         server.policy = server.adaptive(args.quality_budget)

@@ -34,6 +34,7 @@ from torch import Tensor
 from coexit.decoding import Decide, ExitLogits, ParkedRows, RunResult, checks
 from edge.backends.base import EdgeBackend
 from edge.backends.gguf_heads import ExitHead, read_edge_gguf
+from edge.export.lora import adapter_files
 from edge.llamacpp.lib import Capture, llama, model_params
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids for the K/V cache
@@ -149,27 +150,6 @@ class _Stage:
 
     def __init__(self, lo: int, hi: int, session: LlamaSession, heads: dict[int, ExitHead]) -> None:
         self.lo, self.hi, self.session, self.heads = lo, hi, session, heads
-
-
-def adapter_files(adapter: str | Path, config, ranges: list[tuple[int, int]]) -> list[Path | None]:
-    """GGUF LoRA files of a PEFT adapter directory for the edge files' layer ranges, written into the adapter
-    directory on first use (`lora-layers-LO-HI.gguf`) and reused while newer than its weights; None for a range
-    the adapter does not touch."""
-    from coexit.lora import WEIGHTS_FILE, read_adapter
-    from edge.export.lora import export_lora_gguf
-
-    adapter = Path(adapter)
-    adapted = {i for i, _ in read_adapter(adapter)[1]}
-    out = []
-    for lo, hi in ranges:
-        if not adapted & set(range(lo, hi)):
-            out.append(None)
-            continue
-        f = adapter / f"lora-layers-{lo:02d}-{hi:02d}.gguf"
-        if not f.exists() or f.stat().st_mtime < (adapter / WEIGHTS_FILE).stat().st_mtime:
-            export_lora_gguf(adapter, config, f, (lo, hi))
-        out.append(f)
-    return out
 
 
 class LlamaCppBackend(EdgeBackend):

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from coexit.checkpoint import read_config
 from edge.export.gguf import IMATRIX_FILE, MIXES, QUANTS, export_gguf, sidecar_path
-from edge.export.segments import export_segments, segment_files
+from edge.export.lora import adapter_files
+from edge.export.segments import export_segments, segment_files, segment_range
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-tensors", metavar="NAME,NAME",
                     help="tensors of every edge layer kept at --keep-layer-type (e.g. attn_v,ffn_down)")
     ap.add_argument("--keep-layer-type", metavar="TYPE", help="type for --keep-layers/--keep-tensors (default q8_0)")
+    ap.add_argument("--adapter", help="also write this LoRA adapter directory (`coexit adapt`, PEFT layout) as GGUF "
+                                      "adapters for the exported file(s), into that directory; llama.cpp applies "
+                                      "them at run time (`coexit generate --backend gguf --adapter DIR`)")
     args = ap.parse_args(argv)
     try:
         layers = None if args.keep_layers is None else tuple(int(x) for x in args.keep_layers.split(",") if x)
@@ -45,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             files = segment_files(out)
             size = sum(f.stat().st_size for f in files) / 2**20
             print(f"wrote {out}/: {', '.join(f.name for f in files)}: {size:.2f} MiB")
+            if args.adapter:
+                _adapters(args, [segment_range(f) for f in files])
             return 0
         path = export_gguf(args.model, args.quant, args.out, args.threads, **kw)
     except Exception as exc:  # a CLI prints a message a person can act on, not a traceback
@@ -52,4 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     extra = f" (+ {sidecar_path(path).name})" if sidecar_path(path).exists() else ""
     print(f"wrote {path}{extra}: {path.stat().st_size / 2**20:.2f} MiB")
+    if args.adapter:
+        _adapters(args, [(0, read_config(args.model).split_layer)])
     return 0
+
+
+def _adapters(args, ranges: list[tuple[int, int]]) -> None:
+    written = [f for f in adapter_files(args.adapter, read_config(args.model), ranges) if f is not None]
+    print(f"wrote LoRA adapters {', '.join(str(f) for f in written)}")

@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 
 from coexit.config import Config
-from coexit.lora import read_adapter
+from coexit.lora import WEIGHTS_FILE, read_adapter
 from edge.export.gguf import permute_qk
 
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -52,4 +52,22 @@ def export_lora_gguf(adapter_dir: str | Path, config: Config, out: str | Path,
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return out
+
+
+def adapter_files(adapter: str | Path, config, ranges: list[tuple[int, int]]) -> list[Path | None]:
+    """GGUF LoRA files of a PEFT adapter directory for the edge files' layer ranges, written into the adapter
+    directory on first use (`lora-layers-LO-HI.gguf`) and reused while newer than its weights; None for a range
+    the adapter does not touch."""
+    adapter = Path(adapter)
+    adapted = {i for i, _ in read_adapter(adapter)[1]}
+    out = []
+    for lo, hi in ranges:
+        if not adapted & set(range(lo, hi)):
+            out.append(None)
+            continue
+        f = adapter / f"lora-layers-{lo:02d}-{hi:02d}.gguf"
+        if not f.exists() or f.stat().st_mtime < (adapter / WEIGHTS_FILE).stat().st_mtime:
+            export_lora_gguf(adapter, config, f, (lo, hi))
+        out.append(f)
     return out

@@ -29,6 +29,12 @@ def segment_name(lo: int, hi: int) -> str:
     return f"layers-{lo:02d}-{hi:02d}.gguf"
 
 
+def segment_range(path: str | Path) -> tuple[int, int]:
+    """(lo, hi) of a segment file's name (the inverse of segment_name)."""
+    _, lo, hi = Path(path).stem.split("-")
+    return int(lo), int(hi)
+
+
 def segment_files(directory: str | Path) -> list[Path]:
     """The segment files of a directory written by export_segments, in layer order."""
     files = sorted(Path(directory).glob("layers-*-*.gguf"))
