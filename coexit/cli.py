@@ -55,6 +55,7 @@ SUMMARIES = {  # what `coexit --help` says of each command (others: their module
     "calibrate": "Choose exit thresholds (or a learned gate) for a target agreement with the full model",
     "evaluate": "Held-out accuracy, perplexity and exit agreement of a checkpoint, as a markdown table",
     "export-edge": "Write the edge layers as a llama.cpp GGUF (quantized, whole or in segments)",
+    "adapt": "Adapt the edge layers to your own text on the device (windowed LoRA with exit losses)",
     "imatrix": "An importance matrix for llama.cpp's quantizer, from coexit's own torch model",
     "build-corpus": "Build the offline Python-source corpus that the bundled model was trained on",
     "prepare-data": "Tokenize text into training shards (and train a byte-level BPE tokenizer)",

@@ -93,6 +93,15 @@ def add_lora(model, cfg: LoraConfig) -> list[LoRALinear]:
     return out
 
 
+def set_lora(model, weights: dict[tuple[int, str], tuple[Tensor, Tensor]]) -> None:
+    """Load (A, B) pairs (read_adapter's) into the model's LoRALinear modules where it has them."""
+    with torch.no_grad():
+        for (i, t), (a, b) in weights.items():
+            if str(i) in model.model.layers and isinstance(m := getattr(_owner(model, i, t), t), LoRALinear):
+                m.lora_A.copy_(a)
+                m.lora_B.copy_(b)
+
+
 def remove_lora(model) -> None:
     """Put the plain linears back (the adapters' weights are dropped: save or merge them first)."""
     for block in model.model.layers.values():

@@ -1,0 +1,171 @@
+"""`coexit adapt --model DIR --data PATH... --out ADAPTER_DIR`: adapt the edge layers to the user's own text on the
+device, as Edge-LLM's adaptive layer tuning does: LoRA adapters (r 8, alpha 16, every linear), trained one window
+of layers at a time, shallow to deep, each window closing at an edge exit whose loss trains it.
+
+Memory is bounded by the window: the layers below it run without autograd, the forward stops at the window's exit,
+and only the window's adapters are trainable. The cloud's deep layers are shared and not adapted, so the split rows
+the edge uploads must not drift: each window also pays a consistency term, the relative squared drift of its output
+hidden state from the unadapted model's on the same tokens (its output feeds every deeper layer, the split rows
+included). `--consistency 0` turns it off.
+
+The result is a PEFT-layout adapter directory (coexit.lora) that every edge backend takes (`--adapter`); after each
+window it is saved with the windows done, so an interrupted run resumes where it stopped. Held-out text (a share of
+the documents) gives each window's exit loss before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from coexit.checkpoint import load, read_config
+from coexit.errors import UsageError
+from coexit.lora import CONFIG_FILE, TARGETS, LoraConfig, add_lora, read_adapter, save_adapter, set_lora
+from coexit.textdata import read_documents, spread_chunks
+
+
+def windows(exits: list[int]) -> list[tuple[int, int]]:
+    """Layer windows [lo, hi), each closing at an edge exit hi (the last at the split)."""
+    bounds = [0, *sorted(exits)]
+    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def _batches(chunks: list[list[int]], batch: int, rng: random.Random):
+    while True:
+        rng.shuffle(chunks)
+        for i in range(0, len(chunks) - batch + 1, batch):
+            yield torch.tensor(chunks[i:i + batch])
+
+
+@torch.no_grad()
+def exit_loss(model, chunks: list[list[int]], exit_layer: int, batch: int = 8) -> float:
+    """Mean next-token cross-entropy of an edge exit over held-out chunks."""
+    stage, total, n = model.stage(0, exit_layer), 0.0, 0
+    for i in range(0, len(chunks), batch):
+        ids = torch.tensor(chunks[i:i + batch])
+        logits = stage(ids[:, :-1], exits=[exit_layer]).exit_logits[exit_layer]
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+        n += ids[:, 1:].numel()
+    return total / max(1, n)
+
+
+def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128, batch: int = 8, lr: float = 1e-3,
+          r: int = 8, alpha: float = 16.0, consistency: float = 1.0, heldout: float = 0.1, seed: int = 0,
+          progress: bool = True) -> dict:
+    """Train (or resume) the adapter in `out`; returns the per-window report written beside it."""
+    torch.manual_seed(seed)
+    cfg0 = read_config(model_dir)
+    split, exits = cfg0.split_layer, cfg0.edge_exit_layers
+    model = load(model_dir, layers=(0, split), dtype=torch.float32)
+    ref = load(model_dir, layers=(0, split), dtype=torch.float32)  # the unadapted edge: consistency targets
+    for p in [*model.parameters(), *ref.parameters()]:
+        p.requires_grad_(False)
+    tok = model.tokenizer
+    if tok is None:
+        raise UsageError(f"{model_dir} has no tokenizer.json: adapting needs it to read the text")
+    docs = read_documents(data)
+    rng = random.Random(seed)
+    rng.shuffle(docs)
+    n_held = max(1, int(len(docs) * heldout)) if len(docs) > 1 else 0
+    held_docs, train_docs = docs[:n_held], docs[n_held:] or docs
+    want = steps * batch * seq_len
+    train = [c for c in spread_chunks(tok, train_docs, want, seq_len + 1, min_len=seq_len + 1)]
+    held = [c for c in spread_chunks(tok, held_docs, 64 * seq_len, seq_len + 1, min_len=seq_len + 1)] \
+        if held_docs else []
+    if len(train) < batch:
+        raise UsageError(f"the data holds {len(train)} chunks of {seq_len + 1} tokens, fewer than one batch of "
+                         f"{batch}: give more text or a smaller --seq-len / --batch")
+    out = Path(out)
+    lora = LoraConfig(r, alpha, TARGETS, tuple(range(split)), model.fingerprint,
+                      {"windows": [list(w) for w in windows(exits)], "windows_done": [], "consistency": consistency,
+                       "steps_per_window": steps, "seq_len": seq_len, "batch": batch, "lr": lr})
+    done: list[list[int]] = []
+    if (out / CONFIG_FILE).is_file():  # resume: the windows already trained come back as they were saved
+        old, weights = read_adapter(out)
+        if old.base_fingerprint != model.fingerprint:
+            raise UsageError(f"{out} holds an adapter of another checkpoint; choose another --out")
+        done = old.extra.get("windows_done", [])
+        add_lora(model, LoraConfig(r, alpha, TARGETS, tuple(i for lo, hi in done for i in range(lo, hi))))
+        set_lora(model, weights)
+    todo = [w for w in windows(exits) if list(w) not in done]
+    report = {"windows": []}
+    bar = tqdm(total=steps * len(todo), desc="adapting", unit="step", disable=not progress)
+    batches = _batches(train, batch, rng)
+    for lo, hi in todo:
+        mods = add_lora(model, LoraConfig(r, alpha, TARGETS, tuple(range(lo, hi))))
+        params = [p for m in mods for p in (m.lora_A, m.lora_B)]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        below, window, ref_stage = (model.stage(0, lo) if lo else None), model.stage(lo, hi), ref.stage(0, hi)
+        before = exit_loss(model, held, hi) if held else math.nan
+        t0, last = time.perf_counter(), 0.0
+        for _ in range(steps):
+            ids = next(batches)
+            x, y = ids[:, :-1], ids[:, 1:]
+            with torch.no_grad():  # the layers below the window: no autograd graph, no activations kept
+                h = below(x).hidden if below is not None else x
+                target = ref_stage(x).hidden if consistency else None
+            o = window(h, exits=[hi])  # the forward stops at the window's exit
+            loss = F.cross_entropy(o.exit_logits[hi].flatten(0, 1), y.flatten())
+            if consistency:
+                loss = loss + consistency * ((o.hidden - target) ** 2).mean() / (target ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            last = float(loss)
+            bar.update(1)
+            bar.set_postfix(window=f"[{lo},{hi})", loss=f"{last:.3f}")
+        after = exit_loss(model, held, hi) if held else math.nan
+        done.append([lo, hi])
+        lora.extra["windows_done"] = done
+        save_adapter(model, lora, out)  # a checkpoint per window: an interrupted run resumes here
+        report["windows"].append({"window": [lo, hi], "exit": hi, "heldout_loss_before": before,
+                                  "heldout_loss_after": after, "train_loss_last": last,
+                                  "seconds": time.perf_counter() - t0})
+    bar.close()
+    if not todo:
+        save_adapter(model, lora, out)
+    report.update(chunks_train=len(train), chunks_heldout=len(held))
+    (out / "adapt_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: list[str]) -> int:
+    from coexit.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="coexit adapt", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory")
+    ap.add_argument("--data", nargs="+", required=True, help="text files, directories of source, or .jsonl")
+    ap.add_argument("--out", required=True, help="adapter directory to write (or resume)")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per window")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the adapters")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / r)")
+    ap.add_argument("--consistency", type=float, default=1.0,
+                    help="weight of the split-row drift penalty that keeps the cloud's answers right (0: off)")
+    ap.add_argument("--heldout", type=float, default=0.1, help="share of the documents held out for the report")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the batches")
+    args = ap.parse_args(argv)
+    for flag, value in (("--steps", args.steps), ("--seq-len", args.seq_len), ("--batch", args.batch),
+                        ("--rank", args.rank)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if not 0 <= args.heldout < 1 or args.consistency < 0 or not args.lr > 0:
+        raise UsageError("--heldout must be in [0, 1), --consistency >= 0 and --lr > 0")
+    read_config(args.model)
+    r = adapt(args.model, args.data, args.out, args.steps, args.seq_len, args.batch, args.lr, args.rank,
+              args.alpha, args.consistency, args.heldout, args.seed)
+    for w in r["windows"]:
+        print(f"window {w['window']} (exit {w['exit']}): held-out exit loss {w['heldout_loss_before']:.3f} -> "
+              f"{w['heldout_loss_after']:.3f} in {w['seconds']:.0f} s")
+    print(f"wrote {args.out} (PEFT layout; use it with --adapter)")
+    return 0

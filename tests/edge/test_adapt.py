@@ -1,0 +1,101 @@
+"""`coexit adapt` (edge/apps/adapt.py): windowed LoRA tuning of the edge layers, one window per edge exit, resumable,
+in PEFT's layout; the adapted edge fits the user's text better at every exit it trained, and runs on the backends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import coexit
+from coexit.lora import PARENT, TARGETS, merge_adapter, read_adapter
+from coexit.tiny import SAMPLE_TEXT
+from edge.apps.adapt import adapt, exit_loss, windows
+from edge.backends import make_backend
+
+TEXT = "\n".join(SAMPLE_TEXT) if isinstance(SAMPLE_TEXT, list) else SAMPLE_TEXT
+
+
+def test_windows_close_at_the_edge_exits():
+    assert windows([2, 4]) == [(0, 2), (2, 4)]
+    assert windows([1, 2, 3]) == [(0, 1), (1, 2), (2, 3)]
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapt")
+    (d / "my_code.py").write_text(TEXT * 8)
+    out = d / "adapter"
+    report = adapt(tiny_dir, [str(d / "my_code.py")], out, steps=25, seq_len=32, batch=4, lr=3e-3, heldout=0.0,
+                   progress=False)
+    return out, report, d
+
+
+def test_adapter_is_peft_and_covers_every_window(adapted, tiny_dir):
+    out, report, _ = adapted
+    cfg, weights = read_adapter(out)
+    exits = coexit.read_config(tiny_dir).edge_exit_layers
+    assert cfg.extra["windows_done"] == [list(w) for w in windows(exits)]
+    assert {i for i, _ in weights} == set(range(coexit.read_config(tiny_dir).split_layer))
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert [w["exit"] for w in report["windows"]] == sorted(exits)
+
+
+def test_the_adapted_exits_fit_the_text_better(adapted, tiny_dir):
+    out, _, d = adapted
+    split = coexit.read_config(tiny_dir).split_layer
+    tok = coexit.load(tiny_dir).tokenizer
+    ids = tok.encode(TEXT * 2)
+    chunks = [ids[i:i + 33] for i in range(0, len(ids) - 33, 33)][:16]
+    base = coexit.load(tiny_dir, layers=(0, split))
+    tuned = coexit.load(tiny_dir, layers=(0, split))
+    merge_adapter(tuned, out)
+    for e in coexit.read_config(tiny_dir).edge_exit_layers:
+        assert exit_loss(tuned, chunks, e) < exit_loss(base, chunks, e) - 0.05, e
+
+
+def test_resume_skips_finished_windows(adapted, tiny_dir):
+    out, _, d = adapted
+    before = (out / "adapter_model.safetensors").read_bytes()
+    again = adapt(tiny_dir, [str(d / "my_code.py")], out, steps=25, seq_len=32, batch=4, heldout=0.0,
+                  progress=False)
+    assert again["windows"] == [] and (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_only_the_window_trains(tiny_dir, tmp_path, monkeypatch):
+    """Below the window no autograd graph is built, and only the window's adapters get gradients."""
+    import edge.apps.adapt as mod
+
+    (tmp_path / "t.py").write_text(TEXT * 8)
+    seen = []
+    real = torch.optim.AdamW
+
+    class Spy(real):
+        def step(self, *a, **k):
+            seen.append(sum(p.numel() for g in self.param_groups for p in g["params"] if p.grad is not None))
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(mod.torch.optim, "AdamW", Spy)
+    adapt(tiny_dir, [str(tmp_path / "t.py")], tmp_path / "a", steps=2, seq_len=16, batch=2, heldout=0.0,
+          progress=False)
+    cfg = coexit.read_config(tiny_dir)
+    block = coexit.load(tiny_dir, layers=(0, 1)).model.layers["0"]
+    per_layer = sum(8 * (m.in_features + m.out_features)  # rank 8: A (8, in) + B (out, 8) per adapted linear
+                    for m in (getattr(getattr(block, PARENT[t]), t) for t in TARGETS))
+    sizes = [hi - lo for lo, hi in windows(cfg.edge_exit_layers)]
+    assert seen == [n * per_layer for n in sizes for _ in range(2)]
+
+
+def test_adapted_edge_runs_on_the_backends(adapted, tiny_dir):
+    out, _, _ = adapted
+    ids = [1, 5, 9, 13]
+
+    def rows(kind, adapter):
+        be = make_backend(kind, tiny_dir, **({"adapter": adapter} if adapter else {}))
+        be.step(ids, 0, None)
+        return be.take_split_rows()[1]
+
+    want = rows("torch", out)
+    assert (rows("bnb-int8", out) - want).abs().mean() < (rows("bnb-int8", None) - want).abs().mean()
+    assert (rows("torch", None) - want).abs().max() > 1e-3  # the adapter is in effect
