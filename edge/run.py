@@ -309,7 +309,10 @@ class Run:
         """(layer, token, logprob) the edge makes for position `pos` from a step's result: the exit that stopped the
         row, else the deepest exit (standalone mode, or the cloud is away)."""
         layer = res.depth if res.exited else max(res.exit_logits)
-        token, logprob = sample(res.exit_logits[layer], self.sampling, position=pos)
+        logits = res.exit_logits[layer]
+        if res.exited and hasattr(self.policy, "emit_logits"):  # a voting policy emits the exits' combined vote
+            logits = self.policy.emit_logits(res.exit_logits, layer)
+        token, logprob = sample(logits, self.sampling, position=pos)
         return layer, token, logprob
 
     def _event(self, pos: int, layer: int, token: int, logprob: float, origin: str, t0: float) -> TokenEvent:
