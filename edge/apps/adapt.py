@@ -119,7 +119,7 @@ def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            last = float(loss)
+            last = float(loss.detach())
             bar.update(1)
             bar.set_postfix(window=f"[{lo},{hi})", loss=f"{last:.3f}")
         after = exit_loss(model, held, hi) if held else math.nan

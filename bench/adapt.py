@@ -1,0 +1,211 @@
+"""Benchmark: what `coexit adapt` buys a user, end to end, on a package held out of the training corpus.
+
+Adapts the bundled model's edge layers on 80% of a package's files (default: aiohttp, installed with the project
+and not in the corpus) and evaluates on the other 20%, teacher-forced, before and after:
+- each edge exit's top-1 accuracy on the real next token;
+- the cloud's accuracy (the unadapted deep layers on that edge's split rows), over all positions and over the
+  policy's fallback positions;
+- the collaborative system's accuracy on the real next token and its edge share, each model under thresholds
+  calibrated (max-prob, 99% agreement) on the user's own training files;
+- cloud-only accuracy (the unadapted model), the bar the issue sets;
+- exit voting at the split against the split exit alone, at the same edge share (the calibrated policy's).
+
+And (`--phase memory`) peak RSS and seconds per step of four ways to tune the same edge layers on the same
+batches, each in a fresh process: full fine-tuning (AdamW on every edge weight, loss at the split exit), LoRA over
+the full edge depth (loss at the split exit), and windowed LoRA (`coexit adapt`: one window at a time, no autograd
+below it, loss at its exit), on the bundled model and on a TinyLlama-shaped edge (11 layers, d 2048, random).
+
+    python bench/adapt.py [--package DIR] [--steps 150] [--tokens 16384]
+    python bench/adapt.py --phase memory [--batch 4 --seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import coexit  # noqa: E402
+from coexit.lora import merge_adapter  # noqa: E402
+from coexit.textdata import spread_chunks  # noqa: E402
+from edge.apps.adapt import adapt  # noqa: E402
+from edge.policy.calibrate import choose_thresholds, collect  # noqa: E402
+from edge.policy.voting import RULES, combine  # noqa: E402
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "coexit-code-small"
+
+
+@torch.no_grad()
+def evaluate(model, chunks, exits, thresholds) -> dict:
+    L = model.config.num_hidden_layers
+    probs = {e: [] for e in exits}
+    cloud, real = [], []
+    for c in chunks:
+        x = torch.tensor([c])
+        out = model(x[:, :-1], exits=list(exits))
+        for e in exits:
+            probs[e].append(torch.softmax(out.exit_logits[e][0].float(), -1))
+        cloud.append(out.logits[0].argmax(-1))
+        real.append(x[0, 1:])
+    probs = {e: torch.cat(v) for e, v in probs.items()}
+    cloud, real = torch.cat(cloud), torch.cat(real)
+    n = real.numel()
+    token, taken = cloud.clone(), torch.zeros(n, dtype=torch.bool)
+    for e in exits:  # the calibrated policy: the first exit whose top-1 probability reaches its threshold
+        if e not in thresholds:
+            continue
+        conf, top = probs[e].max(-1)
+        take = ~taken & (conf >= thresholds[e])
+        token[take], taken = top[take], taken | take
+    r = {f"exit {e} top-1": float((probs[e].argmax(-1) == real).float().mean()) for e in exits}
+    r.update({"cloud top-1 (all)": float((cloud == real).float().mean()),
+              "cloud top-1 (fallbacks)": float((cloud[~taken] == real[~taken]).float().mean()),
+              "collaborative top-1": float((token == real).float().mean()),
+              "edge share": float(taken.float().mean()), "positions": n, "L": L})
+    split = max(exits)
+    share = float(taken.float().mean())
+    for name, p in [("split exit alone", probs[split]), *((f"vote: {rule}", combine([probs[e] for e in exits],
+                                                                                    rule)) for rule in RULES)]:
+        conf, top = p.max(-1)
+        k = max(1, int(round(share * n)))
+        take = torch.zeros(n, dtype=torch.bool)
+        take[conf.topk(k).indices] = True  # the same edge share as the calibrated policy
+        mixed = torch.where(take, top, cloud)
+        r[f"{name} @ same share: top-1"] = float((mixed == real).float().mean())
+        r[f"{name} @ same share: = cloud"] = float((top[take] == cloud[take]).float().mean())
+    return r
+
+
+def _tune_once(method: str, model_dir: str, batch: int, seq_len: int, steps: int, queue) -> None:
+    """In a fresh process: `steps` optimizer steps of one method; reports (peak RSS MiB, seconds per step)."""
+    import resource
+
+    from coexit.lora import TARGETS, LoraConfig, add_lora
+    from edge.apps.adapt import windows
+
+    torch.set_num_threads(2)
+    cfg = coexit.read_config(model_dir)
+    split, exits = cfg.split_layer, cfg.edge_exit_layers
+    model = coexit.load(model_dir, layers=(0, split), dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(3, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    x, y = ids[:, :-1], ids[:, 1:]
+    plan = windows(exits) if method == "windowed LoRA" else [(0, split)]
+    times = []
+    for lo, hi in plan:
+        if method == "full fine-tuning":
+            params = [p for n, p in model.named_parameters() if "layers." in n]
+            for p in params:
+                p.requires_grad_(True)
+        else:
+            mods = add_lora(model, LoraConfig(8, 16, TARGETS, tuple(range(lo, hi))))
+            params = [p for m in mods for p in (m.lora_A, m.lora_B)]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        below, window = (model.stage(0, lo) if lo else None), model.stage(lo, hi)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                h = below(x).hidden if below is not None else x
+            loss = torch.nn.functional.cross_entropy(window(h, exits=[hi]).exit_logits[hi].flatten(0, 1),
+                                                     y.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, sum(times[1:]) / max(1, len(times) - 1)))
+
+
+def memory_phase(args) -> int:
+    import multiprocessing as mp
+
+    from bench.cloud_load import write_shape
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        shapes = {"bundled model (d 384, edge 4 layers)": str(MODEL)}
+        edge11 = write_shape("tinyllama", Path(tmp) / "tinyllama")
+        shapes["TinyLlama-shaped edge (d 2048, 11 layers, random)"] = str(edge11)
+        print(f"batch {args.batch} x {args.seq_len} tokens, {args.steps_memory} steps per window, AdamW, fp32, 2 "
+              f"threads; peak RSS of a fresh process (weights loaded included)\n")
+        print("| model | method | peak RSS | s/step | RSS vs full FT | speed vs full-depth LoRA |")
+        print("|---|---|---|---|---|---|")
+        for name, path in shapes.items():
+            res = {}
+            for method in ("full fine-tuning", "full-depth LoRA", "windowed LoRA"):
+                q = ctx.Queue()
+                p = ctx.Process(target=_tune_once, args=(method, path, args.batch, args.seq_len, args.steps_memory,
+                                                         q))
+                p.start()
+                res[method] = q.get(timeout=3600)
+                p.join()
+                rss, sec = res[method]
+                print(f"| {name} | {method} | {rss:.0f} MiB | {sec:.3f} | {rss / res['full fine-tuning'][0]:.2f} | "
+                      f"{res.get('full-depth LoRA', (0, sec))[1] / sec:.2f}x |", flush=True)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phase", choices=["gain", "memory"], default="gain")
+    ap.add_argument("--batch", type=int, default=4, help="memory phase: sequences per step")
+    ap.add_argument("--seq-len", type=int, default=256, help="memory phase: tokens per sequence")
+    ap.add_argument("--steps-memory", type=int, default=4, help="memory phase: steps per window")
+    ap.add_argument("--package", help="a directory of Python source held out of the corpus (default: aiohttp's)")
+    ap.add_argument("--steps", type=int, default=150, help="adapt steps per window")
+    ap.add_argument("--tokens", type=int, default=16384, help="held-out test tokens")
+    ap.add_argument("--target", type=float, default=0.99, help="calibration agreement target")
+    ap.add_argument("--consistency", type=float, default=1.0, help="coexit adapt's split-row drift weight")
+    ap.add_argument("--lr", type=float, default=1e-3, help="coexit adapt's learning rate")
+    args = ap.parse_args()
+    if args.phase == "memory":
+        return memory_phase(args)
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    pkg = Path(args.package) if args.package else Path(importlib.util.find_spec("aiohttp").origin).parent
+    files = sorted(p for p in pkg.rglob("*.py") if p.stat().st_size > 200)
+    random.Random(0).shuffle(files)
+    cut = int(0.8 * len(files))
+    train, test = files[:cut], files[cut:]
+    base = coexit.load(MODEL)
+    cfg = base.config
+    exits = list(cfg.edge_exit_layers)
+    tok = base.tokenizer
+    test_docs = [f.read_text(errors="replace") for f in test]
+    train_docs = [f.read_text(errors="replace") for f in train]
+    chunks = spread_chunks(tok, test_docs, args.tokens, 257, min_len=257)
+    print(f"package {pkg.name}: {len(train)} files to adapt on, {len(test)} held out ({sum(map(len, chunks))} "
+          f"tokens); {args.steps} adapt steps per window, consistency {args.consistency}, lr {args.lr}")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        adapt(MODEL, [str(f) for f in train], Path(tmp) / "adapter", steps=args.steps, heldout=0.0, progress=False,
+              consistency=args.consistency, lr=args.lr)
+        seconds = time.perf_counter() - t0
+        tuned = coexit.load(MODEL)
+        merge_adapter(tuned, Path(tmp) / "adapter")
+    rows = {}
+    for name, model in (("before", base), ("after", tuned)):
+        stats = collect(model, train_docs, exits, "max_prob", max_tokens=30_000)
+        thresholds, _ = choose_thresholds(stats, exits, args.target, "max_prob")
+        rows[name] = evaluate(model, chunks, exits, thresholds)
+        rows[name]["thresholds"] = {e: round(t, 3) for e, t in thresholds.items() if t is not None}
+    print(f"adapting took {seconds:.0f} s on this CPU\n")
+    print("| measure | before | after |\n|---|---|---|")
+    for k in rows["before"]:
+        a, b = rows["before"][k], rows["after"][k]
+        fmt = (lambda v: f"{v:.2%}") if isinstance(a, float) else str
+        print(f"| {k} | {fmt(a)} | {fmt(b)} |")
+    print(f"\ncloud-only top-1 (unadapted, the bar): {rows['before']['cloud top-1 (all)']:.2%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
