@@ -113,12 +113,14 @@ class EdgeClient:
         from coexit.checkpoint import load_tokenizer
         from edge.backends import make_backend
         from edge.backends.registry import gguf_layout
-        from edge.policy.calibrate import load_policy
+        from edge.policy.calibrate import POLICY_FILE, load_policy
 
         budget = kw.pop("quality_budget", None)
         adapter = kw.pop("adapter", None)  # a LoRA adapter directory (coexit.lora), on every backend
-        if kw.get("policy") is None or kw.get("policy") == "adaptive":
-            kw["policy"] = load_policy(model_dir, adaptive=kw.get("policy") == "adaptive", quality_budget=budget)
+        if kw.get("policy") is None or kw.get("policy") == "adaptive":  # an adapter's own calibration first
+            calibrated = adapter if adapter is not None and (Path(adapter) / POLICY_FILE).is_file() else model_dir
+            kw["policy"] = load_policy(calibrated, adaptive=kw.get("policy") == "adaptive", quality_budget=budget,
+                                       config_dir=model_dir)
         backend_kw = dict(backend_kw or {})
         if adapter is not None:
             backend_kw["adapter"] = adapter

@@ -75,9 +75,12 @@ def choose_policy(args) -> ExitPolicy:
         raise UsageError("--quality-budget applies to --policy adaptive only")
     if args.quality_budget is not None and not 0 <= args.quality_budget <= 1:
         raise UsageError(f"--quality-budget is a share of tokens in [0, 1], got {args.quality_budget}")
-    if kind == "adaptive":
-        return load_policy(args.model, adaptive=True, quality_budget=args.quality_budget)
-    if kind == "calibrated" and (policy := load_policy(args.model)) is not None:
+    from edge.policy.calibrate import POLICY_FILE
+
+    where = args.adapter if args.adapter and (Path(args.adapter) / POLICY_FILE).is_file() else args.model
+    if kind == "adaptive":  # an adapter calibrated with `coexit calibrate --adapter` brings its own policy
+        return load_policy(where, adaptive=True, quality_budget=args.quality_budget, config_dir=args.model)
+    if kind == "calibrated" and (policy := load_policy(where, config_dir=args.model)) is not None:
         return policy
     threshold = 0.9 if args.threshold is None else args.threshold
     criterion = args.criterion or "max_prob"

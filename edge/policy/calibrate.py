@@ -194,10 +194,16 @@ def choose_thresholds(stats: ExitStats, exits: list[int], target: float, criteri
 
 def calibrate(model_dir: str | Path, data: str | Path, target: float = 0.99, criterion: str = "max_prob",
               max_tokens: int = 50_000, write: bool = True, on_policy: bool = False, delta: float | None = None,
-              seed: int = 0) -> dict:
+              seed: int = 0, adapter: str | Path | None = None) -> dict:
     """Thresholds (and, for criterion "learned", the gates) for DIR; on_policy measures agreement on the full
-    model's own greedy continuations; delta asks for the Learn-then-Test guarantee at confidence 1 - delta."""
+    model's own greedy continuations; delta asks for the Learn-then-Test guarantee at confidence 1 - delta.
+    adapter: calibrate the model with this LoRA adapter merged into its edge layers, and write the policy into the
+    adapter's directory (an adapted edge's exits are not the base model's)."""
     model = coexit.load(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from coexit.lora import merge_adapter
+
+        merge_adapter(model, adapter)
     exits = model.config.edge_exit_layers
     texts = read_texts(data, max_tokens * 6)
     gather = collect_on_policy if on_policy else collect
@@ -231,14 +237,15 @@ def calibrate(model_dir: str | Path, data: str | Path, target: float = 0.99, cri
                               "frontier": [p.to_dict() for p in frontier(stats.conf, stats.agree, exits, True,
                                                                          include=mp)]}
     if write:
-        (Path(model_dir) / POLICY_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        where = Path(adapter) if adapter is not None else Path(model_dir)
+        (where / POLICY_FILE).write_text(json.dumps(result, indent=2) + "\n")
         if gates is not None:
-            save_gates(model_dir, gates)
+            save_gates(where, gates)
     return result
 
 
 def load_policy(model_dir: str | Path, adaptive: bool = False,
-                quality_budget: float | None = None) -> ExitPolicy | None:
+                quality_budget: float | None = None, config_dir: str | Path | None = None) -> ExitPolicy | None:
     """The calibrated policy of DIR/exit_policy.json, or with adaptive=True the network-aware one over its
     frontier, within quality_budget (default: the fixed policy's own disagreement on the calibration data)."""
     f = Path(model_dir) / POLICY_FILE
@@ -261,7 +268,7 @@ def load_policy(model_dir: str | Path, adaptive: bool = False,
     if "frontier" not in d:
         raise ValueError(f"{f} has no frontier for the adaptive policy: re-run `coexit calibrate`")
     budget = d["disagreement"] if quality_budget is None else quality_budget
-    split = coexit.read_config(model_dir).split_layer
+    split = coexit.read_config(config_dir or model_dir).split_layer
     return AdaptivePolicy({}, criterion, points=[FrontierPoint.from_dict(p) for p in d["frontier"]],
                           budget=budget, split=split)
 
@@ -282,6 +289,8 @@ def main(argv: list[str]) -> int:
                     help="the guarantee's failure probability: the target holds with confidence 1 - delta (0: "
                          "plain empirical thresholds, no guarantee)")
     ap.add_argument("--dry-run", action="store_true", help="print, do not write exit_policy.json")
+    ap.add_argument("--adapter", help="a LoRA adapter directory (`coexit adapt`): calibrate the adapted edge and "
+                                      "write its policy into that directory, where --adapter runs find it")
     args = ap.parse_args(argv)
     if not 0 < args.target < 1:
         raise UsageError(f"--target is an agreement rate in (0, 1), like 0.99; got {args.target}")
@@ -291,11 +300,12 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     coexit.read_config(args.model)  # a wrong --model: one line
     r = calibrate(args.model, args.data, args.target, args.criterion, args.max_tokens, write=not args.dry_run,
-                  on_policy=not args.teacher_forced, delta=args.delta or None)
+                  on_policy=not args.teacher_forced, delta=args.delta or None, adapter=args.adapter)
     for e, v in r["per_exit"].items():
         thr = "never" if v["threshold"] is None else f"{v['threshold']:.4f}"
         print(f"exit {e}: threshold {thr}, takes {v['share']:.1%} of tokens")
     agreement = "n/a" if r["edge_agreement"] is None else f"{r['edge_agreement']:.2%}"
     print(f"edge share {r['edge_share']:.1%} at agreement {agreement} (target {args.target:.0%}) over "
-          f"{r['positions']} held-out positions" + ("" if args.dry_run else f"; wrote {args.model}/{POLICY_FILE}"))
+          f"{r['positions']} held-out positions" + ("" if args.dry_run else
+                                                    f"; wrote {args.adapter or args.model}/{POLICY_FILE}"))
     return 0

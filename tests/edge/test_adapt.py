@@ -4,6 +4,7 @@ in PEFT's layout; the adapted edge fits the user's text better at every exit it 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +100,18 @@ def test_adapted_edge_runs_on_the_backends(adapted, tiny_dir):
     want = rows("torch", out)
     assert (rows("bnb-int8", out) - want).abs().mean() < (rows("bnb-int8", None) - want).abs().mean()
     assert (rows("torch", None) - want).abs().max() > 1e-3  # the adapter is in effect
+
+
+def test_recalibration_after_adaptation_travels_with_the_adapter(adapted, tiny_dir):
+    """`coexit calibrate --adapter` fits the adapted edge's thresholds and writes them into the adapter directory,
+    where EdgeClient.from_checkpoint(adapter=...) finds them; the model directory's own policy is untouched."""
+    from edge.client import EdgeClient
+    from edge.policy.calibrate import POLICY_FILE, calibrate
+
+    out, _, d = adapted
+    mine = (Path(tiny_dir) / POLICY_FILE).read_text() if (Path(tiny_dir) / POLICY_FILE).exists() else None
+    r = calibrate(tiny_dir, d / "my_code.py", target=0.5, max_tokens=3000, adapter=out)
+    assert (out / POLICY_FILE).is_file()
+    assert ((Path(tiny_dir) / POLICY_FILE).read_text() if (Path(tiny_dir) / POLICY_FILE).exists() else None) == mine
+    client = EdgeClient.from_checkpoint(tiny_dir, adapter=out, mode="standalone")
+    assert client.policy.thresholds == {int(k): v for k, v in r["thresholds"].items()}
