@@ -42,6 +42,16 @@ def check_port_free(host: str, port: int, flag: str = "--port") -> None:
                              f"stop the process that holds it") from None
 
 
+def wait_until(cond, timeout_s: float = 20.0, every_s: float = 0.1) -> bool:
+    """Poll cond() until it is true (True) or timeout_s passes (False)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(every_s)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

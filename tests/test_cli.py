@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud.launch import free_port, start_cloud
+from cloud.launch import free_port, start_cloud, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "models" / "coexit-code-small")
@@ -173,15 +173,6 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(")")[1].split()[0] == "Z")
 
 
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_demo_server_dies_with_the_demo(sig):
     """kill -TERM (and even kill -KILL, or a closed terminal) on the demo leaves no `coexit serve` behind."""
@@ -190,12 +181,12 @@ def test_demo_server_dies_with_the_demo(sig):
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         assert demo.stdout.readline().startswith("starting the cloud service")
-        assert _wait(lambda: _children(demo.pid), 30)
+        assert wait_until(lambda: _children(demo.pid), 30)
         server = _children(demo.pid)[0]
         time.sleep(1)
         demo.send_signal(sig)
         demo.wait(timeout=30)
-        assert _wait(lambda: not _alive(server), 30), "the demo's cloud server outlived it"
+        assert wait_until(lambda: not _alive(server), 30), "the demo's cloud server outlived it"
         if sig == signal.SIGTERM:
             err = [ln for ln in demo.stderr.read().splitlines() if ln.strip() and "prompt" not in ln]
             assert demo.returncode == 130 and err == ["coexit demo: interrupted (SIGTERM)"], err
@@ -239,7 +230,7 @@ def test_ctrl_c_in_serve_with_frontends_stops_every_process():
         os.killpg(p.pid, signal.SIGINT)
         _, err = p.communicate(timeout=60)
         assert p.returncode == 0 and "Traceback" not in err, err
-        assert _wait(lambda: not any(_alive(c) for c in children), 30)
+        assert wait_until(lambda: not any(_alive(c) for c in children), 30)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)

@@ -19,7 +19,7 @@ import pytest
 
 import coexit
 from cloud.balancer import Balancer, installed
-from cloud.launch import free_port, start_cloud
+from cloud.launch import free_port, start_cloud, wait_until
 from coexit.decoding import generate_full
 from coexit.exits import ExitPolicy
 from coexit.v1 import coexit_pb2 as pb
@@ -196,15 +196,6 @@ def test_haproxy_reload_keeps_open_streams(tiny_dir, haproxy):
         link.close()
 
 
-def _wait(cond, timeout_s: float = 20) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_haproxy_keeps_moved_sessions_when_a_replica_returns(tiny_dir, replicas, haproxy):
     """A session rebuilt on another replica stays there when the dead replica comes back; new keys reach it."""
     fp = coexit.load(tiny_dir).fingerprint
@@ -219,7 +210,7 @@ def test_haproxy_keeps_moved_sessions_when_a_replica_returns(tiny_dir, replicas,
         assert not rebuilt.resumed and rebuilt.session_id != opened.session_id  # its KV died with its replica
         moved.cancel()
         home.start()
-        assert _wait(lambda: _up(haproxy, home))
+        assert wait_until(lambda: _up(haproxy, home))
         again, reply = _resume(link, "mover", fp, rebuilt.session_id)
         assert reply.resumed and reply.session_id == rebuilt.session_id  # still routed to where it was rebuilt
         again.close()
@@ -259,7 +250,7 @@ def test_haproxy_stops_sending_to_a_draining_replica(tiny_dir, replicas, haproxy
         if len(got) == 3:
             draining = _home(replicas, before)
             draining.proc.send_signal(signal.SIGTERM)
-            assert _wait(lambda r=draining: _health(r) != 200, 10)
+            assert wait_until(lambda r=draining: _health(r) != 200, 10)
             time.sleep(1.0)  # fall 2 x inter 200 ms
     client.close()
     assert got == want
