@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import operator
 import os
 import pickle
 import time
@@ -48,6 +49,7 @@ def _tensor_from(meta: tuple, data) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).view(shape)
 
 
+_waiter, _rid, _first, _front = (operator.attrgetter(a) for a in ("waiter", "rid", "first", "front"))
 REPLY = np.dtype([("rid", "<i8"), ("token", "<i8"), ("logprob", "<f8"), ("length", "<i8"), ("layer_tokens", "<i8"),
                   ("compute_s", "<f8"), ("queue_s", "<f8"), ("exit_layer", "<i4"), ("rows_filled", "<i4")])
 PACKED = b"P"
@@ -118,31 +120,30 @@ class PackedReplies:
 
     @staticmethod
     def _all_packed(steady) -> bool:
-        return (all(type(seg.waiter) is PackedWaiter for seg in steady.segments)
-                and not any(s.retired for s in steady.sessions))
+        return not steady.retired and set(map(type, map(_waiter, steady.segments))) == {PackedWaiter}
 
     @staticmethod
     def _pack_steady(steady) -> list:
-        """The steady tick's rows as one REPLY array per front end, filled column by column."""
-        segs, out = steady.segments, steady.out
-        waiters = [seg.waiter for seg in segs]
-        arr = np.empty(len(segs), dtype=REPLY)
-        arr["rid"] = [w.rid for w in waiters]
+        """The decode rows as one REPLY array per front end, filled column by column."""
+        segs, out, n = steady.segments, steady.out, len(steady.segments)
+        waiters = list(map(_waiter, segs))
+        arr = np.empty(n, dtype=REPLY)
+        arr["rid"] = np.fromiter(map(_rid, waiters), dtype=np.int64, count=n)
         arr["token"] = out.tokens
         arr["logprob"] = out.logprobs
-        arr["length"] = [seg.first for seg in segs]
+        arr["length"] = np.fromiter(map(_first, segs), dtype=np.int64, count=n)
         arr["length"] += 1
         arr["layer_tokens"] = steady.layer_tokens
         arr["compute_s"] = steady.compute_s
         arr["queue_s"] = steady.queue_s
         arr["exit_layer"] = steady.sessions[0].runner.stop
         arr["rows_filled"] = 0
-        fronts = [w.front for w in waiters]
+        fronts = list(map(_front, waiters))
         names = set(fronts)
         if len(names) == 1:
             return [[fronts[0], PACKED, arr.tobytes()]]
         index = {f: i for i, f in enumerate(names)}
-        codes = np.array([index[f] for f in fronts])
+        codes = np.fromiter(map(index.__getitem__, fronts), dtype=np.int64, count=n)
         return [[f, PACKED, arr[codes == i].tobytes()] for f, i in index.items()]
 
     @staticmethod

@@ -181,6 +181,8 @@ class SessionManager:
     def _evict_until(self, enough, identity: str | None = None, keep: CloudSession | None = None) -> None:
         """Evict detached sessions (only `identity`'s, when given), least recently used first, until enough()
         holds or none is left to evict (engine lock held)."""
+        if enough():  # the common case: no list of candidates to build
+            return
         for s in [s for s in self.sessions.values() if not s.attached and not s.in_flight and s is not keep
                   and (identity is None or s.identity == identity)]:
             if enough():

@@ -6,16 +6,19 @@ SessionManager. It is never held during a tick's compute, so the event loop only
 Sessions in the tick being computed are marked `in_flight`; one closed or evicted meanwhile is released right
 after the tick.
 
-Steady ticks: when the scheduler hands back its last plan (the same sessions, one plain decode row each), the
-engine grows the blocks of the rows that cross into a new block in one allocation, runs the runner's static step
-on the plan's slots, settles the plan in a few list operations and hands the tick's results to `fan_out` as one
-StepReplies: in one process `deliver` answers each Append's waiter; with front-end processes, cloud.ipc packs
-them into one array per front end. `run_tick` returns its phase time stamps (bench/engine_overhead.py reads them).
+Decode rows: the plain decode rows of a tick (one row each, see scheduler.py) run as one DecodeBatch on the
+runner's static step, beside the general path's chunks (prompts, catch-up, drafts, propagated KV) when there are
+any. Their blocks grow in one allocation; the batch is settled in one short loop and its results reach
+`fan_out` as one StepReplies. When the scheduler hands back its last plan (the same sessions, one plain decode row
+each), nothing is scheduled at all. In one process `deliver` answers each Append's waiter; with front-end
+processes, cloud.ipc packs the answers into one array per front end. `run_tick` returns its phase time stamps
+(bench/engine_overhead.py reads them).
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable
@@ -33,11 +36,13 @@ from cloud.errors import ServiceError
 from coexit.model import EarlyExitLM
 
 log = logging.getLogger("coexit.cloud")
+_submitted, _rows, _sampling = (operator.attrgetter(a) for a in ("submitted", "rows", "sampling"))
 
 
 @dataclass
 class StepReplies:
-    """A steady tick's answers, row by row in its plan's order; a fan-out reads them in bulk or per Append."""
+    """A tick's decode rows' answers, row by row in their batch's order; a fan-out reads them in bulk or per
+    Append."""
 
     sessions: list
     segments: list[Segment]
@@ -46,6 +51,7 @@ class StepReplies:
     compute_s: float
     tick: int
     layer_tokens: int  # per row: every deep layer
+    retired: bool = False  # some of the sessions were closed or evicted during the tick
 
     def outcomes(self, rows=None):
         """(waiter, SegmentDone) of each row (or of `rows`) whose session is still open."""
@@ -146,107 +152,111 @@ class Engine:
             self.run_tick()
 
     def run_tick(self, fan_out: Callable | None = None) -> dict[str, float]:
-        """One tick: schedule, compute, settle, hand the results out (`fan_out(steady, finished)`, by default
+        """One tick: schedule, compute, settle, hand the results out (`fan_out(decoded, finished)`, by default
         `self.fan_out`). Returns its phase time stamps (perf_counter): start, scheduled, outputs (the compute and
         its outputs done), settled, fanned."""
         fan_out = fan_out or self.fan_out
         stamps = {"start": time.perf_counter()}
-        steady, finished = None, []
+        items, failures, finished = [], [], []
         with self.lock:
             tick = self.ticks
-            plan = self.scheduler.steady()
-            if plan is not None and not self._grow_steady(plan):
-                plan = None
+            decode = self.scheduler.steady()
+            if decode is not None and not self._grow_rows(decode.slots):
+                decode = None
                 self.scheduler.invalidate()
-            if plan is not None:
-                items, segments = [], [s.queue[0] for s in plan.sessions]
-                for s in plan.sessions:
+            if decode is not None:
+                for s in decode.sessions:
                     s.in_flight = True
             else:
                 try:
-                    items, failures, applied = self.scheduler.next_tick(self._grow, tick)
+                    items, decode, failures, applied = self.scheduler.next_tick(self._grow, tick, self._grow_rows)
                 except Exception as exc:  # a server fault while scheduling: no Append may wait forever
                     log.exception("engine scheduling failed")
+                    for s in self.scheduler.ready.values():
+                        s.in_flight = False
                     finished = self._fail_all(exc)
-                    items, failures = [], []
                 else:  # rollbacks applied
                     finished = [(seg.waiter, SegmentDone(None, 0, 0.0, (tick, tick))) for seg in applied]
                 for item in items:
                     item.session.in_flight = True
                 finished += [w for s, seg in failures for w in self._fail(s, seg)]
+            segments = [s.queue[0] for s in decode.sessions] if decode is not None else []
         t0 = stamps["scheduled"] = time.perf_counter()
-        error = None
+        error, results, out = None, [], None
         try:
-            if plan is not None:
-                results = self.runner.run_steady(plan.slots, [seg.rows for seg in segments],
-                                                 [seg.sampling for seg in segments])
-            else:
-                results = self.runner.run(items) if items else []
+            if decode is not None:
+                out = self.runner.run_steady(decode.slots, list(map(_rows, segments)),
+                                             list(map(_sampling, segments)))
+            if items:
+                results = self.runner.run(items)
         except Exception as exc:  # a server fault: fail this tick's Appends, keep serving
             log.exception("engine tick failed")
             results, error = [], exc
-            if plan is not None:
+            if decode is not None:
                 items = [TickItem(s, seg, seg.rows, seg.first, True, None, [], 1)
-                         for s, seg in zip(plan.sessions, segments)]
-                plan = None
+                         for s, seg in zip(decode.sessions, segments)] + items
+                decode = None
         stamps["outputs"] = t1 = time.perf_counter()
         seconds = t1 - t0
         with self.lock:
             self.ticks += 1
             self._last_tick_s = seconds
-            if plan is not None:
-                served = plan.by_id
-                steady = self._settle_steady(plan, segments, results, seconds, tick, t0)
-            else:
-                served = {it.session.id: it.session for it in items if not it.session.retired}
-                finished += self._settle(items, results, error, seconds, tick)
-                self._record(items, seconds)
+            served = {it.session.id: it.session for it in items if not it.session.retired}
+            decoded = None
+            if decode is not None:
+                served.update(decode.by_id)
+                decoded = self._settle_decode(decode, segments, out, seconds, tick, t0)
+            finished += self._settle(items, results, error, seconds, tick)
+            self._record(items, decode, seconds)
             self._recent, self._served_before = {**self._served_before, **served}, served
         stamps["settled"] = time.perf_counter()
-        fan_out(steady, finished)
+        fan_out(decoded, finished)
         stamps["fanned"] = time.perf_counter()
         return stamps
 
-    def _grow_steady(self, plan) -> bool:
-        """Blocks for the plan's rows that cross into a new block, in one allocation; False (plan from scratch,
+    def _grow_rows(self, slots: np.ndarray) -> bool:
+        """Blocks for the decode rows at `slots` that cross into a new block, in one allocation; False (they grow
         session by session) when the pool must evict first or identities have KV quotas."""
         t, bs, lo = self.pool.tables, self.pool.block_size, self.scheduler.steady_start
-        pos = t.lengths[lo, plan.slots]
-        crossing = np.flatnonzero(pos >= t.nblocks[lo, plan.slots] * bs)
+        pos = t.lengths[lo, slots]
+        crossing = np.flatnonzero(pos >= t.nblocks[lo, slots] * bs)
         if crossing.size == 0:
             return True
         layers = range(lo, self.model.config.num_hidden_layers)
         if self.quotas or self.pool.num_free < crossing.size * len(layers):
             return False
-        return self.pool.grow_rows(plan.slots[crossing], layers)
+        return self.pool.grow_rows(slots[crossing], layers)
 
-    def _settle_steady(self, plan, segments: list[Segment], out: SteadyOutput, seconds: float, tick: int,
+    def _settle_decode(self, decode, segments: list[Segment], out: SteadyOutput, seconds: float, tick: int,
                        started: float) -> StepReplies:
-        for s in plan.sessions:
+        """The decode rows' segments are done: pop them (a session closed during the tick is released)."""
+        sched = self.scheduler
+        ready, plain, retired = sched.ready, sched.plain, False
+        for s in decode.sessions:
             s.in_flight = False
             if s.retired:  # closed or evicted during the tick: its queue was dropped
-                self.scheduler.drop(s)
+                sched.drop(s)
                 s.runner.cache.release()
+                retired = True
+                continue
+            q = s.queue
+            q.popleft()
+            if q:  # more was queued during the tick
+                sched.settled(s)
             else:
-                s.queue.popleft()
-                self.scheduler.ready.pop(s.id, None)
-        queue_s = [started - seg.submitted for seg in segments]
-        n, deep = len(segments), self.model.config.num_hidden_layers - self.scheduler.steady_start
-        m = self.metrics
-        observe_many(m.queue_wait, queue_s)
-        m.tick_rows.observe(n)
-        m.tick_sessions.observe(n)
-        m.tick_seconds.observe(seconds)
-        m.rows.inc(n)
-        m.tokens.inc(n)
-        self._update_gauges()
-        return StepReplies(plan.sessions, segments, out, queue_s, seconds, tick, deep)
+                del ready[s.id]
+                plain.pop(s.id, None)
+        n = len(segments)
+        queue_s = started - np.fromiter(map(_submitted, segments), dtype=np.float64, count=n)
+        observe_many(self.metrics.queue_wait, queue_s)
+        deep = self.model.config.num_hidden_layers - sched.steady_start
+        return StepReplies(decode.sessions, segments, out, queue_s.tolist(), seconds, tick, deep, retired)
 
     @staticmethod
-    def deliver(steady: StepReplies | None, finished: list) -> None:
+    def deliver(decoded: StepReplies | None, finished: list) -> None:
         """The in-process fan-out: every Append's waiter gets its own outcome."""
-        if steady is not None:
-            for waiter, outcome in steady.outcomes():
+        if decoded is not None:
+            for waiter, outcome in decoded.outcomes():
                 waiter(outcome)
         for waiter, outcome in finished:
             if waiter is not None:
@@ -318,16 +328,17 @@ class Engine:
                 s.runner.cache.release()
         return finished
 
-    def _record(self, items: list[TickItem], seconds: float) -> None:
-        if not items:
+    def _record(self, items: list[TickItem], decode, seconds: float) -> None:
+        n = len(decode.sessions) if decode is not None else 0
+        if not items and not n:
             return
         m = self.metrics
-        rows = sum(int(it.x.shape[0]) for it in items)
+        rows = n + sum(int(it.x.shape[0]) for it in items)
         m.tick_rows.observe(rows)
-        m.tick_sessions.observe(len(items))
+        m.tick_sessions.observe(n + len(items))
         m.tick_seconds.observe(seconds)
         m.rows.inc(rows)
-        m.tokens.inc(sum(1 for it in items if it.head))
+        m.tokens.inc(n + sum(1 for it in items if it.head))
         self._update_gauges()
 
     def _update_gauges(self) -> None:

@@ -6,8 +6,8 @@ deep range: no catch-up rows, no exit checks on the way. That is the steady deco
 batch-size bucket and the block tables to a width bucket; padded rows write into and read from a reserved scratch
 block, and their outputs are dropped. Slot ids, tables and lengths are filled from the sessions' PagedCaches with
 the same bookkeeping as the general path's `claim`, vectorized over the pool's slot-indexed arrays, so the caches
-cannot tell which path ran. The buffers keep the last step's block tables; a step of the same sessions copies only
-the tables that changed.
+cannot tell which path ran. The buffers keep the last step's block tables; a step copies only the rows whose
+session or tables changed (the scheduler keeps each decode session on the same row from tick to tick).
 
 Shapes: B bucket rows, W table width in blocks, L deep layers, C hidden, K kv heads, D head dim.
 """
@@ -42,6 +42,13 @@ class _Buffers:
         self.slots = torch.zeros(layers, b, dtype=torch.long, device=device)
         self.tables = torch.zeros(layers, b, w, dtype=torch.long, device=device)
 
+    def view(self, b: int, w: int) -> _Buffers:
+        """The first b rows and w table columns (exact shapes inside larger buffers)."""
+        v = object.__new__(_Buffers)
+        v.h_in, v.h_out, v.positions, v.lengths = self.h_in[:b], self.h_out[:b], self.positions[:b], self.lengths[:b]
+        v.slots, v.tables = self.slots[:, :b], self.tables[:, :b, :w]
+        return v
+
 
 class _StaticAttention:
     """The cache view of a static step: per layer, write each row's k, v at its slot, then attend over the blocks
@@ -69,10 +76,10 @@ class DecodeGraphs:
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.pad = pad or self.capture
         (self.scratch,) = pool.allocate(1) if self.pad else (0,)  # padded rows write here (exact shapes: none)
-        self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self._buffers: dict[tuple[int, int] | None, _Buffers] = {}  # by bucket (None: exact shapes)
         self._graphs: dict[tuple[int, int], object] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
-        self._built: tuple | None = None  # (key, slots) whose block tables the buffers hold
+        self._built: tuple | None = None  # (buffers, slots) whose block tables those buffers hold
         self.replays = 0
 
     def eligible(self, plans) -> bool:
@@ -92,8 +99,8 @@ class DecodeGraphs:
     def step(self, slots: np.ndarray, hidden: Tensor) -> Tensor:
         """One new row (hidden (n, C)) for each session at `slots`, at its current length, through all deep layers:
         claims the rows' KV slots and returns their hidden states (n, C), a view of a buffer the next step reuses.
-        The buffers keep the block tables of the last step's sessions: when `slots` is the same array again, only
-        tables that changed since (a session gained a block) are copied."""
+        The buffers keep the block tables of the last step's sessions: only rows whose session or tables changed
+        since are copied (see `_copy_tables`)."""
         t, bs, lo, hi = self.pool.tables, self.pool.block_size, self.start, self.stop
         n = len(slots)
         pos = t.lengths[lo, slots]
@@ -101,28 +108,27 @@ class DecodeGraphs:
         if not (t.lengths[lo:hi, slots] == pos).all() or not (pos < nb.min(0) * bs).all():
             raise CacheError("a decode row's layers disagree on its position, or it has no block for it; grow() first")
         width = int(nb.max())
-        key = (bucket(n), bucket(width, WIDTHS)) if self.pad else (n, width)
-        buf = self._buffers.get(key)
-        if buf is None:
-            if not self.pad:
-                self._buffers.clear()
-            buf = self._buffers[key] = _Buffers(hi - lo, *key, self.model.config.hidden_size, self.dtype, self.device)
-        b, w = key
-        changed = t.take_changed()
-        if self._built is None or self._built[0] != key or self._built[1] is not slots:
-            tables = np.full((hi - lo, b, w), self.scratch, dtype=np.int64)
-            tables[:, :n, :width] = t.blocks[lo:hi][:, slots, :width]
-            buf.tables.copy_(torch.from_numpy(tables))
-            self._built = (key, slots, np.arange(n))
-        elif changed:
-            rows = np.flatnonzero(np.isin(slots, np.fromiter(changed, dtype=np.int64, count=len(changed))))
-            if rows.size:
-                sub = t.blocks[lo:hi][:, slots[rows], :width].astype(np.int64)
-                buf.tables[:, torch.from_numpy(rows), :width] = torch.from_numpy(sub).to(self.device)
+        if self.pad:  # bucketed shapes, one set of buffers (and graph) per bucket
+            key = b, w = bucket(n), bucket(width, WIDTHS)
+            buf = self._buffers.get(key)
+            if buf is None:
+                buf = self._buffers[key] = _Buffers(hi - lo, b, w, self.model.config.hidden_size, self.dtype,
+                                                    self.device)
+            view = buf
+        else:  # exact shapes: views of one set of buffers that grows by doubling
+            b, w = n, width
+            buf = self._buffers.get(None)
+            if buf is None or buf.h_in.shape[0] < n or buf.tables.shape[2] < width:
+                old = (buf.h_in.shape[0], buf.tables.shape[2]) if buf is not None else (0, 0)
+                buf = self._buffers[None] = _Buffers(hi - lo, max(n, 2 * old[0]), max(width, 2 * old[1]),
+                                                     self.model.config.hidden_size, self.dtype, self.device)
+            view = buf.view(n, width)
+        self._copy_tables(buf, view, slots, width, t.take_changed())
         slot_ids = np.full((hi - lo, b), self.scratch * bs, dtype=np.int64)
         slot_ids[:, :n] = t.blocks[lo:hi][:, slots, pos // bs].astype(np.int64) * bs + pos % bs
         positions = np.zeros(b, dtype=np.int64)
         positions[:n] = pos
+        buf = view
         buf.slots.copy_(torch.from_numpy(slot_ids))
         buf.positions.copy_(torch.from_numpy(positions)[:, None])
         buf.lengths.copy_(torch.from_numpy(positions + 1))
@@ -137,6 +143,32 @@ class DecodeGraphs:
             self._step(buf)
         self.replays += 1
         return buf.h_out[:n, 0]
+
+    def _copy_tables(self, buf: _Buffers, view: _Buffers, slots: np.ndarray, width: int, changed: set[int]) -> None:
+        """Bring the buffers' block tables to the sessions at `slots`: only the rows whose slot differs from the
+        last step's in the same buffers, or whose tables changed since (`changed`); the rest already hold them.
+        Columns past a row's own blocks hold stale but valid ids (masked by its length); rows past n in a bucket
+        point at the scratch block."""
+        t, lo, hi, n = self.pool.tables, self.start, self.stop, len(slots)
+        last = self._built[1] if self._built is not None and self._built[0] is buf else np.zeros(0, np.int64)
+        m = min(len(last), n)
+        stale = last[:m] != slots[:m]
+        if changed:
+            dirty = np.zeros(t.capacity, dtype=bool)
+            dirty[list(changed)] = True
+            stale |= dirty[slots[:m]]
+        rows = np.flatnonzero(stale)
+        if m == 0 or rows.size > n // 2:  # most of them: one slice
+            view.tables[:, :n, :width] = torch.from_numpy(t.blocks[lo:hi][:, slots, :width].astype(np.int64))
+        else:
+            if rows.size:
+                sub = torch.from_numpy(t.blocks[lo:hi][:, slots[rows], :width].astype(np.int64)).to(self.device)
+                view.tables[:, :, :width].index_copy_(1, torch.from_numpy(rows).to(self.device), sub)
+            if n > m:
+                view.tables[:, m:n, :width] = torch.from_numpy(t.blocks[lo:hi][:, slots[m:], :width].astype(np.int64))
+        if view.tables.shape[1] > n:  # a bucket's padded rows
+            view.tables[:, n:] = self.scratch
+        self._built = (buf, slots)
 
     def _step(self, buf: _Buffers) -> None:
         h, positions = buf.h_in, buf.positions

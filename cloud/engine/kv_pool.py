@@ -101,7 +101,7 @@ class KVPool:
             return []
         ids = self._free[-n:][::-1]
         del self._free[-n:]
-        rows = torch.tensor(ids, device=self.device)
+        rows = torch.from_numpy(np.array(ids, dtype=np.int64)).to(self.device)
         self.k.view(self.num_blocks, -1).index_fill_(0, rows, 0)
         self.v.view(self.num_blocks, -1).index_fill_(0, rows, 0)
         return ids
@@ -247,14 +247,17 @@ class PagedCache(LayerLengths):
 
 class BatchAttention:
     """The cache a tick's batched layer call sees: rows of several sessions packed along T (B == 1), in
-    `segments` order (cache, first position, rows). Writes each row's k, v into its session's blocks, then attends
-    the query rows: segments with one query row (decode) in one padded call, the others (prompt chunks, catch-up)
-    one each. fill (N,) bool marks rows that only store their k, v (propagated KV): they are not queries, so q
-    holds the other rows only, in order."""
+    `segments` order (cache, first position, rows). Writes each row's k, v into its session's blocks (the slots of
+    all rows claimed at once, `claim`), then attends the query rows: segments with one query row (decode) in one
+    padded call, the others (prompt chunks, catch-up) one each. fill (N,) bool marks rows that only store their
+    k, v (propagated KV): they are not queries, so q holds the other rows only, in order."""
 
     def __init__(self, segments: list[tuple[PagedCache, int, int]], fill: Tensor | None = None) -> None:
         self.segments = segments
         self.pool = pool = segments[0][0].pool
+        self._caches = np.fromiter([c._slot() for c, _, _ in segments], dtype=np.int64, count=len(segments))
+        self._firsts = np.fromiter([first for _, first, _ in segments], dtype=np.int64, count=len(segments))
+        self._ns = np.fromiter([n for _, _, n in segments], dtype=np.int64, count=len(segments))
         # singles: (query row, cache, position of the query); multis: (query row, cache, first, n, queries)
         self.singles, self.multis, row, qrow = [], [], 0, 0
         for c, first, n in segments:
@@ -275,10 +278,27 @@ class BatchAttention:
             self._masks[width] = self.pool.block_mask(self.lengths, width)
         return self._masks[width]
 
+    def claim(self, layer: int) -> np.ndarray:
+        """PagedCache.claim of every segment's rows at `layer`, at once: pool slot ids (N,) in row order."""
+        t, bs, caches, firsts, ns = self.pool.tables, self.pool.block_size, self._caches, self._firsts, self._ns
+        have, ends = t.lengths[layer, caches], firsts + ns
+        bad = np.flatnonzero((have != firsts) | (ends > t.nblocks[layer, caches] * bs))
+        if bad.size:  # the per-session check raises the error
+            c, first, n = self.segments[int(bad[0])]
+            c.claim(layer, first, n)
+        t.lengths[layer, caches] = ends
+        if len(ns) == 1:
+            pos = np.arange(firsts[0], ends[0])
+            rows = np.full(len(pos), caches[0])
+        else:
+            seg = np.repeat(np.arange(len(ns)), ns)
+            pos = np.arange(len(seg)) - np.repeat(np.cumsum(ns) - ns, ns) + firsts[seg]
+            rows = caches[seg]
+        return t.blocks[layer, rows, pos // bs].astype(np.int64) * bs + pos % bs
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         pool = self.pool
-        slots = torch.tensor([i for c, first, n in self.segments for i in c.claim(layer, first, n)],
-                             device=pool.device)
+        slots = torch.from_numpy(self.claim(layer)).to(pool.device)
         pool.k[slots] = k[0].transpose(0, 1).to(pool.dtype)  # (N, K, D)
         pool.v[slots] = v[0].transpose(0, 1).to(pool.dtype)
         y = torch.empty_like(q)  # (1, H, Nq, D)

@@ -47,12 +47,12 @@ class EngineMetrics:
         return server.server_port
 
 
-def observe_many(hist: Histogram, values: list[float]) -> None:
+def observe_many(hist: Histogram, values) -> None:
     """hist.observe(v) for every v, in a few calls: a steady tick observes one queue wait per session."""
-    if not values:
+    if len(values) == 0:
         return
     bounds = hist._upper_bounds  # prometheus_client's own: a value lands in the first bucket whose bound >= it
     counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
     for i in np.flatnonzero(counts):
         hist._buckets[i].inc(int(counts[i]))
-    hist._sum.inc(float(sum(values)))
+    hist._sum.inc(float(np.sum(values)))

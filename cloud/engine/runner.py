@@ -8,15 +8,17 @@ applied only to chunks that produce a token or verify drafts, all in one matmul;
 per-session parameters, and drafts get their verdicts from `coexit.sampling.verify_draft`. Fill rows (propagated
 KV) are packed with the rest but only store their K/V.
 
-A steady tick (`run_steady`: the scheduler's reused plan) skips the plans altogether: its rows go through the static
-step (graphs.py) by KV slot, the final head runs on all of them, and tokens and log-probabilities come back to the
-host in one copy and one `.tolist()`.
+A tick's plain decode rows (`run_steady`: the scheduler's DecodeBatch) skip the plans altogether: they go through
+the static step (graphs.py) by KV slot, the final head runs on all of them, and tokens and log-probabilities come
+back to the host in one copy and one `.tolist()`.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,6 +28,8 @@ from cloud.engine.scheduler import TickItem
 from coexit.decoding import LayerWork, RunResult
 from coexit.model import EarlyExitLM
 from coexit.sampling import SamplingParams, sample_batch, top_logprobs, verify_draft
+
+_temperature = operator.attrgetter("temperature")
 
 
 class TokenResult:
@@ -145,19 +149,24 @@ class BatchedRunner:
 
     @torch.no_grad()
     def run_steady(self, slots, rows: list[Tensor], sampling: list[SamplingParams]) -> SteadyOutput:
-        """The steady decode tick: one row per session (at `slots`) through all deep layers on the static step,
-        the final head on every row, then sampling: greedy rows on the device, each sampled row with its own
+        """The decode rows of a tick: one row (1, C) per session (at `slots`) through all deep layers on the static
+        step, the final head on every row, then sampling: greedy rows on the device, each sampled row with its own
         (seed, position) draw as `sample_batch` does; tokens and log-probabilities reach the host in one copy."""
         h = self.graphs.step(slots, torch.cat(rows).to(self.dtype))
         logits = self.model.head_logits(self.model.config.num_hidden_layers, h)
         lf = logits.float()
-        tokens = lf.argmax(-1)
-        drawn = [i for i, p in enumerate(sampling) if p.temperature != 0.0]
-        if drawn:  # each draws at the position after its row: the session's length now
+        on_cpu = lf.device.type == "cpu"
+        # numpy's argmax keeps torch's rule (the first maximum, NaN first) at a tenth of its time on a CPU
+        tokens = torch.from_numpy(lf.numpy().argmax(-1)) if on_cpu else lf.argmax(-1)
+        drawn = np.flatnonzero(np.fromiter(map(_temperature, sampling), dtype=np.float64, count=len(sampling)))
+        if drawn.size:  # each draws at the position after its row: the session's length now
             positions = self.graphs.pool.tables.lengths[self.graphs.start, slots[drawn]].tolist()
-            picks = sample_batch(lf[drawn], [sampling[i] for i in drawn], positions)
-            tokens[drawn] = torch.tensor([t for t, _ in picks], device=tokens.device)
-        logprobs = lf.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(lf, -1)
+            rows = torch.from_numpy(drawn).to(lf.device)
+            picks = sample_batch(lf[rows], [sampling[i] for i in drawn], positions)
+            tokens[rows.to(tokens.device)] = torch.tensor([t for t, _ in picks], device=tokens.device)
+        logprobs = torch.log_softmax(lf, -1).gather(1, tokens[:, None])[:, 0]  # as sample_batch computes them
+        if on_cpu:
+            return SteadyOutput(tokens.tolist(), logprobs.tolist(), logits)
         host = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()  # the tick's one copy back
         return SteadyOutput(list(map(int, host[0])), host[1], logits)
 

@@ -13,11 +13,18 @@ A segment that verifies drafts needs the top hidden state of every row from its 
 positions from there on (a stateless session's reset, or a Rollback, which carries no rows and is applied, in
 queue order, as soon as it reaches the front).
 
-Steady state: when a tick served every ready session with one plain decode row (one row through all deep layers,
-a token wanted, no drafts, fill rows, cloud exits or top logprobs), that set of sessions becomes the plan. While
-each planned session, and no other, queues exactly one such row before the next tick, `steady()` hands back the
-same plan and nothing is re-planned or looped over here. Any other submission, a close or a failure marks the
-plan stale, and the next tick is planned from scratch.
+Decode rows apart: a ready session whose whole queue is one plain decode row (one row through all deep layers, a
+token wanted, no drafts, fill rows, cloud exits or top logprobs) is kept in `plain` as it is submitted. Such a row
+needs one row of budget, which the first round of the fair split grants whenever the ready sessions fit the budget,
+so `next_tick` hands them to the engine's static step as one DecodeBatch (their blocks grown in one allocation)
+and runs the fair split over the other sessions only, with the first round's share the whole set would have had:
+the grants are the same as splitting over everyone. A tick where more sessions are ready than the budget has rows
+splits over everyone in round-robin order, as the general path always did.
+
+Steady state: when a tick served every ready session with one plain decode row, that set of sessions becomes the
+plan. While each planned session, and no other, queues exactly one such row before the next tick, `steady()` hands
+back the same plan and nothing is re-planned or looped over here. Any other submission, a close or a failure marks
+the plan stale.
 """
 
 from __future__ import annotations
@@ -105,12 +112,13 @@ def plain_decode(seg: Segment) -> bool:
             and seg.top_k == 0)
 
 
-class SteadyPlan:
-    """The sessions of a steady decode tick, in row order, with their KV slots."""
+class DecodeBatch:
+    """Sessions that each run one plain decode row this tick on the static step, in row order, with their KV
+    slots (the steady plan is one, reused while nothing changes)."""
 
     def __init__(self, sessions: list) -> None:
         self.sessions = sessions
-        self.slots = np.array([s.runner.cache.slot for s in sessions], dtype=np.int64)
+        self.slots = np.fromiter([s.runner.cache.slot for s in sessions], dtype=np.int64, count=len(sessions))
         self.by_id = {s.id: s for s in sessions}
 
 
@@ -120,21 +128,51 @@ class Scheduler:
             raise ValueError(f"row budget must be at least 1, got {row_budget}")
         self.row_budget = row_budget
         self.ready: OrderedDict[str, Any] = OrderedDict()  # sessions with queued segments, round-robin order
-        self.steady_start: int | None = None  # first deep layer when steady ticks may reuse a plan (None: never)
-        self._plan: SteadyPlan | None = None
+        self.plain: dict[str, Any] = {}  # ready sessions whose queue is one plain decode row for the static step
+        self.steady_start: int | None = None  # first deep layer of the static step (None: no static step)
+        self._rollbacks: set[str] = set()  # sessions that queued a Rollback not applied yet
+        self._plan: DecodeBatch | None = None
+        self._last: list = []  # the sessions of the last decode batch, in row order
         self._fresh = 0  # planned sessions that queued one plain decode row since the last tick
         self._stale = False
         self.steady_ticks = 0  # ticks that reused the plan
+        self.mixed_ticks = 0  # ticks with decode rows on the static step beside the general path's chunks
+
+    def eligible(self, session) -> bool:
+        """Whether the session's rows may take the static step: hidden rows over the whole deep range, no cloud
+        exits or parked rows, nothing left to report, no rejected draft."""
+        return (session.runner.start == self.steady_start and not session.policy.thresholds
+                and not session.runner.parked and not session.unreported_layer_tokens
+                and not session.unreported_rows_filled and session.rejected_at is None)
 
     def submit(self, session, segment: Segment) -> None:
         session.queue.append(segment)
         self.ready.setdefault(session.id, session)
-        if session.planned and len(session.queue) == 1 and plain_decode(segment):
-            self._fresh += 1
+        if segment.truncate_to is not None and segment.n == 0:
+            self._rollbacks.add(session.id)
+        if len(session.queue) == 1 and plain_decode(segment) and self.steady_start is not None \
+                and self.eligible(session):
+            self.plain[session.id] = session
+            if session.planned:
+                self._fresh += 1
+                return
         else:
-            self._stale = True
+            self.plain.pop(session.id, None)
+        self._stale = True
 
-    def steady(self) -> SteadyPlan | None:
+    def settled(self, session) -> None:
+        """After a tick popped the session's finished segment: it leaves the ready set when nothing is left,
+        and becomes a plain decode session when all that is left is one plain decode row."""
+        q = session.queue
+        if not q:
+            self.ready.pop(session.id, None)
+            self.plain.pop(session.id, None)
+        elif len(q) == 1 and self.steady_start is not None and plain_decode(q[0]) and self.eligible(session):
+            self.plain[session.id] = session
+        else:
+            self.plain.pop(session.id, None)
+
+    def steady(self) -> DecodeBatch | None:
         """The last plan, when exactly its sessions each queued one plain decode row since the last tick."""
         plan = self._plan
         if plan is None or self._stale or self._fresh != len(plan.sessions):
@@ -146,66 +184,77 @@ class Scheduler:
     def invalidate(self) -> None:
         self._stale = True
 
-    def _replan(self, items: list[TickItem] | None) -> None:
-        """Forget the plan; make this tick's items the new one when they are a steady decode tick."""
+    def _replan(self, items: DecodeBatch | None) -> None:
+        """Forget the plan; make this tick's decode batch the new one when it is the whole tick."""
         if self._plan is not None:
             for s in self._plan.sessions:
                 s.planned = False
             self._plan = None
         self._fresh, self._stale = 0, False
-        if not items or self.steady_start is None or len(items) != len(self.ready):
+        if items is None or len(items.sessions) != len(self.ready):
             return
-        for it in items:
-            s = it.session
-            if (len(s.queue) != 1 or not it.final or not plain_decode(it.segment) or it.decide is not None
-                    or s.runner.start != self.steady_start or s.runner.parked or s.unreported_layer_tokens
-                    or s.unreported_rows_filled or s.rejected_at is not None):
-                return
-        self._plan = SteadyPlan([it.session for it in items])
-        for s in self._plan.sessions:
+        self._plan = items
+        for s in items.sessions:
             s.planned = True
 
     def drop(self, session) -> list[Segment]:
         """Remove a session's queued segments (close, eviction, a failed segment); returns them."""
         self._stale = True
         self.ready.pop(session.id, None)
+        self.plain.pop(session.id, None)
+        self._rollbacks.discard(session.id)
         dropped = list(session.queue)
         session.queue = deque()
         return dropped
 
-    def grants(self, needs: list[int]) -> list[int]:
-        """Max-min fair split of the row budget over needs (in round-robin order)."""
-        budget, grants = self.row_budget, [0] * len(needs)
+    def grants(self, needs: list[int], budget: int | None = None, share: int | None = None) -> list[int]:
+        """Max-min fair split of the row budget (or `budget`) over needs (in round-robin order); `share` is the
+        first round's share when it is not an equal split of the budget."""
+        budget, grants = self.row_budget if budget is None else budget, [0] * len(needs)
         wanting = [i for i, n in enumerate(needs) if n > 0]
         while budget > 0 and wanting:
-            share, still = max(1, budget // len(wanting)), []
+            share, still = share or max(1, budget // len(wanting)), []
             for i in wanting:
                 g = min(needs[i] - grants[i], share, budget)
                 grants[i] += g
                 budget -= g
                 if grants[i] < needs[i]:
                     still.append(i)
-            wanting = still
+            wanting, share = still, None
         return grants
 
-    def next_tick(self, grow: Callable[[Any, int], bool],
-                  tick: int) -> tuple[list[TickItem], list[tuple], list[Segment]]:
-        """Pick this tick's chunks. grow(session, upto) must make room for positions [0, upto) or say False;
-        sessions it refuses come back in the failures list as (session, segment). Rollbacks at the front of a
-        queue are applied now and returned as the third list."""
+    def next_tick(self, grow: Callable[[Any, int], bool], tick: int,
+                  grow_rows: Callable[[np.ndarray], bool] | None = None
+                  ) -> tuple[list[TickItem], DecodeBatch | None, list[tuple], list[Segment]]:
+        """Pick this tick's work. grow(session, upto) must make room for positions [0, upto) or say False;
+        grow_rows(slots), when given, makes room for one more position of every session at `slots` at once or
+        says False (they then grow one by one). Returns the chunks of the general path, the plain decode rows
+        for the static step (a DecodeBatch, or None), the refused (session, segment) pairs, and the Rollbacks that
+        reached the front of their queue, applied now. A session is marked in_flight as soon as it has its blocks,
+        so that no later session's grow evicts it."""
         applied = []
-        for s in list(self.ready.values()):
-            while s.queue and s.queue[0].n == 0:
+        for sid in list(self._rollbacks):
+            s = self.ready.get(sid)
+            while s is not None and s.queue and s.queue[0].n == 0:
                 seg = s.queue.popleft()
                 s.runner.truncate(seg.truncate_to)
                 applied.append(seg)
-            if not s.queue:
-                self.ready.pop(s.id, None)
-        sessions = [s for s in self.ready.values() if s.queue]
+            if s is None or not any(seg.n == 0 for seg in s.queue):
+                self._rollbacks.discard(sid)
+            if s is not None:
+                self.settled(s)
+        k, plain = len(self.ready), self.plain
+        decode, failures, share = None, [], None
+        if plain and grow_rows is not None and k <= self.row_budget:  # each plain row gets its 1 in round one
+            decode = self._grow_decode(self._rows(), grow, grow_rows, failures)
+            sessions = [s for s in self.ready.values() if s.id not in plain] if len(plain) < k else []
+            budget, share = self.row_budget - len(plain), max(1, self.row_budget // k)
+        else:
+            sessions, budget = list(self.ready.values()), self.row_budget
         needs = [s.queue[0].n - s.queue[0].done_rows for s in sessions]
-        items, failures, now = [], [], time.perf_counter()
-        for s, g in zip(sessions, self.grants(needs)):
-            if g == 0:
+        items, now = [], time.perf_counter()
+        for s, g in zip(sessions, self.grants(needs, budget, share)):
+            if g == 0 or not s.queue:  # (no queue: evicted by an earlier session's grow)
                 continue
             seg = s.queue[0]
             left, tail = seg.n - seg.done_rows, seg.head_rows
@@ -217,6 +266,7 @@ class Scheduler:
             if not grow(s, first + g):
                 failures.append((s, seg))
                 continue
+            s.in_flight = True  # no later session's grow may evict it
             if seg.started is None:
                 seg.started, seg.first_tick = now, tick
             final = seg.done_rows + g == seg.n
@@ -229,13 +279,59 @@ class Scheduler:
             seg.done_rows += g
         for item in items:  # served sessions go to the back of the round-robin order
             self.ready.move_to_end(item.session.id)
-        self._replan(None if failures or applied else items)
-        return items, failures, applied
+        if items and decode is not None:
+            self.mixed_ticks += 1
+        self._last = decode.sessions if decode is not None else []
+        self._replan(None if failures or applied or items else decode)
+        return items, decode, failures, applied
+
+    def _rows(self) -> list:
+        """The plain sessions in row order: each keeps its row of the last decode batch, new ones fill the rows
+        of those that left, then the end; the last rows move into holes still open (the static step's buffers keep
+        the block tables of rows whose session stays)."""
+        plain, last = self.plain, self._last
+        rows = [s if s.id in plain else None for s in last]
+        placed = {s.id for s in rows if s is not None}
+        new = [s for sid, s in plain.items() if sid not in placed]
+        holes = [i for i, s in enumerate(rows) if s is None]
+        for i, s in zip(holes, new):
+            rows[i] = s
+        rows += new[len(holes):]
+        for i in holes[len(new):]:  # holes left: fill from the end
+            while rows and rows[-1] is None:
+                rows.pop()
+            if i >= len(rows):
+                break
+            rows[i] = rows.pop()
+        while rows and rows[-1] is None:
+            rows.pop()
+        return rows
+
+    @staticmethod
+    def _grow_decode(sessions: list, grow: Callable[[Any, int], bool], grow_rows: Callable[[np.ndarray], bool],
+                     failures: list) -> DecodeBatch | None:
+        """Room for one more position of each plain decode session: in one allocation, or one by one (eviction,
+        KV shares) with the refused ones added to failures."""
+        batch = DecodeBatch(sessions)
+        if grow_rows(batch.slots):
+            for s in sessions:
+                s.in_flight = True
+            return batch
+        kept = []
+        for s in sessions:
+            if not s.queue:  # evicted by an earlier session's grow
+                continue
+            seg = s.queue[0]
+            if grow(s, seg.first + 1):
+                s.in_flight = True
+                kept.append(s)
+            else:
+                failures.append((s, seg))
+        return DecodeBatch(kept) if kept else None
 
     def retire(self, item: TickItem) -> None:
-        """After the tick: pop a finished segment; a session with nothing left queued leaves the ready set."""
+        """After the tick: pop a finished segment (see `settled`)."""
         s = item.session
         if item.final and s.queue and s.queue[0] is item.segment:
             s.queue.popleft()
-        if not s.queue:
-            self.ready.pop(s.id, None)
+        self.settled(s)

@@ -111,12 +111,14 @@ def test_paged_cache_alone_equals_contiguous(model):
     assert pool.num_free == pool.num_blocks
 
 
-def test_batched_sessions_equal_sessions_alone(model):
+@pytest.mark.parametrize("static_decode", ["off", "auto"])
+def test_batched_sessions_equal_sessions_alone(model, static_decode):
     """Mixed sessions in the same ticks: prompt lengths, queued rows without a token, parked catch-up rows at a
-    cloud exit, token-id input, sampling, a session opening and one closing mid-run, one that runs out of blocks."""
+    cloud exit, token-id input, sampling, a session opening and one closing mid-run, one that runs out of blocks.
+    With the static step ("auto"), the plain decode rows among them take it in the same ticks."""
     cfg = model.config
     split, L = cfg.split_layer, cfg.num_hidden_layers
-    h = Harness(model, blocks=100)
+    h = Harness(model, blocks=100, static_decode=static_decode)
     try:
         # a cloud-exit threshold that some rows pass and some do not
         probe = LayerRunner(model, split, L, max_len=64)
@@ -169,6 +171,8 @@ def test_batched_sessions_equal_sessions_alone(model):
         assert not mismatches, mismatches
         assert exited > 0, "no row stopped at the cloud exit: the catch-up path went untested"
         assert h.engine.metrics.tick_sessions._sum.get() > h.engine.ticks, "no tick ever batched several sessions"
+        if static_decode == "auto":
+            assert h.engine.scheduler.mixed_ticks > 0, "no decode row took the static step beside other work"
 
         # one session asks for more positions than the pool has free: it alone is refused, intact
         big = h.manager.open(64, "fp32", False, False, {})
@@ -273,6 +277,23 @@ def test_fair_grants():
     assert s.grants([3, 0, 2]) == [3, 0, 2]
 
 
+def test_grants_with_decode_rows_apart_equal_grants_over_everyone():
+    """The scheduler grants the plain decode rows their one row each and splits the rest over the other sessions
+    with the first round's share of the whole set: the same grants as splitting over everyone in round-robin
+    order, whenever the ready sessions fit the budget."""
+    rng = torch.Generator().manual_seed(3)
+    for _ in range(500):
+        budget = int(torch.randint(1, 40, (1,), generator=rng))
+        k = int(torch.randint(1, budget + 1, (1,), generator=rng))
+        plain = (torch.rand(k, generator=rng) < 0.6).tolist()
+        needs = [1 if p else int(torch.randint(1, 30, (1,), generator=rng)) for p in plain]
+        s = Scheduler(row_budget=budget)
+        whole = s.grants(needs)
+        others = [n for n, p in zip(needs, plain) if not p]
+        apart = iter(s.grants(others, budget - sum(plain), max(1, budget // k)))
+        assert whole == [1 if p else next(apart) for p in plain], (budget, needs, plain)
+
+
 def test_churn_while_others_decode_equals_sessions_alone(model):
     """Sessions open (with prompts) and close while others decode, on the engine's steady path (a reused plan,
     the static step at exact shapes, rows crossing 4-position blocks): every token, log-probability and logit
@@ -320,6 +341,7 @@ def test_churn_while_others_decode_equals_sessions_alone(model):
                 checked += 1
         assert checked > 150
         assert h.engine.scheduler.steady_ticks >= 20, "the steady plan was never reused"
+        assert h.engine.scheduler.mixed_ticks >= 5, "no decode rows took the static step beside prompts"
         for s, alone, *_ in live.values():
             for layer in range(cfg.split_layer, cfg.num_hidden_layers):
                 for got, want in zip(s.cache.get(layer), alone.runner.cache.get(layer)):
