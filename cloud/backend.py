@@ -69,6 +69,18 @@ class AppendOutcome:
     rows_filled: int = 0
     queue_s: float = 0.0  # waiting for the engine before its first chunk ran
 
+    @classmethod
+    def of(cls, length: int, done) -> AppendOutcome:
+        """The outcome of an Append the engine finished (its SegmentDone), the session then `length` long."""
+        out = cls(length, layer_tokens=done.layer_tokens, compute_s=done.compute_s,
+                  verdicts=[(v.position, v.accepted, v.token_id, v.logprob) for v in done.verdicts],
+                  rows_filled=done.rows_filled, queue_s=done.queue_s)
+        t = done.token
+        if t is not None:
+            out.has_token, out.token_id, out.logprob, out.exit_layer, out.top = (True, t.token_id, t.logprob,
+                                                                                 t.exit_layer, t.top)
+        return out
+
 
 @dataclass
 class OpenArgs:
@@ -151,15 +163,9 @@ class LocalBackend:
         done: SegmentDone | BaseException = await fut
         if isinstance(done, BaseException):
             raise done
-        out = AppendOutcome(s.length, layer_tokens=done.layer_tokens, compute_s=done.compute_s,
-                            verdicts=[(v.position, v.accepted, v.token_id, v.logprob) for v in done.verdicts],
-                            rows_filled=done.rows_filled, queue_s=done.queue_s)
-        t = done.token
-        if t is not None:
-            out.has_token, out.token_id, out.logprob, out.exit_layer, out.top = (True, t.token_id, t.logprob,
-                                                                                 t.exit_layer, t.top)
-            if want_logits:
-                out.logits = t.logits.float().cpu()
+        out = AppendOutcome.of(s.length, done)
+        if done.token is not None and want_logits:
+            out.logits = done.token.logits.float().cpu()
         return out
 
     async def rollback(self, sid: str, length: int, acct: tuple[int, int]) -> int:

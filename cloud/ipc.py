@@ -154,15 +154,7 @@ class PackedReplies:
             return w.rid, False, (outcome.code.name, outcome.message)
         if isinstance(outcome, BaseException):
             return w.rid, False, (None, f"{type(outcome).__name__}: {outcome}")
-        length = w.session.length if w.session is not None else 0
-        out = AppendOutcome(length, layer_tokens=outcome.layer_tokens, compute_s=outcome.compute_s,
-                            verdicts=[(v.position, v.accepted, v.token_id, v.logprob) for v in outcome.verdicts],
-                            rows_filled=outcome.rows_filled, queue_s=outcome.queue_s)
-        t = outcome.token
-        if t is not None:
-            out.has_token, out.token_id, out.logprob, out.exit_layer, out.top = (True, t.token_id, t.logprob,
-                                                                                 t.exit_layer, t.top)
-        return w.rid, True, out
+        return w.rid, True, AppendOutcome.of(w.session.length if w.session is not None else 0, outcome)
 
     def _send(self, msgs: list) -> None:
         if self.loop is None:
