@@ -92,8 +92,9 @@ class CoexitService(pb_grpc.CoexitServicer):
                     if handle is not None:
                         raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "this stream already opened a session")
                     handle = await self._open_session(req.open)
-                    log.debug("session %s %s (session key %s)", handle.id[:12], "resumed" if handle.resumed else
-                              "opened", _session_key(context))  # per session: debug, or it floods a busy server
+                    if log.isEnabledFor(logging.DEBUG):  # per session: debug, or it floods a busy server
+                        log.debug("session %s %s (session key %s)", handle.id[:12],
+                                  "resumed" if handle.resumed else "opened", _session_key(context))
                     reply = pb.SessionReply(opened=pb.OpenReply(session_id=handle.id, length=handle.length,
                                                                 resumed=handle.resumed))
                 elif handle is None:

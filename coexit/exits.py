@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from coexit.errors import UsageError
+
 CRITERIA = ("max_prob", "margin", "entropy")
 
 
@@ -92,8 +94,6 @@ class ExitPolicy:
 def check_thresholds(thresholds: dict[int, float], exits: list[int], criterion: str = "max_prob") -> None:
     """Refuse thresholds a policy would silently ignore or that cannot mean anything: a layer that is not one of
     `exits` (the edge's exits, named in the message) or a probability-like threshold outside [0, 1]."""
-    from coexit.errors import UsageError
-
     bad = sorted(set(thresholds) - set(exits))
     if bad:
         raise UsageError(f"no edge exit at layer{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}: this "

@@ -117,12 +117,11 @@ class SessionStream:
             if self.broken:
                 return
             if time.monotonic() - self._last >= every_s:
-                msg = pb.SessionRequest(heartbeat=pb.Heartbeat(sent_unix_ms=int(time.time() * 1000)))
-                with self._lock:
-                    self.bytes_up += msg.ByteSize()
-                    self.heartbeats += 1
-                    self._last = time.monotonic()
-                self._requests.put(msg)
+                try:
+                    self.send(pb.SessionRequest(heartbeat=pb.Heartbeat(sent_unix_ms=int(time.time() * 1000))))
+                except CloudUnavailable:  # the stream broke meanwhile: nothing left to keep open
+                    return
+                self.heartbeats += 1
 
     def _read(self) -> None:
         try:

@@ -138,26 +138,24 @@ class Run:
                 input=pb.TOKENS if self.mode == "cloud-only" else pb.HIDDEN, stateless=self.mode == "naive-split",
                 cloud_exits=[pb.CloudExit(layer=k, threshold=v) for k, v in sorted(exits.items())],
                 kv_fill=KV_FILLS[self.kv_fill])
+            reply = None
             if self.session_id and self.mode in ("collaborative", "lossless"):
                 self.stream = self.c.link.stream(self.session_key, self.c.heartbeat())
                 if self.c.supports("resume_or_open"):  # one round trip: resumed here, or opened anew
                     opening.resume_id, opening.open_if_missing = self.session_id, True
                     reply = self.stream.request(pb.SessionRequest(open=opening))
-                    if reply.opened.resumed:
-                        self.cloud_len = reply.opened.length
-                        return
                 else:
                     try:
                         reply = self.stream.request(pb.SessionRequest(open=pb.OpenRequest(
                             fingerprint=fp, resume_id=self.session_id)))
-                        self.cloud_len = reply.opened.length
-                        return
                     except CloudError as exc:
                         if exc.code != grpc.StatusCode.NOT_FOUND:
                             raise
                         self.counters.merge_stream(self.stream)
-                        self.stream = None
-            if self.stream is None or not opening.open_if_missing:
+                if reply is not None and reply.opened.resumed:
+                    self.cloud_len = reply.opened.length
+                    return
+            if reply is None:  # no session yet, or an older server answered NOT_FOUND
                 self.stream = self.c.link.stream(self.session_key, self.c.heartbeat())
                 reply = self.stream.request(pb.SessionRequest(open=opening))
         except CloudUnavailable:

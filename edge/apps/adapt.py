@@ -65,8 +65,9 @@ def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128,
     cfg0 = read_config(model_dir)
     split, exits = cfg0.split_layer, cfg0.edge_exit_layers
     model = load(model_dir, layers=(0, split), dtype=torch.float32)
-    ref = load(model_dir, layers=(0, split), dtype=torch.float32)  # the unadapted edge: consistency targets
-    for p in [*model.parameters(), *ref.parameters()]:
+    # the unadapted edge, for the consistency targets (not loaded when the term is off)
+    ref = load(model_dir, layers=(0, split), dtype=torch.float32) if consistency else None
+    for p in [*model.parameters(), *(ref.parameters() if ref is not None else ())]:
         p.requires_grad_(False)
     tok = model.tokenizer
     if tok is None:
@@ -77,9 +78,8 @@ def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128,
     n_held = max(1, int(len(docs) * heldout)) if len(docs) > 1 else 0
     held_docs, train_docs = docs[:n_held], docs[n_held:] or docs
     want = steps * batch * seq_len
-    train = [c for c in spread_chunks(tok, train_docs, want, seq_len + 1, min_len=seq_len + 1)]
-    held = [c for c in spread_chunks(tok, held_docs, 64 * seq_len, seq_len + 1, min_len=seq_len + 1)] \
-        if held_docs else []
+    train = spread_chunks(tok, train_docs, want, seq_len + 1, min_len=seq_len + 1)
+    held = spread_chunks(tok, held_docs, 64 * seq_len, seq_len + 1, min_len=seq_len + 1) if held_docs else []
     if len(train) < batch:
         raise UsageError(f"the data holds {len(train)} chunks of {seq_len + 1} tokens, fewer than one batch of "
                          f"{batch}: give more text or a smaller --seq-len / --batch")
@@ -103,7 +103,8 @@ def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128,
         mods = add_lora(model, LoraConfig(r, alpha, TARGETS, tuple(range(lo, hi))))
         params = [p for m in mods for p in (m.lora_A, m.lora_B)]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        below, window, ref_stage = (model.stage(0, lo) if lo else None), model.stage(lo, hi), ref.stage(0, hi)
+        below, window = (model.stage(0, lo) if lo else None), model.stage(lo, hi)
+        ref_stage = ref.stage(0, hi) if ref is not None else None
         before = exit_loss(model, held, hi) if held else math.nan
         t0, last = time.perf_counter(), 0.0
         for _ in range(steps):
@@ -111,10 +112,10 @@ def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128,
             x, y = ids[:, :-1], ids[:, 1:]
             with torch.no_grad():  # the layers below the window: no autograd graph, no activations kept
                 h = below(x).hidden if below is not None else x
-                target = ref_stage(x).hidden if consistency else None
+                target = ref_stage(x).hidden if ref_stage is not None else None
             o = window(h, exits=[hi])  # the forward stops at the window's exit
             loss = F.cross_entropy(o.exit_logits[hi].flatten(0, 1), y.flatten())
-            if consistency:
+            if target is not None:
                 loss = loss + consistency * ((o.hidden - target) ** 2).mean() / (target ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -130,8 +131,6 @@ def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128,
                                   "heldout_loss_after": after, "train_loss_last": last,
                                   "seconds": time.perf_counter() - t0})
     bar.close()
-    if not todo:
-        save_adapter(model, lora, out)
     report.update(chunks_train=len(train), chunks_heldout=len(held))
     (out / "adapt_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -27,10 +27,13 @@ def export_lora_gguf(adapter_dir: str | Path, config: Config, out: str | Path,
                      layers: tuple[int, int] | None = None) -> Path:
     """Write the adapter's tensors for decoder layers [lo, hi) (default the whole edge [0, split)) to `out`."""
     cfg, weights = read_adapter(adapter_dir)
-    lo, hi = layers or (0, config.split_layer)
+    return _write(cfg, weights, config, Path(out), layers or (0, config.split_layer), adapter_dir)
+
+
+def _write(cfg, weights, config: Config, out: Path, layers: tuple[int, int], source) -> Path:
+    lo, hi = layers
     llama_arch = config.model_type == "llama"
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
-    out = Path(out)
     w = gguf.GGUFWriter(str(out), config.model_type)
     w.add_type("adapter")
     w.add_string("adapter.type", "lora")
@@ -47,7 +50,7 @@ def export_lora_gguf(adapter_dir: str | Path, config: Config, out: str | Path,
         w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b_np))
         n += 1
     if n == 0:
-        raise ValueError(f"the adapter in {adapter_dir} adapts no layer in [{lo}, {hi})")
+        raise ValueError(f"the adapter in {source} adapts no layer in [{lo}, {hi})")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -60,7 +63,8 @@ def adapter_files(adapter: str | Path, config, ranges: list[tuple[int, int]]) ->
     directory on first use (`lora-layers-LO-HI.gguf`) and reused while newer than its weights; None for a range
     the adapter does not touch."""
     adapter = Path(adapter)
-    adapted = {i for i, _ in read_adapter(adapter)[1]}
+    cfg, weights = read_adapter(adapter)  # once, for every range
+    adapted = {i for i, _ in weights}
     out = []
     for lo, hi in ranges:
         if not adapted & set(range(lo, hi)):
@@ -68,6 +72,6 @@ def adapter_files(adapter: str | Path, config, ranges: list[tuple[int, int]]) ->
             continue
         f = adapter / f"lora-layers-{lo:02d}-{hi:02d}.gguf"
         if not f.exists() or f.stat().st_mtime < (adapter / WEIGHTS_FILE).stat().st_mtime:
-            export_lora_gguf(adapter, config, f, (lo, hi))
+            _write(cfg, weights, config, f, (lo, hi), adapter)
         out.append(f)
     return out
