@@ -57,6 +57,7 @@ SUMMARIES = {  # what `coexit --help` says of each command (others: their module
     "export-edge": "Write the edge layers as a llama.cpp GGUF (quantized, whole or in segments)",
     "adapt": "Adapt the edge layers to your own text on the device (windowed LoRA with exit losses)",
     "imatrix": "An importance matrix for llama.cpp's quantizer, from coexit's own torch model",
+    "compress": "Choose one llama.cpp type per edge tensor within a bits budget, from measured sensitivity",
     "build-corpus": "Build the offline Python-source corpus that the bundled model was trained on",
     "prepare-data": "Tokenize text into training shards (and train a byte-level BPE tokenizer)",
     "train": "Train an early-exit model with DeepSpeed from a job file (run under torchrun or deepspeed)",

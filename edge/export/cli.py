@@ -1,6 +1,9 @@
 """`coexit export-edge --model DIR --quant Q [--layout whole|segments]`: write the edge stage of a checkpoint as
 GGUF that stock llama.cpp loads (one file, or one file per exit interval), optionally quantized by llama.cpp's own
-quantizer. The command line over edge.export.gguf and edge.export.segments."""
+quantizer. The command line over edge.export.gguf and edge.export.segments.
+
+`--policy FILE` (from `coexit compress`) or `--budget-bpw B` (a policy chosen on the spot from the model's measured
+sensitivity, edge/export/policy.py) set every edge matrix's type instead of --quant."""
 
 from __future__ import annotations
 
@@ -20,8 +23,13 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors)")
     ap.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
-    ap.add_argument("--quant", default="f16", choices=sorted(QUANTS) + sorted(MIXES),
-                    help="file type, or a mix: q4-mix = q4_k_m + token_embd/output/layer 0 at q8_0")
+    ap.add_argument("--quant", choices=sorted(QUANTS) + sorted(MIXES),
+                    help="file type, or a mix: q4-mix = q4_k_m + token_embd/output/layer 0 at q8_0 (default f16)")
+    ap.add_argument("--policy", metavar="FILE", help="a compression policy (`coexit compress`): one type per edge "
+                                                     "matrix, recorded in the GGUF as coexit.quant_policy")
+    ap.add_argument("--budget-bpw", type=float, metavar="B",
+                    help="choose the policy now: least measured damage within B bits per weight of the edge "
+                         "layers (needs MODEL/quant_sensitivity.json, written by `coexit compress`)")
     ap.add_argument("--layout", choices=["whole", "segments"], default="whole",
                     help="one file, or one file per exit interval in a directory (exits then skip the layers "
                          "above them in llama.cpp; edge/export/segments.py)")
@@ -40,20 +48,27 @@ def main(argv: list[str] | None = None) -> int:
                                       "adapters for the exported file(s), into that directory; llama.cpp applies "
                                       "them at run time (`coexit generate --backend gguf --adapter DIR`)")
     args = ap.parse_args(argv)
+    policy = _policy(args)
+    if policy is not None:
+        quant = f"policy-{policy.budget_bpw:g}bpw"
+    else:
+        quant = args.quant or "f16"
     try:
         layers = None if args.keep_layers is None else tuple(int(x) for x in args.keep_layers.split(",") if x)
         tensors = None if args.keep_tensors is None else tuple(x for x in args.keep_tensors.split(",") if x)
         kw = dict(imatrix=args.imatrix, embd=args.keep_embd, output=args.keep_output, keep_layers=layers,
                   keep_tensors=tensors, keep_type=args.keep_layer_type)
+        if policy is not None:
+            kw = dict(policy=policy)
         if args.layout == "segments":
-            out = export_segments(args.model, args.quant, args.out, args.threads, **kw)
+            out = export_segments(args.model, quant, args.out, args.threads, **kw)
             files = segment_files(out)
             size = sum(f.stat().st_size for f in files) / 2**20
             print(f"wrote {out}/: {', '.join(f.name for f in files)}: {size:.2f} MiB")
             if args.adapter:
                 _adapters(args, [segment_range(f) for f in files])
             return 0
-        path = export_gguf(args.model, args.quant, args.out, args.threads, **kw)
+        path = export_gguf(args.model, quant, args.out, args.threads, **kw)
     except Exception as exc:  # a CLI prints a message a person can act on, not a traceback
         print(f"coexit export-edge: {exc}", file=sys.stderr)
         return 1
@@ -67,3 +82,34 @@ def main(argv: list[str] | None = None) -> int:
 def _adapters(args, ranges: list[tuple[int, int]]) -> None:
     written = [f for f in adapter_files(args.adapter, read_config(args.model), ranges) if f is not None]
     print(f"wrote LoRA adapters {', '.join(str(f) for f in written)}")
+
+
+def _policy(args):
+    """The policy that --policy or --budget-bpw names, or None; contradicting options are a usage error."""
+    from coexit.errors import UsageError
+
+    if args.policy is None and args.budget_bpw is None:
+        return None
+    given = [o for o, v in (("--quant", args.quant), ("--keep-embd", args.keep_embd),
+                            ("--keep-output", args.keep_output), ("--keep-layers", args.keep_layers),
+                            ("--keep-tensors", args.keep_tensors), ("--imatrix", args.imatrix)) if v is not None]
+    if args.policy is not None and args.budget_bpw is not None:
+        given.append("--budget-bpw")
+    if given:
+        raise UsageError(f"{'--policy' if args.policy else '--budget-bpw'} sets every edge tensor's type (and the "
+                         f"imatrix it was measured with); drop {', '.join(given)}")
+    from pathlib import Path
+
+    from edge.export.policy import Policy, choose
+    from edge.export.sensitivity import SENSITIVITY_FILE, Sensitivity
+
+    if args.policy is not None:
+        try:
+            return Policy.load(args.policy)
+        except (OSError, ValueError, TypeError) as exc:
+            raise UsageError(f"cannot read the policy {args.policy}: {exc}") from None
+    path = Path(args.model) / SENSITIVITY_FILE
+    if not path.is_file():
+        raise UsageError(f"--budget-bpw needs {path}: measure it once with `coexit compress --model {args.model} "
+                         f"--budget-bpw {args.budget_bpw:g} --text CALIBRATION_TEXT`")
+    return choose(Sensitivity.load(path), args.budget_bpw)

@@ -43,6 +43,7 @@ import torch
 from coexit.checkpoint import fingerprint, load, read_config
 from coexit.config import Config
 from coexit.model import EarlyExitLM, rope_inv_freq
+from edge.export.imatrix import LINEAR_NAMES
 from edge.export.vocab import add_vocab
 
 QUANTS = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -156,10 +157,11 @@ def _add_hparams(w: gguf.GGUFWriter, cfg: Config, n_layers: int | None = None) -
 
 
 def write_f32_gguf(model: EarlyExitLM, model_dir: Path, out: Path, f16: bool = False,
-                   layers: tuple[int, int] | None = None) -> None:
+                   layers: tuple[int, int] | None = None, meta: dict[str, str] | None = None) -> None:
     """The unquantized edge GGUF (2-D weights in f16 when `f16`), plus the sidecar when exits need one. With
     `layers` = (lo, hi), one segment of the edge instead: layers [lo, hi) with exit `hi` as its output head
-    (`coexit.layers` records the range; no Python-side exit heads, so no sidecar)."""
+    (`coexit.layers` records the range; no Python-side exit heads, so no sidecar). `meta`: extra string keys
+    (llama.cpp's quantizer copies them into the quantized file, at any length)."""
     cfg = model.config
     split = cfg.split_layer
     lo, hi = layers or (0, split)
@@ -173,6 +175,8 @@ def write_f32_gguf(model: EarlyExitLM, model_dir: Path, out: Path, f16: bool = F
     w.add_array("coexit.exit_layers", [int(e) for e in cfg.exit_layers if e <= split])
     if layers is not None:
         w.add_array("coexit.layers", [lo, hi])
+    for key, value in (meta or {}).items():
+        w.add_string(key, value)
     sidecar: dict[str, np.ndarray] = {}
     for e in (e for e in cfg.exit_layers if e < split and layers is None):
         head = model.exits[str(e)]
@@ -271,13 +275,19 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
                 threads: int = 2, *, imatrix: str | Path | bool | None = None, embd: str | None = None,
                 output: str | None = None, keep_layers: tuple[int, ...] | None = None,
                 keep_type: str | None = None, keep_tensors: tuple[str, ...] | None = None,
-                layers: tuple[int, int] | None = None) -> Path:
+                layers: tuple[int, int] | None = None, policy=None) -> Path:
     """Export layers [0, split) and the edge exits of a checkpoint directory as a GGUF; returns its path.
     layers=(lo, hi): one segment instead (edge/export/segments.py), its blocks renumbered from blk.0; the mix's
     kept layers and the imatrix entries follow the renumbering.
 
     quant: a QUANTS key or a MIXES name; embd / output / keep_layers / keep_tensors (+ keep_type) override the
-    mix's per-tensor types. imatrix: see resolve_imatrix (used for the 4-bit base types only; a mix can opt out)."""
+    mix's per-tensor types. imatrix: see resolve_imatrix (used for the 4-bit base types only; a mix can opt out).
+
+    policy: an edge/export/policy.py Policy (or its JSON file) instead of `quant`: every edge matrix at the
+    policy's type, token_embd/output at its head types, the imatrix it was measured with, and the policy itself
+    in the metadata (`coexit.quant_policy`, JSON; `coexit.quant` = its description)."""
+    if policy is not None:
+        return _export_policy(Path(model_dir), policy, out, threads, layers)
     if quant not in QUANTS and quant not in MIXES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {sorted(QUANTS) + sorted(MIXES)}")
     mix = MIXES.get(quant, QuantMix(quant))
@@ -324,6 +334,48 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
                 heads[t.name] = np.array(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
             del reader
             write_sidecar(heads, sidecar_path(out), mix.base)
+    return out
+
+
+def _export_policy(model_dir: Path, policy, out: str | Path | None, threads: int,
+                   layers: tuple[int, int] | None) -> Path:
+    from edge.export.imatrix import Imatrix
+    from edge.export.policy import META_KEY, Policy
+
+    policy = policy if isinstance(policy, Policy) else Policy.load(policy)
+    model = _load_edge(model_dir)
+    if policy.fingerprint != model.fingerprint:
+        raise ValueError(f"the policy was chosen for another checkpoint (fingerprint {policy.fingerprint[:12]}, "
+                         f"this one {model.fingerprint[:12]}); run `coexit compress --model {model_dir}` again")
+    split = model.config.split_layer
+    lo, hi = layers or (0, split)
+    missing = sorted({f"blk.{i}.{t}.weight" for i in range(split) for t in LINEAR_NAMES.values()} - set(policy.types))
+    if missing:
+        raise ValueError(f"the policy has no type for {', '.join(missing)}")
+    out = Path(out) if out else model_dir / f"edge-policy-{policy.budget_bpw:g}bpw.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    im_values = None
+    meta = {"coexit.quant": policy.describe(), META_KEY: policy.to_json()}
+    if policy.imatrix:
+        im_path = resolve_imatrix(model_dir, model_dir / policy.imatrix)
+        im = Imatrix.load(im_path)
+        im_values = _renumber(im.values(), lo, hi, keep_output=hi == split)
+        meta.update({"quantize.imatrix.file": im_path.name, "quantize.imatrix.dataset": ",".join(im.datasets),
+                     "quantize.imatrix.entries_count": str(len(im_values)),
+                     "quantize.imatrix.chunks_count": str(im.chunk_count)})
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / "edge-f32.gguf"
+        write_f32_gguf(model, model_dir, src, layers=layers, meta=meta)
+        # the base file type only names the file: every edge matrix and both heads are overridden
+        quantize_gguf(src, out, "q8_0", threads, embd=policy.heads["token_embd.weight"],
+                      output=policy.heads["output.weight"], tensor_types=policy.tensor_types(lo, hi),
+                      imatrix=im_values)
+        if sidecar_path(src).exists():
+            reader = gguf.GGUFReader(str(sidecar_path(src)))
+            heads = {t.name: np.array(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
+                     for t in reader.tensors}
+            del reader
+            write_sidecar(heads, sidecar_path(out), "q8_0")
     return out
 
 
