@@ -19,6 +19,10 @@ The imatrix comes from `--imatrix`, or is computed from `--calib` text (keep it 
 positions the quantized edge emits and the share of all emitted tokens (the edge's, and the cloud's computed from
 that edge's split rows) equal to the fp32 system's.
 
+The "policy B bpw" choices are `coexit compress` policies (edge/export/policy.py) chosen for budget B from the
+model's measured sensitivity (MODEL/quant_sensitivity.json, or --sensitivity), next to the uniform types and the
+hand-made mixes; `--plot FILE.png` draws layer bits per weight against emitted = fp32 (needs --phase emit).
+
 --phase lets the agreement (slow, no timing) and the timing (short) run separately, e.g. the timing while other
 jobs on the machine are paused; both write to --state and the table is printed once it holds both.
 """
@@ -71,7 +75,52 @@ CHOICES = {
                                     "keep_type": "q6_k"},
     "q8_0": {"quant": "q8_0"},
     "f16": {"quant": "f16"},
+    # coexit compress's policies (edge/export/policy.py) from MODEL/quant_sensitivity.json (or --sensitivity)
+    **{f"policy {b} bpw": {"policy_bpw": b} for b in (4.5, 5.0, 5.5, 6.0, 6.2, 7.0)},
 }
+
+
+def export_choice(model_dir: Path, name: str, out: Path, threads: int, im: Path | None,
+                  sensitivity: Path | None = None) -> Path:
+    """The choice's edge GGUF: a CHOICES entry's export_gguf arguments ("IM" = the imatrix), or a policy chosen
+    for its budget from the measured sensitivity."""
+    from edge.export.gguf import export_gguf
+
+    kw = CHOICES[name]
+    if "policy_bpw" in kw:
+        from edge.export.policy import choose
+        from edge.export.sensitivity import SENSITIVITY_FILE, Sensitivity
+
+        sens = Sensitivity.load(sensitivity or model_dir / SENSITIVITY_FILE)
+        return export_gguf(model_dir, out=out, threads=threads, policy=choose(sens, kw["policy_bpw"]))
+    return export_gguf(model_dir, out=out, threads=threads, **{k: (im if v == "IM" else v) for k, v in kw.items()})
+
+
+def frontier_png(rows: dict, names: list[str], path: Path) -> None:
+    """Bits per weight of the edge layers (as stored) against emitted = fp32: the policies as a line, every
+    other choice as a labelled point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    pol = sorted((rows[n]["bpw"], rows[n]["emit_agree"]) for n in names if n.startswith("policy "))
+    if pol:
+        ax.plot(*zip(*pol), "o-", color="tab:red", label="coexit compress policy (budget = x)")
+    for n in names:
+        if not n.startswith("policy ") and rows[n]["bpw"] < 17:
+            ax.plot(rows[n]["bpw"], rows[n]["emit_agree"], "s", color="tab:blue")
+            ax.annotate(n, (rows[n]["bpw"], rows[n]["emit_agree"]), fontsize=7, xytext=(4, -9),
+                        textcoords="offset points")
+    ax.set_xlabel("edge-layer bits per weight, as stored")
+    ax.set_ylabel("emitted tokens = fp32 system's")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("Edge quantization frontier (collaborative mode, held-out tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def eval_chunks(model_dir: Path, text: str, tokens: int, chunk: int) -> list[list[int]]:
@@ -238,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase", default="all", choices=["agree", "emit", "speed", "all"])
     ap.add_argument("--state", help="JSON file holding the results of each phase (default: a temporary one)")
     ap.add_argument("--workdir", help="where the GGUFs are written (default: a temporary directory)")
+    ap.add_argument("--sensitivity", help="the policies' measured sensitivity (default MODEL/quant_sensitivity.json)")
+    ap.add_argument("--plot", help="write the frontier (layer bpw against emitted = fp32) to this PNG")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from edge.backends.registry import make_backend
-    from edge.export.gguf import IMATRIX_FILE, export_gguf
+    from edge.export.gguf import IMATRIX_FILE
 
     model_dir = Path(args.model)
     names = args.choices.split(",")
@@ -254,11 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     chunks = eval_chunks(model_dir, args.text, args.text_tokens, args.chunk)
     paths = {name: work / f"edge-{i}.gguf" for i, name in enumerate(names)}
 
+    sens = Path(args.sensitivity) if args.sensitivity else None
+
     def exported(name: str) -> Path:  # the choice's GGUF, exported unless an earlier phase left it in --workdir
         if not paths[name].is_file():
             im_path = Path(state.get("imatrix") or args.imatrix or model_dir / IMATRIX_FILE)
-            export_gguf(model_dir, out=paths[name], threads=args.threads,
-                        **{k: (im_path if v == "IM" else v) for k, v in CHOICES[name].items()})
+            export_choice(model_dir, name, paths[name], args.threads, im_path, sens)
         return paths[name]
 
     if args.phase in ("agree", "all"):
@@ -271,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"no imatrix: pass --calib TEXT or --imatrix FILE (or put one at {im})")
         ref = torch_top1(model_dir, chunks)
         for name in names:
-            kw = {k: (im if v == "IM" else v) for k, v in CHOICES[name].items()}
-            path = export_gguf(model_dir, out=paths[name], threads=args.threads, **kw)
+            path = export_choice(model_dir, name, paths[name], args.threads, im, sens)
             agree = float((llama_top1(path, chunks, args.threads) == ref).mean())
             state["rows"].setdefault(name, {}).update(file_mib=path.stat().st_size / 2**20, top1=agree,
                                                       bpw=layer_bpw(path))
@@ -333,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
            f"{args.repeats}; " if "torch_tps" in state else "") +
           "layer bpw: bits per weight of the edge layers' matrices as stored. embd/out = token_embd and output at "
           "q8_0; blk.0 = layer 0 at q8_0; q4-mix = q4_k_m + embd/out + blk.0 (edge/export/gguf.py MIXES)")
+    if args.plot and all("emit_agree" in rows[n] and "bpw" in rows[n] for n in names):
+        frontier_png(rows, names, Path(args.plot))
     if "emit_fp32" in state:
         e = state["emit_fp32"]
         print(f"edge share / emitted = fp32: collaborative mode with the model's calibrated policy, teacher-forced "

@@ -44,11 +44,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-tensors", metavar="NAME,NAME",
                     help="tensors of every edge layer kept at --keep-layer-type (e.g. attn_v,ffn_down)")
     ap.add_argument("--keep-layer-type", metavar="TYPE", help="type for --keep-layers/--keep-tensors (default q8_0)")
+    ap.add_argument("--learned-rounding", type=int, default=0, metavar="STEPS",
+                    help="after quantizing, re-choose each matrix's codes on llama.cpp's grid for STEPS Adam steps "
+                         "against the fp32 model (edge/export/rounding.py; needs --calib; about 1.2 s a step on 2 "
+                         "cores for the default model); 0: off")
+    ap.add_argument("--calib", nargs="+", metavar="TEXT", help="calibration text for --learned-rounding (files, "
+                                                               "directories or .jsonl; not your evaluation text)")
+    ap.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens for --learned-rounding")
     ap.add_argument("--adapter", help="also write this LoRA adapter directory (`coexit adapt`, PEFT layout) as GGUF "
                                       "adapters for the exported file(s), into that directory; llama.cpp applies "
                                       "them at run time (`coexit generate --backend gguf --adapter DIR`)")
     args = ap.parse_args(argv)
     policy = _policy(args)
+    if args.learned_rounding < 0 or (args.learned_rounding and not args.calib):
+        from coexit.errors import UsageError
+
+        raise UsageError("--learned-rounding STEPS needs STEPS >= 0 and --calib TEXT (calibration text, e.g. "
+                         "data/corpus/train.jsonl)")
+    if args.learned_rounding and policy is None and (args.quant or "f16") in ("f16", "f32"):
+        from coexit.errors import UsageError
+
+        raise UsageError("--learned-rounding applies to quantized files: pass --quant, --policy or --budget-bpw")
     if policy is not None:
         quant = f"policy-{policy.budget_bpw:g}bpw"
     else:
@@ -60,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
                   keep_tensors=tensors, keep_type=args.keep_layer_type)
         if policy is not None:
             kw = dict(policy=policy)
+        if args.learned_rounding:
+            from edge.export.rounding import export_rounded
+
+            path = export_rounded(args.model, quant, args.out, args.threads, steps=args.learned_rounding,
+                                  text=args.calib, tokens=args.calib_tokens, layout=args.layout,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True), **kw)
+            print(f"wrote {path}")
+            return 0
         if args.layout == "segments":
             out = export_segments(args.model, quant, args.out, args.threads, **kw)
             files = segment_files(out)

@@ -275,7 +275,7 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
                 threads: int = 2, *, imatrix: str | Path | bool | None = None, embd: str | None = None,
                 output: str | None = None, keep_layers: tuple[int, ...] | None = None,
                 keep_type: str | None = None, keep_tensors: tuple[str, ...] | None = None,
-                layers: tuple[int, int] | None = None, policy=None) -> Path:
+                layers: tuple[int, int] | None = None, policy=None, meta: dict[str, str] | None = None) -> Path:
     """Export layers [0, split) and the edge exits of a checkpoint directory as a GGUF; returns its path.
     layers=(lo, hi): one segment instead (edge/export/segments.py), its blocks renumbered from blk.0; the mix's
     kept layers and the imatrix entries follow the renumbering.
@@ -285,9 +285,9 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
 
     policy: an edge/export/policy.py Policy (or its JSON file) instead of `quant`: every edge matrix at the
     policy's type, token_embd/output at its head types, the imatrix it was measured with, and the policy itself
-    in the metadata (`coexit.quant_policy`, JSON; `coexit.quant` = its description)."""
+    in the metadata (`coexit.quant_policy`, JSON; `coexit.quant` = its description). meta: extra string keys."""
     if policy is not None:
-        return _export_policy(Path(model_dir), policy, out, threads, layers)
+        return _export_policy(Path(model_dir), policy, out, threads, layers, meta)
     if quant not in QUANTS and quant not in MIXES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {sorted(QUANTS) + sorted(MIXES)}")
     mix = MIXES.get(quant, QuantMix(quant))
@@ -299,8 +299,9 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
     model = _load_edge(model_dir)
     out = Path(out) if out else model_dir / f"edge-{quant}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
+    extra = dict(meta or {})
     if mix.base in ("f32", "f16"):
-        write_f32_gguf(model, model_dir, out, f16=mix.base == "f16", layers=layers)
+        write_f32_gguf(model, model_dir, out, f16=mix.base == "f16", layers=layers, meta=extra)
         return out
     lo, hi = layers or (0, model.config.split_layer)
     im_path = resolve_imatrix(model_dir, imatrix if mix.imatrix or imatrix not in (None, True) else False)
@@ -324,7 +325,7 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
     layer_types.update({rf"^blk\.\d+\.{t}\.": mix.layer_type for t in mix.tensors})
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src = Path(tmp) / "edge-f32.gguf"
-        write_f32_gguf(model, model_dir, src, layers=layers)
+        write_f32_gguf(model, model_dir, src, layers=layers, meta=extra)
         quantize_gguf(src, out, mix.base, threads, embd=mix.embd, output=mix.output, tensor_types=layer_types,
                       imatrix=im_values, metadata=meta)
         if sidecar_path(src).exists():
@@ -338,7 +339,7 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
 
 
 def _export_policy(model_dir: Path, policy, out: str | Path | None, threads: int,
-                   layers: tuple[int, int] | None) -> Path:
+                   layers: tuple[int, int] | None, extra: dict[str, str] | None = None) -> Path:
     from edge.export.imatrix import Imatrix
     from edge.export.policy import META_KEY, Policy
 
@@ -355,7 +356,7 @@ def _export_policy(model_dir: Path, policy, out: str | Path | None, threads: int
     out = Path(out) if out else model_dir / f"edge-policy-{policy.budget_bpw:g}bpw.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     im_values = None
-    meta = {"coexit.quant": policy.describe(), META_KEY: policy.to_json()}
+    meta = {"coexit.quant": policy.describe(), META_KEY: policy.to_json(), **(extra or {})}
     if policy.imatrix:
         im_path = resolve_imatrix(model_dir, model_dir / policy.imatrix)
         im = Imatrix.load(im_path)

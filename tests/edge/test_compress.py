@@ -183,3 +183,36 @@ def test_compress_and_export_edge_commands(ckpt, tmp_path, capsys):
         export_main(["--model", str(ckpt), "--policy", str(out), "--quant", "q8_0"])
     with pytest.raises(UsageError, match="below what the edge layers can be stored at"):
         compress_main(["--model", str(ckpt), "--budget-bpw", "3"])
+
+
+def test_learned_rounding_covers_whole_files_and_segments_alike(policy, ckpt, tmp_path, capsys):
+    """--learned-rounding: the tuned codes stay on the policy's types, differ from llama.cpp's own codes, and each
+    segment holds exactly the whole file's tuned blocks (renumbered); the metadata records the rounding."""
+    calib = str(ckpt.parent / "calib.txt")
+    pfile = policy.save(tmp_path / "p.json")
+    base = ["--model", str(ckpt), "--policy", str(pfile), "--learned-rounding", "12", "--calib", calib,
+            "--calib-tokens", "2048"]
+    assert export_main(base + ["--out", str(tmp_path / "r.gguf")]) == 0
+    assert "about" in capsys.readouterr().err  # the time estimate comes before the steps
+    assert export_main(base + ["--layout", "segments", "--out", str(tmp_path / "seg")]) == 0
+    plain = export_gguf(ckpt, policy=policy, out=tmp_path / "plain.gguf")
+    tuned = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "r.gguf")).tensors}
+    untuned = {t.name: t for t in gguf.GGUFReader(str(plain)).tensors}
+    assert {n: tuned[n].tensor_type.name.lower() for n in policy.types} == policy.types
+    changed = [n for n in policy.types if not np.array_equal(np.asarray(tuned[n].data), np.asarray(untuned[n].data))]
+    assert len(changed) >= len(policy.types) // 2
+    fld = gguf.GGUFReader(str(tmp_path / "r.gguf")).get_field("coexit.learned_rounding")
+    assert str(bytes(fld.parts[fld.data[0]]), "utf-8").startswith("12 steps")
+    for lo, f in enumerate(segment_files(tmp_path / "seg")):
+        for t in gguf.GGUFReader(str(f)).tensors:
+            if t.name.startswith("blk."):
+                i, rest = t.name[4:].split(".", 1)
+                assert np.array_equal(np.asarray(t.data), np.asarray(tuned[f"blk.{int(i) + lo}.{rest}"].data)), t.name
+        assert np.array_equal(np.asarray(next(t for t in gguf.GGUFReader(str(f)).tensors
+                                              if t.name == "token_embd.weight").data),
+                              np.asarray(tuned["token_embd.weight"].data))
+    from edge.llamacpp.lib import stock_llama
+
+    llm = stock_llama(tmp_path / "r.gguf", n_ctx=64, verbose=False)
+    llm.eval([5, 9, 13])
+    llm.close()
