@@ -101,7 +101,7 @@ class LocalBackend:
         p = next(model.parameters())
         pool = KVPool.from_budget(model.config, limits.kv_budget_bytes, limits.block_size, p.dtype, p.device)
         self.engine = Engine(model, pool, limits.rows_per_tick, batch_wait=limits.batch_wait,
-                             static_decode=limits.static_decode)
+                             static_decode=limits.static_decode, overlap=limits.overlap)
         self.manager = SessionManager(model, limits, self.engine)
         c = model.config
         self.info = ModelInfo(model.fingerprint, c.split_layer, c.num_hidden_layers, c.hidden_size, c.vocab_size,

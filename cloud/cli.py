@@ -70,6 +70,8 @@ def main(argv: list[str]) -> int:
                     help="on SIGTERM, seconds to let Appends in flight finish before open streams end")
     ap.add_argument("--static-decode", choices=["auto", "eager", "off"], default="auto",
                     help="decode-only ticks on static shapes: auto = CUDA graphs on a GPU, general path on a CPU")
+    ap.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                    help="run decode-only ticks on a device lane and prepare the next tick meanwhile: auto = on a GPU")
     ap.add_argument("--frontends", type=int, default=0,
                     help="gRPC front-end processes in front of one engine process (0: one process does all)")
     ap.add_argument("--health-http-port", type=int, default=0,
@@ -89,7 +91,7 @@ def main(argv: list[str]) -> int:
     limits = Limits(max_sessions=args.max_sessions, kv_budget_bytes=int(args.kv_budget_mib * 2**20),
                     max_length=args.max_length, max_rows_per_append=args.max_rows, idle_ttl_s=args.idle_ttl,
                     block_size=args.block_size, rows_per_tick=args.rows_per_tick,
-                    batch_wait=args.batch_wait, static_decode=args.static_decode)
+                    batch_wait=args.batch_wait, static_decode=args.static_decode, overlap=args.overlap)
     tls = (args.tls_key, args.tls_cert) if args.tls_key else None
     try:
         auth = Auth.from_file(args.auth_file) if args.auth_file else Auth.from_token(args.token) if args.token else None

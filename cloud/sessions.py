@@ -47,6 +47,7 @@ class Limits:
     batch_wait: float = 1.0  # fraction of the last tick the engine may wait for recent sessions (0: never)
     identities: dict[str, Identity] = field(default_factory=dict)  # per-identity limits, by name
     static_decode: str = "auto"  # decode-only ticks: "auto" (CUDA graphs on a GPU), "eager", "off"
+    overlap: str = "auto"  # decode-only ticks on a device lane while the next is prepared: "auto" (GPU), "on", "off"
 
 
 @dataclass

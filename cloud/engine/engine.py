@@ -13,6 +13,12 @@ any. Their blocks grow in one allocation; the batch is settled in one short loop
 each), nothing is scheduled at all. In one process `deliver` answers each Append's waiter; with front-end
 processes, cloud.ipc packs the answers into one array per front end. `run_tick` returns its phase time stamps
 (bench/engine_overhead.py reads them).
+
+Overlap (`overlap`, on by default on a GPU): a decode-only tick is prepared on this thread (claims, slot ids,
+changed block tables, as host arrays) and its device half runs on the device lane (lane.py); its sessions are held
+by the scheduler, and the engine at once schedules and launches the next tick among the other sessions, then
+settles and hands out the first while the second computes. A tick with general-path work waits for the lane and
+runs here. A session's rows never ride two ticks at once, so tokens are those of serving it alone.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import operator
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import grpc
@@ -29,9 +36,10 @@ import numpy as np
 
 from cloud.engine.graphs import DecodeGraphs
 from cloud.engine.kv_pool import KVPool
+from cloud.engine.lane import DeviceLane
 from cloud.engine.metrics import EngineMetrics, observe_many
 from cloud.engine.runner import BatchedRunner, SteadyOutput, TokenResult, VerdictResult
-from cloud.engine.scheduler import Scheduler, Segment, TickItem
+from cloud.engine.scheduler import DecodeBatch, Scheduler, Segment, TickItem
 from cloud.errors import ServiceError
 from coexit.model import EarlyExitLM
 
@@ -64,6 +72,24 @@ class StepReplies:
 
 
 @dataclass
+class _Tick:
+    """One tick from its scheduling to its hand-out."""
+
+    tick: int
+    items: list[TickItem]
+    decode: DecodeBatch | None
+    segments: list[Segment]  # the decode rows' segments, in row order
+    finished: list  # (waiter, outcome) known at scheduling: applied rollbacks, refusals
+    started: float = 0.0
+    seconds: float = 0.0
+    out: SteadyOutput | None = None
+    results: list = field(default_factory=list)
+    error: Exception | None = None
+    future: Future | None = None  # the decode batch's results, when it runs on the device lane
+    held: bool = False  # its decode sessions are held by the scheduler until it settles
+
+
+@dataclass
 class SegmentDone:
     token: TokenResult | None
     layer_tokens: int
@@ -76,10 +102,12 @@ class SegmentDone:
 
 class Engine:
     def __init__(self, model: EarlyExitLM, pool: KVPool, row_budget: int = 256,
-                 metrics: EngineMetrics | None = None, batch_wait: float = 1.0, static_decode: str = "auto") -> None:
+                 metrics: EngineMetrics | None = None, batch_wait: float = 1.0, static_decode: str = "auto",
+                 overlap: str = "auto") -> None:
         """static_decode: "auto" captures decode-only ticks in CUDA graphs on a GPU (on a CPU it runs the same
         static step eagerly at each tick's exact shape), "eager" runs it without capture but padded to the graphs'
-        buckets, "off" always takes the general path."""
+        buckets, "off" always takes the general path. overlap: "on" runs decode-only ticks on a device lane
+        (lane.py) and prepares the next tick meanwhile, "off" never, "auto" on a GPU only."""
         self.model, self.pool = model, pool
         self.scheduler = Scheduler(row_budget)
         on_gpu = next(model.parameters()).device.type == "cuda"
@@ -88,6 +116,11 @@ class Engine:
             graphs = DecodeGraphs(model, pool, model.config.split_layer, model.config.num_hidden_layers,
                                   capture=static_decode == "auto" and on_gpu, pad=static_decode == "eager" or on_gpu)
         self.runner = BatchedRunner(model, graphs)
+        if overlap not in ("auto", "on", "off"):
+            raise ValueError(f"overlap must be auto, on or off, got {overlap!r}")
+        use_lane = graphs is not None and (overlap == "on" or (overlap == "auto" and on_gpu))
+        self.lane = DeviceLane(next(model.parameters()).device) if use_lane else None
+        self.overlapped_ticks = 0  # ticks launched while the one before was still on the lane
         if graphs is not None:
             self.scheduler.steady_start = model.config.split_layer
         self.quotas = False  # identities with KV shares: grow session by session (set by the SessionManager)
@@ -133,6 +166,8 @@ class Engine:
             self._stop = True
             self._wake.notify()
         self._thread.join(timeout=10)
+        if self.lane is not None:
+            self.lane.close()
 
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _grow(self, session, upto: int) -> bool:
@@ -142,24 +177,78 @@ class Engine:
         return session.runner.cache.grow(upto)
 
     def _loop(self) -> None:
+        pending: _Tick | None = None  # an overlapped tick on the device lane, settled after the next launch
         while True:
-            with self._wake:
-                while not self.scheduler.ready and not self._stop:
+            with self._wake:  # wait for rows, or for the tick on the lane to end
+                while not self.scheduler.ready and not self._stop and (
+                        pending is None or (pending.future is not None and not pending.future.done())):
                     self._wake.wait()
-                self._coalesce()
-                if self._stop:
-                    return
-            self.run_tick()
+                if pending is None:
+                    self._coalesce()
+                stop = self._stop
+            if stop:
+                if pending is not None:
+                    self._finish(pending, self.fan_out)
+                return
+            if self.lane is None:
+                self.run_tick()
+            else:
+                pending = self._overlapped(pending)
 
     def run_tick(self, fan_out: Callable | None = None) -> dict[str, float]:
         """One tick: schedule, compute, settle, hand the results out (`fan_out(decoded, finished)`, by default
         `self.fan_out`). Returns its phase time stamps (perf_counter): start, scheduled, outputs (the compute and
         its outputs done), settled, fanned."""
-        fan_out = fan_out or self.fan_out
         stamps = {"start": time.perf_counter()}
+        t = self._schedule()
+        t.started = stamps["scheduled"] = time.perf_counter()
+        self._compute(t)
+        stamps["outputs"] = time.perf_counter()
+        self._finish(t, fan_out or self.fan_out, stamps)
+        return stamps
+
+    def _overlapped(self, pending: _Tick | None) -> _Tick | None:
+        """One turn of the overlapped loop (a device lane): schedule the next tick among the sessions not on the
+        device; a decode-only tick is prepared here and launched on the lane behind `pending`, then `pending` is
+        settled and handed out while the new one computes. A tick with general-path work waits for the lane and
+        runs here. Returns the tick now on the lane."""
+        t = self._schedule()
+        if t.items or t.decode is None:
+            if pending is not None:
+                self._finish(pending, self.fan_out)
+            if t.items or t.finished:
+                t.started = time.perf_counter()
+                self._compute(t)
+                self._finish(t, self.fan_out)
+            return None
+        with self.lock:
+            try:
+                launch = self.runner.prepare_steady(t.decode.slots, list(map(_sampling, t.segments)))
+            except Exception as exc:  # a server fault: this tick's Appends fail, the sessions roll back
+                log.exception("engine tick failed")
+                launch, t.error = None, exc
+            self.scheduler.hold(t.decode.sessions)
+            t.held = True
+        t.started = time.perf_counter()
+        if launch is not None:
+            t.future = self.lane.submit(self.runner.compute_steady, launch, list(map(_rows, t.segments)))
+            t.future.add_done_callback(self._lane_done)
+            self.overlapped_ticks += pending is not None
+        if pending is not None:
+            self._finish(pending, self.fan_out)
+        return t
+
+    def _lane_done(self, _future) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _schedule(self) -> _Tick:
+        """The scheduler's choice for the next tick (under the lock): the steady plan again, or the general
+        path's chunks beside a decode batch; their sessions are marked in flight."""
         items, failures, finished = [], [], []
         with self.lock:
             tick = self.ticks
+            self.ticks += 1
             decode = self.scheduler.steady()
             if decode is not None and not self._grow_rows(decode.slots):
                 decode = None
@@ -181,38 +270,53 @@ class Engine:
                     item.session.in_flight = True
                 finished += [w for s, seg in failures for w in self._fail(s, seg)]
             segments = [s.queue[0] for s in decode.sessions] if decode is not None else []
-        t0 = stamps["scheduled"] = time.perf_counter()
-        error, results, out = None, [], None
+        return _Tick(tick, items, decode, segments, finished)
+
+    def _compute(self, t: _Tick) -> None:
+        """A tick's device work on this thread: the decode batch on the static step, then the general path."""
         try:
-            if decode is not None:
-                out = self.runner.run_steady(decode.slots, list(map(_rows, segments)),
-                                             list(map(_sampling, segments)))
-            if items:
-                results = self.runner.run(items)
+            if t.decode is not None:
+                t.out = self.runner.run_steady(t.decode.slots, list(map(_rows, t.segments)),
+                                               list(map(_sampling, t.segments)))
+            if t.items:
+                t.results = self.runner.run(t.items)
         except Exception as exc:  # a server fault: fail this tick's Appends, keep serving
             log.exception("engine tick failed")
-            results, error = [], exc
-            if decode is not None:
-                items = [TickItem(s, seg, seg.rows, seg.first, True, None, [], 1)
-                         for s, seg in zip(decode.sessions, segments)] + items
-                decode = None
-        stamps["outputs"] = t1 = time.perf_counter()
-        seconds = t1 - t0
+            t.error = exc
+        t.seconds = time.perf_counter() - t.started
+
+    def _finish(self, t: _Tick, fan_out: Callable, stamps: dict | None = None) -> None:
+        """Settle a computed tick (waiting for the lane when it ran there) and hand its results out."""
+        if t.future is not None:
+            try:
+                t.out = t.future.result()
+            except Exception as exc:
+                log.exception("engine tick failed")
+                t.error = exc
+            t.seconds = time.perf_counter() - t.started
+        decode, items, seconds, tick, held = t.decode, t.items, t.seconds, t.tick, t.held
         with self.lock:
-            self.ticks += 1
+            if t.error is not None and decode is not None:  # its rows roll back with the general path's
+                if held:
+                    for s in decode.sessions:
+                        self.scheduler.unhold(s)
+                items = [TickItem(s, seg, seg.rows, seg.first, True, None, [], 1)
+                         for s, seg in zip(decode.sessions, t.segments)] + items
+                decode = None
             self._last_tick_s = seconds
             served = {it.session.id: it.session for it in items if not it.session.retired}
             decoded = None
             if decode is not None:
                 served.update(decode.by_id)
-                decoded = self._settle_decode(decode, segments, out, seconds, tick, t0)
-            finished += self._settle(items, results, error, seconds, tick)
+                decoded = self._settle_decode(decode, t.segments, t.out, seconds, tick, t.started, held)
+            finished = t.finished + self._settle(items, t.results, t.error, seconds, tick)
             self._record(items, decode, seconds)
             self._recent, self._served_before = {**self._served_before, **served}, served
-        stamps["settled"] = time.perf_counter()
+        if stamps is not None:
+            stamps["settled"] = time.perf_counter()
         fan_out(decoded, finished)
-        stamps["fanned"] = time.perf_counter()
-        return stamps
+        if stamps is not None:
+            stamps["fanned"] = time.perf_counter()
 
     def _grow_rows(self, slots: np.ndarray) -> bool:
         """Blocks for the decode rows at `slots` that cross into a new block, in one allocation; False (they grow
@@ -228,8 +332,9 @@ class Engine:
         return self.pool.grow_rows(slots[crossing], layers)
 
     def _settle_decode(self, decode, segments: list[Segment], out: SteadyOutput, seconds: float, tick: int,
-                       started: float) -> StepReplies:
-        """The decode rows' segments are done: pop them (a session closed during the tick is released)."""
+                       started: float, held: bool = False) -> StepReplies:
+        """The decode rows' segments are done: pop them (a session closed during the tick is released; `held`:
+        the tick ran on the lane, its sessions come back to the scheduler now)."""
         sched = self.scheduler
         ready, plain, retired = sched.ready, sched.plain, False
         for s in decode.sessions:
@@ -241,7 +346,9 @@ class Engine:
                 continue
             q = s.queue
             q.popleft()
-            if q:  # more was queued during the tick
+            if held:
+                sched.unhold(s)
+            elif q:  # more was queued during the tick
                 sched.settled(s)
             else:
                 del ready[s.id]

@@ -14,6 +14,8 @@ Shapes: B bucket rows, W table width in blocks, L deep layers, C hidden, K kv he
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -31,6 +33,19 @@ def bucket(n: int, sizes=BATCH_BUCKETS) -> int:
         if b >= n:
             return b
     return 1 << (n - 1).bit_length()
+
+
+@dataclass
+class StepInputs:
+    """A prepared static step: its buffers (exact-shape view or bucket), rows and table width, and host arrays."""
+
+    key: tuple[int, int] | None  # bucket (graph key), None at exact shapes
+    buf: _Buffers
+    n: int
+    width: int
+    tables: tuple  # see DecodeGraphs._table_update
+    slot_ids: np.ndarray  # (L, B) pool slots the rows' k, v go to
+    positions: np.ndarray  # (B,)
 
 
 class _Buffers:
@@ -98,9 +113,14 @@ class DecodeGraphs:
 
     def step(self, slots: np.ndarray, hidden: Tensor) -> Tensor:
         """One new row (hidden (n, C)) for each session at `slots`, at its current length, through all deep layers:
-        claims the rows' KV slots and returns their hidden states (n, C), a view of a buffer the next step reuses.
-        The buffers keep the block tables of the last step's sessions: only rows whose session or tables changed
-        since are copied (see `_copy_tables`)."""
+        claims the rows' KV slots and returns their hidden states (n, C), a view of a buffer the next step reuses."""
+        return self.launch(self.prepare(slots), hidden)
+
+    def prepare(self, slots: np.ndarray) -> StepInputs:
+        """The host half of a step, on the engine thread: checks, the rows' claims in the pool's tables, and every
+        input the device needs as host arrays (nothing on the device is touched, so it may run while an earlier
+        step computes). The buffers keep the block tables of the last prepared step's sessions: only rows whose
+        session or tables changed since are sent (see `_table_update`)."""
         t, bs, lo, hi = self.pool.tables, self.pool.block_size, self.start, self.stop
         n = len(slots)
         pos = t.lengths[lo, slots]
@@ -115,42 +135,50 @@ class DecodeGraphs:
                 buf = self._buffers[key] = _Buffers(hi - lo, b, w, self.model.config.hidden_size, self.dtype,
                                                     self.device)
             view = buf
-        else:  # exact shapes: views of one set of buffers that grows by doubling
-            b, w = n, width
+        else:  # exact shapes: views of one set of buffers that grows by doubling (a new set starts with no tables)
+            key, b = None, n
             buf = self._buffers.get(None)
             if buf is None or buf.h_in.shape[0] < n or buf.tables.shape[2] < width:
                 old = (buf.h_in.shape[0], buf.tables.shape[2]) if buf is not None else (0, 0)
                 buf = self._buffers[None] = _Buffers(hi - lo, max(n, 2 * old[0]), max(width, 2 * old[1]),
                                                      self.model.config.hidden_size, self.dtype, self.device)
             view = buf.view(n, width)
-        self._copy_tables(buf, view, slots, width, t.take_changed())
+        tables = self._table_update(buf, slots, width, t.take_changed())
         slot_ids = np.full((hi - lo, b), self.scratch * bs, dtype=np.int64)
         slot_ids[:, :n] = t.blocks[lo:hi][:, slots, pos // bs].astype(np.int64) * bs + pos % bs
         positions = np.zeros(b, dtype=np.int64)
         positions[:n] = pos
-        buf = view
-        buf.slots.copy_(torch.from_numpy(slot_ids))
-        buf.positions.copy_(torch.from_numpy(positions)[:, None])
-        buf.lengths.copy_(torch.from_numpy(positions + 1))
-        buf.h_in[:n, 0].copy_(hidden)
-        if b > n:
-            buf.h_in[n:].zero_()
         t.lengths[lo:hi, slots] = pos + 1  # the rows' claims
+        return StepInputs(key, view, n, width, tables, slot_ids, positions)
+
+    def launch(self, inp: StepInputs, hidden: Tensor) -> Tensor:
+        """The device half: copy a prepared step's inputs into its buffers and run (replay) it. Steps launch in the
+        order they were prepared."""
+        buf, n = inp.buf, inp.n
+        self._apply_tables(buf, n, inp.width, inp.tables)
+        buf.slots.copy_(torch.from_numpy(inp.slot_ids))
+        buf.positions.copy_(torch.from_numpy(inp.positions)[:, None])
+        buf.lengths.copy_(torch.from_numpy(inp.positions + 1))
+        buf.h_in[:n, 0].copy_(hidden)
+        if buf.h_in.shape[0] > n:
+            buf.h_in[n:].zero_()
         if self.capture:
-            graph = self._graphs.get(key) or self._record(key, buf)
+            graph = self._graphs.get(inp.key) or self._record(inp.key, buf)
             graph.replay()
         else:
             self._step(buf)
         self.replays += 1
         return buf.h_out[:n, 0]
 
-    def _copy_tables(self, buf: _Buffers, view: _Buffers, slots: np.ndarray, width: int, changed: set[int]) -> None:
-        """Bring the buffers' block tables to the sessions at `slots`: only the rows whose slot differs from the
-        last step's in the same buffers, or whose tables changed since (`changed`); the rest already hold them.
-        Columns past a row's own blocks hold stale but valid ids (masked by its length); rows past n in a bucket
-        point at the scratch block."""
+    def _table_update(self, buf: _Buffers, slots: np.ndarray, width: int, changed: set[int]) -> tuple:
+        """What brings the buffers' block tables to the sessions at `slots`: only the rows whose slot differs from
+        the last step's in the same buffers, or whose tables changed since (`changed`); the rest already hold
+        them. Returns ("all", tables (L, n, width)) or ("rows", row indices, their tables, tables of rows past the
+        last step's), host copies taken now. Columns past a row's own blocks hold stale but valid ids (masked by
+        its length)."""
         t, lo, hi, n = self.pool.tables, self.start, self.stop, len(slots)
         last = self._built[1] if self._built is not None and self._built[0] is buf else np.zeros(0, np.int64)
+        self._built = (buf, slots)
         m = min(len(last), n)
         stale = last[:m] != slots[:m]
         if changed:
@@ -159,16 +187,23 @@ class DecodeGraphs:
             stale |= dirty[slots[:m]]
         rows = np.flatnonzero(stale)
         if m == 0 or rows.size > n // 2:  # most of them: one slice
-            view.tables[:, :n, :width] = torch.from_numpy(t.blocks[lo:hi][:, slots, :width].astype(np.int64))
+            return ("all", t.blocks[lo:hi][:, slots, :width].astype(np.int64))
+        return ("rows", rows, t.blocks[lo:hi][:, slots[rows], :width].astype(np.int64) if rows.size else None,
+                t.blocks[lo:hi][:, slots[m:], :width].astype(np.int64) if n > m else None)
+
+    def _apply_tables(self, buf: _Buffers, n: int, width: int, update: tuple) -> None:
+        """Copy a `_table_update` into the buffers; rows past n in a bucket point at the scratch block."""
+        if update[0] == "all":
+            buf.tables[:, :n, :width] = torch.from_numpy(update[1])
         else:
-            if rows.size:
-                sub = torch.from_numpy(t.blocks[lo:hi][:, slots[rows], :width].astype(np.int64)).to(self.device)
-                view.tables[:, :, :width].index_copy_(1, torch.from_numpy(rows).to(self.device), sub)
-            if n > m:
-                view.tables[:, m:n, :width] = torch.from_numpy(t.blocks[lo:hi][:, slots[m:], :width].astype(np.int64))
-        if view.tables.shape[1] > n:  # a bucket's padded rows
-            view.tables[:, n:] = self.scratch
-        self._built = (buf, slots)
+            _, rows, sub, tail = update
+            if sub is not None:
+                buf.tables[:, :, :width].index_copy_(1, torch.from_numpy(rows).to(self.device),
+                                                     torch.from_numpy(sub).to(self.device))
+            if tail is not None:
+                buf.tables[:, n - tail.shape[1]:n, :width] = torch.from_numpy(tail)
+        if buf.tables.shape[1] > n:  # a bucket's padded rows
+            buf.tables[:, n:] = self.scratch
 
     def _step(self, buf: _Buffers) -> None:
         h, positions = buf.h_in, buf.positions

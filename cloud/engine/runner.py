@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cloud.engine.graphs import DecodeGraphs
+from cloud.engine.graphs import DecodeGraphs, StepInputs
 from cloud.engine.kv_pool import BatchAttention
 from cloud.engine.scheduler import TickItem
 from coexit.decoding import LayerWork, RunResult
@@ -59,6 +59,17 @@ class SteadyOutput:
     tokens: list[int]
     logprobs: list[float]
     logits: Tensor  # (n, V) on the device
+
+
+@dataclass
+class SteadyLaunch:
+    """A steady tick prepared on the host: the static step's inputs, and the rows that draw a sample (with the
+    positions they draw at)."""
+
+    inp: StepInputs
+    sampling: list[SamplingParams]
+    drawn: np.ndarray
+    positions: list[int]
 
 
 @dataclass
@@ -147,23 +158,36 @@ class BatchedRunner:
             layer += 1
         return self._outputs(plans)
 
-    @torch.no_grad()
     def run_steady(self, slots, rows: list[Tensor], sampling: list[SamplingParams]) -> SteadyOutput:
         """The decode rows of a tick: one row (1, C) per session (at `slots`) through all deep layers on the static
-        step, the final head on every row, then sampling: greedy rows on the device, each sampled row with its own
-        (seed, position) draw as `sample_batch` does; tokens and log-probabilities reach the host in one copy."""
-        h = self.graphs.step(slots, torch.cat(rows).to(self.dtype))
+        step, the final head on every row, then sampling; see `prepare_steady` and `compute_steady`."""
+        return self.compute_steady(self.prepare_steady(slots, sampling), rows)
+
+    def prepare_steady(self, slots, sampling: list[SamplingParams]) -> SteadyLaunch:
+        """The host half (engine thread): the static step's inputs and the rows' claims, and which rows draw a
+        sample at which position (the session's length after its row)."""
+        inp = self.graphs.prepare(slots)
+        drawn = np.flatnonzero(np.fromiter(map(_temperature, sampling), dtype=np.float64, count=len(sampling)))
+        positions = (inp.positions[drawn] + 1).tolist() if drawn.size else []
+        return SteadyLaunch(inp, sampling, drawn, positions)
+
+    @torch.no_grad()
+    def compute_steady(self, launch: SteadyLaunch, rows: list[Tensor]) -> SteadyOutput:
+        """The device half: the step, the final head on every row, greedy rows on the device, each sampled row
+        with its own (seed, position) draw as `sample_batch` does; tokens and log-probabilities reach the host in
+        one copy and one `.tolist()`. Touches nothing the engine thread writes, so it may run on the device lane
+        while the engine prepares the next tick."""
+        h = self.graphs.launch(launch.inp, torch.cat(rows).to(self.dtype))
         logits = self.model.head_logits(self.model.config.num_hidden_layers, h)
         lf = logits.float()
         on_cpu = lf.device.type == "cpu"
         # numpy's argmax keeps torch's rule (the first maximum, NaN first) at a tenth of its time on a CPU
         tokens = torch.from_numpy(lf.numpy().argmax(-1)) if on_cpu else lf.argmax(-1)
-        drawn = np.flatnonzero(np.fromiter(map(_temperature, sampling), dtype=np.float64, count=len(sampling)))
-        if drawn.size:  # each draws at the position after its row: the session's length now
-            positions = self.graphs.pool.tables.lengths[self.graphs.start, slots[drawn]].tolist()
-            rows = torch.from_numpy(drawn).to(lf.device)
-            picks = sample_batch(lf[rows], [sampling[i] for i in drawn], positions)
-            tokens[rows.to(tokens.device)] = torch.tensor([t for t, _ in picks], device=tokens.device)
+        drawn, sampling = launch.drawn, launch.sampling
+        if drawn.size:
+            idx = torch.from_numpy(drawn).to(lf.device)
+            picks = sample_batch(lf[idx], [sampling[i] for i in drawn], launch.positions)
+            tokens[idx.to(tokens.device)] = torch.tensor([t for t, _ in picks], device=tokens.device)
         logprobs = torch.log_softmax(lf, -1).gather(1, tokens[:, None])[:, 0]  # as sample_batch computes them
         if on_cpu:
             return SteadyOutput(tokens.tolist(), logprobs.tolist(), logits)

@@ -135,6 +135,7 @@ class Scheduler:
         self._last: list = []  # the sessions of the last decode batch, in row order
         self._fresh = 0  # planned sessions that queued one plain decode row since the last tick
         self._stale = False
+        self.busy: dict[str, Any] = {}  # sessions of a tick still on the device lane: not scheduled until settled
         self.steady_ticks = 0  # ticks that reused the plan
         self.mixed_ticks = 0  # ticks with decode rows on the static step beside the general path's chunks
 
@@ -147,6 +148,11 @@ class Scheduler:
 
     def submit(self, session, segment: Segment) -> None:
         session.queue.append(segment)
+        if session.id in self.busy:  # its tick is on the device: it becomes ready again when that tick settles
+            self._stale = True
+            if segment.truncate_to is not None and segment.n == 0:
+                self._rollbacks.add(session.id)
+            return
         self.ready.setdefault(session.id, session)
         if segment.truncate_to is not None and segment.n == 0:
             self._rollbacks.add(session.id)
@@ -172,10 +178,25 @@ class Scheduler:
         else:
             self.plain.pop(session.id, None)
 
+    def hold(self, sessions: list) -> None:
+        """Sessions whose tick was handed to the device lane (an overlapped tick): out of the ready set until
+        `unhold`, so the ticks prepared meanwhile leave them alone."""
+        for s in sessions:
+            self.busy[s.id] = s
+            self.ready.pop(s.id, None)
+            self.plain.pop(s.id, None)
+
+    def unhold(self, session) -> None:
+        """After an overlapped tick popped the session's finished segment: ready again if more is queued."""
+        if self.busy.pop(session.id, None) is not None and session.queue:
+            self.ready[session.id] = session
+            self._stale = True
+            self.settled(session)
+
     def steady(self) -> DecodeBatch | None:
         """The last plan, when exactly its sessions each queued one plain decode row since the last tick."""
         plan = self._plan
-        if plan is None or self._stale or self._fresh != len(plan.sessions):
+        if plan is None or self._stale or self.busy or self._fresh != len(plan.sessions):
             return None
         self._fresh = 0
         self.steady_ticks += 1
@@ -202,6 +223,7 @@ class Scheduler:
         self._stale = True
         self.ready.pop(session.id, None)
         self.plain.pop(session.id, None)
+        self.busy.pop(session.id, None)
         self._rollbacks.discard(session.id)
         dropped = list(session.queue)
         session.queue = deque()
@@ -234,6 +256,8 @@ class Scheduler:
         so that no later session's grow evicts it."""
         applied = []
         for sid in list(self._rollbacks):
+            if sid in self.busy:  # applied once its tick settles
+                continue
             s = self.ready.get(sid)
             while s is not None and s.queue and s.queue[0].n == 0:
                 seg = s.queue.popleft()

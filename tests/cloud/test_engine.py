@@ -44,10 +44,10 @@ class Harness:
     in the same ticks, then waits for every answer."""
 
     def __init__(self, model, blocks: int, block_size: int = 4, rows_per_tick: int = 256,
-                 static_decode: str = "off") -> None:
+                 static_decode: str = "off", overlap: str = "off") -> None:
         cfg = model.config
         self.pool = KVPool(blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
-        self.engine = Engine(model, self.pool, rows_per_tick, static_decode=static_decode)
+        self.engine = Engine(model, self.pool, rows_per_tick, static_decode=static_decode, overlap=overlap)
         self.manager = SessionManager(model, Limits(max_sessions=16), self.engine)
 
     def submit(self, s, rows, first, want=True, sampling=GREEDY, top_k=0):
@@ -111,14 +111,14 @@ def test_paged_cache_alone_equals_contiguous(model):
     assert pool.num_free == pool.num_blocks
 
 
-@pytest.mark.parametrize("static_decode", ["off", "auto"])
-def test_batched_sessions_equal_sessions_alone(model, static_decode):
+@pytest.mark.parametrize("static_decode,overlap", [("off", "off"), ("auto", "off"), ("auto", "on")])
+def test_batched_sessions_equal_sessions_alone(model, static_decode, overlap):
     """Mixed sessions in the same ticks: prompt lengths, queued rows without a token, parked catch-up rows at a
     cloud exit, token-id input, sampling, a session opening and one closing mid-run, one that runs out of blocks.
     With the static step ("auto"), the plain decode rows among them take it in the same ticks."""
     cfg = model.config
     split, L = cfg.split_layer, cfg.num_hidden_layers
-    h = Harness(model, blocks=100, static_decode=static_decode)
+    h = Harness(model, blocks=100, static_decode=static_decode, overlap=overlap)
     try:
         # a cloud-exit threshold that some rows pass and some do not
         probe = LayerRunner(model, split, L, max_len=64)
@@ -347,6 +347,92 @@ def test_churn_while_others_decode_equals_sessions_alone(model):
                 for got, want in zip(s.cache.get(layer), alone.runner.cache.get(layer)):
                     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
             h.manager.close(s)
+        assert h.pool.num_free == h.pool.num_blocks
+    finally:
+        h.close()
+
+
+def test_overlapped_ticks_with_a_slow_device_equal_sessions_alone(model):
+    """Overlap (the device lane): with a delay injected into every decode step's device half, two cohorts of
+    sessions, each client waiting for its own answers, keep the lane busy while the engine prepares and launches the
+    other cohort's tick. Tokens, log-probabilities and logits equal each session served alone; a session closed
+    between its ticks, and a rollback queued while its session's row is on the lane, do not disturb the rest; the
+    blocks all come back."""
+    cfg = model.config
+    h = Harness(model, blocks=2000, block_size=4, static_decode="auto", overlap="on")
+    h.engine.batch_wait = 0  # no coalescing: the cohorts stay apart
+    compute = h.engine.runner.compute_steady
+
+    def slow(launch, rows):
+        time.sleep(0.01)
+        return compute(launch, rows)
+
+    h.engine.runner.compute_steady = slow
+    try:
+        cohorts = []
+        for c in range(2):
+            cohorts.append([dict(name=10 * c + i, s=h.manager.open(128, "fp32", False, False, {}),
+                                 rows=hidden_rows(model, 40, seed=10 * c + i), pos=0, prompt=5 + i, got=[],
+                                 sampling=SamplingParams(temperature=0.8, top_k=30, seed=c) if i == 2 else GREEDY)
+                            for i in range(3)])
+        everyone, errors = cohorts[0] + cohorts[1], []
+
+        def drive(cohort, steps, close_at=None, rollback_at=None, think=0.0):
+            try:
+                for step in range(steps):
+                    time.sleep(think)  # this cohort's clients answer a little later: the cohorts drift apart
+                    if step == close_at:  # closed between its ticks: the other sessions go on
+                        h.manager.close(cohort.pop()["s"])
+                    work = [(e["s"], e["rows"][e["pos"]:e["pos"] + (e["prompt"] if e["pos"] == 0 else 1)], e["pos"],
+                             True, e["sampling"]) for e in cohort]
+                    if step == rollback_at:  # the first session's row, and a rollback of it queued right behind
+                        e, rolled = cohort[0], threading.Event()
+                        with h.engine.lock:
+                            box, ev = h.submit(*work[0])
+                            h.manager.rollback(e["s"], e["pos"], lambda out, done=rolled: done.set())
+                        assert ev.wait(30) and rolled.wait(30)
+                        e["got"].append((e["pos"], 1, box["out"], True))
+                        work, entries = work[1:], cohort[1:]
+                    else:
+                        entries = cohort
+                    for e, w, out in zip(entries, work, h.step(work)):
+                        e["got"].append((w[2], w[1].shape[0], out, False))
+                        e["pos"] += w[1].shape[0]
+            except Exception as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=drive, args=(cohorts[0], 14, 6)),
+                   threading.Thread(target=drive, args=(cohorts[1], 14, None, 8, 0.003))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert h.engine.overlapped_ticks > 0, "no tick was launched while another was on the lane"
+        checked = 0
+        for e in everyone:
+            alone = Alone(model, cfg.split_layer, ExitPolicy())
+            for first, n, out, rolled_back in e["got"]:
+                assert isinstance(out, SegmentDone), out
+                (token, logprob), _, logits = alone.step(e["rows"][first:first + n], first, e["sampling"])
+                assert out.token.token_id == token, (e["name"], first)
+                assert abs(out.token.logprob - logprob) < ATOL
+                torch.testing.assert_close(out.token.logits, logits, atol=ATOL, rtol=0)
+                if rolled_back:
+                    alone.runner.truncate(first)
+                checked += 1
+            if e["s"].retired:  # the closed one: its KV went back to the pool
+                continue
+            assert e["s"].length == e["pos"]
+            for layer in range(cfg.split_layer, cfg.num_hidden_layers):
+                for got_kv, want in zip(e["s"].cache.get(layer), alone.runner.cache.get(layer)):
+                    torch.testing.assert_close(got_kv, want, atol=ATOL, rtol=0)
+        assert checked == 14 * 2 + 6 + 14 * 3  # the closed session's 6 steps; the rolled-back row's step
+        for e in cohorts[0] + cohorts[1]:
+            h.manager.close(e["s"])
+        deadline = time.monotonic() + 10
+        while h.pool.num_free != h.pool.num_blocks and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert h.pool.num_free == h.pool.num_blocks
     finally:
         h.close()
