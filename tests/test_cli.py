@@ -113,6 +113,9 @@ def cases(cloud: str, no_tok: str, held: int, nothing: str, tmp: Path) -> dict:
                                 ["heldout.jsonl", "coexit build-corpus"], 2),
         "evaluate-no-corpus": (["evaluate", "--model", MODEL, "--data", "data/corpus/heldout.jsonl"],
                                ["heldout.jsonl", "coexit build-corpus"], 2),
+        "compress-budget": (["compress", "--model", MODEL, "--budget-bpw", "3"], ["--budget-bpw 3", "4.50"], 2),
+        "export-policy-and-quant": (["export-edge", "--model", MODEL, "--budget-bpw", "5", "--quant", "q8_0"],
+                                    ["drop --quant"], 2),
         "unknown-command": (["gnerate"], ["unknown command", "generate"], 2),
     }
 
