@@ -129,7 +129,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--mode", choices=MODES, default="collaborative", help="who makes each token (README: modes)")
     ap.add_argument("--backend", choices=KINDS, default="torch",
                     help="edge runtime (gguf exports the edge layers into the model directory on first use)")
-    ap.add_argument("--quant", help="GGUF quantization for --backend gguf (default q8_0)")
+    ap.add_argument("--quant", help="GGUF quantization for --backend gguf (default q8_0), or a compression policy "
+                                    "file from `coexit compress` (e.g. MODEL/quant_policy.json)")
     ap.add_argument("--adapter", help="a LoRA adapter directory (`coexit adapt`, or PEFT's layout) applied to the "
                                       "edge layers, on every backend (llama.cpp applies it at run time)")
     ap.add_argument("--layout", choices=["segments", "whole"],

@@ -63,6 +63,11 @@ class EdgeGGUF:
     layers: tuple[int, int] | None = None  # a segment's layer range (edge/export/segments.py); None: [0, split)
 
 
+def gguf_field(path: str | Path, key: str):
+    """One metadata value of a GGUF (None when absent), without loading its tensors."""
+    return _field(gguf.GGUFReader(str(path)), key)
+
+
 def gguf_fingerprint(path: str | Path) -> str | None:
     """The `coexit.fingerprint` of a GGUF (None when it has none), without loading its tensors."""
     return _field(gguf.GGUFReader(str(path)), "coexit.fingerprint")

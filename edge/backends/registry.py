@@ -7,7 +7,9 @@ Kinds:
   checkpoint directory, which is exported on the fly (kw: quant, default "q8_0"; layout, "segments" (default:
   exits skip the layers above them) or "whole" (one file); EdgeClient.from_checkpoint picks it with gguf_layout;
   out, default DIR/edge-QUANT.segments or DIR/edge-QUANT.gguf, reused when it exists and holds the checkpoint's
-  fingerprint). Other kw go to LlamaCppBackend (n_threads, max_len, n_batch, kv_type, flash_attn).
+  fingerprint; quant may also be a compression policy file from `coexit compress`, exported as
+  DIR/edge-policy-Bbpw.*, reused while it holds that policy). Other kw go to LlamaCppBackend (n_threads,
+  max_len, n_batch, kv_type, flash_attn).
 """
 
 from __future__ import annotations
@@ -47,28 +49,43 @@ def _gguf_path(path: Path, quant: str, layout: str, out: str | Path | None) -> P
         return path  # an exported file or segment directory
     from coexit.checkpoint import fingerprint
     from coexit.errors import UsageError
-    from edge.backends.gguf_heads import gguf_fingerprint
+    from edge.backends.gguf_heads import gguf_field, gguf_fingerprint
     from edge.export.gguf import MIXES, QUANTS, export_gguf
     from edge.export.segments import export_segments, segment_files
 
     if layout not in LAYOUTS:
         raise UsageError(f"unknown GGUF layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if quant not in QUANTS and quant not in MIXES:  # before anything is written into the model directory
-        raise UsageError(f"unknown quantization {quant!r}; choose one of {', '.join(sorted(QUANTS) + sorted(MIXES))}")
+    policy = None
+    if str(quant).endswith(".json"):  # a compression policy (edge/export/policy.py)
+        from edge.export.policy import Policy
+
+        try:
+            policy = Policy.load(quant)
+        except (OSError, ValueError, TypeError) as exc:
+            raise UsageError(f"cannot read the compression policy {quant}: {exc}") from None
+        quant = f"policy-{policy.budget_bpw:g}bpw"
+    elif quant not in QUANTS and quant not in MIXES:  # before anything is written into the model directory
+        raise UsageError(f"unknown quantization {quant!r}; choose one of {', '.join(sorted(QUANTS) + sorted(MIXES))} "
+                         f"or a policy file from `coexit compress`")
+
+    def current(f: Path) -> bool:
+        if gguf_fingerprint(f) != fingerprint(path):
+            return False
+        return policy is None or gguf_field(f, "coexit.quant_policy") == policy.to_json()
 
     if layout == "segments":
         target = Path(out) if out else path / f"edge-{quant}.segments"
         files = segment_files(target) if target.is_dir() and any(target.glob("layers-*.gguf")) else []
-        if files and all(gguf_fingerprint(f) == fingerprint(path) for f in files):
+        if files and all(current(f) for f in files):
             return target
         log.warning("exporting the edge layers as %s GGUF segments into %s (first use; reused afterwards)", quant,
                     target)
-        return export_segments(path, quant, target)
+        return export_segments(path, quant, target, policy=policy)
     target = Path(out) if out else path / f"edge-{quant}.gguf"
-    if target.exists() and gguf_fingerprint(target) == fingerprint(path):
+    if target.exists() and current(target):
         return target
     log.warning("exporting the edge layers as a %s GGUF into %s (first use; reused afterwards)", quant, target)
-    return export_gguf(path, quant, target)
+    return export_gguf(path, quant, target, policy=policy)
 
 
 def make_backend(kind: str, path: str | Path, **kw) -> EdgeBackend:

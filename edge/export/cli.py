@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-layer-type", metavar="TYPE", help="type for --keep-layers/--keep-tensors (default q8_0)")
     ap.add_argument("--learned-rounding", type=int, default=0, metavar="STEPS",
                     help="after quantizing, re-choose each matrix's codes on llama.cpp's grid for STEPS Adam steps "
-                         "against the fp32 model (edge/export/rounding.py; needs --calib; about 1.2 s a step on 2 "
-                         "cores for the default model); 0: off")
+                         "against the fp32 model (edge/export/rounding.py; needs --calib; the default model takes "
+                         "about 3 s a step on one core, 300 steps are a sound choice); 0: off")
     ap.add_argument("--calib", nargs="+", metavar="TEXT", help="calibration text for --learned-rounding (files, "
                                                                "directories or .jsonl; not your evaluation text)")
     ap.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens for --learned-rounding")

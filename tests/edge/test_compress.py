@@ -216,3 +216,41 @@ def test_learned_rounding_covers_whole_files_and_segments_alike(policy, ckpt, tm
     llm = stock_llama(tmp_path / "r.gguf", n_ctx=64, verbose=False)
     llm.eval([5, 9, 13])
     llm.close()
+
+
+def test_the_shipped_sensitivity_belongs_to_the_bundled_model():
+    from pathlib import Path
+
+    from coexit.checkpoint import fingerprint
+
+    model = Path(__file__).resolve().parents[2] / "models" / "coexit-code-small"
+    sens = Sensitivity.load(model / SENSITIVITY_FILE)
+    assert sens.fingerprint == fingerprint(model) and len(sens.tensors) == 4 * 7
+    assert sens.meta["text"] == ["data/corpus/train.jsonl"]  # calibration text, never the held-out file
+    for budget in (4.5, 5.0, 5.5, 6.0, 6.2, 7.0):
+        p = choose(sens, budget)
+        assert p.layer_bpw <= budget and p.layer_bytes <= math.floor(budget * weights(p) / 8)
+        for name, t in p.types.items():  # at d 384 only ffn_down (1024 wide) can hold a k-quant
+            assert t in (("q4_k", "q5_k", "q6_k") if "ffn_down" in name else ()) + ("iq4_nl", "q4_0", "q5_0",
+                                                                                       "q5_1", "q8_0", "f16")
+
+
+def test_the_gguf_backend_runs_a_policy_file(policy, ckpt, tmp_path):
+    """make_backend("gguf", DIR, quant=POLICY.json) (`coexit generate --backend gguf --quant POLICY.json`): exported
+    once as DIR/edge-policy-Bbpw.*, reused while the file holds that policy, exported again when it changes."""
+    from edge.backends import make_backend
+
+    pfile = policy.save(tmp_path / "p.json")
+    be = make_backend("gguf", ckpt, quant=str(pfile), layout="whole")
+    path = ckpt / f"edge-policy-{policy.budget_bpw:g}bpw.gguf"
+    assert {n: t for n, t in file_types(path).items() if n in policy.types} == policy.types
+    r = be.step([5, 9, 13], 0, None)
+    assert np.isfinite(r.exit_logits[CONFIG.split_layer].numpy()).all()
+    be.close()
+    stamp = path.stat().st_mtime_ns
+    make_backend("gguf", ckpt, quant=str(pfile), layout="whole").close()
+    assert path.stat().st_mtime_ns == stamp  # reused
+    other = Policy.from_json(policy.to_json())
+    other.types["blk.0.attn_q.weight"] = "q8_0" if policy.types["blk.0.attn_q.weight"] != "q8_0" else "q4_0"
+    make_backend("gguf", ckpt, quant=str(other.save(tmp_path / "o.json")), layout="whole").close()
+    assert file_types(path)["blk.0.attn_q.weight"] == other.types["blk.0.attn_q.weight"]
