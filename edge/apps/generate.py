@@ -101,8 +101,10 @@ def check_args(args) -> None:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.deadline <= 0:
         raise UsageError(f"--deadline must be positive seconds, got {args.deadline}")
-    if args.backend != "gguf" and (args.quant is not None or args.layout is not None):
-        raise UsageError("--quant and --layout apply to --backend gguf only")
+    bnb_policy = args.backend.startswith("bnb-") and str(args.quant).endswith(".json")
+    if args.backend != "gguf" and ((args.quant is not None and not bnb_policy) or args.layout is not None):
+        raise UsageError("--quant and --layout apply to --backend gguf only (bnb backends take --quant "
+                         "POLICY.json, a policy from `coexit compress --backend bnb`)")
     if args.mode != "lossless" and (args.max_drafts is not None or args.draft_when_confident):
         raise UsageError("--max-drafts and --draft-when-confident apply to --mode lossless only")
     if args.max_drafts is not None and args.max_drafts < 1:
@@ -130,7 +132,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", choices=KINDS, default="torch",
                     help="edge runtime (gguf exports the edge layers into the model directory on first use)")
     ap.add_argument("--quant", help="GGUF quantization for --backend gguf (default q8_0), or a compression policy "
-                                    "file from `coexit compress` (e.g. MODEL/quant_policy.json)")
+                                    "file from `coexit compress` (e.g. MODEL/quant_policy.json; for bnb-* backends, "
+                                    "one from `coexit compress --backend bnb`)")
     ap.add_argument("--adapter", help="a LoRA adapter directory (`coexit adapt`, or PEFT's layout) applied to the "
                                       "edge layers, on every backend (llama.cpp applies it at run time)")
     ap.add_argument("--layout", choices=["segments", "whole"],
@@ -173,6 +176,8 @@ def main(argv: list[str]) -> int:
     read_config(args.model)  # a wrong --model: one line naming the directory, before anything else loads
     policy = choose_policy(args)
     backend_kw = {"quant": args.quant or "q8_0", "layout": args.layout} if args.backend == "gguf" else {}
+    if args.backend.startswith("bnb-") and args.quant:
+        backend_kw["policy"] = args.quant
     if args.adapter:
         backend_kw["adapter"] = args.adapter
     client = EdgeClient.from_checkpoint(args.model, cloud=args.cloud, backend=args.backend, mode=args.mode,

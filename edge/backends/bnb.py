@@ -6,6 +6,10 @@ The model code is coexit's own: `quantize_layers` swaps modules in place (module
 exit still skips the remaining edge layers. Embeddings and exit heads stay fp32 (bitsandbytes' usual practice of
 keeping the LM head in full precision; the heads decide exits). On CPU, bitsandbytes saves weight memory (about
 4x for int8, 8x for NF4) but is slower than fp32: its CPU kernels dequantize the weight on every forward.
+
+A compression policy (edge/export/policy.py, backend "bnb", from `coexit compress --backend bnb`) sets the type of
+each matrix instead of one mode: "bnb-nf4" or "bnb-int8" per `blk.N.<kind>.weight`. `rounders()` gives the same
+modules to edge/export/sensitivity.py, so the damage it measures is this backend's own.
 """
 
 from __future__ import annotations
@@ -65,31 +69,59 @@ def quantized_linear(lin: nn.Linear, mode: str) -> nn.Module:
     return q.to("cpu")  # moving to the device is what quantizes the weight
 
 
-def quantize_layers(model: EarlyExitLM, mode: str, stop: int | None = None) -> int:
-    """Replace every nn.Linear inside blocks [model.start, stop) in place; returns how many were replaced."""
+def rounders() -> dict:
+    """Policy type -> a function from an nn.Linear to this backend's quantized copy of it."""
+    return {"bnb-nf4": lambda lin: quantized_linear(lin, "nf4"), "bnb-int8": lambda lin: quantized_linear(lin, "int8")}
+
+
+def quantize_layers(model: EarlyExitLM, mode: str, stop: int | None = None, policy=None) -> int:
+    """Replace every nn.Linear inside blocks [model.start, stop) in place (each at the policy's type when a policy
+    is given); returns how many were replaced."""
+    from edge.export.imatrix import LINEAR_NAMES
+
     stop = model.stop if stop is None else stop
+    if policy is not None and policy.backend != "bnb":
+        raise ValueError(f"this policy is for the {policy.backend} backend; choose one for bitsandbytes with "
+                         f"`coexit compress --backend bnb`")
     n = 0
     for i in range(model.start, stop):
         block = model.model.layers[str(i)]
-        for parent in list(block.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(parent, name, quantized_linear(child, mode))
-                    n += 1
+        for path, child in list(block.named_modules()):
+            if type(child) is not nn.Linear:
+                continue
+            owner, _, attr = path.rpartition(".")
+            kind = mode
+            if policy is not None:
+                name = f"blk.{i}.{LINEAR_NAMES[path]}.weight"
+                if name not in policy.types:
+                    raise ValueError(f"the policy has no type for {name}")
+                kind = policy.types[name].removeprefix("bnb-")
+            setattr(block.get_submodule(owner), attr, quantized_linear(child, kind))
+            n += 1
     return n
 
 
 class BnbBackend(TorchBackend):
     """TorchBackend over a model whose edge blocks hold bitsandbytes layers (mode "int8" or "nf4")."""
 
-    def __init__(self, model: EarlyExitLM, mode: str, max_len: int | None = None) -> None:
+    def __init__(self, model: EarlyExitLM, mode: str, max_len: int | None = None, policy=None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown bitsandbytes mode {mode!r}; use one of {MODES}")
-        quantize_layers(model, mode, model.config.split_layer)
-        self.mode, self.name = mode, f"bnb-{mode}"
+        if policy is not None and not hasattr(policy, "types"):
+            from edge.export.policy import Policy
+
+            policy = Policy.load(policy)
+        if policy is not None and policy.fingerprint != model.fingerprint:
+            raise ValueError(f"the policy was chosen for another checkpoint (fingerprint {policy.fingerprint[:12]}, "
+                             f"this one {model.fingerprint[:12]})")
+        quantize_layers(model, mode, model.config.split_layer, policy)
+        self.mode, self.name = ("policy", f"bnb-policy-{policy.budget_bpw:g}bpw") if policy else (mode, f"bnb-{mode}")
+        self.policy = policy
         super().__init__(model, max_len=max_len)
 
     @classmethod
-    def from_checkpoint(cls, path, mode: str = "nf4", max_len: int | None = None, adapter=None) -> BnbBackend:
-        """adapter: a LoRA adapter directory, merged into the fp32 weights before they are quantized."""
-        return cls(load_edge(path, torch.float32, adapter), mode, max_len=max_len)
+    def from_checkpoint(cls, path, mode: str = "nf4", max_len: int | None = None, adapter=None,
+                        policy=None) -> BnbBackend:
+        """adapter: a LoRA adapter directory, merged into the fp32 weights before they are quantized. policy: a
+        bitsandbytes compression policy (or its file): each matrix at its type, `mode` unused."""
+        return cls(load_edge(path, torch.float32, adapter), mode, max_len=max_len, policy=policy)

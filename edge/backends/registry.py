@@ -2,7 +2,8 @@
 
 Kinds:
 - "torch": coexit's model in fp32 (kw: dtype, max_len); path is a checkpoint directory.
-- "bnb-int8", "bnb-nf4": bitsandbytes edge blocks (kw: max_len); path is a checkpoint directory.
+- "bnb-int8", "bnb-nf4": bitsandbytes edge blocks (kw: max_len; policy: a `coexit compress --backend bnb` policy
+  or its file, which sets each matrix's type); path is a checkpoint directory.
 - "gguf": llama.cpp. path is an edge .gguf file or a directory of GGUF segments (from `coexit export-edge`), or a
   checkpoint directory, which is exported on the fly (kw: quant, default "q8_0"; layout, "segments" (default:
   exits skip the layers above them) or "whole" (one file); EdgeClient.from_checkpoint picks it with gguf_layout;

@@ -344,6 +344,9 @@ def _export_policy(model_dir: Path, policy, out: str | Path | None, threads: int
     from edge.export.policy import META_KEY, Policy
 
     policy = policy if isinstance(policy, Policy) else Policy.load(policy)
+    if policy.backend != "gguf":
+        raise ValueError(f"this policy is for the {policy.backend} backend, not a GGUF; choose one for llama.cpp "
+                         f"with `coexit compress --backend gguf`")
     model = _load_edge(model_dir)
     if policy.fingerprint != model.fingerprint:
         raise ValueError(f"the policy was chosen for another checkpoint (fingerprint {policy.fingerprint[:12]}, "

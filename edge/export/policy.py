@@ -13,6 +13,8 @@
   make the table too wide), so a policy never exceeds its budget.
 - File: JSON beside the model (POLICY_FILE), also written into every exported GGUF's metadata (META_KEY) by
   edge/export/gguf.py, which applies it as llama.cpp per-tensor type overrides (renumbered for segments).
+- Backend: "gguf" (llama.cpp's types) or "bnb" (bitsandbytes' bnb-nf4 / bnb-int8, applied by edge/backends/bnb.py
+  when it loads the model; its embeddings and heads stay fp32 there).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from coexit.errors import UsageError
-from edge.export.quant_types import bits_per_weight, tensor_bytes
+from edge.export.quant_types import BNB, bits_per_weight, tensor_bytes
 
 POLICY_FILE = "quant_policy.json"
 FORMAT = "coexit.quant_policy/1"
@@ -50,6 +52,7 @@ class Policy:
     imatrix: str | None = None  # the importance matrix (in the model directory) the damage was measured with
     method: str = METHOD
     sensitivity: dict = field(default_factory=dict)  # how the damage was measured
+    backend: str = "gguf"  # "gguf" (llama.cpp types) or "bnb" (bitsandbytes types)
 
     @property
     def layer_bytes(self) -> int:
@@ -100,9 +103,18 @@ class Policy:
         return cls.from_json(Path(path).read_text(), str(path))
 
 
-def choose(sens, budget_bpw: float, heads: str = "q8_0", types: tuple[str, ...] | None = None) -> Policy:
+def choose(sens, budget_bpw: float, heads: str = "q8_0", types: tuple[str, ...] | None = None,
+           backend: str = "gguf") -> Policy:
     """The policy of least summed measured damage (Sensitivity.damage) whose edge layers store at most
-    `budget_bpw` bits per weight; `types` restricts the stored types considered."""
+    `budget_bpw` bits per weight; `types` restricts the stored types considered (default: all the backend's)."""
+    if backend not in ("gguf", "bnb"):
+        raise UsageError(f"unknown backend {backend!r} for a policy; choose gguf or bnb")
+    if types is None:
+        types = tuple({t for e in sens.tensors.values() for t in e["damage"] if (t in BNB) == (backend == "bnb")})
+        if not types:
+            raise UsageError(f"no {backend} types measured yet: run `coexit compress --backend {backend}` with --text")
+    if backend == "bnb":
+        heads = "f32"  # the bitsandbytes backend keeps its embeddings and heads in fp32
     names = sorted(sens.tensors, key=_order)
     shapes = {n: list(sens.tensors[n]["shape"]) for n in names}
     options = []
@@ -145,8 +157,11 @@ def choose(sens, budget_bpw: float, heads: str = "q8_0", types: tuple[str, ...] 
         c -= -(-b // unit)
     chosen = {n: chosen[n] for n in names}
     damage = sum(sens.damage(n, t) for n, t in chosen.items())
+    meta = {k: v for k, v in sens.meta.items() if k != "also"}
+    if backend == "bnb":  # the measurement that holds the bitsandbytes types
+        meta = next((m for m in sens.meta.get("also", []) if set(m.get("candidates", ())) & set(BNB)), meta)
     return Policy(sens.fingerprint, float(budget_bpw), chosen, shapes, dict.fromkeys(HEADS, heads),
-                  round(damage, 9), sens.meta.get("imatrix"), METHOD, dict(sens.meta))
+                  round(damage, 9), sens.meta.get("imatrix") if backend == "gguf" else None, METHOD, meta, backend)
 
 
 def _order(name: str):

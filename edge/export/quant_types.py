@@ -8,6 +8,9 @@ and dequantized exactly as llama.cpp's quantizer writes it.
   along `in`, as the GGUF stores it; llama.cpp's Q/K row permutation reorders whole rows, so it commutes.
 - Fallback (llama-quant.cpp): k-quants need rows a multiple of 256 wide; a narrower tensor is stored as q4_k -> q5_0,
   q5_k -> q5_1, q6_k -> q8_0. A policy names stored types only, so the file holds exactly the policy's types.
+- The bitsandbytes backend's types (BNB, edge/backends/bnb.py), by size only: "bnb-nf4" (Linear4bit: packed 4-bit
+  codes plus an fp32 absmax per 64 weights, 4.5 bits) and "bnb-int8" (Linear8bitLt: int8 plus an fp32 scale per
+  row). Their rounding is bitsandbytes' own modules, measured by the backend room.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import gguf
 import numpy as np
 
 CANDIDATES = ("q4_0", "iq4_nl", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0", "f16")
+BNB = ("bnb-nf4", "bnb-int8")
 FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # when the row width is not a multiple of 256
 QK_K = 256
 
@@ -33,6 +37,10 @@ def qtype(name: str) -> gguf.GGMLQuantizationType:
 def stored_type(name: str, cols: int) -> str:
     """The type llama.cpp stores a tensor with rows `cols` wide as, when asked for `name`."""
     name = name.lower()
+    if name in BNB:
+        if cols % 64:
+            raise ValueError(f"no {name} storage for rows {cols} wide (blocks of 64)")
+        return name
     block = gguf.GGML_QUANT_SIZES[qtype(name)][0]
     if cols % block == 0:
         return name
@@ -48,12 +56,19 @@ def stored_types(cols: int, candidates=CANDIDATES) -> list[str]:
 
 
 def bits_per_weight(name: str) -> float:
+    """Bits per weight of a type (bnb-int8: without its per-row scale)."""
+    if name in BNB:
+        return 4.5 if name == "bnb-nf4" else 8.0
     block, size = gguf.GGML_QUANT_SIZES[qtype(name)]
     return 8 * size / block
 
 
 def tensor_bytes(name: str, rows: int, cols: int) -> int:
     """Bytes of a rows x cols tensor stored as `name` (no fallback applied: pass a stored type)."""
+    if name == "bnb-nf4":
+        return rows * cols // 2 + rows * cols // 64 * 4
+    if name == "bnb-int8":
+        return rows * cols + rows * 4
     block, size = gguf.GGML_QUANT_SIZES[qtype(name)]
     if cols % block:
         raise ValueError(f"{name} needs rows a multiple of {block} wide, not {cols}")

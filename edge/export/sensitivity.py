@@ -8,10 +8,12 @@ matrix, as the export applies it) and is compared with the unquantized model on 
 - `final`: the same KL at the final head, computed by the fp32 deep layers [split, L) from the quantized edge's
   split rows (what the cloud receives, so what it answers from);
 - `split_mse`: the split rows' squared error relative to their squared norm (reported, not summed).
-A tensor's damage (Sensitivity.damage) is the sum of the KLs. Layers are replayed from a cached input, so a
-tensor in layer i costs layers [i, L) and three heads. `drops` holds the same figures for an edge layer left out
-entirely (the only pruning llama.cpp can run). The result is JSON beside the model (SENSITIVITY_FILE), keyed by the
-checkpoint's fingerprint; edge/export/policy.py chooses types from it.
+A tensor's damage (Sensitivity.damage) is the sum of the KLs. Other backends measure their own types through
+`rounders` (type -> a function from the nn.Linear to the module that replaces it while measured): the bitsandbytes
+backend passes its Linear4bit / Linear8bitLt (edge/backends/bnb.py), and `merge` keeps both in one file.
+Layers are replayed from a cached input, so a tensor in layer i costs layers [i, L) and three heads. `drops` holds
+the same figures for an edge layer left out entirely (the only pruning llama.cpp can run). The result is JSON beside
+the model (SENSITIVITY_FILE), keyed by the checkpoint's fingerprint; edge/export/policy.py chooses types from it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ class Sensitivity:
 
     def damage(self, name: str, t: str) -> float:
         return sum(v for k, v in self.tensors[name]["damage"][t].items() if k != "split_mse")
+
+    def merge(self, other: Sensitivity) -> Sensitivity:
+        """This measurement plus `other`'s types (the same checkpoint; e.g. bitsandbytes' next to llama.cpp's)."""
+        if other.fingerprint != self.fingerprint:
+            raise ValueError("cannot merge sensitivities of different checkpoints")
+        for name, entry in other.tensors.items():
+            self.tensors.setdefault(name, {"shape": entry["shape"], "damage": {}})["damage"].update(entry["damage"])
+        self.meta.setdefault("also", []).append(other.meta)
+        return self
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -110,11 +121,20 @@ def edge_linears(model) -> dict[str, torch.nn.Linear]:
             for i in range(model.config.split_layer) for ours, theirs in LINEAR_NAMES.items()}
 
 
+def _parent(model, name: str) -> tuple[torch.nn.Module, str]:
+    """The module holding edge matrix `name` (blk.N.kind.weight) and its attribute name there."""
+    _, i, kind, _ = name.split(".")
+    sub = next(ours for ours, theirs in LINEAR_NAMES.items() if theirs == kind)
+    owner, _, attr = sub.rpartition(".")
+    return model.model.layers[i].get_submodule(owner), attr
+
+
 @torch.no_grad()
 def measure(model_dir: str | Path, text: list[str], tokens: int = 4096, chunk: int = 256, *,
             imatrix: str | Path | bool | None = None, candidates=CANDIDATES, batch: int = 8, threads: int = 1,
-            drops: bool = True, log=print) -> Sensitivity:
-    """Measure every edge matrix at every stored type of `candidates` (see the module docstring)."""
+            drops: bool = True, rounders: dict | None = None, log=print) -> Sensitivity:
+    """Measure every edge matrix at every stored type of `candidates` (see the module docstring); with `rounders`,
+    at each of its types instead, by swapping in the module it makes."""
     import coexit
     from coexit.checkpoint import fingerprint
     from coexit.textdata import read_documents, spread_chunks
@@ -136,16 +156,22 @@ def measure(model_dir: str | Path, text: list[str], tokens: int = 4096, chunk: i
     t0 = time.time()
     probe = _Probe(model, batches)
     linears = edge_linears(model)
-    plan = [(name, t) for name, mod in linears.items() for t in stored_types(mod.weight.shape[1], candidates)]
+    plan = [(name, t) for name, mod in linears.items()
+            for t in (list(rounders) if rounders else stored_types(mod.weight.shape[1], candidates))]
     out: dict[str, dict] = {}
     for k, (name, t) in enumerate(plan):
         mod, layer = linears[name], int(name.split(".")[1])
         w0 = mod.weight.data
+        parent, attr = _parent(model, name)
         try:
-            mod.weight.data = torch.from_numpy(fake_quantize(w0.numpy(), t, im.get(name)))
+            if rounders:
+                setattr(parent, attr, rounders[t](mod))
+            else:
+                mod.weight.data = torch.from_numpy(fake_quantize(w0.numpy(), t, im.get(name)))
             d = probe.damage_from(layer)
         finally:
             mod.weight.data = w0
+            setattr(parent, attr, mod)
         entry = out.setdefault(name, {"shape": list(w0.shape), "damage": {}})
         entry["damage"][t] = {k2: round(v, 9) for k2, v in d.items()}
         if k == 0 or (k + 1) % 10 == 0 or k + 1 == len(plan):
@@ -156,8 +182,10 @@ def measure(model_dir: str | Path, text: list[str], tokens: int = 4096, chunk: i
     if drops:
         for i in range(model.config.split_layer):
             dropped[str(i)] = {k: round(v, 9) for k, v in probe.damage_from(i, skip=i).items()}
-    meta = {"text": [str(t) for t in text], "tokens": probe.tokens, "chunk": chunk, "candidates": list(candidates),
-            "imatrix": im_path.name if im_path else None, "seconds": round(time.time() - t0, 1),
-            "method": "one tensor at a time rounded by ggml_quantize_chunk (llama.cpp's quantizer, with the "
-                      "imatrix), dequantized by gguf-py, in the fp32 torch model"}
+    meta = {"text": [str(t) for t in text], "tokens": probe.tokens, "chunk": chunk,
+            "candidates": list(rounders or candidates), "imatrix": None if rounders or not im_path else im_path.name,
+            "seconds": round(time.time() - t0, 1),
+            "method": "one tensor at a time swapped for the backend's own quantized module, in the fp32 torch model"
+            if rounders else "one tensor at a time rounded by ggml_quantize_chunk (llama.cpp's quantizer, with the "
+                             "imatrix), dequantized by gguf-py, in the fp32 torch model"}
     return Sensitivity(fp, out, meta, dropped)

@@ -19,8 +19,8 @@ from coexit.tiny import SAMPLE_TEXT, random_model, train_bpe
 pytest.importorskip("llama_cpp")
 
 from coexit.checkpoint import save  # noqa: E402
+from edge.apps.compress import main as compress_main  # noqa: E402
 from edge.export.cli import main as export_main  # noqa: E402
-from edge.export.compress import main as compress_main  # noqa: E402
 from edge.export.gguf import export_gguf, stage_tensors  # noqa: E402
 from edge.export.imatrix import compute  # noqa: E402
 from edge.export.policy import META_KEY, BudgetError, Policy, choose  # noqa: E402
@@ -254,3 +254,40 @@ def test_the_gguf_backend_runs_a_policy_file(policy, ckpt, tmp_path):
     other.types["blk.0.attn_q.weight"] = "q8_0" if policy.types["blk.0.attn_q.weight"] != "q8_0" else "q4_0"
     make_backend("gguf", ckpt, quant=str(other.save(tmp_path / "o.json")), layout="whole").close()
     assert file_types(path)["blk.0.attn_q.weight"] == other.types["blk.0.attn_q.weight"]
+
+
+def test_a_bitsandbytes_policy_is_measured_with_the_backends_modules_and_applied_by_it(sens, ckpt):
+    """--backend bnb: bnb-nf4 / bnb-int8 per matrix, measured by swapping in the backend's own modules, kept in the
+    same file as llama.cpp's types without changing their policies, and loaded by the bnb backend as chosen."""
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
+
+    from edge.backends.bnb import BnbBackend, rounders
+
+    bnb = measure(ckpt, [str(ckpt.parent / "calib.txt")], tokens=512, chunk=64, rounders=rounders(), drops=False,
+                  log=lambda m: None)
+    assert sorted(bnb.tensors["blk.0.attn_q.weight"]["damage"]) == ["bnb-int8", "bnb-nf4"]
+    assert bnb.damage("blk.0.ffn_down.weight", "bnb-nf4") > bnb.damage("blk.0.ffn_down.weight", "bnb-int8") > 0
+    both = Sensitivity.load(sens.save(ckpt.parent / "both.json")).merge(bnb)
+    assert choose(both, 6.0) == choose(sens, 6.0)  # llama.cpp's policy ignores the bitsandbytes types
+    assert set(choose(both, 4.5, backend="bnb").types.values()) == {"bnb-nf4"}
+    p = choose(both, 6.5, backend="bnb")
+    assert set(p.types.values()) == {"bnb-nf4", "bnb-int8"} and p.layer_bpw <= 6.5 and p.backend == "bnb"
+    assert p.heads == dict.fromkeys(("token_embd.weight", "output.weight"), "f32")
+    be = BnbBackend.from_checkpoint(ckpt, policy=p)
+    stored = 0
+    for name, t in p.types.items():
+        _, i, kind, _ = name.split(".")
+        sub = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}[kind]
+        mod = be.model.model.layers[i].get_submodule(sub)
+        assert type(mod) is (Linear4bit if t == "bnb-nf4" else Linear8bitLt), name
+        w = mod.weight
+        stored += w.numel() * w.element_size() + (w.quant_state.absmax.numel() * 4 if t == "bnb-nf4" else
+                                                  w.SCB.numel() * 4)
+    assert stored == p.layer_bytes  # the bytes the budget counted are the ones the backend holds
+    r = be.step([5, 9, 13], 0, None)
+    assert np.isfinite(r.exit_logits[CONFIG.split_layer].numpy()).all()
+    with pytest.raises(ValueError, match="for the bnb backend"):
+        export_gguf(ckpt, policy=p, out=ckpt.parent / "no.gguf")
