@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -100,11 +101,15 @@ def _fallback_name(config: Config, name: str) -> str | None:
 
 
 def load(path: str | Path, layers: tuple[int, int] | None = None, dtype: torch.dtype | None = None,
-         device: str | torch.device = "cpu", early_exit: EarlyExitConfig | None = None) -> EarlyExitLM:
+         device: str | torch.device = "cpu", early_exit: EarlyExitConfig | None = None,
+         prepare: Callable[[EarlyExitLM], None] | None = None) -> EarlyExitLM:
     """Load a checkpoint directory into an EarlyExitLM.
 
     layers=(a, b) loads only layers [a, b) with the exits, embeddings and heads that range needs (the edge
     loads [0, split), the cloud [split, L)). dtype defaults to the file's; early_exit overrides config.json's.
+    prepare(model) runs on the meta-device model before any storage exists (cloud.tp shards it there); a
+    parameter it made a DTensor is filled in place with only this rank's slice of the file's tensor, in the
+    DTensor's own dtype.
     """
     path = Path(path)
     config = read_config(path, early_exit)
@@ -114,6 +119,8 @@ def load(path: str | Path, layers: tuple[int, int] | None = None, dtype: torch.d
             model = EarlyExitLM(config, layers)
         except ValueError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
+    if prepare is not None:
+        prepare(model)
     model.to_empty(device=device)
     model.rotary.inv_freq = rope_inv_freq(config).to(device)
     if config.tie_word_embeddings and hasattr(model, "lm_head") and model.start == 0:
@@ -133,6 +140,9 @@ def load(path: str | Path, layers: tuple[int, int] | None = None, dtype: torch.d
             file = files[src]
             if file not in handles:
                 handles[file] = safe_open(file, "pt", device="cpu")
+            if prepare is not None and hasattr(param, "placements"):  # a DTensor: read and copy only our slice
+                _load_shard(handles[file].get_slice(src), param, file, src, name)
+                continue
             tensor = handles[file].get_tensor(src)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(f"{file.name}: tensor {src!r} has shape {list(tensor.shape)} but config.json "
@@ -155,6 +165,21 @@ def load(path: str | Path, layers: tuple[int, int] | None = None, dtype: torch.d
     model.fingerprint = _fingerprint(file_config, files)
     model.tokenizer = _tokenizer(path, file_config)
     return model.eval()
+
+
+def _load_shard(sl, param, file: Path, src: str, name: str) -> None:
+    """Copy this rank's block of the file's tensor `src` (a safetensors slice handle, nothing read yet) into the
+    local shard of the DTensor `param`."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape = tuple(sl.get_shape())
+    if shape != tuple(param.shape):
+        raise CheckpointError(f"{file.name}: tensor {src!r} has shape {list(shape)} but config.json implies "
+                              f"{list(param.shape)} for {name!r}; the weights and config.json do not belong together")
+    local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    block = sl[tuple(slice(o, o + n) for o, n in zip(offset, local_shape))]
+    with torch.no_grad():
+        param.to_local().copy_(block)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:

@@ -37,11 +37,13 @@ class LayerLengths:
 
 class KVCache(LayerLengths):
     def __init__(self, config: Config, layers: range, batch_size: int = 1, max_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 n_kv: int | None = None) -> None:
+        """n_kv: the KV heads stored (default config's; a tensor-parallel rank stores only its own)."""
         super().__init__(layers)
         self.batch_size = batch_size
         self.max_len = max_len or config.max_position_embeddings
-        self.n_kv, self.head_dim = config.num_key_value_heads, config.head_dim
+        self.n_kv, self.head_dim = n_kv or config.num_key_value_heads, config.head_dim
         self.dtype, self.device = dtype, torch.device(device or "cpu")
         self.k: dict[int, Tensor] = {}
         self.v: dict[int, Tensor] = {}

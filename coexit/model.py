@@ -308,10 +308,12 @@ class EarlyExitLM(nn.Module):
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None, device=None, dtype=None,
                   layers: range | None = None) -> KVCache:
-        """A KV cache for `layers` (default: every layer this model holds)."""
+        """A KV cache for `layers` (default: every layer this model holds), with the KV heads its attention layers
+        hold (fewer than the config's on a tensor-parallel rank)."""
         p = next(self.parameters())
+        n_kv = getattr(next(iter(self.model.layers.values())).self_attn, "n_kv", None)
         return KVCache(self.config, layers or range(self.start, self.stop), batch_size, max_len,
-                       dtype or p.dtype, device or p.device)
+                       dtype or p.dtype, device or p.device, n_kv=n_kv)
 
 
 class Stage(nn.Module):
