@@ -208,6 +208,8 @@ def main() -> int:
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the server (CPU)")
     ap.add_argument("--frontends", type=int, default=0,
                     help="serve with this many gRPC front-end processes and one engine process (0: one process)")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="serve with `coexit serve --tp N` under torchrun (N ranks of the deep layers)")
     ap.add_argument("--serve-args", default="", help="more `coexit serve` flags, e.g. \"--batch-wait 0\"")
     ap.add_argument("--server-root", help="run `coexit serve` from this checkout instead (a baseline)")
     ap.add_argument("--target", metavar="HOST:PORT",
@@ -217,7 +219,7 @@ def main() -> int:
     ap.add_argument("--target-metrics-port", type=int, default=0, help="the --target server's --metrics-port")
     args = ap.parse_args()
 
-    from cloud.launch import free_port, start_cloud
+    from cloud.launch import free_port, start_cloud, torchrun
     from edge.link import CloudLink
 
     on_gpu = torch.cuda.is_available()
@@ -236,8 +238,11 @@ def main() -> int:
             extra += ["--metrics-port", str(mport)]
             if args.frontends:
                 extra += ["--frontends", str(args.frontends)]
+        if args.tp > 1:
+            extra += ["--tp", str(args.tp)]
         proc, address = (None, args.target) if args.target else \
-            start_cloud(model_dir, extra_args=extra, threads=args.server_threads, cwd=args.server_root)
+            start_cloud(model_dir, extra_args=extra, threads=args.server_threads, cwd=args.server_root,
+                        prefix=torchrun(args.tp) if args.tp > 1 else None)
         try:
             link = CloudLink(address)
             info = link.info()
@@ -248,7 +253,9 @@ def main() -> int:
                   f"{device} {str(dtype).removeprefix('torch.')}, {args.server_threads} compute thread(s); "
                   f"prompt {args.prompt}, {args.steps} decode steps "
                   f"per session, {args.clients} client processes; server "
-                  f"{f'{args.frontends} front end(s) + engine process, ' if args.frontends else 'one process, '}"
+                  f"{f'{args.frontends} front end(s) + engine process, ' if args.frontends else ''}"
+                  f"{f'tensor parallel over {args.tp} ranks, ' if args.tp > 1 else ''}"
+                  f"{'' if args.frontends or args.tp > 1 else 'one process, '}"
                   f"{args.target or args.server_root or 'this checkout'}")
             print("| sessions | tokens/s | client p50 | client p99 | server p50 | server p99 | queue wait | "
                   "engine tick | sessions/tick | plain step | plain tokens/s | ratio |")

@@ -97,11 +97,15 @@ class OpenArgs:
 class LocalBackend:
     """Sessions and the batching engine in this process. Byte counts arrive as (received, sent) deltas."""
 
-    def __init__(self, model: coexit.EarlyExitLM, limits: Limits) -> None:
+    def __init__(self, model: coexit.EarlyExitLM, limits: Limits, kv_heads: int | None = None,
+                 engine_thread: bool = True) -> None:
+        """kv_heads: this rank's KV heads under tensor parallelism; engine_thread=False: a follower rank's (its
+        ticks are rank 0's, cloud/replica.py)."""
         p = next(model.parameters())
-        pool = KVPool.from_budget(model.config, limits.kv_budget_bytes, limits.block_size, p.dtype, p.device)
+        pool = KVPool.from_budget(model.config, limits.kv_budget_bytes, limits.block_size, p.dtype, p.device,
+                                  kv_heads)
         self.engine = Engine(model, pool, limits.rows_per_tick, batch_wait=limits.batch_wait,
-                             static_decode=limits.static_decode, overlap=limits.overlap)
+                             static_decode=limits.static_decode, overlap=limits.overlap, thread=engine_thread)
         self.manager = SessionManager(model, limits, self.engine)
         c = model.config
         self.info = ModelInfo(model.fingerprint, c.split_layer, c.num_hidden_layers, c.hidden_size, c.vocab_size,

@@ -1,5 +1,6 @@
 """`coexit serve --model DIR [--port P]`: serve an early-exit model's deep layers (and cloud-only decoding) over
-gRPC, in the foreground; SIGTERM drains it."""
+gRPC, in the foreground; SIGTERM drains it. With `--tp N` it is one rank of a tensor-parallel server, started as
+`torchrun --nproc_per_node N -m coexit serve --tp N ...`."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def check_args(args) -> None:
                 "--block-size": (args.block_size, 1), "--rows-per-tick": (args.rows_per_tick, 1),
                 "--max-length": (args.max_length, 0), "--idle-ttl": (args.idle_ttl, 0),
                 "--batch-wait": (args.batch_wait, 0), "--drain-grace": (args.drain_grace, 0),
-                "--frontends": (args.frontends, 0)}
+                "--frontends": (args.frontends, 0), "--tp": (args.tp, 1)}
     for flag, (value, low) in at_least.items():
         if value < low:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
@@ -40,12 +41,33 @@ def check_args(args) -> None:
                        ("--health-http-port", args.health_http_port)):
         if not 0 <= port <= 65535:
             raise UsageError(f"{flag} must be a TCP port in [0, 65535], got {port}")
-    coexit.read_config(args.model)  # a wrong --model: one line naming the directory
+    config = coexit.read_config(args.model)  # a wrong --model: one line naming the directory
+    if args.tp > 1:
+        check_tp(args, config)
+        if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 binds ports
+            return
     check_port_free(args.host, args.port)
     if args.metrics_port:
         check_port_free(args.host, args.metrics_port, "--metrics-port")
     if args.health_http_port:
         check_port_free(args.host, args.health_http_port, "--health-http-port")
+
+
+def check_tp(args, config) -> None:
+    world = os.environ.get("WORLD_SIZE")
+    if world is None or int(world) != args.tp:
+        raise UsageError(f"--tp {args.tp} runs one process per rank: start it as `torchrun --nproc_per_node "
+                         f"{args.tp} -m coexit serve --tp {args.tp} ...`"
+                         + (f" (this launch has WORLD_SIZE {world})" if world else ""))
+    if args.frontends:
+        raise UsageError("--frontends with --tp is not supported: a tensor-parallel server serves gRPC from rank 0")
+    if args.overlap == "on":
+        raise UsageError("--overlap on with --tp is not supported: the ranks run each tick in step")
+    for what, n in (("num_key_value_heads", config.num_key_value_heads),
+                    ("num_attention_heads", config.num_attention_heads),
+                    ("intermediate_size", config.intermediate_size)):
+        if n % args.tp:
+            raise UsageError(f"--tp {args.tp} must divide the model's {what} ({n})")
 
 
 def main(argv: list[str]) -> int:
@@ -72,6 +94,8 @@ def main(argv: list[str]) -> int:
                     help="decode-only ticks on static shapes: auto = CUDA graphs on a GPU, general path on a CPU")
     ap.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
                     help="run decode-only ticks on a device lane and prepare the next tick meanwhile: auto = on a GPU")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="tensor-parallel ranks for the deep layers (launch with torchrun --nproc_per_node N)")
     ap.add_argument("--frontends", type=int, default=0,
                     help="gRPC front-end processes in front of one engine process (0: one process does all)")
     ap.add_argument("--health-http-port", type=int, default=0,
@@ -97,6 +121,11 @@ def main(argv: list[str]) -> int:
         auth = Auth.from_file(args.auth_file) if args.auth_file else Auth.from_token(args.token) if args.token else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.tp > 1:
+        from cloud.server import serve_tensor_parallel
+
+        return serve_tensor_parallel(args.model, args.port, args.host, limits, auth, args.deep_only, tls,
+                                     args.metrics_port, args.drain_grace, args.health_http_port, args.tp)
     if args.frontends > 0:
         from cloud.server import serve_processes
 

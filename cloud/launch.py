@@ -80,6 +80,11 @@ def wait_healthy(address: str, timeout_s: float = 60.0, proc: subprocess.Popen |
         channel.close()
 
 
+def torchrun(n: int) -> list[str]:
+    """The command prefix that starts `n` ranks of the command after it (`coexit serve --tp n`), on this host."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "--no-python"]
+
+
 def start_cloud(model_dir, port: int | None = None, extra_args: list[str] | None = None, threads: int = 1,
                 prefix: list[str] | None = None, health_host: str = "127.0.0.1",
                 cwd: str | None = None, root_cert: bytes | None = None) -> tuple[subprocess.Popen, str]:

@@ -177,6 +177,74 @@ async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, au
     await serve_until_drained(server, service, drain_grace_s)
 
 
+# ---- tensor parallelism: one process per rank, started by torchrun ------------------------------------------------
+def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None, deep_only: bool,
+                          tls_files: tuple[str, str] | None, metrics_port: int, drain_grace_s: float,
+                          health_http_port: int, tp_size: int) -> int:
+    """One rank of `torchrun --nproc_per_node N -m coexit serve --tp N`. Every rank loads its shard of the deep
+    layers (cloud/tp.py) and its KV heads' pool and prints its memory; rank 0 serves gRPC and leads the ticks, the
+    others replay them (cloud/replica.py). Returns 1 when a rank is lost."""
+    import os
+    import signal
+
+    import torch
+
+    from cloud.backend import LocalBackend
+    from cloud.replica import Leader, follow
+    from cloud.tp import describe, init_tp, kv_heads, load_sharded
+
+    on_gpu = torch.cuda.is_available()
+    tp = init_tp(tp_size, "cuda" if on_gpu else "cpu")
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
+    model = load_sharded(model_dir, tp, deep_only, None if on_gpu else torch.float32, device, local=True)
+    limits = dataclasses.replace(with_identities(limits, auth), overlap="off")
+    backend = LocalBackend(model, limits, kv_heads=kv_heads(model.config, tp), engine_thread=tp.rank == 0)
+    pool = backend.engine.pool
+    print(describe(model, tp, pool.num_blocks * pool.bytes_per_block), flush=True)
+    if tp.rank != 0:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 drains, then tells the followers to stop
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            follow(backend.manager, tp.cpu_group, device)
+        except Exception as exc:
+            print(f"coexit: tensor-parallel rank {tp.rank}: rank 0 is gone ({type(exc).__name__}); stopping",
+                  flush=True)
+            return 1
+        return 0
+    lost: list[BaseException] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_lost(exc: BaseException) -> None:  # (engine thread) drain: health NOT_SERVING, then exit 1
+            lost.append(exc)
+            loop.call_soon_threadsafe(os.kill, os.getpid(), signal.SIGTERM)
+
+        Leader(backend.manager, tp.cpu_group, on_lost)
+        server, bound, service = await start_grpc(CoexitService(backend, backend.info, limits), port, host, limits,
+                                                  auth, _read_tls(tls_files))
+        server._coexit_sweeper = loop.create_task(backend.sweep_forever())
+        if health_http_port:
+            from cloud.health_http import serve_health_http
+
+            await serve_health_http(host, health_http_port, lambda: not service.draining)
+        if metrics_port:
+            mport = backend.engine.metrics.serve(metrics_port, host)
+            print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
+        _banner(model_dir, host, bound, service.model_info, (model.start, model.stop),
+                f"tensor parallel over {tp.world} ranks")
+        await serve_until_drained(server, service, drain_grace_s)
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    if lost:
+        print(f"coexit: a tensor-parallel rank was lost ({lost[0]}); the server stopped", flush=True)
+        return 1
+    return 0
+
+
 # ---- several front-end processes and one engine process ---------------------------------------------------------
 def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, ready) -> None:
     import signal

@@ -98,6 +98,57 @@ class SessionManager:
         engine.make_room = self._make_room
         engine.on_failure = self._no_room
         engine.quotas = any(i.kv_share < 1.0 for i in limits.identities.values())
+        self.journal: list | None = None  # under --tp, rank 0 records every change here for the other ranks
+
+    # ---- the changes other tensor-parallel ranks replay (cloud/replica.py), in the order they were made --------
+    def _do(self, op: str, *args):
+        """Make one change (engine lock held) and, under tensor parallelism, record it for the other ranks."""
+        if self.journal is not None:
+            self.journal.append((op, args))
+        return self.apply(op, *args)
+
+    def apply(self, op: str, *args):
+        """One change to the sessions and the engine's queues: made here, or replayed from rank 0's journal (where
+        a Segment's waiter is a flag: it had one)."""
+        if op == "submit":
+            sid, seg = args
+            s = self.sessions.get(sid)
+            if s is None:
+                return False
+            s.expected = seg.last
+            self.sessions.move_to_end(sid)
+            if s.rejected_at is not None and seg.first >= s.rejected_at:
+                return False
+            self.engine.submit(s, seg)
+            return True
+        if op == "create":
+            sid, start, encoding, tokens_input, stateless, max_length, cloud_exits, identity, kv_fill = args
+            runner = LayerRunner(self.model, start, self.config.num_hidden_layers,
+                                 cache=PagedCache(self.pool, range(start, self.config.num_hidden_layers)))
+            session = CloudSession(sid, runner, encoding, tokens_input, stateless, max_length,
+                                   ExitPolicy(dict(cloud_exits)), identity, kv_fill=kv_fill)
+            self.sessions[sid] = session
+            self.engine.metrics.sessions.set(len(self.sessions))
+            return session
+        s = self.sessions.get(args[0])
+        if s is None:  # (an eviction a replica's own scheduling already made)
+            return None
+        if op == "remove":
+            self.sessions.pop(s.id, None)
+            self.engine.release(s)
+            self.engine.metrics.sessions.set(len(self.sessions))
+        elif op == "rollback":
+            _, seg = args
+            s.expected, s.rejected_at = seg.truncate_to, None
+            self.engine.submit(s, seg)
+        elif op in ("resume", "touch"):
+            s.attached = s.attached or op == "resume"
+            self.sessions.move_to_end(s.id)
+        elif op == "detach":
+            s.attached = False
+        else:
+            raise ValueError(f"unknown session change {op!r}")
+        return s
 
     @property
     def pool(self):
@@ -114,9 +165,10 @@ class SessionManager:
         return len(dead)
 
     def _remove(self, s: CloudSession) -> None:
-        self.sessions.pop(s.id, None)
-        self.engine.release(s)
-        self.engine.metrics.sessions.set(len(self.sessions))
+        if s.id in self.sessions:
+            self._do("remove", s.id)
+        else:
+            self.engine.release(s)
 
     def open(self, max_length: int, encoding: str, tokens_input: bool, stateless: bool,
              cloud_exits: dict[int, float], identity: str = "", kv_fill: str = "exact") -> CloudSession:
@@ -162,12 +214,8 @@ class SessionManager:
             self._evict_until(lambda: pool.num_free >= len(layers))  # room for at least one block per layer
             if pool.num_free < len(layers):
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, self._full_message(len(layers)))
-            sid = secrets.token_hex(12)
-            runner = LayerRunner(self.model, start, self.config.num_hidden_layers, cache=PagedCache(pool, layers))
-            session = CloudSession(sid, runner, encoding, tokens_input, stateless, max_length,
-                                   ExitPolicy(dict(cloud_exits)), identity, kv_fill=kv_fill)
-            self.sessions[sid] = session
-            self.engine.metrics.sessions.set(len(self.sessions))
+            session = self._do("create", secrets.token_hex(12), start, encoding, tokens_input, stateless, max_length,
+                               dict(cloud_exits), identity, kv_fill)
         return session
 
     def _full_message(self, need: int) -> str:
@@ -242,14 +290,10 @@ class SessionManager:
             if first + n > s.max_length:
                 raise invalid(f"positions up to {first + n} exceed this session's max_length {s.max_length}; "
                               f"open a session with a larger max_length")
-            s.expected = first + n
             s.last_used = time.monotonic()
-            if s.id in self.sessions:
-                self.sessions.move_to_end(s.id)
-            if s.rejected_at is not None and first >= s.rejected_at:
-                return False
-            self.engine.submit(s, segment)
-            return True
+            if s.id not in self.sessions:  # (retired is checked above: not reached)
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed or evicted; open a new one")
+            return self._do("submit", s.id, segment)
 
     def _check_extras(self, s: CloudSession, seg: Segment) -> None:
         """Drafts and fill rows against the session's options and the Append's own rows."""
@@ -280,9 +324,8 @@ class SessionManager:
                 raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed or evicted; open a new one")
             if length > s.expected:
                 raise invalid(f"cannot roll back to {length} positions: the session holds {s.expected}")
-            s.expected, s.rejected_at = length, None
             s.last_used = time.monotonic()
-            self.engine.submit(s, Segment(length, torch.zeros(0), False, truncate_to=length, waiter=waiter))
+            self._do("rollback", s.id, Segment(length, torch.zeros(0), False, truncate_to=length, waiter=waiter))
 
     def resume(self, sid: str, identity: str = "") -> CloudSession:
         self.sweep()
@@ -295,21 +338,22 @@ class SessionManager:
             if s.attached:
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"session {clip(sid)} is still attached to another stream")
-            s.attached = True
             s.last_used = time.monotonic()
-            self.sessions.move_to_end(sid)
-            return s
+            return self._do("resume", sid)
 
     def touch(self, s: CloudSession) -> None:
         with self._lock:
             s.last_used = time.monotonic()
             if s.id in self.sessions:
-                self.sessions.move_to_end(s.id)
+                self._do("touch", s.id)
 
     def detach(self, s: CloudSession) -> None:
         with self._lock:
-            s.attached = False
             s.last_used = time.monotonic()
+            if s.id in self.sessions:
+                self._do("detach", s.id)
+            else:
+                s.attached = False
 
     def close(self, s: CloudSession) -> None:
         with self._lock:

@@ -228,8 +228,11 @@ def weight_bytes(model: nn.Module, local: bool = True) -> int:
 
 
 def describe(model: EarlyExitLM, tp: TP | None, pool_bytes: int) -> str:
-    """One line for the start-up log: this rank's weights beside the whole stage's, and its KV pool."""
+    """One line for the start-up log: this rank's decoder layers beside the whole stage's (the part split 1/N), all
+    its weights (replicated norms, embeddings and heads included), and its KV pool."""
     mib = 1 << 20
     rank, world = (tp.rank, tp.world) if tp is not None else (0, 1)
-    return (f"rank {rank}/{world}: weights {weight_bytes(model) / mib:.1f} MiB "
-            f"(full stage {weight_bytes(model, local=False) / mib:.1f} MiB), KV {pool_bytes / mib:.1f} MiB")
+    layers = model.model.layers
+    return (f"rank {rank}/{world}: decoder layers {weight_bytes(layers) / mib:.3f} MiB of "
+            f"{weight_bytes(layers, local=False) / mib:.3f} MiB, weights {weight_bytes(model) / mib:.2f} MiB "
+            f"(full stage {weight_bytes(model, local=False) / mib:.2f} MiB), KV {pool_bytes / mib:.1f} MiB")

@@ -103,11 +103,12 @@ class SegmentDone:
 class Engine:
     def __init__(self, model: EarlyExitLM, pool: KVPool, row_budget: int = 256,
                  metrics: EngineMetrics | None = None, batch_wait: float = 1.0, static_decode: str = "auto",
-                 overlap: str = "auto") -> None:
+                 overlap: str = "auto", thread: bool = True) -> None:
         """static_decode: "auto" captures decode-only ticks in CUDA graphs on a GPU (on a CPU it runs the same
         static step eagerly at each tick's exact shape), "eager" runs it without capture but padded to the graphs'
         buckets, "off" always takes the general path. overlap: "on" runs decode-only ticks on a device lane
-        (lane.py) and prepares the next tick meanwhile, "off" never, "auto" on a GPU only."""
+        (lane.py) and prepares the next tick meanwhile, "off" never, "auto" on a GPU only. thread=False: no engine
+        thread (a tensor-parallel follower, cloud/replica.py, runs the ticks rank 0 runs)."""
         self.model, self.pool = model, pool
         self.scheduler = Scheduler(row_budget)
         on_gpu = next(model.parameters()).device.type == "cuda"
@@ -135,9 +136,11 @@ class Engine:
         self._recent: dict[str, object] = {}  # sessions served in the last two ticks, by id
         self._served_before: dict[str, object] = {}
         self._last_tick_s = 0.0
+        self.sync: Callable[[str], None] | None = None  # under --tp: rank 0's journal goes out ("tick", "settle")
         self._stop = False
         self._thread = threading.Thread(target=self._loop, daemon=True, name="coexit-engine")
-        self._thread.start()
+        if thread:
+            self._thread.start()
 
     # ---- called from the gRPC side (under or outside `lock`) -----------------------------------------------
     def submit(self, session, segment: Segment) -> None:
@@ -165,9 +168,13 @@ class Engine:
         with self._wake:
             self._stop = True
             self._wake.notify()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
         if self.lane is not None:
             self.lane.close()
+        if self.sync is not None:
+            with self.lock:
+                self.sync("stop")
 
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _grow(self, session, upto: int) -> bool:
@@ -247,6 +254,8 @@ class Engine:
         path's chunks beside a decode batch; their sessions are marked in flight."""
         items, failures, finished = [], [], []
         with self.lock:
+            if self.sync is not None:
+                self.sync("tick")
             tick = self.ticks
             self.ticks += 1
             decode = self.scheduler.steady()
@@ -296,6 +305,8 @@ class Engine:
             t.seconds = time.perf_counter() - t.started
         decode, items, seconds, tick, held = t.decode, t.items, t.seconds, t.tick, t.held
         with self.lock:
+            if self.sync is not None:
+                self.sync("settle")
             if t.error is not None and decode is not None:  # its rows roll back with the general path's
                 if held:
                     for s in decode.sessions:

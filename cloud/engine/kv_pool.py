@@ -47,8 +47,9 @@ class KVPool:
 
     @classmethod
     def from_budget(cls, config: Config, budget_bytes: int, block_size: int, dtype: torch.dtype,
-                    device: torch.device | str = "cpu") -> KVPool:
-        k, d = config.num_key_value_heads, config.head_dim
+                    device: torch.device | str = "cpu", kv_heads: int | None = None) -> KVPool:
+        """kv_heads: the KV heads this process holds (a tensor-parallel rank's share; default all)."""
+        k, d = kv_heads or config.num_key_value_heads, config.head_dim
         return cls(max(1, budget_bytes // cls.block_bytes(block_size, k, d, dtype)), block_size, k, d, dtype, device)
 
     @property

@@ -92,7 +92,7 @@ def test_each_rank_holds_half_of_every_sharded_linear(ranks):
             halved = n_blocks * (per_block["full"] - per_block["local"])
             assert m["weight_bytes"] == m["full_bytes"] - halved, key
             assert m["global_bytes"] == m["full_bytes"], key
-            assert m["describe"].startswith(f"rank {rank['rank']}/2: weights "), m["describe"]
+            assert m["describe"].startswith(f"rank {rank['rank']}/2: decoder layers "), m["describe"]
             assert "full stage" in m["describe"] and m["describe"].endswith("KV 3.0 MiB")
 
 

@@ -1,0 +1,166 @@
+"""`coexit serve --tp 2` under torchrun on gloo (CPU): the same greedy tokens through the edge SDK as a one-process
+server in collaborative, cloud-only, lossless and propagate modes (and with cloud exits), logits within 1e-5 over a
+prompt and decode steps, each rank's deep-layer weights half of the whole stage's (printed at start), and a rank
+that dies takes the server down with a non-zero exit while the edge carries on alone."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import coexit
+from cloud.launch import free_port, start_cloud, torchrun
+from coexit.exits import ExitPolicy
+from coexit.v1 import coexit_pb2 as pb
+from coexit.v1.convert import tensor_from_proto, tensor_to_proto
+from edge.backends import TorchBackend
+from edge.client import EdgeClient
+from edge.link import CloudLink
+
+TORCHRUN = torchrun(2)
+
+
+def start_tp(model_dir, extra: list[str] = ()):
+    """`torchrun ... coexit serve --tp 2`; returns (process, address) once rank 0 serves."""
+    proc, address = start_cloud(model_dir, extra_args=["--tp", "2", *extra], prefix=TORCHRUN, threads=1)
+    return proc, address
+
+
+def stop(proc) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+@pytest.fixture(scope="module")
+def model_dir(checkpoint_factory):
+    return checkpoint_factory("tiny-tied", seed=3)  # GQA (4 heads, 2 KV heads) and tied embeddings
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir):
+    one, one_addr = start_cloud(model_dir, threads=1)
+    tp, tp_addr = start_tp(model_dir)
+    yield {"tp1": one_addr, "tp2": tp_addr, "tp_proc": tp}
+    stop(one)
+    stop(tp)
+
+
+def generate(model_dir, address, mode, kv_fill="exact", cloud_exits=None, policy=None):
+    full = coexit.load(model_dir)
+    ids = full.tokenizer.encode("def f(x):\n    return", add_bos=True)
+    client = EdgeClient(TorchBackend.from_checkpoint(model_dir), full.tokenizer, cloud=address, mode=mode,
+                        kv_fill=kv_fill, cloud_exits=cloud_exits)
+    try:
+        g = client.generate(ids, 12, policy=policy or ExitPolicy.never(), stop_at_eos=False)
+        return g.tokens, g.counters.fallbacks, sorted({e.exit_layer for e in g.events})
+    finally:
+        client.close()
+
+
+def test_tokens_equal_a_one_process_server_in_every_mode(model_dir, servers):
+    cfg = coexit.read_config(model_dir)
+    exit_some = ExitPolicy({e: 0.1 for e in cfg.exit_layers if e <= cfg.split_layer})  # some tokens exit on the edge
+    runs = {  # name: (mode, kv_fill, cloud exits, edge policy)
+        "collaborative": ("collaborative", "exact", None, exit_some),
+        "cloud-only": ("cloud-only", "exact", None, None),
+        "lossless": ("lossless", "exact", None, exit_some),
+        "propagate": ("collaborative", "propagate", None, exit_some),
+        "cloud-exits": ("collaborative", "exact", {4: 0.1}, None),
+    }
+    got = {"tp1": {}, "tp2": {}}
+
+    def run(server, name):
+        mode, fill, exits, policy = runs[name]
+        got[server][name] = generate(model_dir, servers[server], mode, fill, exits, policy)
+
+    threads = [threading.Thread(target=run, args=(srv, name)) for srv in ("tp1", "tp2") for name in runs]
+    for t in threads:  # all at once: the tp server batches several sessions and modes in its ticks
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert set(got["tp2"]) == set(runs)
+    assert got["tp2"] == got["tp1"]
+    for name in ("collaborative", "propagate"):  # both paths taken: edge exits, and fallbacks with catch-up
+        assert 0 < got["tp1"][name][1] < 12, got["tp1"][name]
+    assert got["tp1"]["cloud-exits"][2] == [4, 6], got["tp1"]["cloud-exits"]  # the cloud exit and the final head
+
+
+def test_logits_within_1e_5(model_dir, servers):
+    full = coexit.load(model_dir)
+    ids = torch.tensor([full.tokenizer.encode("for i in range(10):\n    print(i)", add_bos=True)])
+    with torch.no_grad():
+        rows = full.stage(0, full.config.split_layer)(ids).hidden[0]
+    logits = {}
+    for server in ("tp1", "tp2"):
+        link = CloudLink(servers[server])
+        s = link.stream()
+        s.request(pb.SessionRequest(open=pb.OpenRequest(fingerprint=full.fingerprint)))
+        out = []
+        for first, stop_at in ((0, 8), (8, 9), (9, 10), (10, rows.shape[0])):  # a prompt, then decode steps
+            reply = s.request(pb.SessionRequest(append=pb.AppendRequest(
+                first_position=first, hidden=tensor_to_proto(rows[first:stop_at], "fp32"), want_token=True,
+                want_logits=True))).appended
+            out.append(tensor_from_proto(reply.logits)[0])
+        logits[server] = torch.stack(out)
+        link.close()
+    torch.testing.assert_close(logits["tp2"], logits["tp1"], atol=1e-5, rtol=0)
+
+
+def test_each_rank_holds_half_the_weights(model_dir):
+    """The start-up lines: every rank's deep-layer weights are half of the stage's."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([*TORCHRUN, sys.executable, "-m", "coexit.cli", "serve", "--model", str(model_dir),
+                             "--port", str(port), "--tp", "2"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and len([x for x in lines if "rank " in x]) < 2:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+    finally:
+        stop(proc)
+    ranks = [re.search(r"rank (\d)/2: decoder layers ([\d.]+) MiB of ([\d.]+) MiB", x) for x in lines]
+    ranks = [m for m in ranks if m]
+    assert sorted(int(m.group(1)) for m in ranks) == [0, 1], lines
+    for m in ranks:
+        assert float(m.group(2)) == pytest.approx(float(m.group(3)) / 2, rel=0.02), m.group(0)
+
+
+def test_a_lost_rank_stops_the_server_and_the_edge_carries_on(model_dir):
+    proc, address = start_tp(model_dir)
+    try:
+        full = coexit.load(model_dir)
+        ids = full.tokenizer.encode("x = 1", add_bos=True)
+        client = EdgeClient(TorchBackend.from_checkpoint(model_dir), full.tokenizer, cloud=address,
+                            mode="collaborative", deadline_s=2.0, retry_s=0.2)
+        first = client.generate(ids, 4, policy=ExitPolicy.never(), stop_at_eos=False)
+        assert first.counters.fallbacks == 4
+        workers = subprocess.run(["pgrep", "-f", f"coexit.cli serve --model {model_dir}"], capture_output=True,
+                                 text=True).stdout.split()
+        ranks = [int(p) for p in workers if int(p) != proc.pid]
+        assert len(ranks) == 2, workers
+        follower = max(ranks)  # started second: rank 1 (either rank's loss must stop the server)
+        os.kill(follower, signal.SIGKILL)
+        assert proc.wait(60) != 0, "the server did not exit non-zero when a rank was lost"
+        after = client.generate(ids, 4, policy=ExitPolicy.never(), stop_at_eos=False)  # the edge alone
+        assert len(after.tokens) == 4 and after.counters.standalone == 4
+        client.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
