@@ -75,6 +75,8 @@ def cases(cloud: str, no_tok: str, held: int, nothing: str, tmp: Path) -> dict:
                          ["tokenizer.json"], 2),
         # ports in use
         "serve-port": (["serve", "--model", MODEL, "--port", str(held)], [f"--port {held}", "pick another"], 2),
+        "serve-tp-without-torchrun": (["serve", "--model", MODEL, "--tp", "2"],
+                                      ["--tp 2", "torchrun --nproc_per_node 2 -m coexit serve --tp 2"], 2),
         "serve-metrics-port": (["serve", "--model", MODEL, "--port", str(free_port()), "--metrics-port", str(held)],
                                [f"--metrics-port {held}"], 2),
         "edge-serve-port": (["edge-serve", "--model", MODEL, "--mode", "standalone", "--port", str(held)],
