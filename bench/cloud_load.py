@@ -12,6 +12,7 @@ CPU, under a CUDA graph on a GPU).
 
     python bench/cloud_load.py [--shape default] [--sessions 1,16,64,256] [--clients 2] [--steps 64]
     python bench/cloud_load.py --server-root /path/to/older/checkout   # the same load against another version
+    python bench/cloud_load.py --tp 2   # `coexit serve --tp 2` under torchrun (one rank per GPU on a GPU host)
 """
 
 from __future__ import annotations
