@@ -99,6 +99,7 @@ class SessionManager:
         engine.on_failure = self._no_room
         engine.quotas = any(i.kv_share < 1.0 for i in limits.identities.values())
         self.journal: list | None = None  # under --tp, rank 0 records every change here for the other ranks
+        engine.pool.tables.reserve_slots(2 * limits.max_sessions + 1)  # opens do not resize slot arrays mid-tick
 
     # ---- the changes other tensor-parallel ranks replay (cloud/replica.py), in the order they were made --------
     def _do(self, op: str, *args):

@@ -49,6 +49,12 @@ class SlotTables:
         self._free.append(slot)
         self.used -= 1
 
+    def reserve_slots(self, slots: int) -> None:
+        """Room for `slots` sessions now, so that no later acquire resizes the arrays (a resize replaces them,
+        and must not race with a tick that writes lengths outside the engine lock)."""
+        if slots > self.capacity:
+            self._resize(slots=slots)
+
     def reserve_width(self, width: int) -> None:
         if width > self.blocks.shape[2]:
             self._resize(width=max(width, 2 * self.blocks.shape[2]))
