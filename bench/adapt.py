@@ -84,15 +84,26 @@ def evaluate(model, chunks, exits, thresholds) -> dict:
     return r
 
 
-def _tune_once(method: str, model_dir: str, batch: int, seq_len: int, steps: int, queue) -> None:
-    """In a fresh process: `steps` optimizer steps of one method; reports (peak RSS MiB, seconds per step)."""
-    from coexit.lora import TARGETS, LoraConfig, add_lora
-    from edge.apps.adapt import windows
+METHODS = {  # name: (windowed, LoRA, base dtype, activation checkpointing)
+    "full fine-tuning": (False, False, torch.float32, False),
+    "full-depth LoRA": (False, True, torch.float32, False),
+    "full-depth LoRA, bf16 base + checkpointing": (False, True, torch.bfloat16, True),
+    "windowed LoRA (coexit adapt)": (True, True, torch.float32, True),
+    "windowed LoRA, --base-dtype bf16": (True, True, torch.bfloat16, True),
+}
 
+
+def _tune_once(method: str, model_dir: str, batch: int, seq_len: int, steps: int, queue) -> None:
+    """In a fresh process: `steps` optimizer steps of one method (edge.apps.adapt.window_loss, the step coexit adapt
+    takes); reports (peak RSS MiB, seconds per step)."""
+    from coexit.lora import TARGETS, LoraConfig, add_lora
+    from edge.apps.adapt import window_loss, windows
+
+    windowed, lora, dtype, ckpt = METHODS[method]
     torch.set_num_threads(2)
     cfg = coexit.read_config(model_dir)
     split, exits = cfg.split_layer, cfg.edge_exit_layers
-    model = coexit.load(model_dir, layers=(0, split), dtype=torch.float32)
+    model = coexit.load(model_dir, layers=(0, split), dtype=dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     ids = torch.randint(3, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
@@ -100,11 +111,10 @@ def _tune_once(method: str, model_dir: str, batch: int, seq_len: int, steps: int
 
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak: measure tuning, not the load's transient
-    x, y = ids[:, :-1], ids[:, 1:]
-    plan = windows(exits) if method == "windowed LoRA" else [(0, split)]
+    plan = windows(exits) if windowed else [(0, split)]
     times = []
     for lo, hi in plan:
-        if method == "full fine-tuning":
+        if not lora:
             params = [p for n, p in model.named_parameters() if "layers." in n]
             for p in params:
                 p.requires_grad_(True)
@@ -112,13 +122,9 @@ def _tune_once(method: str, model_dir: str, batch: int, seq_len: int, steps: int
             mods = add_lora(model, LoraConfig(8, 16, TARGETS, tuple(range(lo, hi))))
             params = [p for m in mods for p in (m.lora_A, m.lora_B)]
         opt = torch.optim.AdamW(params, lr=1e-4)
-        below, window = (model.stage(0, lo) if lo else None), model.stage(lo, hi)
         for step in range(steps + 1):  # the first step of each window warms up and is not timed
             t0 = time.perf_counter()
-            with torch.no_grad():
-                h = below(x).hidden if below is not None else x
-            loss = torch.nn.functional.cross_entropy(window(h, exits=[hi]).exit_logits[hi].flatten(0, 1),
-                                                     y.flatten())
+            loss = window_loss(model, lo, hi, ids, 0.0, ckpt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -145,14 +151,14 @@ def memory_phase(args) -> int:
         shapes = {"bundled model (d 384, edge 4 layers)": str(MODEL)}
         edge11 = write_shape("tinyllama", Path(tmp) / "tinyllama")
         shapes["TinyLlama-shaped edge (d 2048, 11 layers, random)"] = str(edge11)
-        print(f"batch {args.batch} x {args.seq_len} tokens, {args.steps_memory} steps per window, AdamW, fp32, 2 "
-              f"threads; peak RSS of a fresh process while it tunes (the fp32 edge weights included, the load's "
-              f"transient not)\n")
+        print(f"batch {args.batch} x {args.seq_len} tokens, {args.steps_memory} steps per window, AdamW (fp32 "
+              f"adapters), 2 threads; peak RSS of a fresh process while it tunes (the edge weights included, the "
+              f"load's transient not)\n")
         print("| model | method | peak RSS | s/step | RSS vs full FT | speed vs full-depth LoRA |")
         print("|---|---|---|---|---|---|")
         for name, path in shapes.items():
             res = {}
-            for method in ("full fine-tuning", "full-depth LoRA", "windowed LoRA"):
+            for method in METHODS:
                 q = ctx.Queue()
                 p = ctx.Process(target=_tune_once, args=(method, path, args.batch, args.seq_len, args.steps_memory,
                                                          q))

@@ -9,6 +9,7 @@ torch and bitsandbytes edges do), `add_lora` wraps the linears for training, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -61,18 +62,35 @@ def module_name(layer: int, target: str) -> str:
 
 class LoRALinear(nn.Module):
     """A frozen linear plus a trainable low-rank update: y = W x + scale * B (A x). B starts at zero, so a fresh
-    adapter leaves the model unchanged."""
+    adapter leaves the model unchanged. The adapter keeps fp32 weights whatever the base's dtype (a bf16 base
+    computes the update in bf16; the gradients reach the fp32 weights). `enabled` False: the base alone."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float) -> None:
         super().__init__()
-        self.base, self.scale = base, alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))
+        self.base, self.scale, self.enabled = base, alpha / r, True
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         base.weight.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + (x @ self.lora_A.t().to(x.dtype) @ self.lora_B.t().to(x.dtype)) * self.scale
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """The base model: every LoRALinear of `model` off inside the block (no copy of the weights needed)."""
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.enabled = True
 
 
 def _owner(model, layer: int, target: str) -> nn.Module:

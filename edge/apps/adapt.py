@@ -3,10 +3,12 @@ device, as Edge-LLM's adaptive layer tuning does: LoRA adapters (r 8, alpha 16, 
 of layers at a time, shallow to deep, each window closing at an edge exit whose loss trains it.
 
 Memory is bounded by the window: the layers below it run without autograd, the forward stops at the window's exit,
-and only the window's adapters are trainable. The cloud's deep layers are shared and not adapted, so the split rows
-the edge uploads must not drift: each window also pays a consistency term, the relative squared drift of its output
-hidden state from the unadapted model's on the same tokens (its output feeds every deeper layer, the split rows
-included). `--consistency 0` turns it off.
+only the window's adapters are trainable, and each layer of the window keeps only its input for the backward pass
+(activation checkpointing: its inside is recomputed). The frozen base may be held in bf16 (`--base-dtype bf16`, the
+adapters stay fp32). The cloud's deep layers are shared and not adapted, so the split rows the edge uploads must not
+drift: each window also pays a consistency term, the relative squared drift of its output hidden state from the
+unadapted model's on the same tokens (its output feeds every deeper layer, the split rows included), computed by the
+same model with its adapters switched off (no second copy of the weights). `--consistency 0` turns it off.
 
 The result is a PEFT-layout adapter directory (coexit.lora) that every edge backend takes (`--adapter`); after each
 window it is saved with the windows done, so an interrupted run resumes where it stopped. Held-out text (a share of
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from coexit.checkpoint import load, read_config
 from coexit.errors import UsageError
-from coexit.lora import CONFIG_FILE, TARGETS, LoraConfig, add_lora, read_adapter, save_adapter, set_lora
+from coexit.lora import CONFIG_FILE, TARGETS, LoraConfig, add_lora, lora_disabled, read_adapter, save_adapter, set_lora
 from coexit.textdata import read_documents, spread_chunks
 
 
@@ -45,6 +47,30 @@ def _batches(chunks: list[list[int]], batch: int, rng: random.Random):
             yield torch.tensor(chunks[i:i + batch])
 
 
+def window_loss(model, lo: int, hi: int, ids: torch.Tensor, consistency: float = 0.0,
+                checkpoint: bool = True) -> torch.Tensor:
+    """The training loss of window [lo, hi) on a batch of token ids (B, T + 1): next-token cross-entropy at exit hi
+    (plus the consistency term). Layers below lo run without autograd; with `checkpoint`, each window layer keeps
+    only its input for the backward pass."""
+    from torch.utils.checkpoint import checkpoint as recompute
+
+    x, y = ids[:, :-1], ids[:, 1:]
+    with torch.no_grad():  # the layers below the window: no autograd graph, no activations kept
+        e = model.embed(x)
+        h = model.run_layers(e, 0, None, 0, lo).hidden if lo else e
+        if consistency:
+            with lora_disabled(model):  # the unadapted edge's output at the window's top
+                target = model.run_layers(e, 0, None, 0, hi).hidden.float()
+    for i in range(lo, hi):
+        def layer(t, i=i):
+            return model.run_layers(t, 0, None, i, i + 1).hidden
+        h = recompute(layer, h, use_reentrant=False) if checkpoint else layer(h)
+    loss = F.cross_entropy(model.head_logits(hi, h).flatten(0, 1).float(), y.flatten())
+    if consistency:
+        loss = loss + consistency * ((h.float() - target) ** 2).mean() / (target ** 2).mean()
+    return loss
+
+
 @torch.no_grad()
 def exit_loss(model, chunks: list[list[int]], exit_layer: int, batch: int = 8) -> float:
     """Mean next-token cross-entropy of an edge exit over held-out chunks."""
@@ -59,15 +85,13 @@ def exit_loss(model, chunks: list[list[int]], exit_layer: int, batch: int = 8) -
 
 def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128, batch: int = 8, lr: float = 1e-3,
           r: int = 8, alpha: float = 16.0, consistency: float = 1.0, heldout: float = 0.1, seed: int = 0,
-          progress: bool = True) -> dict:
+          progress: bool = True, base_dtype: torch.dtype = torch.float32, checkpoint: bool = True) -> dict:
     """Train (or resume) the adapter in `out`; returns the per-window report written beside it."""
     torch.manual_seed(seed)
     cfg0 = read_config(model_dir)
     split, exits = cfg0.split_layer, cfg0.edge_exit_layers
-    model = load(model_dir, layers=(0, split), dtype=torch.float32)
-    # the unadapted edge, for the consistency targets (not loaded when the term is off)
-    ref = load(model_dir, layers=(0, split), dtype=torch.float32) if consistency else None
-    for p in [*model.parameters(), *(ref.parameters() if ref is not None else ())]:
+    model = load(model_dir, layers=(0, split), dtype=base_dtype)
+    for p in model.parameters():
         p.requires_grad_(False)
     tok = model.tokenizer
     if tok is None:
@@ -103,20 +127,10 @@ def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128,
         mods = add_lora(model, LoraConfig(r, alpha, TARGETS, tuple(range(lo, hi))))
         params = [p for m in mods for p in (m.lora_A, m.lora_B)]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        below, window = (model.stage(0, lo) if lo else None), model.stage(lo, hi)
-        ref_stage = ref.stage(0, hi) if ref is not None else None
         before = exit_loss(model, held, hi) if held else math.nan
         t0, last = time.perf_counter(), 0.0
         for _ in range(steps):
-            ids = next(batches)
-            x, y = ids[:, :-1], ids[:, 1:]
-            with torch.no_grad():  # the layers below the window: no autograd graph, no activations kept
-                h = below(x).hidden if below is not None else x
-                target = ref_stage(x).hidden if ref_stage is not None else None
-            o = window(h, exits=[hi])  # the forward stops at the window's exit
-            loss = F.cross_entropy(o.exit_logits[hi].flatten(0, 1), y.flatten())
-            if target is not None:
-                loss = loss + consistency * ((o.hidden - target) ** 2).mean() / (target ** 2).mean()
+            loss = window_loss(model, lo, hi, next(batches), consistency, checkpoint)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -151,6 +165,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / r)")
     ap.add_argument("--consistency", type=float, default=1.0,
                     help="weight of the split-row drift penalty that keeps the cloud's answers right (0: off)")
+    ap.add_argument("--base-dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="the frozen base weights while tuning (bf16 halves their memory; the adapters stay fp32)")
     ap.add_argument("--heldout", type=float, default=0.1, help="share of the documents held out for the report")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the batches")
     args = ap.parse_args(argv)
@@ -162,7 +178,8 @@ def main(argv: list[str]) -> int:
         raise UsageError("--heldout must be in [0, 1), --consistency >= 0 and --lr > 0")
     read_config(args.model)
     r = adapt(args.model, args.data, args.out, args.steps, args.seq_len, args.batch, args.lr, args.rank,
-              args.alpha, args.consistency, args.heldout, args.seed)
+              args.alpha, args.consistency, args.heldout, args.seed,
+              base_dtype=torch.bfloat16 if args.base_dtype == "bf16" else torch.float32)
     for w in r["windows"]:
         print(f"window {w['window']} (exit {w['exit']}): held-out exit loss {w['heldout_loss_before']:.3f} -> "
               f"{w['heldout_loss_after']:.3f} in {w['seconds']:.0f} s")

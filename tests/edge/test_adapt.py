@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import coexit
-from coexit.lora import PARENT, TARGETS, merge_adapter, read_adapter
+from coexit.lora import PARENT, TARGETS, LoraConfig, add_lora, merge_adapter, read_adapter
 from coexit.tiny import SAMPLE_TEXT
-from edge.apps.adapt import adapt, exit_loss, windows
+from edge.apps.adapt import adapt, exit_loss, window_loss, windows
 from edge.backends import make_backend
 
 TEXT = "\n".join(SAMPLE_TEXT) if isinstance(SAMPLE_TEXT, list) else SAMPLE_TEXT
@@ -86,6 +86,40 @@ def test_only_the_window_trains(tiny_dir, tmp_path, monkeypatch):
                     for m in (getattr(getattr(block, PARENT[t]), t) for t in TARGETS))
     sizes = [hi - lo for lo, hi in windows(cfg.edge_exit_layers)]
     assert seen == [n * per_layer for n in sizes for _ in range(2)]
+
+
+def test_window_loss_recomputes_exactly_and_needs_no_second_model(tiny_dir):
+    """Activation checkpointing changes nothing but memory: the same loss and the same adapter gradients; the
+    consistency target taken with the adapters switched off is a fresh unadapted model's hidden state."""
+    cfg = coexit.read_config(tiny_dir)
+    lo, hi = windows(cfg.edge_exit_layers)[1]
+    ids = torch.randint(3, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(4))
+    model = coexit.load(tiny_dir, layers=(0, cfg.split_layer))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mods = add_lora(model, LoraConfig(8, 16, TARGETS, tuple(range(0, hi))))
+    torch.manual_seed(1)
+    for m in mods:  # a trained-looking adapter: B away from zero, so the adapters change the output
+        torch.nn.init.normal_(m.lora_B, std=0.05)
+    params = [p for m in mods[-len(TARGETS) * (hi - lo):] for p in (m.lora_A, m.lora_B)]
+    out = {}
+    for ckpt in (False, True):
+        loss = window_loss(model, lo, hi, ids, consistency=1.0, checkpoint=ckpt)
+        grads = torch.autograd.grad(loss, params)
+        out[ckpt] = (loss.detach(), grads)
+    torch.testing.assert_close(out[True][0], out[False][0], atol=0, rtol=0)
+    for a, b in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    plain = coexit.load(tiny_dir, layers=(0, cfg.split_layer))  # the consistency term against the real thing
+    with torch.no_grad():
+        x = ids[:, :-1]
+        target = plain.run_layers(plain.embed(x), 0, None, 0, hi).hidden
+        adapted = model.run_layers(model.embed(x), 0, None, 0, hi).hidden
+        h = model.run_layers(model.embed(x), 0, None, 0, hi).hidden
+        ce = torch.nn.functional.cross_entropy(model.head_logits(hi, h).flatten(0, 1), ids[:, 1:].flatten())
+        want = ce + ((adapted - target) ** 2).mean() / (target ** 2).mean()
+    assert not torch.allclose(adapted, target)
+    torch.testing.assert_close(out[False][0], want, atol=1e-5, rtol=1e-5)
 
 
 def test_adapted_edge_runs_on_the_backends(adapted, tiny_dir):
