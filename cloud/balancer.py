@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from cloud.launch import die_with_parent, free_port, wait_healthy
+from cloud.launch import dies_with_parent, free_port, wait_healthy
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -68,8 +68,8 @@ class Balancer:
                 f"daemon off; pid {self.workdir / 'nginx.pid'}; error_log stderr error;"]
 
     def start(self, extra: list[str] | None = None) -> None:
-        self.procs.append(subprocess.Popen(self._cmd() + (extra or []), env=self.env, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL, preexec_fn=die_with_parent))
+        self.procs.append(subprocess.Popen(dies_with_parent(self._cmd() + (extra or [])), env=self.env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_healthy(self.address, timeout_s=30)
 
     def reload(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,14 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Linux: receive `sig` when the parent dies (call it in the child: preexec_fn, or a process's target)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+
+
+def dies_with_parent(cmd: list[str], sig: str = "TERM") -> list[str]:
+    """`cmd` run so that it gets SIG{sig} when the process that starts it dies: through util-linux's setpriv (a
+    preexec_fn would do the same, but it runs Python's at-fork handlers, and grpc's can deadlock the fork while
+    channels are busy in other threads)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", sig, *cmd] if setpriv else cmd
 
 
 def check_port_free(host: str, port: int, flag: str = "--port") -> None:
@@ -94,8 +103,8 @@ def start_cloud(model_dir, port: int | None = None, extra_args: list[str] | None
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     cmd = [*(prefix or []), sys.executable, "-m", "coexit.cli", "serve", "--model", str(model_dir),
            "--port", str(port), *(extra_args or [])]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd,
-                            preexec_fn=die_with_parent)  # SIGTERM: the orphan drains and exits
+    proc = subprocess.Popen(dies_with_parent(cmd), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=cwd)  # SIGTERM: the orphan drains and exits
     proc.coexit_port = port
     address = f"{health_host}:{port}"
     try:

@@ -190,9 +190,12 @@ def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, 
     import torch
 
     from cloud.backend import LocalBackend
+    from cloud.launch import die_with_parent
     from cloud.replica import Leader, follow
     from cloud.tp import describe, init_tp, kv_heads, load_sharded
 
+    # torchrun's agent is the parent: if it is killed outright, rank 0 drains and the others go
+    die_with_parent(signal.SIGTERM if os.environ.get("RANK", "0") == "0" else signal.SIGKILL)
     on_gpu = torch.cuda.is_available()
     tp = init_tp(tp_size, "cuda" if on_gpu else "cpu")
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")

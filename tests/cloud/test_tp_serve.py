@@ -1,7 +1,8 @@
 """`coexit serve --tp 2` under torchrun on gloo (CPU): the same greedy tokens through the edge SDK as a one-process
 server in collaborative, cloud-only, lossless and propagate modes (and with cloud exits), with prompts chunked over
-ticks and several sessions per tick, logits within 1e-5 over a prompt and decode steps, each rank's deep-layer weights half of the whole stage's (printed at start), and a rank
-that dies takes the server down with a non-zero exit while the edge carries on alone."""
+ticks and several sessions per tick, logits within 1e-5 over a prompt and decode steps, each rank's decoder-layer
+weights half of the whole stage's (printed at start), and a rank that dies takes the server down with a non-zero
+exit while the edge carries on alone."""
 
 from __future__ import annotations
 
@@ -162,5 +163,4 @@ def test_a_lost_rank_stops_the_server_and_the_edge_carries_on(model_dir):
         assert len(after.tokens) == 4 and after.counters.standalone == 4
         client.close()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop(proc)
