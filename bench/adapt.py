@@ -183,6 +183,7 @@ def main() -> int:
     ap.add_argument("--target", type=float, default=0.99, help="calibration agreement target")
     ap.add_argument("--consistency", type=float, default=1.0, help="coexit adapt's split-row drift weight")
     ap.add_argument("--lr", type=float, default=1e-3, help="coexit adapt's learning rate")
+    ap.add_argument("--base-dtype", choices=["fp32", "bf16"], default="fp32", help="coexit adapt's --base-dtype")
     args = ap.parse_args()
     if args.phase == "memory":
         return memory_phase(args)
@@ -201,11 +202,13 @@ def main() -> int:
     train_docs = [f.read_text(errors="replace") for f in train]
     chunks = spread_chunks(tok, test_docs, args.tokens, 257, min_len=257)
     print(f"package {pkg.name}: {len(train)} files to adapt on, {len(test)} held out ({sum(map(len, chunks))} "
-          f"tokens); {args.steps} adapt steps per window, consistency {args.consistency}, lr {args.lr}")
+          f"tokens); {args.steps} adapt steps per window, consistency {args.consistency}, lr {args.lr}, base "
+          f"{args.base_dtype}")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         adapt(MODEL, [str(f) for f in train], Path(tmp) / "adapter", steps=args.steps, heldout=0.0, progress=False,
-              consistency=args.consistency, lr=args.lr)
+              consistency=args.consistency, lr=args.lr,
+              base_dtype=torch.bfloat16 if args.base_dtype == "bf16" else torch.float32)
         seconds = time.perf_counter() - t0
         tuned = coexit.load(MODEL)
         merge_adapter(tuned, Path(tmp) / "adapter")
