@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import re
 import sys
 import tempfile
 import time
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     state_path = Path(args.state) if args.state else work / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"rows": {}}
     chunks = eval_chunks(model_dir, args.text, args.text_tokens, args.chunk)
-    paths = {name: work / f"edge-{i}.gguf" for i, name in enumerate(names)}
+    paths = {name: work / f"edge-{re.sub(r'[^a-z0-9.]+', '-', name.lower()).strip('-')}.gguf" for name in names}
 
     sens = Path(args.sensitivity) if args.sensitivity else None
 
