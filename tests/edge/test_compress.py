@@ -233,6 +233,8 @@ def test_the_shipped_sensitivity_belongs_to_the_bundled_model():
         for name, t in p.types.items():  # at d 384 only ffn_down (1024 wide) can hold a k-quant
             assert t in (("q4_k", "q5_k", "q6_k") if "ffn_down" in name else ()) + ("iq4_nl", "q4_0", "q5_0",
                                                                                        "q5_1", "q8_0", "f16")
+        b = choose(sens, budget, backend="bnb")  # the bitsandbytes types, measured too
+        assert b.layer_bpw <= budget and set(b.types.values()) <= {"bnb-nf4", "bnb-int8"}
 
 
 def test_the_gguf_backend_runs_a_policy_file(policy, ckpt, tmp_path):
