@@ -9,8 +9,9 @@ blocks in place and every rewritten tensor is checked against gguf-py's dequanti
 
 Types: Q8_0, Q4_0, IQ4_NL, Q5_0, Q5_1, Q4_K, Q6_K are rewritten; others (Q5_K, F16) keep llama.cpp's codes.
 Segments: the whole edge file is tuned once, then each segment's tensors (the same bytes, renumbered) take the
-tuned blocks and norms (`transplant`). The method and its measured gain: bench/quant_rounding.py,
-bench/results/quant_mix.txt.
+tuned blocks and norms (`transplant`). With a tied head (the default model) a segment has no `output` tensor (its
+head is its token_embd), so there the split exit uses the tuned token_embd rather than the tuned output head.
+The method and its measured gain: bench/quant_rounding.py, bench/results/quant_mix.txt.
 """
 
 from __future__ import annotations
