@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"{model_dir} is not a checkpoint directory (no config.json)")
+    try:
+        from edge.export.quant_types import qtype
+
+        qtype(args.heads)
+    except ValueError as exc:
+        raise UsageError(f"--heads {args.heads}: {exc}") from None
     if not 0 < args.budget_bpw <= 64:
         raise UsageError(f"--budget-bpw {args.budget_bpw:g} is out of range: give bits per weight, e.g. 5.0")
     sens = sensitivity_for(model_dir, args.text, args.tokens, args.threads, args.remeasure, args.backend,
