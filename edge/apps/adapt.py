@@ -4,11 +4,12 @@ of layers at a time, shallow to deep, each window closing at an edge exit whose 
 
 Memory is bounded by the window: the layers below it run without autograd, the forward stops at the window's exit,
 only the window's adapters are trainable, and each layer of the window keeps only its input for the backward pass
-(activation checkpointing: its inside is recomputed). The frozen base may be held in bf16 (`--base-dtype bf16`, the
-adapters stay fp32). The cloud's deep layers are shared and not adapted, so the split rows the edge uploads must not
-drift: each window also pays a consistency term, the relative squared drift of its output hidden state from the
-unadapted model's on the same tokens (its output feeds every deeper layer, the split rows included), computed by the
-same model with its adapters switched off (no second copy of the weights). `--consistency 0` turns it off.
+(activation checkpointing: its inside is recomputed). The frozen base is held in bf16 where the CPU computes bf16
+natively (`--base-dtype auto`; the adapters stay fp32). The cloud's deep layers are shared and not adapted, so the
+split rows the edge uploads must not drift: each window also pays a consistency term, the relative squared drift of
+its output hidden state from the unadapted model's on the same tokens (its output feeds every deeper layer, the
+split rows included), computed by the same model with its adapters switched off (no second copy of the weights).
+`--consistency 0` turns it off.
 
 The result is a PEFT-layout adapter directory (coexit.lora) that every edge backend takes (`--adapter`); after each
 window it is saved with the windows done, so an interrupted run resumes where it stopped. Held-out text (a share of
@@ -32,6 +33,16 @@ from coexit.checkpoint import load, read_config
 from coexit.errors import UsageError
 from coexit.lora import CONFIG_FILE, TARGETS, LoraConfig, add_lora, lora_disabled, read_adapter, save_adapter, set_lora
 from coexit.textdata import read_documents, spread_chunks
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (x86 AVX512-BF16 or AMX-BF16, Arm BF16), so a bf16 base is fast."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = {w for line in text.splitlines() if line.startswith(("flags", "Features")) for w in line.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def windows(exits: list[int]) -> list[tuple[int, int]]:
@@ -165,8 +176,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / r)")
     ap.add_argument("--consistency", type=float, default=1.0,
                     help="weight of the split-row drift penalty that keeps the cloud's answers right (0: off)")
-    ap.add_argument("--base-dtype", choices=["fp32", "bf16"], default="fp32",
-                    help="the frozen base weights while tuning (bf16 halves their memory; the adapters stay fp32)")
+    ap.add_argument("--base-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="the frozen base weights while tuning: bf16 halves their memory (the adapters stay fp32); "
+                         "auto: bf16 where the CPU computes bf16 natively, else fp32")
     ap.add_argument("--heldout", type=float, default=0.1, help="share of the documents held out for the report")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the batches")
     args = ap.parse_args(argv)
@@ -179,7 +191,8 @@ def main(argv: list[str]) -> int:
     read_config(args.model)
     r = adapt(args.model, args.data, args.out, args.steps, args.seq_len, args.batch, args.lr, args.rank,
               args.alpha, args.consistency, args.heldout, args.seed,
-              base_dtype=torch.bfloat16 if args.base_dtype == "bf16" else torch.float32)
+              base_dtype=torch.bfloat16 if args.base_dtype == "bf16" or (args.base_dtype == "auto" and native_bf16())
+              else torch.float32)
     for w in r["windows"]:
         print(f"window {w['window']} (exit {w['exit']}): held-out exit loss {w['heldout_loss_before']:.3f} -> "
               f"{w['heldout_loss_after']:.3f} in {w['seconds']:.0f} s")

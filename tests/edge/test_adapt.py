@@ -122,6 +122,17 @@ def test_window_loss_recomputes_exactly_and_needs_no_second_model(tiny_dir):
     torch.testing.assert_close(out[False][0], want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_bf16_base_trains_fp32_adapters(tiny_dir, tmp_path):
+    """--base-dtype bf16: the frozen base in bf16, the adapters (and what is saved) fp32, and they learn."""
+    (tmp_path / "t.py").write_text(TEXT * 8)
+    report = adapt(tiny_dir, [str(tmp_path / "t.py")], tmp_path / "a", steps=6, seq_len=16, batch=2, heldout=0.0,
+                   progress=False, base_dtype=torch.bfloat16)
+    _, weights = read_adapter(tmp_path / "a")
+    assert all(a.dtype == torch.float32 and b.dtype == torch.float32 for a, b in weights.values())
+    assert all(float(b.abs().max()) > 0 for _, b in weights.values())  # B starts at zero: it trained
+    assert all(w["train_loss_last"] == w["train_loss_last"] for w in report["windows"])  # finite, not NaN
+
+
 def test_adapted_edge_runs_on_the_backends(adapted, tiny_dir):
     out, _, _ = adapted
     ids = [1, 5, 9, 13]
