@@ -54,20 +54,14 @@ def check_args(args) -> None:
 
 
 def check_tp(args, config) -> None:
-    world = os.environ.get("WORLD_SIZE")
-    if world is None or int(world) != args.tp:
-        raise UsageError(f"--tp {args.tp} runs one process per rank: start it as `torchrun --nproc_per_node "
-                         f"{args.tp} -m coexit serve --tp {args.tp} ...`"
-                         + (f" (this launch has WORLD_SIZE {world})" if world else ""))
+    from cloud.tp import check_launch, check_shardable
+
+    check_launch(args.tp)
     if args.frontends:
         raise UsageError("--frontends with --tp is not supported: a tensor-parallel server serves gRPC from rank 0")
     if args.overlap == "on":
         raise UsageError("--overlap on with --tp is not supported: the ranks run each tick in step")
-    for what, n in (("num_key_value_heads", config.num_key_value_heads),
-                    ("num_attention_heads", config.num_attention_heads),
-                    ("intermediate_size", config.intermediate_size)):
-        if n % args.tp:
-            raise UsageError(f"--tp {args.tp} must divide the model's {what} ({n})")
+    check_shardable(config, args.tp)
 
 
 def main(argv: list[str]) -> int:

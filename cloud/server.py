@@ -45,9 +45,18 @@ async def start_server(model: coexit.EarlyExitLM, port: int = 0, host: str = "12
                        limits: Limits | None = None, auth: Auth | None = None,
                        tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, int, CoexitService]:
     """A server with the sessions and the engine in this process."""
+    from cloud.backend import LocalBackend
+
     limits = with_identities(limits or Limits(), auth)
-    server, bound, service = await start_grpc(CoexitService.local(model, limits), port, host, limits, auth, tls)
-    server._coexit_sweeper = asyncio.get_running_loop().create_task(service.backend.sweep_forever())
+    return await serve_backend(LocalBackend(model, limits), port, host, limits, auth, tls)
+
+
+async def serve_backend(backend, port: int, host: str, limits: Limits, auth: Auth | None,
+                        tls: tuple[bytes, bytes] | None) -> tuple[grpc.aio.Server, int, CoexitService]:
+    """gRPC over a LocalBackend (sessions and engine in this process), with its idle-session sweeper."""
+    server, bound, service = await start_grpc(CoexitService(backend, backend.info, limits), port, host, limits,
+                                              auth, tls)
+    server._coexit_sweeper = asyncio.get_running_loop().create_task(backend.sweep_forever())
     return server, bound, service
 
 
@@ -162,18 +171,24 @@ def _banner(model_dir, host, port, info, layers: tuple[int, int], how: str) -> N
 
 async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None,
                         deep_only: bool, tls_files: tuple[str, str] | None, metrics_port: int = 0,
-                        drain_grace_s: float = 10.0, health_http_port: int = 0) -> None:
-    """One process: gRPC, sessions and the engine thread together."""
+                        drain_grace_s: float = 10.0, health_http_port: int = 0, backend=None,
+                        how: str = "one process") -> None:
+    """One process: gRPC, sessions and the engine thread together (on `backend`, a LocalBackend, when given: a
+    tensor-parallel rank 0's)."""
+    from cloud.backend import LocalBackend
     from cloud.health_http import serve_health_http
 
-    model = load_model(model_dir, deep_only=deep_only)
-    server, bound, service = await start_server(model, port, host, limits, auth, _read_tls(tls_files))
+    limits = with_identities(limits, auth)
+    if backend is None:
+        backend = LocalBackend(load_model(model_dir, deep_only=deep_only), limits)
+    server, bound, service = await serve_backend(backend, port, host, limits, auth, _read_tls(tls_files))
     if health_http_port:
         await serve_health_http(host, health_http_port, lambda: not service.draining)
     if metrics_port:
-        mport = service.engine.metrics.serve(metrics_port, host)
+        mport = backend.engine.metrics.serve(metrics_port, host)
         print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
-    _banner(model_dir, host, bound, service.model_info, (model.start, model.stop), "one process")
+    model = backend.engine.model
+    _banner(model_dir, host, bound, service.model_info, (model.start, model.stop), how)
     await serve_until_drained(server, service, drain_grace_s)
 
 
@@ -226,19 +241,8 @@ def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, 
             loop.call_soon_threadsafe(os.kill, os.getpid(), signal.SIGTERM)
 
         Leader(backend.manager, tp.cpu_group, on_lost)
-        server, bound, service = await start_grpc(CoexitService(backend, backend.info, limits), port, host, limits,
-                                                  auth, _read_tls(tls_files))
-        server._coexit_sweeper = loop.create_task(backend.sweep_forever())
-        if health_http_port:
-            from cloud.health_http import serve_health_http
-
-            await serve_health_http(host, health_http_port, lambda: not service.draining)
-        if metrics_port:
-            mport = backend.engine.metrics.serve(metrics_port, host)
-            print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
-        _banner(model_dir, host, bound, service.model_info, (model.start, model.stop),
-                f"tensor parallel over {tp.world} ranks")
-        await serve_until_drained(server, service, drain_grace_s)
+        await serve_forever(model_dir, port, host, limits, auth, deep_only, tls_files, metrics_port, drain_grace_s,
+                            health_http_port, backend, f"tensor parallel over {tp.world} ranks")
 
     try:
         asyncio.run(run())

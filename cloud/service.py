@@ -42,11 +42,6 @@ class CoexitService(pb_grpc.CoexitServicer):
         if isinstance(backend, LocalBackend):  # in-process: tests and tools look at the live state
             self.manager, self.engine = backend.manager, backend.engine
 
-    @classmethod
-    def local(cls, model: coexit.EarlyExitLM, limits: Limits) -> CoexitService:
-        backend = LocalBackend(model, limits)
-        return cls(backend, backend.info, limits)
-
     def stop(self) -> None:
         self.backend.stop()
 

@@ -2,6 +2,8 @@
 model loader. The replication protocol (who schedules, what is broadcast each tick) lives in the engine, not here.
 
 Owns:
+- `check_launch(n)`, `check_shardable(config, n)`: the refusals (not started by torchrun as n ranks; heads or MLP
+  not divisible by n), which `coexit serve --tp` also runs before loading anything.
 - `init_tp(n, device_type)`: the process group from torchrun's environment (gloo on CPU, nccl on CUDA with the
   device LOCAL_RANK), a 1-D DeviceMesh over it, and a gloo group for object broadcasts (usable under nccl too).
 - `load_sharded(model_dir, tp, deep_only, dtype, device)`: the model `cloud.server.load_model` gives, with every
@@ -65,6 +67,20 @@ class TP:
         return torch.device("cuda", self.local_rank) if self.device_type == "cuda" else torch.device("cpu")
 
 
+def check_launch(n: int) -> tuple[int, int]:
+    """(world, rank) of this process, or UsageError, naming the torchrun command line, when torchrun did not start
+    it as one of n ranks."""
+    env_world = os.environ.get("WORLD_SIZE")
+    if env_world is None or "RANK" not in os.environ:
+        raise UsageError(f"--tp {n} needs one process per rank, started by torchrun: launch with "
+                         f"`{launch_hint(n)}`")
+    world, rank = int(env_world), int(os.environ["RANK"])
+    if world != n:
+        raise UsageError(f"--tp {n} but torchrun started {world} processes: launch with `{launch_hint(n)}` "
+                         f"(--nproc_per_node must equal --tp)")
+    return world, rank
+
+
 def init_tp(n: int, device_type: str) -> TP:
     """Join the tensor-parallel group torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
@@ -76,17 +92,10 @@ def init_tp(n: int, device_type: str) -> TP:
         raise UsageError(f"--tp {n}: the tensor-parallel degree must be at least 1")
     if device_type not in ("cpu", "cuda"):
         raise UsageError(f"tensor parallelism runs on cpu (gloo) or cuda (nccl), not {device_type!r}")
-    env_world = os.environ.get("WORLD_SIZE")
-    if n == 1 and env_world in (None, "1"):
+    if n == 1 and os.environ.get("WORLD_SIZE") in (None, "1"):
         return TP(rank=0, world=1, device_type=device_type)
-    if env_world is None or "RANK" not in os.environ:
-        raise UsageError(f"--tp {n} needs one process per rank, started by torchrun: launch with "
-                         f"`{launch_hint(n)}`")
-    world, rank = int(env_world), int(os.environ["RANK"])
+    world, rank = check_launch(n)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if world != n:
-        raise UsageError(f"--tp {n} but torchrun started {world} processes: launch with `{launch_hint(n)}` "
-                         f"(--nproc_per_node must equal --tp)")
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise UsageError(f"rank {rank} has LOCAL_RANK {local_rank} but this machine has "

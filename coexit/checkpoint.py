@@ -144,10 +144,7 @@ def load(path: str | Path, layers: tuple[int, int] | None = None, dtype: torch.d
                 _load_shard(handles[file].get_slice(src), param, file, src, name)
                 continue
             tensor = handles[file].get_tensor(src)
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(f"{file.name}: tensor {src!r} has shape {list(tensor.shape)} but config.json "
-                                      f"implies {list(param.shape)} for {name!r}; the weights and config.json do "
-                                      f"not belong together")
+            _check_shape(tuple(tensor.shape), param, file, src, name)
             target_dtype = dtype or tensor.dtype
             with torch.no_grad():
                 param.data = tensor.to(device=device, dtype=target_dtype)
@@ -167,15 +164,18 @@ def load(path: str | Path, layers: tuple[int, int] | None = None, dtype: torch.d
     return model.eval()
 
 
+def _check_shape(shape: tuple, param, file: Path, src: str, name: str) -> None:
+    if shape != tuple(param.shape):
+        raise CheckpointError(f"{file.name}: tensor {src!r} has shape {list(shape)} but config.json implies "
+                              f"{list(param.shape)} for {name!r}; the weights and config.json do not belong together")
+
+
 def _load_shard(sl, param, file: Path, src: str, name: str) -> None:
     """Copy this rank's block of the file's tensor `src` (a safetensors slice handle, nothing read yet) into the
     local shard of the DTensor `param`."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape = tuple(sl.get_shape())
-    if shape != tuple(param.shape):
-        raise CheckpointError(f"{file.name}: tensor {src!r} has shape {list(shape)} but config.json implies "
-                              f"{list(param.shape)} for {name!r}; the weights and config.json do not belong together")
+    _check_shape(tuple(sl.get_shape()), param, file, src, name)
     local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     block = sl[tuple(slice(o, o + n) for o, n in zip(offset, local_shape))]
     with torch.no_grad():

@@ -146,18 +146,20 @@ class Scheduler:
                 and not session.runner.parked and not session.unreported_layer_tokens
                 and not session.unreported_rows_filled and session.rejected_at is None)
 
+    def _plain(self, session) -> bool:
+        """Whether all the session has queued is one plain decode row it may run on the static step."""
+        q = session.queue
+        return len(q) == 1 and self.steady_start is not None and plain_decode(q[0]) and self.eligible(session)
+
     def submit(self, session, segment: Segment) -> None:
         session.queue.append(segment)
-        if session.id in self.busy:  # its tick is on the device: it becomes ready again when that tick settles
-            self._stale = True
-            if segment.truncate_to is not None and segment.n == 0:
-                self._rollbacks.add(session.id)
-            return
-        self.ready.setdefault(session.id, session)
         if segment.truncate_to is not None and segment.n == 0:
             self._rollbacks.add(session.id)
-        if len(session.queue) == 1 and plain_decode(segment) and self.steady_start is not None \
-                and self.eligible(session):
+        if session.id in self.busy:  # its tick is on the device: it becomes ready again when that tick settles
+            self._stale = True
+            return
+        self.ready.setdefault(session.id, session)
+        if self._plain(session):
             self.plain[session.id] = session
             if session.planned:
                 self._fresh += 1
@@ -169,11 +171,10 @@ class Scheduler:
     def settled(self, session) -> None:
         """After a tick popped the session's finished segment: it leaves the ready set when nothing is left,
         and becomes a plain decode session when all that is left is one plain decode row."""
-        q = session.queue
-        if not q:
+        if not session.queue:
             self.ready.pop(session.id, None)
             self.plain.pop(session.id, None)
-        elif len(q) == 1 and self.steady_start is not None and plain_decode(q[0]) and self.eligible(session):
+        elif self._plain(session):
             self.plain[session.id] = session
         else:
             self.plain.pop(session.id, None)
