@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
 from coexit.checkpoint import load, read_config
@@ -63,8 +64,6 @@ def window_loss(model, lo: int, hi: int, ids: torch.Tensor, consistency: float =
     """The training loss of window [lo, hi) on a batch of token ids (B, T + 1): next-token cross-entropy at exit hi
     (plus the consistency term). Layers below lo run without autograd; with `checkpoint`, each window layer keeps
     only its input for the backward pass."""
-    from torch.utils.checkpoint import checkpoint as recompute
-
     x, y = ids[:, :-1], ids[:, 1:]
     with torch.no_grad():  # the layers below the window: no autograd graph, no activations kept
         e = model.embed(x)
