@@ -22,6 +22,15 @@ from coexit.config import Config
 from coexit.kv_cache import CacheError, LayerLengths
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zero tensor; on a CPU backed by numpy's calloc, whose pages are mapped (and count in RSS) only when
+    touched, where torch.zeros would write every page now."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
+
+
 class KVPool:
     """Flat key/value slot storage (P, K, D) in blocks of `block_size` slots, with a free list."""
 
@@ -32,10 +41,12 @@ class KVPool:
                              f"{block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.n_kv, self.head_dim, self.dtype, self.device = n_kv, head_dim, dtype, torch.device(device)
-        # empty: on a CPU the pages stay untouched (no RSS) until used; blocks are zeroed when handed out, since
-        # padded gathers read unused slots (masked out, but they must stay finite)
-        self.k = torch.empty(num_blocks * block_size, n_kv, head_dim, dtype=dtype, device=self.device)
-        self.v = torch.empty_like(self.k)
+        # Zeroed once, here: padded gathers read slots no row has written (masked out, but they must be finite),
+        # and every value written later is finite (uploaded rows are checked), so no block is zeroed again when it
+        # is handed out. On a CPU the zeros come from calloc'd pages the kernel maps on first touch: no RSS until
+        # used.
+        shape = (num_blocks * block_size, n_kv, head_dim)
+        self.k, self.v = (_zeros(shape, dtype, self.device) for _ in range(2))
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self.tables = SlotTables()  # every session's block tables and lengths, by slot
         self._scratch: list[Tensor | None] = [None, None]  # reused gather buffers for keys and values
@@ -102,9 +113,6 @@ class KVPool:
             return []
         ids = self._free[-n:][::-1]
         del self._free[-n:]
-        rows = torch.from_numpy(np.array(ids, dtype=np.int64)).to(self.device)
-        self.k.view(self.num_blocks, -1).index_fill_(0, rows, 0)
-        self.v.view(self.num_blocks, -1).index_fill_(0, rows, 0)
         return ids
 
     def release(self, blocks: list[int]) -> None:
