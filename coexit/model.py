@@ -75,19 +75,33 @@ class Rotary(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
-    def span(self, first: int, t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """positions (1, T), cos, sin (1, 1, T, D) for the contiguous positions [first, first + t): views of
-        tables computed once (growing by doubling); cos and sin are elementwise the values `forward` computes."""
+    def _table(self, stop: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """positions (n,), cos, sin (n, D) for positions [0, n), n >= stop: computed once by `forward` (growing by
+        doubling)."""
         inv = self.inv_freq
         src, version, pos, cos, sin = self._tables.get(dtype, (None, -1, None, None, None))
-        if src is not inv or version != inv._version or pos.shape[0] < first + t:  # inv_freq may be reassigned
-            n = max(first + t, 2 * pos.shape[0] if src is inv and version == inv._version else 0, 256)
+        if src is not inv or version != inv._version or pos.shape[0] < stop:  # inv_freq may be reassigned
+            n = max(stop, 2 * pos.shape[0] if src is inv and version == inv._version else 0, 256)
             with torch.inference_mode(False):  # a table made under inference_mode must still serve autograd
                 pos = torch.arange(n, device=inv.device)
                 cos, sin = (x[0, 0] for x in self.forward(pos[None], dtype))
             self._tables[dtype] = (inv, inv._version, pos, cos, sin)
+        return pos, cos, sin
+
+    def span(self, first: int, t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """positions (1, T), cos, sin (1, 1, T, D) for the contiguous positions [first, first + t): views of
+        the tables; cos and sin are elementwise the values `forward` computes."""
+        pos, cos, sin = self._table(first + t, dtype)
         return (pos.narrow(0, first, t).unsqueeze(0), cos.narrow(0, first, t).unsqueeze(0).unsqueeze(0),
                 sin.narrow(0, first, t).unsqueeze(0).unsqueeze(0))
+
+    def gather(self, positions: Tensor, stop: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin (1, 1, T, D) for any positions (1, T) below `stop`, gathered from the tables: elementwise the
+        values `forward` computes."""
+        _, cos, sin = self._table(stop, dtype)
+        flat = positions.reshape(-1)
+        return (cos.index_select(0, flat).view(1, 1, flat.shape[0], -1),
+                sin.index_select(0, flat).view(1, 1, flat.shape[0], -1))
 
 
 def _rotate_half(x: Tensor) -> Tensor:

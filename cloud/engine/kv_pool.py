@@ -267,6 +267,7 @@ class BatchAttention:
         self._caches = np.fromiter([c._slot() for c, _, _ in segments], dtype=np.int64, count=len(segments))
         self._firsts = np.fromiter([first for _, first, _ in segments], dtype=np.int64, count=len(segments))
         self._ns = np.fromiter([n for _, _, n in segments], dtype=np.int64, count=len(segments))
+        self._where: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # see claim
         # singles: (query row, cache, position of the query); multis: (query row, cache, first, n, queries)
         self.singles, self.multis, row, qrow = [], [], 0, 0
         for c, first, n in segments:
@@ -296,14 +297,17 @@ class BatchAttention:
             c, first, n = self.segments[int(bad[0])]
             c.claim(layer, first, n)
         t.lengths[layer, caches] = ends
-        if len(ns) == 1:
-            pos = np.arange(firsts[0], ends[0])
-            rows = np.full(len(pos), caches[0])
-        else:
-            seg = np.repeat(np.arange(len(ns)), ns)
-            pos = np.arange(len(seg)) - np.repeat(np.cumsum(ns) - ns, ns) + firsts[seg]
-            rows = caches[seg]
-        return t.blocks[layer, rows, pos // bs].astype(np.int64) * bs + pos % bs
+        if self._where is None:  # every row's slot (in the tables) and block column, offset: the same at each layer
+            if len(ns) == 1:
+                pos = np.arange(firsts[0], ends[0])
+                rows = np.full(len(pos), caches[0])
+            else:
+                seg = np.repeat(np.arange(len(ns)), ns)
+                pos = np.arange(len(seg)) - np.repeat(np.cumsum(ns) - ns, ns) + firsts[seg]
+                rows = caches[seg]
+            self._where = rows, pos // bs, pos % bs
+        rows, col, offset = self._where
+        return t.blocks[layer, rows, col].astype(np.int64) * bs + offset
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         pool = self.pool

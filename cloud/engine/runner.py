@@ -105,15 +105,18 @@ class _Packed:
         self.group = group
         hs = [p.hidden.to(runner.dtype) for p in group]
         self.h = torch.cat(hs, dim=1) if len(hs) > 1 else hs[0]
-        self.positions = torch.cat([torch.arange(p.work.first, p.work.first + p.hidden.shape[1])
-                                    for p in group]).to(runner.device)[None]
+        firsts = np.fromiter([p.work.first for p in group], dtype=np.int64, count=len(group))
+        ns = np.fromiter([p.hidden.shape[1] for p in group], dtype=np.int64, count=len(group))
+        starts = np.cumsum(ns) - ns
+        pos = np.arange(int(ns.sum())) + np.repeat(firsts - starts, ns)  # each plan's positions, packed
+        self.positions = torch.from_numpy(pos).to(runner.device)[None]
         self.fill = None
         if any(p.work.fill is not None for p in group):
             self.fill = torch.cat([p.work.fill if p.work.fill is not None
                                    else torch.zeros(p.hidden.shape[1], dtype=torch.bool) for p in group]).cpu()
         self.view = BatchAttention([(p.item.session.runner.cache, p.work.first, p.hidden.shape[1]) for p in group],
                                    self.fill)
-        self.cos, self.sin = runner.model.rotary(self.positions, self.h.dtype)
+        self.cos, self.sin = runner.model.rotary.gather(self.positions, int((firsts + ns).max()), self.h.dtype)
 
     def unpack(self) -> None:
         row = 0
