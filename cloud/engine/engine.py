@@ -178,10 +178,13 @@ class Engine:
 
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _grow(self, session, upto: int) -> bool:
-        need = session.runner.cache.blocks_needed(upto)
-        if need and not self.make_room(need, session):
+        cache = session.runner.cache
+        need = cache.blocks_needed(upto)
+        if need == 0:
+            return True
+        if not self.make_room(need, session):
             return False
-        return session.runner.cache.grow(upto)
+        return cache.grow(upto, need)
 
     def _loop(self) -> None:
         pending: _Tick | None = None  # an overlapped tick on the device lane, settled after the next launch

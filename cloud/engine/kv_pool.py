@@ -176,9 +176,10 @@ class PagedCache(LayerLengths):
         have = self.pool.tables.nblocks[self.layers.start:self.layers.stop, self._slot()]
         return int(np.maximum(want - have, 0).sum())
 
-    def grow(self, upto: int) -> bool:
-        """Allocate blocks so every layer can hold `upto` positions; all or nothing."""
-        need = self.blocks_needed(upto)
+    def grow(self, upto: int, need: int | None = None) -> bool:
+        """Allocate blocks so every layer can hold `upto` positions; all or nothing. need: `blocks_needed(upto)`
+        when the caller has it already."""
+        need = self.blocks_needed(upto) if need is None else need
         if need == 0:
             return True
         got = self.pool.allocate(need)
