@@ -22,6 +22,7 @@ no longer costs a round trip, and the tokens are still the ones collaborative mo
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -139,6 +140,9 @@ class AdaptivePolicy(ExitPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # one policy may serve concurrent requests (`coexit edge-serve`): the link is theirs to share, and each
+        # measurement updates the estimate and re-picks the thresholds as one step
+        self._lock = threading.RLock()
         self.admissible = [p for p in self.points if p.disagreement <= self.budget]
         if not self.admissible:
             raise ValueError(f"no calibrated threshold setting stays within the quality budget {self.budget}; "
@@ -168,12 +172,14 @@ class AdaptivePolicy(ExitPolicy):
         return {e for p in self.admissible for e in p.thresholds}
 
     def repick(self) -> None:
-        self.current = self.choose()
-        self.thresholds = dict(self.current.thresholds)
+        with self._lock:
+            self.current = self.choose()
+            self.thresholds = dict(self.current.thresholds)
 
     def observe(self, round_trip_s: float, compute_s: float, queue_s: float, bytes_up: int) -> None:
-        self.net.observe(round_trip_s, compute_s, queue_s, bytes_up)
-        self.repick()
+        with self._lock:
+            self.net.observe(round_trip_s, compute_s, queue_s, bytes_up)
+            self.repick()
 
     def speculate(self) -> bool:
         """Draft through a fallback instead of waiting for it (speculative collaborative mode): worth it once a
@@ -181,8 +187,10 @@ class AdaptivePolicy(ExitPolicy):
         return self.net.rtt_s is not None and self.net.fallback_s > self.net.edge_step_s
 
     def observe_verdict(self, accepted: bool) -> None:
-        self.net.acceptance = self.net._ewma(self.net.acceptance, float(accepted))
+        with self._lock:
+            self.net.acceptance = self.net._ewma(self.net.acceptance, float(accepted))
 
     def observe_edge(self, step_s: float, full: bool) -> None:
         if full:  # a step through every edge layer
-            self.net.edge_step_s = self.net._ewma(self.net.edge_step_s, step_s)
+            with self._lock:
+                self.net.edge_step_s = self.net._ewma(self.net.edge_step_s, step_s)
