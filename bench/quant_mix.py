@@ -80,15 +80,18 @@ CHOICES = {
     **{f"policy {b} bpw": {"policy_bpw": b} for b in (4.5, 5.0, 5.5, 6.0, 6.2, 7.0)},
     # ... plus export-edge --learned-rounding 300 (edge/export/rounding.py; needs --rounding-calib)
     **{f"policy {b} bpw +rounding": {"policy_bpw": b, "rounding": 300} for b in (4.5, 5.0, 6.2)},
+    # ... or export-edge --qat STEPS (edge/export/qat.py; --qat-steps, calibration text from --rounding-calib)
+    **{f"policy {b} bpw +qat": {"policy_bpw": b, "qat": True} for b in (4.5, 5.0, 5.5, 6.0, 6.2, 7.0)},
     "embd/out q8_0 + layers iq4_nl": {"quant": "q4-mix", "imatrix": "IM", "keep_layers": (0, 1, 2, 3),
                                       "keep_type": "iq4_nl"},
 }
 
 
 def export_choice(model_dir: Path, name: str, out: Path, threads: int, im: Path | None,
-                  sensitivity: Path | None = None, rounding_calib: str | None = None) -> Path:
+                  sensitivity: Path | None = None, rounding_calib: str | None = None, qat_steps: int = 0) -> Path:
     """The choice's edge GGUF: a CHOICES entry's export_gguf arguments ("IM" = the imatrix), or a policy chosen
-    for its budget from the measured sensitivity (then learned rounding when the entry asks for it)."""
+    for its budget from the measured sensitivity (then learned rounding or quantization-aware fine-tuning when
+    the entry asks for it)."""
     from edge.export.gguf import export_gguf
 
     kw = CHOICES[name]
@@ -97,6 +100,13 @@ def export_choice(model_dir: Path, name: str, out: Path, threads: int, im: Path 
         from edge.export.sensitivity import SENSITIVITY_FILE, Sensitivity
 
         policy = choose(Sensitivity.load(sensitivity or model_dir / SENSITIVITY_FILE), kw["policy_bpw"])
+        if kw.get("qat"):
+            from edge.export.qat import export_qat
+
+            if not rounding_calib or not qat_steps:
+                raise SystemExit(f"{name}: pass --rounding-calib TEXT (calibration text, not --text) and --qat-steps")
+            return export_qat(model_dir, policy, out, threads, steps=qat_steps, text=[rounding_calib],
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
         if kw.get("rounding"):
             from edge.export.rounding import export_rounded
 
@@ -117,10 +127,11 @@ def frontier_png(rows: dict, names: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for rounded, color, label in ((False, "tab:red", "coexit compress policy"),
-                                  (True, "tab:purple", "policy + --learned-rounding 300")):
+    for suffix, color, label in (("bpw", "tab:red", "coexit compress policy"),
+                                 ("+rounding", "tab:purple", "policy + --learned-rounding 300"),
+                                 ("+qat", "tab:green", "policy + --qat (quantization-aware fine-tuning)")):
         pol = sorted((rows[n]["bpw"], rows[n]["emit_agree"]) for n in names
-                     if n.startswith("policy ") and n.endswith("+rounding") == rounded)
+                     if n.startswith("policy ") and n.endswith(suffix))
         if pol:
             ax.plot(*zip(*pol), "o-", color=color, label=label)
     for n in names:
@@ -303,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state", help="JSON file holding the results of each phase (default: a temporary one)")
     ap.add_argument("--workdir", help="where the GGUFs are written (default: a temporary directory)")
     ap.add_argument("--sensitivity", help="the policies' measured sensitivity (default MODEL/quant_sensitivity.json)")
-    ap.add_argument("--rounding-calib", help="calibration text for the +rounding choices (disjoint from --text)")
+    ap.add_argument("--rounding-calib", help="calibration text for the +rounding and +qat choices (disjoint from "
+                                             "--text)")
+    ap.add_argument("--qat-steps", type=int, default=0, help="fine-tuning steps of the +qat choices")
     ap.add_argument("--plot", help="write the frontier (layer bpw against emitted = fp32) to this PNG")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -326,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     def exported(name: str) -> Path:  # the choice's GGUF, exported unless an earlier phase left it in --workdir
         if not paths[name].is_file():
             im_path = Path(state.get("imatrix") or args.imatrix or model_dir / IMATRIX_FILE)
-            export_choice(model_dir, name, paths[name], args.threads, im_path, sens, args.rounding_calib)
+            export_choice(model_dir, name, paths[name], args.threads, im_path, sens, args.rounding_calib,
+                          args.qat_steps)
         return paths[name]
 
     if args.phase in ("agree", "all"):
@@ -339,7 +353,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"no imatrix: pass --calib TEXT or --imatrix FILE (or put one at {im})")
         ref = torch_top1(model_dir, chunks)
         for name in names:
-            path = export_choice(model_dir, name, paths[name], args.threads, im, sens, args.rounding_calib)
+            if CHOICES[name].get("qat") and paths[name].is_file():  # trained earlier (e.g. by coexit export-edge
+                path = paths[name]                                   # --qat into --workdir): not trained again
+            else:
+                path = export_choice(model_dir, name, paths[name], args.threads, im, sens, args.rounding_calib,
+                                     args.qat_steps)
             agree = float((llama_top1(path, chunks, args.threads) == ref).mean())
             state["rows"].setdefault(name, {}).update(file_mib=path.stat().st_size / 2**20, top1=agree,
                                                       bpw=layer_bpw(path))

@@ -3,7 +3,8 @@ GGUF that stock llama.cpp loads (one file, or one file per exit interval), optio
 quantizer. The command line over edge.export.gguf and edge.export.segments.
 
 `--policy FILE` (from `coexit compress`) or `--budget-bpw B` (a policy chosen on the spot from the model's measured
-sensitivity, edge/export/policy.py) set every edge matrix's type instead of --quant."""
+sensitivity, edge/export/policy.py) set every edge matrix's type instead of --quant. With a policy, `--qat STEPS`
+fine-tunes the edge with llama.cpp-exact fake quantization of those types first (edge/export/qat.py)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="after quantizing, re-choose each matrix's codes on llama.cpp's grid for STEPS Adam steps "
                          "against the fp32 model (edge/export/rounding.py; needs --calib; the default model takes "
                          "about 3 s a step on one core, 300 steps are a sound choice); 0: off")
-    ap.add_argument("--calib", nargs="+", metavar="TEXT", help="calibration text for --learned-rounding (files, "
-                                                               "directories or .jsonl; not your evaluation text)")
-    ap.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens for --learned-rounding")
+    ap.add_argument("--qat", type=int, default=0, metavar="STEPS",
+                    help="with --policy/--budget-bpw: first fine-tune the edge layers for STEPS Adam steps against "
+                         "the fp32 model, each matrix rounded exactly as llama.cpp will store it at its policy type "
+                         "(edge/export/qat.py; needs --calib; the default model takes 2-4 s a step on one core, "
+                         "300 steps are a sound choice); then --learned-rounding, if given, starts from the tuned "
+                         "weights; 0: off")
+    ap.add_argument("--qat-lr", type=float, default=1e-5, help="--qat's Adam learning rate (cosine decay)")
+    ap.add_argument("--calib", nargs="+", metavar="TEXT", help="calibration text for --learned-rounding and --qat "
+                                                               "(files, directories or .jsonl; not your evaluation "
+                                                               "text)")
+    ap.add_argument("--calib-tokens", type=int, default=65536,
+                    help="calibration tokens for --learned-rounding and --qat")
     ap.add_argument("--adapter", help="also write this LoRA adapter directory (`coexit adapt`, PEFT layout) as GGUF "
                                       "adapters for the exported file(s), into that directory; llama.cpp applies "
                                       "them at run time (`coexit generate --backend gguf --adapter DIR`)")
@@ -65,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         from coexit.errors import UsageError
 
         raise UsageError("--learned-rounding applies to quantized files: pass --quant, --policy or --budget-bpw")
+    if args.qat < 0 or (args.qat and (not args.calib or policy is None)):
+        from coexit.errors import UsageError
+
+        raise UsageError("--qat STEPS needs STEPS >= 0, a policy (--policy FILE or --budget-bpw B: the types it "
+                         "trains for) and --calib TEXT (calibration text, e.g. data/corpus/train.jsonl)")
     if policy is not None:
         quant = f"policy-{policy.budget_bpw:g}bpw"
     else:
@@ -76,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                   keep_tensors=tensors, keep_type=args.keep_layer_type)
         if policy is not None:
             kw = dict(policy=policy)
+        if args.qat:
+            from edge.export.qat import export_qat
+
+            path = export_qat(args.model, policy, args.out, args.threads, steps=args.qat, text=args.calib,
+                              tokens=args.calib_tokens, layout=args.layout, rounding=args.learned_rounding,
+                              lr=args.qat_lr, log=lambda m: print(m, file=sys.stderr, flush=True))
+            print(f"wrote {path}")
+            return 0
         if args.learned_rounding:
             from edge.export.rounding import export_rounded
 

@@ -275,7 +275,8 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
                 threads: int = 2, *, imatrix: str | Path | bool | None = None, embd: str | None = None,
                 output: str | None = None, keep_layers: tuple[int, ...] | None = None,
                 keep_type: str | None = None, keep_tensors: tuple[str, ...] | None = None,
-                layers: tuple[int, int] | None = None, policy=None, meta: dict[str, str] | None = None) -> Path:
+                layers: tuple[int, int] | None = None, policy=None, meta: dict[str, str] | None = None,
+                weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Export layers [0, split) and the edge exits of a checkpoint directory as a GGUF; returns its path.
     layers=(lo, hi): one segment instead (edge/export/segments.py), its blocks renumbered from blk.0; the mix's
     kept layers and the imatrix entries follow the renumbering.
@@ -285,9 +286,11 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
 
     policy: an edge/export/policy.py Policy (or its JSON file) instead of `quant`: every edge matrix at the
     policy's type, token_embd/output at its head types, the imatrix it was measured with, and the policy itself
-    in the metadata (`coexit.quant_policy`, JSON; `coexit.quant` = its description). meta: extra string keys."""
+    in the metadata (`coexit.quant_policy`, JSON; `coexit.quant` = its description). meta: extra string keys.
+    weights: tuned tensors (torch parameter names, e.g. from edge/export/qat.py) written instead of the
+    checkpoint's; the file keeps the checkpoint's fingerprint."""
     if policy is not None:
-        return _export_policy(Path(model_dir), policy, out, threads, layers, meta)
+        return _export_policy(Path(model_dir), policy, out, threads, layers, meta, weights)
     if quant not in QUANTS and quant not in MIXES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {sorted(QUANTS) + sorted(MIXES)}")
     mix = MIXES.get(quant, QuantMix(quant))
@@ -296,7 +299,7 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
                   tensors=mix.tensors if keep_tensors is None else tuple(keep_tensors),
                   layer_type=keep_type or mix.layer_type)
     model_dir = Path(model_dir)
-    model = _load_edge(model_dir)
+    model = _load_edge(model_dir, weights)
     out = Path(out) if out else model_dir / f"edge-{quant}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     extra = dict(meta or {})
@@ -339,7 +342,8 @@ def export_gguf(model_dir: str | Path, quant: str = "f16", out: str | Path | Non
 
 
 def _export_policy(model_dir: Path, policy, out: str | Path | None, threads: int,
-                   layers: tuple[int, int] | None, extra: dict[str, str] | None = None) -> Path:
+                   layers: tuple[int, int] | None, extra: dict[str, str] | None = None,
+                   weights: dict[str, torch.Tensor] | None = None) -> Path:
     from edge.export.imatrix import Imatrix
     from edge.export.policy import META_KEY, Policy
 
@@ -347,7 +351,7 @@ def _export_policy(model_dir: Path, policy, out: str | Path | None, threads: int
     if policy.backend != "gguf":
         raise ValueError(f"this policy is for the {policy.backend} backend, not a GGUF; choose one for llama.cpp "
                          f"with `coexit compress --backend gguf`")
-    model = _load_edge(model_dir)
+    model = _load_edge(model_dir, weights)
     if policy.fingerprint != model.fingerprint:
         raise ValueError(f"the policy was chosen for another checkpoint (fingerprint {policy.fingerprint[:12]}, "
                          f"this one {model.fingerprint[:12]}); run `coexit compress --model {model_dir}` again")
@@ -397,8 +401,12 @@ def _renumber(values: dict[str, np.ndarray], lo: int, hi: int, keep_output: bool
     return out
 
 
-def _load_edge(model_dir: Path) -> EarlyExitLM:
+def _load_edge(model_dir: Path, weights: dict[str, torch.Tensor] | None = None) -> EarlyExitLM:
     split = read_config(model_dir).split_layer
     model = load(model_dir, layers=(0, split), dtype=torch.float32)
     model.fingerprint = model.fingerprint or fingerprint(model_dir)
+    if weights:
+        from edge.export.qat import apply_weights
+
+        apply_weights(model, weights)
     return model

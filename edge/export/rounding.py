@@ -151,10 +151,13 @@ def calibration(model_dir: str | Path, text: list[str], tokens: int = 65536, seq
 
 
 def tune(model_dir: Path, path: Path, calib: list[list[int]], steps: int, lr: float = 2e-3, batch: int = 4,
-         seed: int = 0, scales: bool = False, system: bool = True, log=print, progress: bool = False) -> dict:
+         seed: int = 0, scales: bool = False, system: bool = True, log=print, progress: bool = False,
+         weights: dict[str, torch.Tensor] | None = None) -> dict:
     """Re-choose the codes (and the norm weights) of the whole-edge GGUF at `path`, in place. The loss is the split
     exit's KL to fp32; with `system`, plus the final head's KL when the fp32 deep layers run on the quantized
-    edge's split rows. Returns {"tuned": [tensor names], "kept": [names whose type has no grid here], "seconds"}."""
+    edge's split rows. `weights`: the tuned tensors the file was exported from (edge/export/qat.py), the start of
+    the latent weights and norms. Returns {"tuned": [tensor names], "kept": [names whose type has no grid here],
+    "seconds"}."""
     from coexit.checkpoint import load, read_config
     from edge.export.gguf import permute_qk, unpermute_qk
     from edge.export.imatrix import LINEAR_NAMES
@@ -164,6 +167,10 @@ def tune(model_dir: Path, path: Path, calib: list[list[int]], steps: int, lr: fl
     split = cfg.split_layer
     ref = load(model_dir, layers=None if system else (0, split), dtype=torch.float32)
     model = load(model_dir, layers=(0, split), dtype=torch.float32)
+    if weights:
+        from edge.export.qat import apply_weights
+
+        apply_weights(model, weights)
     for p in ref.parameters():
         p.requires_grad_(False)
     n_layers = cfg.num_hidden_layers
@@ -293,16 +300,18 @@ def export_rounded(model_dir: str | Path, quant: str, out: str | Path | None, th
     meta = {"coexit.learned_rounding": f"{steps} steps x 4 x 256 tokens of {len(calib)} sequences of "
                                        f"{', '.join(str(t) for t in text)}; codes on llama.cpp's grid, split-exit "
                                        f"and final-head KL to fp32"}
+    meta.update(kw.pop("meta", None) or {})
+    weights = kw.get("weights")
     if layout == "whole":
         path = export_gguf(model_dir, quant, out, threads, meta=meta, **kw)
-        info = tune(model_dir, path, calib, steps, log=log, progress=True)
+        info = tune(model_dir, path, calib, steps, log=log, progress=True, weights=weights)
     else:
         split = read_config(model_dir).split_layer
         seg_dir = export_segments(model_dir, quant, out, threads, meta=meta, **kw)
         with tempfile.TemporaryDirectory(dir=seg_dir) as tmp:
             whole = export_gguf(model_dir, quant, Path(tmp) / "edge.gguf", threads, meta=meta, **kw)
             before = Path(shutil.copy(whole, Path(tmp) / "before.gguf"))
-            info = tune(model_dir, whole, calib, steps, log=log, progress=True)
+            info = tune(model_dir, whole, calib, steps, log=log, progress=True, weights=weights)
             for f in segment_files(seg_dir):
                 lo, hi = segment_range(f)
                 transplant(whole, f, lo, hi, split, before)
