@@ -9,6 +9,13 @@ agree with the final head at >= target. Every exit's accepted set meets the targ
 The result is written to DIR/exit_policy.json, which EdgeClient.from_checkpoint uses as its default policy.
 The file also holds the frontier of threshold vectors the adaptive policy (edge/policy/adaptive.py) chooses from, and
 its default quality budget: the fixed policy's own disagreement over all calibration positions.
+
+`--reference text` (teacher-forced only) measures the target against the text's real next token instead of the
+final head: an exited token is acceptable unless the final head had the real token and the exit did not (the exit
+lost a token the cloud would have got right). On-policy text is the final head's own, so there the two coincide;
+on the user's own text an adapted edge (`coexit adapt`) that is right where the unadapted cloud is wrong is not
+counted against the target, as agreement with the cloud would count it. Agreement implies acceptability, so at the
+same target the text reference takes at least the cloud reference's share on the same data.
 """
 
 from __future__ import annotations
@@ -32,12 +39,14 @@ from edge.policy.gate import features as gate_features
 from edge.policy.guarantee import ltt_threshold
 
 POLICY_FILE = "exit_policy.json"
+REFERENCES = ("cloud", "text")  # what an exited token is judged against: the final head's top-1, the real next token
 
 
 @dataclass
 class ExitStats:
     conf: dict[int, torch.Tensor]  # exit layer -> (N,) confidence
-    agree: dict[int, torch.Tensor]  # exit layer -> (N,) bool: exit top-1 == final top-1
+    agree: dict[int, torch.Tensor]  # exit layer -> (N,) bool: exit top-1 == final top-1 (reference "text": exit top-1
+    # == the real next token, or the final top-1 is not it)
     feats: dict[int, torch.Tensor] | None = None  # exit layer -> (N, F) learned-gate features, when asked
 
     def subset(self, idx: torch.Tensor) -> ExitStats:
@@ -58,14 +67,16 @@ def exit_pass(model: coexit.EarlyExitLM, x: torch.Tensor, exits: list[int]):
     return logits, hidden, final
 
 
-def _record(model, x, exits, criterion, want_feats, rows, out) -> None:
-    """Append the stats of positions `rows` of ids x (1, T) to out (conf, agree, feats lists per exit)."""
+def _record(model, x, exits, criterion, want_feats, rows, out, real: torch.Tensor | None = None) -> None:
+    """Append the stats of positions `rows` of ids x (1, T) to out (conf, agree, feats lists per exit); with `real`,
+    the next tokens of those rows, "agree" is acceptability against them (see the module's doc)."""
     logits, hidden, final = exit_pass(model, x, exits)
     top = final[rows].argmax(-1)
     prev_top = prev_h = None
     for e in exits:
         lg = logits[e][rows]
-        out[1][e].append(lg.argmax(-1) == top)
+        mine = lg.argmax(-1)
+        out[1][e].append(mine == top if real is None else (mine == real) | (top != real))
         if criterion != "learned":
             out[0][e].append(torch.tensor([confidence(row, criterion) for row in lg]))
         if want_feats:
@@ -92,8 +103,11 @@ def read_texts(path: str | Path, limit_chars: int) -> list[str]:
 
 @torch.no_grad()
 def collect(model: coexit.EarlyExitLM, texts: list[str], exits: list[int], criterion: str, seq_len: int = 256,
-            max_tokens: int = 50_000, features: bool = False) -> ExitStats:
-    """Teacher-forced: every position of the held-out text."""
+            max_tokens: int = 50_000, features: bool = False, reference: str = "cloud") -> ExitStats:
+    """Teacher-forced: every position of the held-out text (reference "text": every position with a next token,
+    judged against it)."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference is one of {REFERENCES}, got {reference!r}")
     tok = model.tokenizer
     ids: list[int] = []
     for t in texts:
@@ -105,7 +119,11 @@ def collect(model: coexit.EarlyExitLM, texts: list[str], exits: list[int], crite
     want = features or criterion == "learned"
     for a in tqdm(range(0, len(ids) - 1, seq_len), desc="calibrating", unit="window"):
         x = torch.tensor([ids[a:a + seq_len]])
-        _record(model, x, exits, criterion, want, slice(None), out)
+        if reference == "text":
+            real = torch.tensor(ids[a + 1:a + seq_len + 1])
+            _record(model, x, exits, criterion, want, slice(0, real.numel()), out, real)
+        else:
+            _record(model, x, exits, criterion, want, slice(None), out)
     return _stats(out, exits, criterion, want)
 
 
@@ -194,11 +212,14 @@ def choose_thresholds(stats: ExitStats, exits: list[int], target: float, criteri
 
 def calibrate(model_dir: str | Path, data: str | Path, target: float = 0.99, criterion: str = "max_prob",
               max_tokens: int = 50_000, write: bool = True, on_policy: bool = False, delta: float | None = None,
-              seed: int = 0, adapter: str | Path | None = None) -> dict:
+              seed: int = 0, adapter: str | Path | None = None, reference: str = "cloud") -> dict:
     """Thresholds (and, for criterion "learned", the gates) for DIR; on_policy measures agreement on the full
     model's own greedy continuations; delta asks for the Learn-then-Test guarantee at confidence 1 - delta.
     adapter: calibrate the model with this LoRA adapter merged into its edge layers, and write the policy into the
-    adapter's directory (an adapted edge's exits are not the base model's)."""
+    adapter's directory (an adapted edge's exits are not the base model's). reference "text": the target is met
+    against the text's real next token (teacher-forced only; see the module's doc)."""
+    if reference == "text" and on_policy:
+        raise UsageError("--reference text judges exits against the text's next token: it needs --teacher-forced")
     model = coexit.load(model_dir, dtype=torch.float32)
     if adapter is not None:
         from coexit.lora import merge_adapter
@@ -206,8 +227,8 @@ def calibrate(model_dir: str | Path, data: str | Path, target: float = 0.99, cri
         merge_adapter(model, adapter)
     exits = model.config.edge_exit_layers
     texts = read_texts(data, max_tokens * 6)
-    gather = collect_on_policy if on_policy else collect
-    stats = gather(model, texts, exits, criterion, max_tokens=max_tokens)
+    stats = (collect_on_policy(model, texts, exits, criterion, max_tokens=max_tokens) if on_policy
+             else collect(model, texts, exits, criterion, max_tokens=max_tokens, reference=reference))
     gates = None
     if criterion == "learned":  # fit the gates on one half, choose thresholds on the other
         n = next(iter(stats.agree.values())).numel()
@@ -220,7 +241,7 @@ def calibrate(model_dir: str | Path, data: str | Path, target: float = 0.99, cri
     high = criterion != "entropy"
     fixed = evaluate(stats.conf, stats.agree, exits, thresholds, high)
     result = {"criterion": criterion, "target": target, "thresholds": {str(k): v for k, v in thresholds.items()},
-              **report, "disagreement": fixed.disagreement, "on_policy": on_policy}
+              **report, "disagreement": fixed.disagreement, "on_policy": on_policy, "reference": reference}
     if delta is not None:
         result["guarantee"] = {"agreement": target, "confidence": 1 - delta,
                                "method": "Learn-then-Test: fixed-sequence testing of Clopper-Pearson upper bounds, "
@@ -291,7 +312,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print, do not write exit_policy.json")
     ap.add_argument("--adapter", help="a LoRA adapter directory (`coexit adapt`): calibrate the adapted edge and "
                                       "write its policy into that directory, where --adapter runs find it")
+    ap.add_argument("--reference", choices=REFERENCES, default="cloud",
+                    help="what --target is measured against: the full model's token (cloud), or the text's real next "
+                         "token (text: an exit may differ from the cloud where the cloud is wrong; implies "
+                         "--teacher-forced). For an adapted edge on the user's own text")
     args = ap.parse_args(argv)
+    if args.reference == "text":
+        args.teacher_forced = True
     if not 0 < args.target < 1:
         raise UsageError(f"--target is an agreement rate in (0, 1), like 0.99; got {args.target}")
     if not 0 <= args.delta < 1:
@@ -300,7 +327,8 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     coexit.read_config(args.model)  # a wrong --model: one line
     r = calibrate(args.model, args.data, args.target, args.criterion, args.max_tokens, write=not args.dry_run,
-                  on_policy=not args.teacher_forced, delta=args.delta or None, adapter=args.adapter)
+                  on_policy=not args.teacher_forced, delta=args.delta or None, adapter=args.adapter,
+                  reference=args.reference)
     for e, v in r["per_exit"].items():
         thr = "never" if v["threshold"] is None else f"{v['threshold']:.4f}"
         print(f"exit {e}: threshold {thr}, takes {v['share']:.1%} of tokens")

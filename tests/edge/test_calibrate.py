@@ -159,3 +159,44 @@ def test_coexit_generate_uses_the_calibrated_policy_unless_told_otherwise(tiny_d
     assert cli.main(["--model", str(d), "--mode", "standalone", "--max-new-tokens", "3", "--color", "never",
                      "def f():"]) == 0
     assert "3 tokens: 100% on the edge" in capsys.readouterr().out
+
+
+def test_reference_text_judges_exits_against_the_next_token(tiny_dir, tmp_path):
+    """--reference text: an exited token is acceptable unless the final head had the real next token and the exit
+    did not; so every position that agrees with the final head is acceptable, and the acceptable ones are exactly
+    those the formula names (checked against the model's own logits)."""
+    import pytest
+
+    from coexit.errors import UsageError
+    from edge.policy.calibrate import collect
+
+    model = coexit.load(tiny_dir, dtype=torch.float32)
+    texts = [f"def g{i}(y):\n    return y + {i}\n" for i in range(30)]
+    cloud = collect(model, texts, [2, 3], "max_prob", seq_len=64, max_tokens=600)
+    text = collect(model, texts, [2, 3], "max_prob", seq_len=64, max_tokens=600, reference="text")
+    ids = []
+    for t in texts:
+        ids += model.tokenizer.encode(t, add_bos=True)
+    ids = ids[:600]
+    n = len(ids) - 1  # every position with a next token
+    with torch.no_grad():
+        want = {2: [], 3: []}
+        for a in range(0, len(ids) - 1, 64):
+            x = torch.tensor([ids[a:a + 64]])
+            real = torch.tensor(ids[a + 1:a + 65])
+            out = model(x, exits=[2, 3])
+            final = out.logits[0, :real.numel()].argmax(-1)
+            for e in (2, 3):
+                mine = out.exit_logits[e][0, :real.numel()].argmax(-1)
+                want[e].append((mine == real) | (final != real))
+    for e in (2, 3):
+        assert text.agree[e].numel() == n and torch.equal(text.agree[e], torch.cat(want[e]))
+        assert bool((text.agree[e] | ~cloud.agree[e][:n]).all())  # agreement with the cloud implies acceptable
+        assert torch.allclose(text.conf[e], cloud.conf[e][:n])
+    assert int(text.agree[2].sum()) > int(cloud.agree[2][:n].sum())  # and some exits are right where the cloud is not
+    data = tmp_path / "held.txt"
+    data.write_text("".join(texts))
+    with pytest.raises(UsageError):
+        calibrate(tiny_dir, data, target=0.5, max_tokens=500, write=False, on_policy=True, reference="text")
+    r = calibrate(tiny_dir, data, target=0.5, max_tokens=500, write=False, reference="text")
+    assert r["reference"] == "text"
