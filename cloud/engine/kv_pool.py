@@ -268,16 +268,21 @@ class BatchAttention:
         self._caches = np.fromiter([c._slot() for c, _, _ in segments], dtype=np.int64, count=len(segments))
         self._firsts = np.fromiter([first for _, first, _ in segments], dtype=np.int64, count=len(segments))
         self._ns = np.fromiter([n for _, _, n in segments], dtype=np.int64, count=len(segments))
-        self._where: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # see claim
+        self._slots: np.ndarray | None = None  # pool slot ids (layers, N) from layer `_base` on: see claim
+        self._base = 0
         # singles: (query row, cache, position of the query); multis: (query row, cache, first, n, queries)
         self.singles, self.multis, row, qrow = [], [], 0, 0
         for c, first, n in segments:
-            offsets = list(range(n)) if fill is None else (~fill[row:row + n]).nonzero().flatten().tolist()
-            if len(offsets) == 1:
-                self.singles.append((qrow, c, first + offsets[0]))
-            elif offsets:
-                self.multis.append((qrow, c, first, n, len(offsets)))
-            row, qrow = row + n, qrow + len(offsets)
+            if fill is None:  # every row is a query
+                nq, last = n, first + n - 1
+            else:
+                offsets = (~fill[row:row + n]).nonzero().flatten().tolist()
+                nq, last = len(offsets), first + (offsets[0] if offsets else 0)
+            if nq == 1:
+                self.singles.append((qrow, c, last))
+            elif nq:
+                self.multis.append((qrow, c, first, n, nq))
+            row, qrow = row + n, qrow + nq
         if self.singles:  # layer-independent parts of the decode call
             self.rows = torch.tensor([r for r, _, _ in self.singles], device=pool.device)
             self.lengths = torch.tensor([pos + 1 for _, _, pos in self.singles], device=pool.device)
@@ -298,17 +303,17 @@ class BatchAttention:
             c, first, n = self.segments[int(bad[0])]
             c.claim(layer, first, n)
         t.lengths[layer, caches] = ends
-        if self._where is None:  # every row's slot (in the tables) and block column, offset: the same at each layer
-            if len(ns) == 1:
+        if self._slots is None or layer < self._base:  # every later layer's slot ids at once (tables are fixed
+            if len(ns) == 1:                           # for the tick: blocks were grown when it was scheduled)
                 pos = np.arange(firsts[0], ends[0])
                 rows = np.full(len(pos), caches[0])
             else:
                 seg = np.repeat(np.arange(len(ns)), ns)
                 pos = np.arange(len(seg)) - np.repeat(np.cumsum(ns) - ns, ns) + firsts[seg]
                 rows = caches[seg]
-            self._where = rows, pos // bs, pos % bs
-        rows, col, offset = self._where
-        return t.blocks[layer, rows, col].astype(np.int64) * bs + offset
+            self._base = layer
+            self._slots = t.blocks[layer:, rows, pos // bs].astype(np.int64) * bs + pos % bs  # (layers, N)
+        return self._slots[layer - self._base]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         pool = self.pool
