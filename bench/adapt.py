@@ -6,7 +6,9 @@ and not in the corpus) and evaluates on the other 20%, teacher-forced, before an
 - the cloud's accuracy (the unadapted deep layers on that edge's split rows), over all positions and over the
   policy's fallback positions;
 - the collaborative system's accuracy on the real next token and its edge share, each model under thresholds
-  calibrated (max-prob, 99% agreement) on the user's own training files;
+  calibrated (max-prob, target 99%) on the user's own training files, twice: judged against the model's own final
+  head (agreement, `coexit calibrate`'s default) and against the real next token (`--reference text`: an exit is
+  acceptable unless the cloud had the token and the exit did not; rows marked "reference text");
 - cloud-only accuracy (the unadapted model), the bar the issue sets;
 - exit voting at the split against the split exit alone, at the same edge share (the calibrated policy's).
 
@@ -37,10 +39,11 @@ import coexit  # noqa: E402
 from coexit.lora import merge_adapter  # noqa: E402
 from coexit.textdata import spread_chunks  # noqa: E402
 from edge.apps.adapt import adapt  # noqa: E402
-from edge.policy.calibrate import choose_thresholds, collect  # noqa: E402
+from edge.policy.calibrate import REFERENCES, choose_thresholds, collect  # noqa: E402
 from edge.policy.voting import RULES, combine  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "coexit-code-small"
+POLICY_ROWS = ("cloud top-1 (fallbacks)", "collaborative top-1", "edge share")  # the rows that depend on the policy
 
 
 @torch.no_grad()
@@ -214,10 +217,17 @@ def main() -> int:
         merge_adapter(tuned, Path(tmp) / "adapter")
     rows = {}
     for name, model in (("before", base), ("after", tuned)):
-        stats = collect(model, train_docs, exits, "max_prob", max_tokens=30_000)
-        thresholds, _ = choose_thresholds(stats, exits, args.target, "max_prob")
-        rows[name] = evaluate(model, chunks, exits, thresholds)
-        rows[name]["thresholds"] = {e: round(t, 3) for e, t in thresholds.items() if t is not None}
+        for reference in REFERENCES:  # the same target, judged against the cloud's token / the real next token
+            stats = collect(model, train_docs, exits, "max_prob", max_tokens=30_000, reference=reference)
+            thresholds, _ = choose_thresholds(stats, exits, args.target, "max_prob")
+            r = evaluate(model, chunks, exits, thresholds)
+            if reference == "cloud":
+                rows[name] = r
+                rows[name]["thresholds"] = {e: round(t, 3) for e, t in thresholds.items() if t is not None}
+            else:
+                for k in POLICY_ROWS:
+                    rows[name][f"{k}, reference text"] = r[k]
+                rows[name]["thresholds, reference text"] = {e: round(t, 3) for e, t in thresholds.items()}
     print(f"adapting took {seconds:.0f} s on this CPU\n")
     print("| measure | before | after |\n|---|---|---|")
     for k in rows["before"]:
