@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qat", type=int, default=0, metavar="STEPS",
                     help="with --policy/--budget-bpw: first fine-tune the edge layers for STEPS Adam steps against "
                          "the fp32 model, each matrix rounded exactly as llama.cpp will store it at its policy type "
-                         "(edge/export/qat.py; needs --calib; the default model takes 2-4 s a step on one core, "
-                         "300 steps are a sound choice); then --learned-rounding, if given, starts from the tuned "
+                         "(edge/export/qat.py; needs --calib; the default model takes 2-4 s a step on one core; "
+                         "60-150 steps are a sound choice); then --learned-rounding, if given, starts from the tuned "
                          "weights; 0: off")
     ap.add_argument("--qat-lr", type=float, default=1e-5, help="--qat's Adam learning rate (cosine decay)")
     ap.add_argument("--calib", nargs="+", metavar="TEXT", help="calibration text for --learned-rounding and --qat "
