@@ -4,5 +4,6 @@ matrix from coexit's torch model; `coexit imatrix`), `lora` (LoRA adapters as GG
 at run time), `cli` (the `coexit export-edge` command over gguf, segments and lora), `quant_types` (llama.cpp's
 types as stored, their sizes, one tensor rounded by ggml's own quantizer), `sensitivity` (each edge tensor's measured
 damage per type), `policy` (one type per tensor under a bits budget: exact knapsack, JSON, GGUF metadata),
-`rounding` (learned rounding on llama.cpp's grid, an export step; `coexit compress` is edge/apps/compress.py).
+`rounding` (learned rounding on llama.cpp's grid, an export step), `qat` (quantization-aware fine-tuning with
+llama.cpp-exact fake quantization, an export step; `coexit compress` is edge/apps/compress.py).
 May import edge.llamacpp."""

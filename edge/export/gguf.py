@@ -406,7 +406,16 @@ def _load_edge(model_dir: Path, weights: dict[str, torch.Tensor] | None = None) 
     model = load(model_dir, layers=(0, split), dtype=torch.float32)
     model.fingerprint = model.fingerprint or fingerprint(model_dir)
     if weights:
-        from edge.export.qat import apply_weights
-
         apply_weights(model, weights)
     return model
+
+
+def apply_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Copy tuned tensors (torch parameter names) into `model` in place; every name must be one of its own."""
+    own = dict(model.named_parameters())
+    missing = sorted(set(weights) - set(own))
+    if missing:
+        raise KeyError(f"tuned tensors not in the model: {', '.join(missing[:5])}")
+    with torch.no_grad():
+        for n, w in weights.items():
+            own[n].copy_(w)

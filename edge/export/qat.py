@@ -215,17 +215,6 @@ def _param_name(model, obj) -> str:
     raise KeyError("not in the model")
 
 
-def apply_weights(model, weights: dict[str, torch.Tensor]) -> None:
-    """Copy tuned tensors (torch parameter names) into `model` in place; every name must be one of its own."""
-    own = dict(model.named_parameters())
-    missing = sorted(set(weights) - set(own))
-    if missing:
-        raise KeyError(f"tuned tensors not in the model: {', '.join(missing[:5])}")
-    with torch.no_grad():
-        for n, w in weights.items():
-            own[n].copy_(w)
-
-
 def describe(steps: int, info: dict, calib: list[list[int]], text) -> str:
     """The GGUF metadata value (coexit.qat) recording how the weights were tuned."""
     b, a = info["before"], info["after"]

@@ -168,7 +168,7 @@ def tune(model_dir: Path, path: Path, calib: list[list[int]], steps: int, lr: fl
     ref = load(model_dir, layers=None if system else (0, split), dtype=torch.float32)
     model = load(model_dir, layers=(0, split), dtype=torch.float32)
     if weights:
-        from edge.export.qat import apply_weights
+        from edge.export.gguf import apply_weights
 
         apply_weights(model, weights)
     for p in ref.parameters():
