@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from edge.export.imatrix import LINEAR_NAMES
 from edge.export.quant_types import fake_quantize
+from edge.export.rounding import StepProgress, calibration, export_rounded
 
 
 class _Straight(torch.autograd.Function):
@@ -172,7 +173,7 @@ def _train(model, ref, mats, fqs, norm_params, opt, sched, pool, calib, steps, b
     refresh()
     with torch.no_grad():
         before = loss_of(held)[1]
-    bar, t0 = None, time.time()
+    shown = StepProgress("qat", steps, log, progress)
     for step in range(steps):
         x = torch.tensor(rng.sample(calib, min(batch, len(calib))))
         if step:
@@ -182,18 +183,8 @@ def _train(model, ref, mats, fqs, norm_params, opt, sched, pool, calib, steps, b
         loss.backward()
         opt.step()
         sched.step()
-        if step == 0 and steps > 1:
-            log(f"qat: {len(fqs)} matrices, {steps} steps of {x.shape[0]} x {x.shape[1]} tokens: about "
-                f"{(time.time() - t0) * steps / 60:.1f} min on this machine")
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=steps, initial=1, desc="qat", unit="step")
-        elif bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.5f}")
-    if bar is not None:
-        bar.close()
+        shown.step(step, f"{len(fqs)} matrices, {steps} steps of {x.shape[0]} x {x.shape[1]} tokens", "loss", loss)
+    shown.close()
     refresh()
     with torch.no_grad():
         after = loss_of(held)[1]
@@ -231,7 +222,6 @@ def export_qat(model_dir: str | Path, policy, out: str | Path | None, threads: i
     then export it with the policy (a whole file, or segments), recording the tuning as coexit.qat; with
     `rounding` > 0, learned rounding (edge/export/rounding.py) follows from the tuned weights."""
     from edge.export.gguf import export_gguf
-    from edge.export.rounding import calibration, export_rounded
     from edge.export.segments import export_segments
 
     calib = calibration(model_dir, text, tokens)

@@ -138,6 +138,32 @@ def _kl(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
                     reduction="batchmean")
 
 
+class StepProgress:
+    """A tuning loop's feedback (learned rounding, edge/export/qat.py): after its first step, the estimated time of
+    all `steps` (logged), then, when asked, a progress bar showing the loss."""
+
+    def __init__(self, what: str, steps: int, log, bar: bool) -> None:
+        self.what, self.steps, self.log, self.want_bar = what, steps, log, bar
+        self.t0, self.bar = time.time(), None
+
+    def step(self, step: int, detail: str, loss_name: str, loss: torch.Tensor) -> None:
+        """After `step`; detail names the work ("N tensors, S steps of B x T tokens")."""
+        if step == 0 and self.steps > 1:
+            self.log(f"{self.what}: {detail}: about {(time.time() - self.t0) * self.steps / 60:.1f} min on this "
+                     f"machine")
+            if self.want_bar:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.steps, initial=1, desc=self.what, unit="step")
+        elif self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({loss_name: f"{loss.item():.5f}"})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def calibration(model_dir: str | Path, text: list[str], tokens: int = 65536, seq: int = 256) -> list[list[int]]:
     """Sequences of exactly `seq` tokens spread over the calibration text."""
     from coexit.textdata import read_documents, spread_chunks
@@ -212,7 +238,7 @@ def tune(model_dir: Path, path: Path, calib: list[list[int]], steps: int, lr: fl
                             {"params": [on.logs for on, _, _ in tuned.values() if on.logs is not None] +
                              list(norms.values()), "lr": lr / 5}])
     rng, t0 = random.Random(seed), time.time()
-    bar = None
+    shown = StepProgress("learned rounding", steps, log, progress)
     for step in range(steps):
         x = torch.tensor(rng.sample(calib, min(batch, len(calib))))
         with torch.no_grad():
@@ -226,18 +252,8 @@ def tune(model_dir: Path, path: Path, calib: list[list[int]], steps: int, lr: fl
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step == 0 and steps > 1:
-            log(f"learned rounding: {len(tuned)} tensors, {steps} steps of {x.shape[0]} x {x.shape[1]} tokens: "
-                f"about {(time.time() - t0) * steps / 60:.1f} min on this machine")
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=steps, initial=1, desc="learned rounding", unit="step")
-        elif bar is not None:
-            bar.update(1)
-            bar.set_postfix(kl=f"{loss.item():.5f}")
-    if bar is not None:
-        bar.close()
+        shown.step(step, f"{len(tuned)} tensors, {steps} steps of {x.shape[0]} x {x.shape[1]} tokens", "kl", loss)
+    shown.close()
     for name, (on, heads, t) in tuned.items():
         q = on.codes().numpy()
         if on.logs is not None:

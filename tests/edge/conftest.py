@@ -31,6 +31,26 @@ def make_quant_checkpoint(path: Path, seed: int = 0) -> Path:
     return save(model, path, tokenizer=train_bpe(SAMPLE_TEXT * 4, QUANT_CONFIG.vocab_size))
 
 
+# d 128: attention and ffn_gate/up rows are 128 wide (llama.cpp's k-quants fall back, as at the default model's d
+# 384), ffn_down rows 256 wide (k-quants fit). Tied, shared heads like the default model; exits 1, 2, 3 with the split
+# at 2: segments [0, 1) and [1, 2). The compression policy's and QAT's tests run on it.
+NARROW_CONFIG = Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1,
+                       eos_token_id=2, tie_word_embeddings=True, early_exit=EarlyExitConfig((1, 2, 3), 2, True, ()))
+
+
+def make_narrow_checkpoint(path: Path, seed: int) -> Path:
+    """A NARROW_CONFIG checkpoint at `path`, its calibration text beside it (path.parent / "calib.txt") and its
+    importance matrix (imatrix.gguf) inside."""
+    from edge.export.imatrix import compute
+
+    d = save(random_model(NARROW_CONFIG, seed, std=1 / 11), path, tokenizer=train_bpe(SAMPLE_TEXT * 4, 512))
+    text = d.parent / "calib.txt"
+    text.write_text("".join(SAMPLE_TEXT) * 4)
+    compute(d, [str(text)], tokens=512, chunk=64).save(d / "imatrix.gguf")
+    return d
+
+
 def dequantized_reference(gguf_path: Path, ckpt: Path):
     """The torch edge model of `ckpt` with every weight replaced by the GGUF's dequantized tensor."""
     cfg = load(ckpt, layers=(0, 1)).config

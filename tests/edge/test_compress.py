@@ -13,36 +13,23 @@ import gguf
 import numpy as np
 import pytest
 
-from coexit.config import Config, EarlyExitConfig
-from coexit.tiny import SAMPLE_TEXT, random_model, train_bpe
-
 pytest.importorskip("llama_cpp")
 
-from coexit.checkpoint import save  # noqa: E402
 from edge.apps.compress import main as compress_main  # noqa: E402
 from edge.export.cli import main as export_main  # noqa: E402
 from edge.export.gguf import export_gguf, stage_tensors  # noqa: E402
-from edge.export.imatrix import compute  # noqa: E402
 from edge.export.policy import META_KEY, BudgetError, Policy, choose  # noqa: E402
 from edge.export.quant_types import quantize, stored_type, tensor_bytes  # noqa: E402
 from edge.export.segments import export_segments, segment_files  # noqa: E402
 from edge.export.sensitivity import SENSITIVITY_FILE, Sensitivity, measure  # noqa: E402
+from tests.edge.conftest import NARROW_CONFIG, make_narrow_checkpoint  # noqa: E402
 
-# d 128: attention and ffn_gate/up rows are 128 wide (k-quants fall back), ffn_down rows 256 wide. Tied, shared heads
-# like the default model; exits 1, 2, 3 with the split at 2: segments [0, 1) and [1, 2).
-CONFIG = Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
-                num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                tie_word_embeddings=True, early_exit=EarlyExitConfig((1, 2, 3), 2, True, ()))
+CONFIG = NARROW_CONFIG  # d 128 (k-quants fall back) and 256-wide ffn_down; split at 2: segments [0, 1) and [1, 2)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = save(random_model(CONFIG, 5, std=1 / 11), tmp_path_factory.mktemp("compress-ckpt"),
-             tokenizer=train_bpe(SAMPLE_TEXT * 4, 512))
-    text = d.parent / "calib.txt"
-    text.write_text("".join(SAMPLE_TEXT) * 4)
-    compute(d, [str(text)], tokens=512, chunk=64).save(d / "imatrix.gguf")
-    return d
+    return make_narrow_checkpoint(tmp_path_factory.mktemp("compress-ckpt"), 5)
 
 
 @pytest.fixture(scope="module")

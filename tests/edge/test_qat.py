@@ -11,25 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from coexit.config import Config, EarlyExitConfig
-from coexit.tiny import SAMPLE_TEXT, random_model, train_bpe
-
 pytest.importorskip("llama_cpp")
 
-from coexit.checkpoint import save  # noqa: E402
 from coexit.errors import UsageError  # noqa: E402
 from edge.export.cli import main as export_main  # noqa: E402
 from edge.export.gguf import _load_edge, export_gguf, permute_qk  # noqa: E402
-from edge.export.imatrix import LINEAR_NAMES, Imatrix, compute  # noqa: E402
+from edge.export.imatrix import LINEAR_NAMES, Imatrix  # noqa: E402
 from edge.export.policy import Policy  # noqa: E402
 from edge.export.qat import FakeQuant, qat_weights  # noqa: E402
 from edge.export.quant_types import fake_quantize  # noqa: E402
 from edge.export.rounding import calibration  # noqa: E402
 from edge.export.segments import segment_files  # noqa: E402
+from tests.edge.conftest import NARROW_CONFIG, make_narrow_checkpoint  # noqa: E402
 
-CONFIG = Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
-                num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                tie_word_embeddings=True, early_exit=EarlyExitConfig((1, 2, 3), 2, True, ()))
+CONFIG = NARROW_CONFIG
 KINDS = list(LINEAR_NAMES.values())  # attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down
 # every stored type a policy picks at these widths (k-quants only on the 256-wide ffn_down), across two policies
 NARROW = ["q4_0", "iq4_nl", "q5_0", "q5_1", "q8_0", "f16"]
@@ -38,12 +33,7 @@ WIDE = {"a": ["q4_k", "q6_k"], "b": ["q5_k", "iq4_nl"]}
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = save(random_model(CONFIG, 7, std=1 / 11), tmp_path_factory.mktemp("qat-ckpt"),
-             tokenizer=train_bpe(SAMPLE_TEXT * 4, 512))
-    text = d.parent / "calib.txt"
-    text.write_text("".join(SAMPLE_TEXT) * 4)
-    compute(d, [str(text)], tokens=512, chunk=64).save(d / "imatrix.gguf")
-    return d
+    return make_narrow_checkpoint(tmp_path_factory.mktemp("qat-ckpt"), 7)
 
 
 def hand_policy(ckpt, variant: str = "a", uniform: str | None = None) -> Policy:
