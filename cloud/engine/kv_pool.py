@@ -31,6 +31,11 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.from_numpy(raw).view(dtype).view(shape)
 
 
+def packed_positions(firsts: np.ndarray, ns: np.ndarray) -> np.ndarray:
+    """Positions (sum(ns),) of segments packed along T, segment i holding ns[i] rows from position firsts[i]."""
+    return np.arange(int(ns.sum())) + np.repeat(firsts - (np.cumsum(ns) - ns), ns)
+
+
 class KVPool:
     """Flat key/value slot storage (P, K, D) in blocks of `block_size` slots, with a free list."""
 
@@ -304,13 +309,7 @@ class BatchAttention:
             c.claim(layer, first, n)
         t.lengths[layer, caches] = ends
         if self._slots is None or layer < self._base:  # every later layer's slot ids at once (tables are fixed
-            if len(ns) == 1:                           # for the tick: blocks were grown when it was scheduled)
-                pos = np.arange(firsts[0], ends[0])
-                rows = np.full(len(pos), caches[0])
-            else:
-                seg = np.repeat(np.arange(len(ns)), ns)
-                pos = np.arange(len(seg)) - np.repeat(np.cumsum(ns) - ns, ns) + firsts[seg]
-                rows = caches[seg]
+            pos, rows = packed_positions(firsts, ns), np.repeat(caches, ns)  # for the tick: grown when scheduled)
             self._base = layer
             self._slots = t.blocks[layer:, rows, pos // bs].astype(np.int64) * bs + pos % bs  # (layers, N)
         return self._slots[layer - self._base]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from cloud.engine.graphs import DecodeGraphs, StepInputs
-from cloud.engine.kv_pool import BatchAttention
+from cloud.engine.kv_pool import BatchAttention, packed_positions
 from cloud.engine.scheduler import TickItem
 from coexit.decoding import LayerWork, RunResult
 from coexit.model import EarlyExitLM
@@ -107,9 +107,7 @@ class _Packed:
         self.h = torch.cat(hs, dim=1) if len(hs) > 1 else hs[0]
         firsts = np.fromiter([p.work.first for p in group], dtype=np.int64, count=len(group))
         ns = np.fromiter([p.hidden.shape[1] for p in group], dtype=np.int64, count=len(group))
-        starts = np.cumsum(ns) - ns
-        pos = np.arange(int(ns.sum())) + np.repeat(firsts - starts, ns)  # each plan's positions, packed
-        self.positions = torch.from_numpy(pos).to(runner.device)[None]
+        self.positions = torch.from_numpy(packed_positions(firsts, ns)).to(runner.device)[None]
         self.fill = None
         if any(p.work.fill is not None for p in group):
             self.fill = torch.cat([p.work.fill if p.work.fill is not None
