@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -78,12 +79,12 @@ def sample_batch(logits: Tensor, params: list[SamplingParams], positions: list[i
     with their own (seed, position) generator."""
     logits = logits.detach().float().cpu()
     logprobs = torch.log_softmax(logits, dim=-1)
-    tokens = torch.argmax(logits, dim=-1).tolist()
+    tokens = logits.numpy().argmax(-1).tolist()  # torch.argmax's rule (the first maximum, NaN first), in numpy
     for i, p in enumerate(params):
         if not p.greedy:
             probs = torch.softmax(filtered_logits(logits[i], p), dim=-1)
             tokens[i] = int(torch.multinomial(probs, 1, generator=_generator(p.seed, positions[i])))
-    picked = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+    picked = logprobs.numpy()[np.arange(len(tokens)), tokens].tolist()
     return list(zip(tokens, picked))
 
 

@@ -265,10 +265,15 @@ class BatchAttention:
     `segments` order (cache, first position, rows). Writes each row's k, v into its session's blocks (the slots of
     all rows claimed at once, `claim`), then attends the query rows: segments with one query row (decode) in one
     padded call, the others (prompt chunks, catch-up) one each. fill (N,) bool marks rows that only store their
-    k, v (propagated KV): they are not queries, so q holds the other rows only, in order."""
+    k, v (propagated KV): they are not queries, so q holds the other rows only, in order. stop: the layer below
+    which the same rows run on (the packed group's span ends there), so that the first claim checks and advances
+    every layer of the span at once."""
 
-    def __init__(self, segments: list[tuple[PagedCache, int, int]], fill: Tensor | None = None) -> None:
+    def __init__(self, segments: list[tuple[PagedCache, int, int]], fill: Tensor | None = None,
+                 stop: int | None = None) -> None:
         self.segments = segments
+        self._stop = stop
+        self._claimed = range(0)  # layers whose lengths the rows were claimed at
         self.pool = pool = segments[0][0].pool
         self._caches = np.fromiter([c._slot() for c, _, _ in segments], dtype=np.int64, count=len(segments))
         self._firsts = np.fromiter([first for _, first, _ in segments], dtype=np.int64, count=len(segments))
@@ -302,12 +307,16 @@ class BatchAttention:
     def claim(self, layer: int) -> np.ndarray:
         """PagedCache.claim of every segment's rows at `layer`, at once: pool slot ids (N,) in row order."""
         t, bs, caches, firsts, ns = self.pool.tables, self.pool.block_size, self._caches, self._firsts, self._ns
-        have, ends = t.lengths[layer, caches], firsts + ns
-        bad = np.flatnonzero((have != firsts) | (ends > t.nblocks[layer, caches] * bs))
-        if bad.size:  # the per-session check raises the error
-            c, first, n = self.segments[int(bad[0])]
-            c.claim(layer, first, n)
-        t.lengths[layer, caches] = ends
+        if layer not in self._claimed:  # every layer of the span at once: lengths checked, then advanced
+            top = self._stop if self._stop is not None and self._stop > layer else layer + 1
+            span, ends = slice(layer, top), firsts + ns
+            bad = (t.lengths[span, caches] != firsts) | (ends > t.nblocks[span, caches] * bs)  # (layers, segments)
+            if bad.any():  # the per-session check raises the error, at the lowest layer that fails, nothing claimed
+                lay, i = (int(x) for x in np.argwhere(bad)[0])
+                c, first, n = self.segments[i]
+                c.claim(layer + lay, first, n)
+            t.lengths[span, caches] = ends
+            self._claimed = range(layer, top)
         if self._slots is None or layer < self._base:  # every later layer's slot ids at once (tables are fixed
             pos, rows = packed_positions(firsts, ns), np.repeat(caches, ns)  # for the tick: grown when scheduled)
             self._base = layer

@@ -101,7 +101,8 @@ class _Packed:
     """The rows of a group of plans packed along T for one or more consecutive layers, with their positions,
     RoPE tables and attention view computed once."""
 
-    def __init__(self, runner: BatchedRunner, group: list[_Plan]) -> None:
+    def __init__(self, runner: BatchedRunner, group: list[_Plan], stop: int) -> None:
+        """stop: the layer where the group next changes (a plan's span ends or another's begins)."""
         self.group = group
         hs = [p.hidden.to(runner.dtype) for p in group]
         self.h = torch.cat(hs, dim=1) if len(hs) > 1 else hs[0]
@@ -113,7 +114,7 @@ class _Packed:
             self.fill = torch.cat([p.work.fill if p.work.fill is not None
                                    else torch.zeros(p.hidden.shape[1], dtype=torch.bool) for p in group]).cpu()
         self.view = BatchAttention([(p.item.session.runner.cache, p.work.first, p.hidden.shape[1]) for p in group],
-                                   self.fill)
+                                   self.fill, stop)
         self.cos, self.sin = runner.model.rotary.gather(self.positions, int((firsts + ns).max()), self.h.dtype)
 
     def unpack(self) -> None:
@@ -146,7 +147,8 @@ class BatchedRunner:
                 if packed is None or packed.group != group:
                     if packed is not None:
                         packed.unpack()
-                    packed = _Packed(self, group)
+                    stop = min([p.work.stop for p in group] + [p.work.start for p in live if p.work.start > layer])
+                    packed = _Packed(self, group, stop)
                 packed.h = self.model.model.layers[str(layer)](packed.h, packed.cos, packed.sin, packed.positions,
                                                                packed.view, packed.fill)
                 ended = [p for p in group if p.work.stop == layer + 1]

@@ -29,6 +29,7 @@ the plan stale.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -40,6 +41,8 @@ from torch import Tensor
 
 from coexit.decoding import Decide
 from coexit.sampling import GREEDY, SamplingParams
+
+_slot, _id = operator.attrgetter("runner.cache.slot"), operator.attrgetter("id")
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,8 @@ class DecodeBatch:
 
     def __init__(self, sessions: list) -> None:
         self.sessions = sessions
-        self.slots = np.fromiter([s.runner.cache.slot for s in sessions], dtype=np.int64, count=len(sessions))
-        self.by_id = {s.id: s for s in sessions}
+        self.slots = np.fromiter(map(_slot, sessions), dtype=np.int64, count=len(sessions))
+        self.by_id = dict(zip(map(_id, sessions), sessions))
 
 
 class Scheduler:
