@@ -36,8 +36,7 @@ from edge.apps.wan_emulator import DelayProxy, netem_available, netem_namespace
 from edge.backends import make_backend
 from edge.client import EdgeClient
 from edge.policy.adaptive import AdaptivePolicy, evaluate, frontier
-from edge.policy.calibrate import choose_thresholds, collect, load_policy
-from edge.policy.gate import GatePolicy
+from edge.policy.calibrate import choose_thresholds, collect, exit_pass, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = "CE-CoLLM reports -84.55% cloud compute and -13.81% latency vs cloud-only serving, at comparable accuracy."
@@ -84,23 +83,25 @@ def perplexity(model, texts: list[str], policy: ExitPolicy | None, head: int | N
     ids = ids[:max_tokens]
     nll, count, right = 0.0, 0, 0
     exits = [e for e in model.config.exit_layers if e <= split]
+    assert split in exits, "the split layer closes with an exit"
     for a in range(0, len(ids) - 1, seq_len):
         x = torch.tensor([ids[a:a + seq_len + 1]])
-        edge = model.stage(0, split)(x[:, :-1], exits=exits)
+        exit_logits, exit_hidden, final = exit_pass(model, x[:, :-1], exits)  # per exit (T, V) and (T, C)
         target = x[0, 1:]
         uses = []
         for i in range(target.numel()):
             use = head if head is not None else L
-            if policy is not None:
+            if policy is not None:  # each exit's hidden state too: a learned gate reads it
                 for e in exits:
-                    if policy.decide(e, edge.exit_logits[e][0, i]):
+                    if policy.decide(e, exit_logits[e][i], exit_hidden[e][i]):
                         use = e
                         break
             uses.append(use)
-        fill = torch.tensor([u != L for u in uses]) if propagate else None
-        final = model.run_layers(edge.hidden, None, None, split, L, fill=fill).logits
+        if propagate:
+            fill = torch.tensor([u != L for u in uses])
+            final = model.run_layers(exit_hidden[split][None], None, None, split, L, fill=fill).logits[0]
         for i, use in enumerate(uses):
-            logits = final[0, i] if use == L else edge.exit_logits[use][0, i]
+            logits = final[i] if use == L else exit_logits[use][i]
             nll -= float(torch.log_softmax(logits.float(), -1)[target[i]])
             right += int(int(logits.argmax()) == int(target[i]))
             count += 1
@@ -259,11 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = run_mode(client, model, pairs, mode, policy, args.max_new, kv_fill)
             head = cfg.split_layer if name == "edge-only" else None
             use_policy = policy if mode == "collaborative" else None
-            if isinstance(policy, GatePolicy):  # its features need each exit's hidden state: not scored here
-                rows[name]["perplexity"] = rows[name]["accuracy"] = float("nan")
-            else:
-                rows[name]["perplexity"], rows[name]["accuracy"] = perplexity(
-                    model, calib_texts[::-1], use_policy, head, args.ppl_tokens, propagate=kv_fill == "propagate")
+            rows[name]["perplexity"], rows[name]["accuracy"] = perplexity(
+                model, calib_texts[::-1], use_policy, head, args.ppl_tokens, propagate=kv_fill == "propagate")
             rows[name]["thresholds"] = {str(k): round(v, 4) for k, v in policy.thresholds.items()}
             if isinstance(policy, AdaptivePolicy):
                 rows[name]["budget"] = policy.budget
