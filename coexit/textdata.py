@@ -20,10 +20,13 @@ def _read_jsonl(path: Path, key: str) -> Iterator[str]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n} is not valid JSON: {exc}") from None
+                raise UsageError(f"{path}:{n} is not valid JSON ({exc}): a .jsonl file holds one JSON object per "
+                                 f"line; pass plain text under another suffix") from None
             text = rec.get(key) if isinstance(rec, dict) else None
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{n} has no string field {key!r} (set --text-key)")
+                raise UsageError(f"{path}:{n} has no string field {key!r}: each line of a .jsonl file must be an "
+                                 f"object with the document's text in {key!r} (commands with --text-key read "
+                                 f"another field)")
             yield text
 
 

@@ -115,6 +115,10 @@ def cases(cloud: str, no_tok: str, held: int, nothing: str, tmp: Path) -> dict:
                                 ["heldout.jsonl", "coexit build-corpus"], 2),
         "evaluate-no-corpus": (["evaluate", "--model", MODEL, "--data", "data/corpus/heldout.jsonl"],
                                ["heldout.jsonl", "coexit build-corpus"], 2),
+        "calibrate-bad-jsonl": (["calibrate", "--model", MODEL, "--data", str(tmp / "cut.jsonl")],
+                                ["cut.jsonl:2", "not valid JSON"], 2),
+        "calibrate-jsonl-no-text": (["calibrate", "--model", MODEL, "--data", str(tmp / "untitled.jsonl")],
+                                    ["untitled.jsonl:1", "'text'"], 2),
         "compress-budget": (["compress", "--model", MODEL, "--budget-bpw", "3"], ["--budget-bpw 3", "4.50"], 2),
         "export-policy-and-quant": (["export-edge", "--model", MODEL, "--budget-bpw", "5", "--quant", "q8_0"],
                                     ["drop --quant"], 2),
@@ -129,6 +133,8 @@ CASE_NAMES = list(cases("c", "t", 1, "n", Path(".")))
 def results(deep_only_cloud, no_tokenizer_model, held_port, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     nothing = f"127.0.0.1:{free_port()}"
+    (tmp / "cut.jsonl").write_text('{"text": "def f():\\n    return 1\\n"}\n{"text": "def g(x):\\n  ')  # cut short
+    (tmp / "untitled.jsonl").write_text('{"body": "x = 1"}\n')
     table = cases(deep_only_cloud, no_tokenizer_model, held_port, nothing, tmp)
     with ThreadPoolExecutor(4) as pool:
         futures = {name: pool.submit(coexit, *argv, cwd=tmp) for name, (argv, _, _) in table.items()}
