@@ -53,14 +53,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --policy/--budget-bpw: first fine-tune the edge layers for STEPS Adam steps against "
                          "the fp32 model, each matrix rounded exactly as llama.cpp will store it at its policy type "
                          "(edge/export/qat.py; needs --calib; the default model takes 2-4 s a step on one core; "
-                         "60-150 steps are a sound choice); then --learned-rounding, if given, starts from the tuned "
-                         "weights; 0: off")
+                         "150-800 steps are a sound choice, more helping at 5 bits); then --learned-rounding, if "
+                         "given, starts from the tuned weights; 0: off")
     ap.add_argument("--qat-lr", type=float, default=1e-5, help="--qat's Adam learning rate (cosine decay)")
     ap.add_argument("--calib", nargs="+", metavar="TEXT", help="calibration text for --learned-rounding and --qat "
                                                                "(files, directories or .jsonl; not your evaluation "
                                                                "text)")
-    ap.add_argument("--calib-tokens", type=int, default=65536,
-                    help="calibration tokens for --learned-rounding and --qat")
+    ap.add_argument("--calib-tokens", type=int, default=None,
+                    help="calibration tokens for --learned-rounding and --qat (default 65,536; with --qat STEPS at "
+                         "least STEPS x 4 x 256: as many 256-token sequences as the steps draw)")
     ap.add_argument("--adapter", help="also write this LoRA adapter directory (`coexit adapt`, PEFT layout) as GGUF "
                                       "adapters for the exported file(s), into that directory; llama.cpp applies "
                                       "them at run time (`coexit generate --backend gguf --adapter DIR`)")
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
         raise UsageError("--qat STEPS needs STEPS >= 0, a policy (--policy FILE or --budget-bpw B: the types it "
                          "trains for) and --calib TEXT (calibration text, e.g. data/corpus/train.jsonl)")
+    if args.calib_tokens is None:  # qat_weights draws 4 sequences of 256 tokens a step; more distinct ones
+        args.calib_tokens = max(65536, args.qat * 4 * 256)  # served it better (bench/results/quant_mix.txt)
     if policy is not None:
         quant = f"policy-{policy.budget_bpw:g}bpw"
     else:

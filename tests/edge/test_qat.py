@@ -142,3 +142,16 @@ def test_export_edge_qat_writes_the_policy_in_both_layouts(ckpt, tmp_path, capsy
     llm.close()
     with pytest.raises(UsageError):
         export_main(["--model", str(ckpt), "--quant", "q4_0", "--qat", "3", "--calib", calib])
+
+
+def test_export_edge_qat_draws_enough_calibration_for_its_steps(ckpt, tmp_path, monkeypatch):
+    import edge.export.qat as qat
+
+    seen = []
+    monkeypatch.setattr(qat, "export_qat", lambda *a, tokens, **kw: seen.append(tokens) or tmp_path / "q.gguf")
+    pfile = str(hand_policy(ckpt).save(tmp_path / "p.json"))
+    base = ["--model", str(ckpt), "--policy", pfile, "--calib", str(ckpt.parent / "calib.txt"), "--out",
+            str(tmp_path / "q.gguf")]
+    for extra in (["--qat", "500"], ["--qat", "20"], ["--qat", "500", "--calib-tokens", "2048"]):
+        assert export_main(base + extra) == 0
+    assert seen == [500 * 4 * 256, 65536, 2048]  # a sequence for each of the steps' 4 x 256-token draws
