@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import random
 import sys
 import tempfile
@@ -177,8 +178,10 @@ def memory_phase(args) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", choices=["gain", "memory"], default="gain")
-    ap.add_argument("--batch", type=int, default=4, help="memory phase: sequences per step")
-    ap.add_argument("--seq-len", type=int, default=256, help="memory phase: tokens per sequence")
+    ap.add_argument("--batch", type=int, help="sequences per step (memory phase: default 4; gain phase: coexit "
+                                              "adapt's)")
+    ap.add_argument("--seq-len", type=int, help="tokens per sequence (memory phase: default 256; gain phase: "
+                                                "coexit adapt's)")
     ap.add_argument("--steps-memory", type=int, default=4, help="memory phase: steps per window")
     ap.add_argument("--package", help="a directory of Python source held out of the corpus (default: aiohttp's)")
     ap.add_argument("--steps", type=int, default=150, help="adapt steps per window")
@@ -187,11 +190,19 @@ def main() -> int:
     ap.add_argument("--consistency", type=float, default=1.0, help="coexit adapt's split-row drift weight")
     ap.add_argument("--lr", type=float, default=1e-3, help="coexit adapt's learning rate")
     ap.add_argument("--base-dtype", choices=["fp32", "bf16"], default="fp32", help="coexit adapt's --base-dtype")
+    ap.add_argument("--rank", type=int, help="coexit adapt's LoRA rank (default: its own)")
+    ap.add_argument("--alpha", type=float, help="coexit adapt's LoRA alpha (default: its own)")
+    ap.add_argument("--joint-steps", type=int, help="coexit adapt's final joint pass, steps (default: its own)")
+    ap.add_argument("--weight-decay", type=float, help="coexit adapt's AdamW weight decay (default: its own)")
     args = ap.parse_args()
     if args.phase == "memory":
+        args.batch, args.seq_len = args.batch or 4, args.seq_len or 256
         return memory_phase(args)
+    knobs = {k: v for k, v in (("r", args.rank), ("alpha", args.alpha), ("joint_steps", args.joint_steps),
+                               ("weight_decay", args.weight_decay), ("batch", args.batch),
+                               ("seq_len", args.seq_len)) if v is not None}
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))  # 2 unless the caller limits the threads
     pkg = Path(args.package) if args.package else Path(importlib.util.find_spec("aiohttp").origin).parent
     files = sorted(p for p in pkg.rglob("*.py") if p.stat().st_size > 200)
     random.Random(0).shuffle(files)
@@ -206,11 +217,11 @@ def main() -> int:
     chunks = spread_chunks(tok, test_docs, args.tokens, 257, min_len=257)
     print(f"package {pkg.name}: {len(train)} files to adapt on, {len(test)} held out ({sum(map(len, chunks))} "
           f"tokens); {args.steps} adapt steps per window, consistency {args.consistency}, lr {args.lr}, base "
-          f"{args.base_dtype}")
+          f"{args.base_dtype}{''.join(f', {k} {v}' for k, v in knobs.items())}")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         adapt(MODEL, [str(f) for f in train], Path(tmp) / "adapter", steps=args.steps, heldout=0.0, progress=False,
-              consistency=args.consistency, lr=args.lr,
+              consistency=args.consistency, lr=args.lr, **knobs,
               base_dtype=torch.bfloat16 if args.base_dtype == "bf16" else torch.float32)
         seconds = time.perf_counter() - t0
         tuned = coexit.load(MODEL)

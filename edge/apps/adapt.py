@@ -1,6 +1,10 @@
 """`coexit adapt --model DIR --data PATH... --out ADAPTER_DIR`: adapt the edge layers to the user's own text on the
-device, as Edge-LLM's adaptive layer tuning does: LoRA adapters (r 8, alpha 16, every linear), trained one window
-of layers at a time, shallow to deep, each window closing at an edge exit whose loss trains it.
+device, as Edge-LLM's adaptive layer tuning does: LoRA adapters on every linear, trained one window of layers at a
+time, shallow to deep, each window closing at an edge exit whose loss trains it. Rank 32, alpha 64 (Edge-LLM uses
+r 8, alpha 16; on held-out files of a package the bundled model never saw, r 32 lifted the exits about a point more,
+r 64 overfit: bench/results/adapt.txt). When the text holds fewer tokens than the steps take, all of it is used,
+not only each document's share. `--joint-steps` adds a last pass over every edge layer's adapters with the loss
+summed over the edge exits (its memory is full-depth LoRA's; it gained nothing there, so it is off by default).
 
 Memory is bounded by the window: the layers below it run without autograd, the forward stops at the window's exit,
 only the window's adapters are trainable, and each layer of the window keeps only its input for the backward pass
@@ -32,7 +36,17 @@ from tqdm import tqdm
 
 from coexit.checkpoint import load, read_config
 from coexit.errors import UsageError
-from coexit.lora import CONFIG_FILE, TARGETS, LoraConfig, add_lora, lora_disabled, read_adapter, save_adapter, set_lora
+from coexit.lora import (
+    CONFIG_FILE,
+    TARGETS,
+    LoraConfig,
+    LoRALinear,
+    add_lora,
+    lora_disabled,
+    read_adapter,
+    save_adapter,
+    set_lora,
+)
 from coexit.textdata import read_documents, spread_chunks
 
 
@@ -60,10 +74,11 @@ def _batches(chunks: list[list[int]], batch: int, rng: random.Random):
 
 
 def window_loss(model, lo: int, hi: int, ids: torch.Tensor, consistency: float = 0.0,
-                checkpoint: bool = True) -> torch.Tensor:
-    """The training loss of window [lo, hi) on a batch of token ids (B, T + 1): next-token cross-entropy at exit hi
-    (plus the consistency term). Layers below lo run without autograd; with `checkpoint`, each window layer keeps
-    only its input for the backward pass."""
+                checkpoint: bool = True, exits: tuple[int, ...] = ()) -> torch.Tensor:
+    """The training loss of window [lo, hi) on a batch of token ids (B, T + 1): next-token cross-entropy at exit hi,
+    plus that of each other exit in `exits` inside the window (the joint pass), plus the consistency term. Layers
+    below lo run without autograd; with `checkpoint`, each window layer keeps only its input for the backward
+    pass."""
     x, y = ids[:, :-1], ids[:, 1:]
     with torch.no_grad():  # the layers below the window: no autograd graph, no activations kept
         e = model.embed(x)
@@ -71,11 +86,14 @@ def window_loss(model, lo: int, hi: int, ids: torch.Tensor, consistency: float =
         if consistency:
             with lora_disabled(model):  # the unadapted edge's output at the window's top
                 target = model.run_layers(e, 0, None, 0, hi).hidden.float()
+    loss = 0.0
     for i in range(lo, hi):
         def layer(t, i=i):
             return model.run_layers(t, 0, None, i, i + 1).hidden
         h = recompute(layer, h, use_reentrant=False) if checkpoint else layer(h)
-    loss = F.cross_entropy(model.head_logits(hi, h).flatten(0, 1).float(), y.flatten())
+        if i + 1 in exits and i + 1 < hi:
+            loss = loss + F.cross_entropy(model.head_logits(i + 1, h).flatten(0, 1).float(), y.flatten())
+    loss = loss + F.cross_entropy(model.head_logits(hi, h).flatten(0, 1).float(), y.flatten())
     if consistency:
         loss = loss + consistency * ((h.float() - target) ** 2).mean() / (target ** 2).mean()
     return loss
@@ -94,8 +112,9 @@ def exit_loss(model, chunks: list[list[int]], exit_layer: int, batch: int = 8) -
 
 
 def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128, batch: int = 8, lr: float = 1e-3,
-          r: int = 8, alpha: float = 16.0, consistency: float = 1.0, heldout: float = 0.1, seed: int = 0,
-          progress: bool = True, base_dtype: torch.dtype = torch.float32, checkpoint: bool = True) -> dict:
+          r: int = 32, alpha: float = 64.0, consistency: float = 1.0, heldout: float = 0.1, seed: int = 0,
+          progress: bool = True, base_dtype: torch.dtype = torch.float32, checkpoint: bool = True,
+          joint_steps: int = 0, weight_decay: float = 0.0) -> dict:
     """Train (or resume) the adapter in `out`; returns the per-window report written beside it."""
     torch.manual_seed(seed)
     cfg0 = read_config(model_dir)
@@ -113,6 +132,8 @@ def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128,
     held_docs, train_docs = docs[:n_held], docs[n_held:] or docs
     want = steps * batch * seq_len
     train = spread_chunks(tok, train_docs, want, seq_len + 1, min_len=seq_len + 1)
+    if sum(map(len, train)) < want:  # less text than the steps take: all of it, not the per-document share
+        train = spread_chunks(tok, train_docs, want, seq_len + 1, per_doc=want, min_len=seq_len + 1)
     held = spread_chunks(tok, held_docs, 64 * seq_len, seq_len + 1, min_len=seq_len + 1) if held_docs else []
     if len(train) < batch:
         raise UsageError(f"the data holds {len(train)} chunks of {seq_len + 1} tokens, fewer than one batch of "
@@ -120,27 +141,32 @@ def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128,
     out = Path(out)
     lora = LoraConfig(r, alpha, TARGETS, tuple(range(split)), model.fingerprint,
                       {"windows": [list(w) for w in windows(exits)], "windows_done": [], "consistency": consistency,
-                       "steps_per_window": steps, "seq_len": seq_len, "batch": batch, "lr": lr})
+                       "steps_per_window": steps, "seq_len": seq_len, "batch": batch, "lr": lr,
+                       "joint_steps": joint_steps, "joint_done": False, "weight_decay": weight_decay})
     done: list[list[int]] = []
+    joint_done = False
     if (out / CONFIG_FILE).is_file():  # resume: the windows already trained come back as they were saved
         old, weights = read_adapter(out)
         if old.base_fingerprint != model.fingerprint:
             raise UsageError(f"{out} holds an adapter of another checkpoint; choose another --out")
         done = old.extra.get("windows_done", [])
+        joint_done = bool(old.extra.get("joint_done", False))
+        r = lora.r = old.r  # the saved windows' rank and alpha, whatever this run's defaults are
+        alpha = lora.alpha = old.alpha
         add_lora(model, LoraConfig(r, alpha, TARGETS, tuple(i for lo, hi in done for i in range(lo, hi))))
         set_lora(model, weights)
     todo = [w for w in windows(exits) if list(w) not in done]
     report = {"windows": []}
-    bar = tqdm(total=steps * len(todo), desc="adapting", unit="step", disable=not progress)
+    joint = joint_steps > 0 and not joint_done
+    bar = tqdm(total=steps * len(todo) + joint_steps * joint, desc="adapting", unit="step", disable=not progress)
     batches = _batches(train, batch, rng)
-    for lo, hi in todo:
-        mods = add_lora(model, LoraConfig(r, alpha, TARGETS, tuple(range(lo, hi))))
-        params = [p for m in mods for p in (m.lora_A, m.lora_B)]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def tune(params, lo, hi, n, also=()):
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         before = exit_loss(model, held, hi) if held else math.nan
         t0, last = time.perf_counter(), 0.0
-        for _ in range(steps):
-            loss = window_loss(model, lo, hi, next(batches), consistency, checkpoint)
+        for _ in range(n):
+            loss = window_loss(model, lo, hi, next(batches), consistency, checkpoint, also)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -148,12 +174,21 @@ def adapt(model_dir, data: list[str], out, steps: int = 100, seq_len: int = 128,
             bar.update(1)
             bar.set_postfix(window=f"[{lo},{hi})", loss=f"{last:.3f}")
         after = exit_loss(model, held, hi) if held else math.nan
+        return {"window": [lo, hi], "exit": hi, "heldout_loss_before": before, "heldout_loss_after": after,
+                "train_loss_last": last, "seconds": time.perf_counter() - t0}
+
+    for lo, hi in todo:
+        mods = add_lora(model, LoraConfig(r, alpha, TARGETS, tuple(range(lo, hi))))
+        row = tune([p for m in mods for p in (m.lora_A, m.lora_B)], lo, hi, steps)
         done.append([lo, hi])
         lora.extra["windows_done"] = done
         save_adapter(model, lora, out)  # a checkpoint per window: an interrupted run resumes here
-        report["windows"].append({"window": [lo, hi], "exit": hi, "heldout_loss_before": before,
-                                  "heldout_loss_after": after, "train_loss_last": last,
-                                  "seconds": time.perf_counter() - t0})
+        report["windows"].append(row)
+    if joint:  # every edge layer's adapters at once, the loss summed over the edge exits
+        params = [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)]
+        report["windows"].append(tune(params, 0, split, joint_steps, tuple(exits)) | {"joint": True})
+        lora.extra["joint_done"] = True
+        save_adapter(model, lora, out)
     bar.close()
     report.update(chunks_train=len(train), chunks_heldout=len(held))
     (out / "adapt_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -171,13 +206,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the adapters")
-    ap.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / r)")
+    ap.add_argument("--rank", type=int, default=32,
+                    help="LoRA rank r (Edge-LLM's 8 gained less on held-out code: bench/results/adapt.txt)")
+    ap.add_argument("--alpha", type=float, default=64.0, help="LoRA alpha (the update is scaled by alpha / r)")
     ap.add_argument("--consistency", type=float, default=1.0,
                     help="weight of the split-row drift penalty that keeps the cloud's answers right (0: off)")
     ap.add_argument("--base-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="the frozen base weights while tuning: bf16 halves their memory (the adapters stay fp32); "
                          "auto: bf16 where the CPU computes bf16 natively, else fp32")
+    ap.add_argument("--joint-steps", type=int, default=0,
+                    help="after the windows, steps of one pass over every edge layer's adapters with the loss summed "
+                         "over the edge exits (its memory is full-depth LoRA's, not a window's; 0: none)")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapters")
     ap.add_argument("--heldout", type=float, default=0.1, help="share of the documents held out for the report")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the batches")
     args = ap.parse_args(argv)
@@ -185,15 +225,18 @@ def main(argv: list[str]) -> int:
                         ("--rank", args.rank)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    if not 0 <= args.heldout < 1 or args.consistency < 0 or not args.lr > 0:
-        raise UsageError("--heldout must be in [0, 1), --consistency >= 0 and --lr > 0")
+    if not 0 <= args.heldout < 1 or args.consistency < 0 or not args.lr > 0 or args.joint_steps < 0 \
+            or args.weight_decay < 0:
+        raise UsageError("--heldout must be in [0, 1), --consistency >= 0, --lr > 0, --joint-steps >= 0 and "
+                         "--weight-decay >= 0")
     read_config(args.model)
     r = adapt(args.model, args.data, args.out, args.steps, args.seq_len, args.batch, args.lr, args.rank,
               args.alpha, args.consistency, args.heldout, args.seed,
               base_dtype=torch.bfloat16 if args.base_dtype == "bf16" or (args.base_dtype == "auto" and native_bf16())
-              else torch.float32)
+              else torch.float32, joint_steps=args.joint_steps, weight_decay=args.weight_decay)
     for w in r["windows"]:
-        print(f"window {w['window']} (exit {w['exit']}): held-out exit loss {w['heldout_loss_before']:.3f} -> "
+        what = "joint pass" if w.get("joint") else "window"
+        print(f"{what} {w['window']} (exit {w['exit']}): held-out exit loss {w['heldout_loss_before']:.3f} -> "
               f"{w['heldout_loss_after']:.3f} in {w['seconds']:.0f} s")
     print(f"wrote {args.out} (PEFT layout; use it with --adapter)")
     return 0

@@ -3,6 +3,7 @@ in PEFT's layout; the adapted edge fits the user's text better at every exit it 
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -80,12 +81,49 @@ def test_only_the_window_trains(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(mod.torch.optim, "AdamW", Spy)
     adapt(tiny_dir, [str(tmp_path / "t.py")], tmp_path / "a", steps=2, seq_len=16, batch=2, heldout=0.0,
           progress=False)
-    cfg = coexit.read_config(tiny_dir)
+    assert seen == _window_sizes(tiny_dir, steps=2)
+
+
+def _per_layer(tiny_dir) -> int:
+    """The trainable adapter size of one edge layer at coexit adapt's default rank r: A (r, in) + B (out, r) per
+    adapted linear."""
+    r = inspect.signature(adapt).parameters["r"].default
     block = coexit.load(tiny_dir, layers=(0, 1)).model.layers["0"]
-    per_layer = sum(8 * (m.in_features + m.out_features)  # rank 8: A (8, in) + B (out, 8) per adapted linear
-                    for m in (getattr(getattr(block, PARENT[t]), t) for t in TARGETS))
-    sizes = [hi - lo for lo, hi in windows(cfg.edge_exit_layers)]
-    assert seen == [n * per_layer for n in sizes for _ in range(2)]
+    return sum(r * (m.in_features + m.out_features) for m in (getattr(getattr(block, PARENT[t]), t) for t in TARGETS))
+
+
+def _window_sizes(tiny_dir, steps: int) -> list[int]:
+    """The trainable adapter size of each windowed step."""
+    cfg = coexit.read_config(tiny_dir)
+    return [(hi - lo) * _per_layer(tiny_dir) for lo, hi in windows(cfg.edge_exit_layers) for _ in range(steps)]
+
+
+def test_the_joint_pass_tunes_every_edge_layer_once(tiny_dir, tmp_path, monkeypatch):
+    """--joint-steps: after the windows, every edge layer's adapters train together (the loss at every edge exit);
+    a resumed run that finished it does not run it again."""
+    import edge.apps.adapt as mod
+
+    (tmp_path / "t.py").write_text(TEXT * 8)
+    seen = []
+    real = torch.optim.AdamW
+
+    class Spy(real):
+        def step(self, *a, **k):
+            seen.append(sum(p.numel() for g in self.param_groups for p in g["params"] if p.grad is not None))
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(mod.torch.optim, "AdamW", Spy)
+    report = adapt(tiny_dir, [str(tmp_path / "t.py")], tmp_path / "a", steps=2, seq_len=16, batch=2, heldout=0.0,
+                   progress=False, joint_steps=3)
+    split = coexit.read_config(tiny_dir).split_layer
+    assert seen == _window_sizes(tiny_dir, steps=2) + [split * _per_layer(tiny_dir)] * 3
+    assert report["windows"][-1]["joint"] and report["windows"][-1]["window"] == [0, split]
+    cfg, _ = read_adapter(tmp_path / "a")
+    assert cfg.extra["joint_done"] and cfg.extra["joint_steps"] == 3
+    seen.clear()
+    again = adapt(tiny_dir, [str(tmp_path / "t.py")], tmp_path / "a", steps=2, seq_len=16, batch=2, heldout=0.0,
+                  progress=False, joint_steps=3)
+    assert again["windows"] == [] and seen == []
 
 
 def test_window_loss_recomputes_exactly_and_needs_no_second_model(tiny_dir):
@@ -160,3 +198,15 @@ def test_recalibration_after_adaptation_travels_with_the_adapter(adapted, tiny_d
     assert ((Path(tiny_dir) / POLICY_FILE).read_text() if (Path(tiny_dir) / POLICY_FILE).exists() else None) == mine
     client = EdgeClient.from_checkpoint(tiny_dir, adapter=out, mode="standalone")
     assert client.policy.thresholds == {int(k): v for k, v in r["thresholds"].items()}
+
+
+def test_resume_keeps_the_saved_rank(tiny_dir, tmp_path):
+    """An adapter begun at another rank than this run's default resumes at its own rank (its saved windows load)."""
+    (tmp_path / "t.py").write_text(TEXT * 8)
+    adapt(tiny_dir, [str(tmp_path / "t.py")], tmp_path / "a", steps=1, seq_len=16, batch=2, heldout=0.0,
+          progress=False, r=4, alpha=8.0)
+    again = adapt(tiny_dir, [str(tmp_path / "t.py")], tmp_path / "a", steps=1, seq_len=16, batch=2, heldout=0.0,
+                  progress=False, joint_steps=1)
+    cfg, weights = read_adapter(tmp_path / "a")
+    assert [w.get("joint") for w in again["windows"]] == [True]
+    assert cfg.r == 4 and cfg.alpha == 8.0 and all(a.shape[0] == 4 for a, _ in weights.values())
