@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
 import random
 import sys
@@ -97,9 +98,10 @@ METHODS = {  # name: (windowed, LoRA, base dtype, activation checkpointing)
 }
 
 
-def _tune_once(method: str, model_dir: str, batch: int, seq_len: int, steps: int, queue) -> None:
+def _tune_once(method: str, model_dir: str, batch: int, seq_len: int, steps: int, queue, r: int = 8,
+               alpha: float = 16.0) -> None:
     """In a fresh process: `steps` optimizer steps of one method (edge.apps.adapt.window_loss, the step coexit adapt
-    takes); reports (peak RSS MiB, seconds per step)."""
+    takes; LoRA methods at rank r); reports (peak RSS MiB, seconds per step)."""
     from coexit.lora import TARGETS, LoraConfig, add_lora
     from edge.apps.adapt import window_loss, windows
 
@@ -123,7 +125,7 @@ def _tune_once(method: str, model_dir: str, batch: int, seq_len: int, steps: int
             for p in params:
                 p.requires_grad_(True)
         else:
-            mods = add_lora(model, LoraConfig(8, 16, TARGETS, tuple(range(lo, hi))))
+            mods = add_lora(model, LoraConfig(r, alpha, TARGETS, tuple(range(lo, hi))))
             params = [p for m in mods for p in (m.lora_A, m.lora_B)]
         opt = torch.optim.AdamW(params, lr=1e-4)
         for step in range(steps + 1):  # the first step of each window warms up and is not timed
@@ -151,13 +153,16 @@ def memory_phase(args) -> int:
     from bench.cloud_load import write_shape
 
     ctx = mp.get_context("spawn")
+    defaults = inspect.signature(adapt).parameters  # coexit adapt's own rank and alpha unless given
+    r = args.rank or defaults["r"].default
+    alpha = args.alpha or (defaults["alpha"].default if args.rank is None else 2.0 * r)
     with tempfile.TemporaryDirectory() as tmp:
         shapes = {"bundled model (d 384, edge 4 layers)": str(MODEL)}
         edge11 = write_shape("tinyllama", Path(tmp) / "tinyllama")
         shapes["TinyLlama-shaped edge (d 2048, 11 layers, random)"] = str(edge11)
         print(f"batch {args.batch} x {args.seq_len} tokens, {args.steps_memory} steps per window, AdamW (fp32 "
-              f"adapters), 2 threads; peak RSS of a fresh process while it tunes (the edge weights included, the "
-              f"load's transient not)\n")
+              f"adapters, LoRA r {r} alpha {alpha:g}), 2 threads; peak RSS of a fresh process while it tunes "
+              f"(the edge weights included, the load's transient not)\n")
         print("| model | method | peak RSS | s/step | RSS vs full FT | speed vs full-depth LoRA |")
         print("|---|---|---|---|---|---|")
         for name, path in shapes.items():
@@ -165,7 +170,7 @@ def memory_phase(args) -> int:
             for method in METHODS:
                 q = ctx.Queue()
                 p = ctx.Process(target=_tune_once, args=(method, path, args.batch, args.seq_len, args.steps_memory,
-                                                         q))
+                                                         q, r, alpha))
                 p.start()
                 res[method] = q.get(timeout=3600)
                 p.join()
