@@ -65,20 +65,26 @@ def test_resume_skips_finished_windows(adapted, tiny_dir):
     assert again["windows"] == [] and (out / "adapter_model.safetensors").read_bytes() == before
 
 
-def test_only_the_window_trains(tiny_dir, tmp_path, monkeypatch):
-    """Below the window no autograd graph is built, and only the window's adapters get gradients."""
+@pytest.fixture
+def trained_sizes(monkeypatch) -> list[int]:
+    """Per optimizer step of coexit adapt, how many parameters had a gradient (its AdamW, spied on)."""
     import edge.apps.adapt as mod
 
-    (tmp_path / "t.py").write_text(TEXT * 8)
-    seen = []
-    real = torch.optim.AdamW
+    seen: list[int] = []
 
-    class Spy(real):
+    class Spy(torch.optim.AdamW):
         def step(self, *a, **k):
             seen.append(sum(p.numel() for g in self.param_groups for p in g["params"] if p.grad is not None))
             return super().step(*a, **k)
 
     monkeypatch.setattr(mod.torch.optim, "AdamW", Spy)
+    return seen
+
+
+def test_only_the_window_trains(tiny_dir, tmp_path, trained_sizes):
+    """Below the window no autograd graph is built, and only the window's adapters get gradients."""
+    (tmp_path / "t.py").write_text(TEXT * 8)
+    seen = trained_sizes
     adapt(tiny_dir, [str(tmp_path / "t.py")], tmp_path / "a", steps=2, seq_len=16, batch=2, heldout=0.0,
           progress=False)
     assert seen == _window_sizes(tiny_dir, steps=2)
@@ -98,21 +104,11 @@ def _window_sizes(tiny_dir, steps: int) -> list[int]:
     return [(hi - lo) * _per_layer(tiny_dir) for lo, hi in windows(cfg.edge_exit_layers) for _ in range(steps)]
 
 
-def test_the_joint_pass_tunes_every_edge_layer_once(tiny_dir, tmp_path, monkeypatch):
+def test_the_joint_pass_tunes_every_edge_layer_once(tiny_dir, tmp_path, trained_sizes):
     """--joint-steps: after the windows, every edge layer's adapters train together (the loss at every edge exit);
     a resumed run that finished it does not run it again."""
-    import edge.apps.adapt as mod
-
     (tmp_path / "t.py").write_text(TEXT * 8)
-    seen = []
-    real = torch.optim.AdamW
-
-    class Spy(real):
-        def step(self, *a, **k):
-            seen.append(sum(p.numel() for g in self.param_groups for p in g["params"] if p.grad is not None))
-            return super().step(*a, **k)
-
-    monkeypatch.setattr(mod.torch.optim, "AdamW", Spy)
+    seen = trained_sizes
     report = adapt(tiny_dir, [str(tmp_path / "t.py")], tmp_path / "a", steps=2, seq_len=16, batch=2, heldout=0.0,
                    progress=False, joint_steps=3)
     split = coexit.read_config(tiny_dir).split_layer
