@@ -86,7 +86,8 @@ def perplexity(model, texts: list[str], policy: ExitPolicy | None, head: int | N
     assert split in exits, "the split layer closes with an exit"
     for a in range(0, len(ids) - 1, seq_len):
         x = torch.tensor([ids[a:a + seq_len + 1]])
-        exit_logits, exit_hidden, final = exit_pass(model, x[:, :-1], exits)  # per exit (T, V) and (T, C)
+        # per exit (T, V) and (T, C); with propagate the deep layers run below, once the fill rows are known
+        exit_logits, exit_hidden, final = exit_pass(model, x[:, :-1], exits, final=not propagate)
         target = x[0, 1:]
         uses = []
         for i in range(target.numel()):

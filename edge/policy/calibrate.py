@@ -57,14 +57,16 @@ class ExitStats:
 
 
 @torch.no_grad()
-def exit_pass(model: coexit.EarlyExitLM, x: torch.Tensor, exits: list[int]):
-    """One pass over ids (1, T): per exit its logits (T, V) and hidden states (T, C), and the final logits."""
+def exit_pass(model: coexit.EarlyExitLM, x: torch.Tensor, exits: list[int], final: bool = True):
+    """One pass over ids (1, T): per exit its logits (T, V) and hidden states (T, C), and the final logits (None
+    with final=False: the layers above the last exit are not run)."""
     h, start, logits, hidden = model.embed(x), 0, {}, {}
     for e in exits:
         h = model.run_layers(h, None, None, start, e).hidden
         logits[e], hidden[e], start = model.head_logits(e, h[0]), h[0], e
-    final = model.run_layers(h, None, None, start, model.config.num_hidden_layers).logits[0]
-    return logits, hidden, final
+    if not final:
+        return logits, hidden, None
+    return logits, hidden, model.run_layers(h, None, None, start, model.config.num_hidden_layers).logits[0]
 
 
 def _record(model, x, exits, criterion, want_feats, rows, out, real: torch.Tensor | None = None) -> None:
