@@ -57,33 +57,51 @@ class ExitStats:
 
 
 @torch.no_grad()
-def exit_pass(model: coexit.EarlyExitLM, x: torch.Tensor, exits: list[int], final: bool = True):
-    """One pass over ids (1, T): per exit its logits (T, V) and hidden states (T, C), and the final logits (None
-    with final=False: the layers above the last exit are not run)."""
+def exit_pass(model: coexit.EarlyExitLM, x: torch.Tensor, exits: list[int], final: bool = True,
+              rows: torch.Tensor | None = None):
+    """One pass over ids (B, T): per exit its logits (B·T, V) and hidden states (B·T, C), and the final logits
+    (None with final=False: the layers above the last exit are not run); rows in sequence order, so (T, ...) for
+    one sequence. rows: only these of the B·T rows (the heads are applied to them alone)."""
     h, start, logits, hidden = model.embed(x), 0, {}, {}
+    L = model.config.num_hidden_layers
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        t = t.flatten(0, 1)
+        return t if rows is None else t[rows]
+
     for e in exits:
         h = model.run_layers(h, None, None, start, e).hidden
-        logits[e], hidden[e], start = model.head_logits(e, h[0]), h[0], e
+        hidden[e], start = pick(h), e
+        logits[e] = model.head_logits(e, hidden[e])
     if not final:
         return logits, hidden, None
-    return logits, hidden, model.run_layers(h, None, None, start, model.config.num_hidden_layers).logits[0]
+    top = model.run_layers(h, None, None, start, L, head_rows="none").hidden
+    return logits, hidden, model.head_logits(L, pick(top))
 
 
 def _record(model, x, exits, criterion, want_feats, rows, out, real: torch.Tensor | None = None) -> None:
-    """Append the stats of positions `rows` of ids x (1, T) to out (conf, agree, feats lists per exit); with `real`,
-    the next tokens of those rows, "agree" is acceptability against them (see the module's doc)."""
-    logits, hidden, final = exit_pass(model, x, exits)
-    top = final[rows].argmax(-1)
+    """Append the stats of positions `rows` of ids x (B, T) (the same positions of every sequence) to out (conf,
+    agree, feats lists per exit); with `real`, the next tokens of those rows, "agree" is acceptability against them
+    (see the module's doc)."""
+    b, t = x.shape  # the rows of every sequence, sequence by sequence
+    rows = (torch.arange(b)[:, None] * t + torch.arange(t)[rows][None]).flatten()
+    _append(out, exits, criterion, want_feats, *exit_pass(model, x, exits, rows=rows), real)
+
+
+def _append(out, exits, criterion, want_feats, logits, hidden, final, real: torch.Tensor | None = None) -> None:
+    """Append the stats of rows whose exit logits (N, V) and hidden states (N, C) per exit, and final logits (N, V),
+    are given (see `_record`)."""
+    top = final.argmax(-1)
     prev_top = prev_h = None
     for e in exits:
-        lg = logits[e][rows]
+        lg = logits[e]
         mine = lg.argmax(-1)
         out[1][e].append(mine == top if real is None else (mine == real) | (top != real))
         if criterion != "learned":
             out[0][e].append(torch.tensor([confidence(row, criterion) for row in lg]))
         if want_feats:
-            out[2][e].append(gate_features(lg, hidden[e][rows], prev_top, prev_h))
-        prev_top, prev_h = lg.argmax(-1), hidden[e][rows]
+            out[2][e].append(gate_features(lg, hidden[e], prev_top, prev_h))
+        prev_top, prev_h = lg.argmax(-1), hidden[e]
 
 
 def _stats(out, exits, criterion, want_feats) -> ExitStats:
@@ -129,38 +147,70 @@ def collect(model: coexit.EarlyExitLM, texts: list[str], exits: list[int], crite
     return _stats(out, exits, criterion, want)
 
 
-@torch.no_grad()
-def collect_on_policy(model: coexit.EarlyExitLM, texts: list[str], exits: list[int], criterion: str,
-                      max_tokens: int = 50_000, new_tokens: int = 32, prompt_tokens: int = 96, seed: int = 0,
-                      features: bool = False) -> ExitStats:
-    """On-policy: the positions of the full model's own greedy continuations of held-out prompts (up to
-    prompt_tokens of a document before a random cut, one cut per stretch of document), which is the text the policy
-    meets when it runs."""
-    from coexit.decoding import generate_full
-
-    rng = random.Random(seed)
-    tok = model.tokenizer
-    out = ({e: [] for e in exits}, {e: [] for e in exits}, {e: [] for e in exits})
-    want = features or criterion == "learned"
-    done = 0
-    bar = tqdm(total=max_tokens, desc="calibrating on-policy", unit="tok")
-    room = model.config.max_position_embeddings - new_tokens
+def on_policy_prompts(tok, texts: list[str], count: int, prompt_tokens: int, room: int, seed: int) -> list[list[int]]:
+    """Up to `count` held-out prompts: up to prompt_tokens of a document before a random cut, one cut per stretch
+    of document, in document order."""
+    rng, prompts = random.Random(seed), []
     for t in texts:
         ids = tok.encode(t, add_bos=True)
         for lo in range(0, len(ids) - 8, prompt_tokens):
             cut = rng.randint(lo + 4, min(len(ids) - 1, lo + prompt_tokens))
-            prompt = ids[max(0, cut - min(prompt_tokens, room)):cut]
-            gen = generate_full(model, prompt, new_tokens)
-            x = torch.tensor([prompt + gen])
-            rows = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(gen))  # the rows that produced gen
-            _record(model, x, exits, criterion, want, rows, out)
-            done += len(gen)
-            bar.update(len(gen))
-            if done >= max_tokens:
-                break
-        if done >= max_tokens:
-            break
-    bar.total = bar.n  # the texts ran out before max_tokens: the bar ends full, at what was done
+            prompts.append(ids[max(0, cut - min(prompt_tokens, room)):cut])
+            if len(prompts) >= count:
+                return prompts
+    return prompts
+
+
+@torch.no_grad()
+def continue_batch(model: coexit.EarlyExitLM, prompts: list[list[int]], new_tokens: int, exits: list[int]):
+    """The full model's greedy continuations of equal-length prompts, decoded together (one KV cache of batch B:
+    at batch 1 a CPU decode step is bound by reading the weights, so B prompts cost little more than one), with
+    what `exit_pass` gives for the rows that produced them, read on the way: per exit the logits (B·n, V) and
+    hidden states (B·n, C), and the final logits (B·n, V), sequence by sequence. Returns (tokens (B, n) as lists,
+    logits, hidden, final). The tokens are `generate_full`'s of each prompt alone, up to float rounding on
+    near-ties."""
+    x = torch.tensor(prompts)
+    cache = model.new_cache(batch_size=x.shape[0], max_len=x.shape[1] + new_tokens)
+    L = model.config.num_hidden_layers
+    logits, hidden, final, tokens = {e: [] for e in exits}, {e: [] for e in exits}, [], []
+    for _ in range(new_tokens):
+        h, start = model.embed(x), 0
+        for e in exits:
+            h = model.run_layers(h, None, cache, start, e).hidden
+            hidden[e].append(h[:, -1])
+            logits[e].append(model.head_logits(e, h[:, -1]))
+            start = e
+        final.append(model.head_logits(L, model.run_layers(h, None, cache, start, L, head_rows="none").hidden[:, -1]))
+        x = final[-1].argmax(-1, keepdim=True)  # (B, 1)
+        tokens.append(x)
+
+    def rows(steps: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(steps, 1).flatten(0, 1)
+
+    return (torch.cat(tokens, 1).tolist(), {e: rows(v) for e, v in logits.items()},
+            {e: rows(v) for e, v in hidden.items()}, rows(final))
+
+
+@torch.no_grad()
+def collect_on_policy(model: coexit.EarlyExitLM, texts: list[str], exits: list[int], criterion: str,
+                      max_tokens: int = 50_000, new_tokens: int = 32, prompt_tokens: int = 96, seed: int = 0,
+                      features: bool = False, batch: int = 32) -> ExitStats:
+    """On-policy: the positions of the full model's own greedy continuations of held-out prompts
+    (`on_policy_prompts`), which is the text the policy meets when it runs. Prompts of equal length are decoded
+    `batch` at a time (most are prompt_tokens long), their stats read on the way (`continue_batch`)."""
+    room = model.config.max_position_embeddings - new_tokens
+    prompts = on_policy_prompts(model.tokenizer, texts, -(-max_tokens // new_tokens), prompt_tokens, room, seed)
+    by_len: dict[int, list[list[int]]] = {}
+    for p in prompts:
+        by_len.setdefault(len(p), []).append(p)
+    out = ({e: [] for e in exits}, {e: [] for e in exits}, {e: [] for e in exits})
+    want = features or criterion == "learned"
+    bar = tqdm(total=len(prompts) * new_tokens, desc="calibrating on-policy", unit="tok")
+    for group in by_len.values():
+        for i in range(0, len(group), batch):
+            chunk = group[i:i + batch]
+            _append(out, exits, criterion, want, *continue_batch(model, chunk, new_tokens, exits)[1:])
+            bar.update(len(chunk) * new_tokens)
     bar.close()
     return _stats(out, exits, criterion, want)
 

@@ -200,3 +200,41 @@ def test_reference_text_judges_exits_against_the_next_token(tiny_dir, tmp_path):
         calibrate(tiny_dir, data, target=0.5, max_tokens=500, write=False, on_policy=True, reference="text")
     r = calibrate(tiny_dir, data, target=0.5, max_tokens=500, write=False, reference="text")
     assert r["reference"] == "text"
+
+
+def test_on_policy_batches_equal_one_prompt_at_a_time(tiny_dir):
+    """collect_on_policy decodes equal-length prompts together and reads the stats on the way: its tokens are
+    generate_full's of each prompt alone, and its stats those of a full pass over each prompt and its continuation
+    (the rows that produced the continuation), in the same order."""
+    from coexit.decoding import generate_full
+    from edge.policy.calibrate import collect_on_policy, exit_pass, on_policy_prompts
+    from edge.policy.gate import features as gate_features
+
+    model = coexit.load(tiny_dir, dtype=torch.float32)
+    texts = [f"def f{i}(x):\n    y = x * {i} + {i % 7}\n    return y - {i}\n" * 3 for i in range(12)]
+    exits, new = [2, 3], 6
+    room = model.config.max_position_embeddings - new
+    prompts = on_policy_prompts(model.tokenizer, texts, 10, 16, room, seed=0)
+    assert len({len(p) for p in prompts}) > 1  # prompts of several lengths: several batches
+    got = collect_on_policy(model, texts, exits, "max_prob", max_tokens=10 * new, new_tokens=new, prompt_tokens=16,
+                            batch=3, features=True)
+    conf, agree, feats = {e: [] for e in exits}, {e: [] for e in exits}, {e: [] for e in exits}
+    order = sorted(range(len(prompts)), key=lambda i: [len(p) for p in prompts].index(len(prompts[i])))
+    for i in order:  # grouped by length, in order of first appearance, as collect_on_policy takes them
+        p = prompts[i]
+        gen = generate_full(model, p, new)
+        rows = torch.arange(len(p) - 1, len(p) - 1 + new)
+        logits, hidden, final = exit_pass(model, torch.tensor([p + gen]), exits)
+        assert torch.equal(final[rows].argmax(-1), torch.tensor(gen))  # the rows that produced the continuation
+        top, prev_top, prev_h = final[rows].argmax(-1), None, None
+        for e in exits:
+            lg, h = logits[e][rows], hidden[e][rows]
+            agree[e].append(lg.argmax(-1) == top)
+            conf[e].append(torch.softmax(lg, -1).max(-1).values)
+            feats[e].append(gate_features(lg, h, prev_top, prev_h))
+            prev_top, prev_h = lg.argmax(-1), h
+    for e in exits:
+        assert got.agree[e].numel() == len(prompts) * new
+        assert torch.equal(got.agree[e], torch.cat(agree[e]))
+        assert torch.allclose(got.conf[e], torch.cat(conf[e]), atol=1e-5)
+        assert torch.allclose(got.feats[e], torch.cat(feats[e]), atol=1e-4)
