@@ -164,15 +164,14 @@ def on_policy_prompts(tok, texts: list[str], count: int, prompt_tokens: int, roo
 @torch.no_grad()
 def continue_batch(model: coexit.EarlyExitLM, prompts: list[list[int]], new_tokens: int, exits: list[int]):
     """The full model's greedy continuations of equal-length prompts, decoded together (one KV cache of batch B:
-    at batch 1 a CPU decode step is bound by reading the weights, so B prompts cost little more than one), with
-    what `exit_pass` gives for the rows that produced them, read on the way: per exit the logits (B·n, V) and
-    hidden states (B·n, C), and the final logits (B·n, V), sequence by sequence. Returns (tokens (B, n) as lists,
-    logits, hidden, final). The tokens are `generate_full`'s of each prompt alone, up to float rounding on
-    near-ties."""
+    at batch 1 a CPU decode step is bound by reading the weights, so B prompts cost little more than one); returns
+    what `exit_pass` gives for the n rows of each that produced its continuation, read on the way: per exit the
+    logits (B·n, V) and hidden states (B·n, C), and the final logits (B·n, V), sequence by sequence. The
+    continuations are `generate_full`'s of each prompt alone, up to float rounding on near-ties."""
     x = torch.tensor(prompts)
     cache = model.new_cache(batch_size=x.shape[0], max_len=x.shape[1] + new_tokens)
     L = model.config.num_hidden_layers
-    logits, hidden, final, tokens = {e: [] for e in exits}, {e: [] for e in exits}, [], []
+    logits, hidden, final = {e: [] for e in exits}, {e: [] for e in exits}, []
     for _ in range(new_tokens):
         h, start = model.embed(x), 0
         for e in exits:
@@ -181,14 +180,12 @@ def continue_batch(model: coexit.EarlyExitLM, prompts: list[list[int]], new_toke
             logits[e].append(model.head_logits(e, h[:, -1]))
             start = e
         final.append(model.head_logits(L, model.run_layers(h, None, cache, start, L, head_rows="none").hidden[:, -1]))
-        x = final[-1].argmax(-1, keepdim=True)  # (B, 1)
-        tokens.append(x)
+        x = final[-1].argmax(-1, keepdim=True)  # (B, 1): the next input
 
     def rows(steps: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(steps, 1).flatten(0, 1)
 
-    return (torch.cat(tokens, 1).tolist(), {e: rows(v) for e, v in logits.items()},
-            {e: rows(v) for e, v in hidden.items()}, rows(final))
+    return {e: rows(v) for e, v in logits.items()}, {e: rows(v) for e, v in hidden.items()}, rows(final)
 
 
 @torch.no_grad()
@@ -209,7 +206,7 @@ def collect_on_policy(model: coexit.EarlyExitLM, texts: list[str], exits: list[i
     for group in by_len.values():
         for i in range(0, len(group), batch):
             chunk = group[i:i + batch]
-            _append(out, exits, criterion, want, *continue_batch(model, chunk, new_tokens, exits)[1:])
+            _append(out, exits, criterion, want, *continue_batch(model, chunk, new_tokens, exits))
             bar.update(len(chunk) * new_tokens)
     bar.close()
     return _stats(out, exits, criterion, want)
