@@ -164,28 +164,23 @@ def on_policy_prompts(tok, texts: list[str], count: int, prompt_tokens: int, roo
 @torch.no_grad()
 def continue_batch(model: coexit.EarlyExitLM, prompts: list[list[int]], new_tokens: int, exits: list[int]):
     """The full model's greedy continuations of equal-length prompts, decoded together (one KV cache of batch B:
-    at batch 1 a CPU decode step is bound by reading the weights, so B prompts cost little more than one); returns
-    what `exit_pass` gives for the n rows of each that produced its continuation, read on the way: per exit the
-    logits (B·n, V) and hidden states (B·n, C), and the final logits (B·n, V), sequence by sequence. The
-    continuations are `generate_full`'s of each prompt alone, up to float rounding on near-ties."""
+    at batch 1 a CPU decode step is bound by reading the weights, so B prompts cost little more than one). Yields,
+    step by step, what `exit_pass` gives for the row of each prompt that produced its next token, read on the way:
+    per exit the logits (B, V) and hidden states (B, C), and the final logits (B, V); so only one step's logits are
+    held at a time. The continuations are `generate_full`'s of each prompt alone, up to float rounding on
+    near-ties."""
     x = torch.tensor(prompts)
     cache = model.new_cache(batch_size=x.shape[0], max_len=x.shape[1] + new_tokens)
     L = model.config.num_hidden_layers
-    logits, hidden, final = {e: [] for e in exits}, {e: [] for e in exits}, []
     for _ in range(new_tokens):
-        h, start = model.embed(x), 0
+        h, start, logits, hidden = model.embed(x), 0, {}, {}
         for e in exits:
             h = model.run_layers(h, None, cache, start, e).hidden
-            hidden[e].append(h[:, -1])
-            logits[e].append(model.head_logits(e, h[:, -1]))
-            start = e
-        final.append(model.head_logits(L, model.run_layers(h, None, cache, start, L, head_rows="none").hidden[:, -1]))
-        x = final[-1].argmax(-1, keepdim=True)  # (B, 1): the next input
-
-    def rows(steps: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(steps, 1).flatten(0, 1)
-
-    return {e: rows(v) for e, v in logits.items()}, {e: rows(v) for e, v in hidden.items()}, rows(final)
+            hidden[e], start = h[:, -1], e
+            logits[e] = model.head_logits(e, hidden[e])
+        final = model.head_logits(L, model.run_layers(h, None, cache, start, L, head_rows="none").hidden[:, -1])
+        yield logits, hidden, final
+        x = final.argmax(-1, keepdim=True)  # (B, 1): the next input
 
 
 @torch.no_grad()
@@ -194,7 +189,8 @@ def collect_on_policy(model: coexit.EarlyExitLM, texts: list[str], exits: list[i
                       features: bool = False, batch: int = 32) -> ExitStats:
     """On-policy: the positions of the full model's own greedy continuations of held-out prompts
     (`on_policy_prompts`), which is the text the policy meets when it runs. Prompts of equal length are decoded
-    `batch` at a time (most are prompt_tokens long), their stats read on the way (`continue_batch`)."""
+    `batch` at a time (most are prompt_tokens long), their stats read on the way (`continue_batch`), step by
+    step: the positions of a batch come step-major (every prompt's first continuation row, then the second ...)."""
     room = model.config.max_position_embeddings - new_tokens
     prompts = on_policy_prompts(model.tokenizer, texts, -(-max_tokens // new_tokens), prompt_tokens, room, seed)
     by_len: dict[int, list[list[int]]] = {}
@@ -206,7 +202,8 @@ def collect_on_policy(model: coexit.EarlyExitLM, texts: list[str], exits: list[i
     for group in by_len.values():
         for i in range(0, len(group), batch):
             chunk = group[i:i + batch]
-            _append(out, exits, criterion, want, *continue_batch(model, chunk, new_tokens, exits))
+            for step in continue_batch(model, chunk, new_tokens, exits):
+                _append(out, exits, criterion, want, *step)
             bar.update(len(chunk) * new_tokens)
     bar.close()
     return _stats(out, exits, criterion, want)

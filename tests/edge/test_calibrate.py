@@ -205,7 +205,7 @@ def test_reference_text_judges_exits_against_the_next_token(tiny_dir, tmp_path):
 def test_on_policy_batches_equal_one_prompt_at_a_time(tiny_dir):
     """collect_on_policy decodes equal-length prompts together and reads the stats on the way: its tokens are
     generate_full's of each prompt alone, and its stats those of a full pass over each prompt and its continuation
-    (the rows that produced the continuation), in the same order."""
+    (the rows that produced the continuation), in its order (batches of equal-length prompts, step-major)."""
     from coexit.decoding import generate_full
     from edge.policy.calibrate import collect_on_policy, exit_pass, on_policy_prompts
     from edge.policy.gate import features as gate_features
@@ -219,20 +219,27 @@ def test_on_policy_batches_equal_one_prompt_at_a_time(tiny_dir):
     got = collect_on_policy(model, texts, exits, "max_prob", max_tokens=10 * new, new_tokens=new, prompt_tokens=16,
                             batch=3, features=True)
     conf, agree, feats = {e: [] for e in exits}, {e: [] for e in exits}, {e: [] for e in exits}
-    order = sorted(range(len(prompts)), key=lambda i: [len(p) for p in prompts].index(len(prompts[i])))
-    for i in order:  # grouped by length, in order of first appearance, as collect_on_policy takes them
-        p = prompts[i]
-        gen = generate_full(model, p, new)
-        rows = torch.arange(len(p) - 1, len(p) - 1 + new)
-        logits, hidden, final = exit_pass(model, torch.tensor([p + gen]), exits)
-        assert torch.equal(final[rows].argmax(-1), torch.tensor(gen))  # the rows that produced the continuation
-        top, prev_top, prev_h = final[rows].argmax(-1), None, None
-        for e in exits:
-            lg, h = logits[e][rows], hidden[e][rows]
-            agree[e].append(lg.argmax(-1) == top)
-            conf[e].append(torch.softmax(lg, -1).max(-1).values)
-            feats[e].append(gate_features(lg, h, prev_top, prev_h))
-            prev_top, prev_h = lg.argmax(-1), h
+    groups: dict[int, list[list[int]]] = {}  # by length, in order of first appearance, as collect_on_policy takes them
+    for p in prompts:
+        groups.setdefault(len(p), []).append(p)
+    for group in groups.values():
+        for b in range(0, len(group), 3):
+            passes = []
+            for p in group[b:b + 3]:
+                gen = generate_full(model, p, new)
+                rows = torch.arange(len(p) - 1, len(p) - 1 + new)
+                logits, hidden, final = exit_pass(model, torch.tensor([p + gen]), exits)
+                assert torch.equal(final[rows].argmax(-1), torch.tensor(gen))  # the rows that produced it
+                passes.append(({e: logits[e][rows] for e in exits}, {e: hidden[e][rows] for e in exits}, final[rows]))
+            for step in range(new):  # step-major: every prompt's row of this step
+                lgs = {e: torch.stack([lg[e][step] for lg, _, _ in passes]) for e in exits}
+                hs = {e: torch.stack([h[e][step] for _, h, _ in passes]) for e in exits}
+                top, prev_top, prev_h = torch.stack([f[step] for _, _, f in passes]).argmax(-1), None, None
+                for e in exits:
+                    agree[e].append(lgs[e].argmax(-1) == top)
+                    conf[e].append(torch.softmax(lgs[e], -1).max(-1).values)
+                    feats[e].append(gate_features(lgs[e], hs[e], prev_top, prev_h))
+                    prev_top, prev_h = lgs[e].argmax(-1), hs[e]
     for e in exits:
         assert got.agree[e].numel() == len(prompts) * new
         assert torch.equal(got.agree[e], torch.cat(agree[e]))
