@@ -43,7 +43,10 @@ ANCHORS = "CE-CoLLM reports -84.55% cloud compute and -13.81% latency vs cloud-o
 
 
 def load_snippets(path: Path, n: int, seed: int, min_lines: int = 6) -> tuple[list[tuple[str, str]], list[str]]:
-    """(prompt, next line) pairs and calibration texts from disjoint held-out files."""
+    """(prompt, next line) pairs and calibration texts from disjoint held-out files. A prompt stops where its last
+    line ends, before the newline: the tokenizer merges a newline with the next line's indentation into one token,
+    so a prompt ending in a bare newline would ask for a continuation the model seldom saw in training (an
+    unindented line)."""
     files = [json.loads(line) for line in path.read_text().splitlines()]
     rng = random.Random(seed)
     rng.shuffle(files)
@@ -54,7 +57,7 @@ def load_snippets(path: Path, n: int, seed: int, min_lines: int = 6) -> tuple[li
         candidates = [i for i in range(min_lines, len(lines)) if lines[i].strip() and len(lines[i]) < 100]
         if candidates:
             i = rng.choice(candidates)
-            pairs.append(("\n".join(lines[max(0, i - 12):i]) + "\n", lines[i]))
+            pairs.append(("\n".join(lines[max(0, i - 12):i]), lines[i]))
         if len(pairs) >= n:
             break
     return pairs, calib
@@ -110,6 +113,13 @@ def perplexity(model, texts: list[str], policy: ExitPolicy | None, head: int | N
 
 
 @torch.no_grad()
+def next_line(completion: str) -> str | None:
+    """The line a completion writes after the prompt's last line (None unless it ends that line, then writes a
+    whole line), right-stripped."""
+    parts = completion.split("\n")
+    return parts[1].rstrip() if len(parts) >= 3 and not parts[0].strip() else None
+
+
 def agreement(model, prompt_ids: list[int], tokens: list[int]) -> tuple[int, int]:
     seq = torch.tensor([prompt_ids + tokens])
     greedy = model(seq).logits[0].argmax(-1)
@@ -143,8 +153,7 @@ def run_mode(client: EdgeClient, model, pairs, mode: str, policy: ExitPolicy, ma
                                               accepted + c.accepted, rejected + c.rejected)
         a, n = agreement(model, ids, gen.tokens)
         agree, total = agree + a, total + n
-        first_line = gen.text.split("\n")[0] if "\n" in gen.text else None
-        exact += int(first_line is not None and first_line.rstrip() == target.rstrip())
+        exact += int(next_line(gen.text) == target.rstrip())
         edge += sum(e.origin != "cloud" for e in gen.events)
         up, down = up + gen.counters.bytes_up, down + gen.counters.bytes_down
         cloud_lt += gen.counters.cloud_layer_tokens
