@@ -192,17 +192,22 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=150, help="adapt steps per window")
     ap.add_argument("--tokens", type=int, default=16384, help="held-out test tokens")
     ap.add_argument("--target", type=float, default=0.99, help="calibration agreement target")
-    ap.add_argument("--consistency", type=float, default=1.0, help="coexit adapt's split-row drift weight")
+    ap.add_argument("--consistency", type=float, help="coexit adapt's split-row drift weight (default: its own)")
     ap.add_argument("--lr", type=float, default=1e-3, help="coexit adapt's learning rate")
     ap.add_argument("--base-dtype", choices=["fp32", "bf16"], default="fp32", help="coexit adapt's --base-dtype")
     ap.add_argument("--rank", type=int, help="coexit adapt's LoRA rank (default: its own)")
     ap.add_argument("--alpha", type=float, help="coexit adapt's LoRA alpha (default: its own)")
     ap.add_argument("--joint-steps", type=int, help="coexit adapt's final joint pass, steps (default: its own)")
     ap.add_argument("--weight-decay", type=float, help="coexit adapt's AdamW weight decay (default: its own)")
+    ap.add_argument("--calib-files", type=float, default=0.0,
+                    help="share of the files to adapt on kept out of adapting and used (instead of every one of "
+                         "them) to calibrate both models: thresholds fit on text the adapter did not learn")
     args = ap.parse_args()
     if args.phase == "memory":
         args.batch, args.seq_len = args.batch or 4, args.seq_len or 256
         return memory_phase(args)
+    args.consistency = inspect.signature(adapt).parameters["consistency"].default if args.consistency is None \
+        else args.consistency
     knobs = {k: v for k, v in (("r", args.rank), ("alpha", args.alpha), ("joint_steps", args.joint_steps),
                                ("weight_decay", args.weight_decay), ("batch", args.batch),
                                ("seq_len", args.seq_len)) if v is not None}
@@ -218,9 +223,13 @@ def main() -> int:
     exits = list(cfg.edge_exit_layers)
     tok = base.tokenizer
     test_docs = [f.read_text(errors="replace") for f in test]
+    n_calib = int(args.calib_files * len(train))
+    calib, train = train[:n_calib], train[n_calib:]
     train_docs = [f.read_text(errors="replace") for f in train]
+    calib_docs = [f.read_text(errors="replace") for f in calib] or train_docs
     chunks = spread_chunks(tok, test_docs, args.tokens, 257, min_len=257)
-    print(f"package {pkg.name}: {len(train)} files to adapt on, {len(test)} held out ({sum(map(len, chunks))} "
+    print(f"package {pkg.name}: {len(train)} files to adapt on, {len(calib) or 'the same'} to calibrate on, "
+          f"{len(test)} held out ({sum(map(len, chunks))} "
           f"tokens); {args.steps} adapt steps per window, consistency {args.consistency}, lr {args.lr}, base "
           f"{args.base_dtype}{''.join(f', {k} {v}' for k, v in knobs.items())}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,7 +243,7 @@ def main() -> int:
     rows = {}
     for name, model in (("before", base), ("after", tuned)):
         for reference in REFERENCES:  # the same target, judged against the cloud's token / the real next token
-            stats = collect(model, train_docs, exits, "max_prob", max_tokens=30_000, reference=reference)
+            stats = collect(model, calib_docs, exits, "max_prob", max_tokens=30_000, reference=reference)
             thresholds, _ = choose_thresholds(stats, exits, args.target, "max_prob")
             r = evaluate(model, chunks, exits, thresholds)
             if reference == "cloud":
