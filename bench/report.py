@@ -112,7 +112,6 @@ def perplexity(model, texts: list[str], policy: ExitPolicy | None, head: int | N
     return math.exp(nll / max(1, count)), right / max(1, count)
 
 
-@torch.no_grad()
 def next_line(completion: str) -> str | None:
     """The line a completion writes after the prompt's last line (None unless it ends that line, then writes a
     whole line), right-stripped."""
@@ -120,6 +119,7 @@ def next_line(completion: str) -> str | None:
     return parts[1].rstrip() if len(parts) >= 3 and not parts[0].strip() else None
 
 
+@torch.no_grad()
 def agreement(model, prompt_ids: list[int], tokens: list[int]) -> tuple[int, int]:
     seq = torch.tensor([prompt_ids + tokens])
     greedy = model(seq).logits[0].argmax(-1)
