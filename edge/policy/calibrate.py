@@ -58,10 +58,11 @@ class ExitStats:
 
 @torch.no_grad()
 def exit_pass(model: coexit.EarlyExitLM, x: torch.Tensor, exits: list[int], final: bool = True,
-              rows: torch.Tensor | None = None):
+              rows: torch.Tensor | None = None, cache=None):
     """One pass over ids (B, T): per exit its logits (B·T, V) and hidden states (B·T, C), and the final logits
     (None with final=False: the layers above the last exit are not run); rows in sequence order, so (T, ...) for
-    one sequence. rows: only these of the B·T rows (the heads are applied to them alone)."""
+    one sequence. rows: only these of the B·T rows (the heads are applied to them alone). cache: a KV cache x
+    continues (positions from its length), filled in place."""
     h, start, logits, hidden = model.embed(x), 0, {}, {}
     L = model.config.num_hidden_layers
 
@@ -70,12 +71,12 @@ def exit_pass(model: coexit.EarlyExitLM, x: torch.Tensor, exits: list[int], fina
         return t if rows is None else t[rows]
 
     for e in exits:
-        h = model.run_layers(h, None, None, start, e).hidden
+        h = model.run_layers(h, None, cache, start, e).hidden
         hidden[e], start = pick(h), e
         logits[e] = model.head_logits(e, hidden[e])
     if not final:
         return logits, hidden, None
-    top = model.run_layers(h, None, None, start, L, head_rows="none").hidden
+    top = model.run_layers(h, None, cache, start, L, head_rows="none").hidden
     return logits, hidden, model.head_logits(L, pick(top))
 
 
@@ -170,15 +171,11 @@ def continue_batch(model: coexit.EarlyExitLM, prompts: list[list[int]], new_toke
     held at a time. The continuations are `generate_full`'s of each prompt alone, up to float rounding on
     near-ties."""
     x = torch.tensor(prompts)
-    cache = model.new_cache(batch_size=x.shape[0], max_len=x.shape[1] + new_tokens)
-    L = model.config.num_hidden_layers
+    b = x.shape[0]
+    cache = model.new_cache(batch_size=b, max_len=x.shape[1] + new_tokens)
     for _ in range(new_tokens):
-        h, start, logits, hidden = model.embed(x), 0, {}, {}
-        for e in exits:
-            h = model.run_layers(h, None, cache, start, e).hidden
-            hidden[e], start = h[:, -1], e
-            logits[e] = model.head_logits(e, hidden[e])
-        final = model.head_logits(L, model.run_layers(h, None, cache, start, L, head_rows="none").hidden[:, -1])
+        last = torch.arange(1, b + 1) * x.shape[1] - 1  # each sequence's newest row
+        logits, hidden, final = exit_pass(model, x, exits, rows=last, cache=cache)
         yield logits, hidden, final
         x = final.argmax(-1, keepdim=True)  # (B, 1): the next input
 
