@@ -156,6 +156,12 @@ class Harness:
         cfg = self.model.config
         self.clock = Clock()
         graphs_mod.DecodeGraphs._step = lambda _self, *a, **k: self.clock.device_step()
+        try:  # the mixed pass's layers (decode rows and prompt chunks together), where the code has one
+            from cloud.engine import mixed as mixed_mod
+
+            mixed_mod.MixedStep._layers = lambda _self, h, *a, **k: (self.clock.device_step(), h)[1]
+        except ImportError:
+            pass
         budget = 7 * sessions + 256
         blocks = (sessions + 64) * (LAYERS - SPLIT) * math.ceil((CTX[1] + 512) / BLOCK) + 64
         self.pool = KVPool(blocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim, torch.float32)

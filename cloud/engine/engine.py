@@ -7,8 +7,9 @@ Sessions in the tick being computed are marked `in_flight`; one closed or evicte
 after the tick.
 
 Decode rows: the plain decode rows of a tick (one row each, see scheduler.py) run as one DecodeBatch on the
-runner's static step, beside the general path's chunks (prompts, catch-up, drafts, propagated KV) when there are
-any. Their blocks grow in one allocation; the batch is settled in one short loop and its results reach
+runner's static step. In a tick that also has prompt chunks, the plain ones (straight through the deep layers)
+ride one mixed pass with the decode rows (mixed.py), and the rest (catch-up, drafts, propagated KV, cloud exits)
+take the general path. Their blocks grow in one allocation; the batch is settled in one short loop and its results reach
 `fan_out` as one StepReplies. When the scheduler hands back its last plan (the same sessions, one plain decode row
 each), nothing is scheduled at all. In one process `deliver` answers each Append's waiter; with front-end
 processes, cloud.ipc packs the answers into one array per front end. `run_tick` returns its phase time stamps
@@ -287,11 +288,9 @@ class Engine:
     def _compute(self, t: _Tick) -> None:
         """A tick's device work on this thread: the decode batch on the static step, then the general path."""
         try:
-            if t.decode is not None:
-                t.out = self.runner.run_steady(t.decode.slots, list(map(_rows, t.segments)),
-                                               list(map(_sampling, t.segments)))
-            if t.items:
-                t.results = self.runner.run(t.items)
+            slots = t.decode.slots if t.decode is not None else None
+            t.out, t.results = self.runner.run_tick(slots, list(map(_rows, t.segments)),
+                                                    list(map(_sampling, t.segments)), t.items)
         except Exception as exc:  # a server fault: fail this tick's Appends, keep serving
             log.exception("engine tick failed")
             t.error = exc

@@ -10,7 +10,8 @@ KV) are packed with the rest but only store their K/V.
 
 A tick's plain decode rows (`run_steady`: the scheduler's DecodeBatch) skip the plans altogether: they go through
 the static step (graphs.py) by KV slot, the final head runs on all of them, and tokens and log-probabilities come
-back to the host in one copy and one `.tolist()`.
+back to the host in one copy and one `.tolist()`. In a tick with plain prompt chunks too (`run_tick`), those chunks
+and the decode rows take one mixed pass without plans (mixed.py), one final head and one sampling pass.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from cloud.engine.graphs import DecodeGraphs, StepInputs
 from cloud.engine.kv_pool import BatchAttention, packed_positions
+from cloud.engine.mixed import MixedStep
 from cloud.engine.scheduler import TickItem
 from coexit.decoding import LayerWork, RunResult
 from coexit.model import EarlyExitLM
@@ -130,6 +132,8 @@ class BatchedRunner:
         self.model, self.graphs = model, graphs
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        self.stop = model.config.num_hidden_layers
+        self.mixed = MixedStep(graphs) if graphs is not None else None
 
     @torch.no_grad()
     def run(self, items: list[TickItem]) -> list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]:
@@ -176,26 +180,80 @@ class BatchedRunner:
 
     @torch.no_grad()
     def compute_steady(self, launch: SteadyLaunch, rows: list[Tensor]) -> SteadyOutput:
-        """The device half: the step, the final head on every row, greedy rows on the device, each sampled row
-        with its own (seed, position) draw as `sample_batch` does; tokens and log-probabilities reach the host in
-        one copy and one `.tolist()`. Touches nothing the engine thread writes, so it may run on the device lane
-        while the engine prepares the next tick."""
+        """The device half: the step, the final head on every row, then `_pick`. Touches nothing the engine
+        thread writes, so it may run on the device lane while the engine prepares the next tick."""
         h = self.graphs.launch(launch.inp, torch.cat(rows).to(self.dtype))
         logits = self.model.head_logits(self.model.config.num_hidden_layers, h)
+        return SteadyOutput(*self._pick(logits, launch.sampling, launch.drawn, launch.positions), logits)
+
+    @staticmethod
+    def _pick(logits: Tensor, sampling: list[SamplingParams], drawn: np.ndarray,
+              positions: list[int]) -> tuple[list[int], list[float]]:
+        """Tokens and log-probabilities of logits (n, V): greedy rows on the device, each row in `drawn` with its
+        own (seed, position) draw as `sample_batch` does; they reach the host in one copy and one `.tolist()`."""
         lf = logits.float()
         on_cpu = lf.device.type == "cpu"
         # numpy's argmax keeps torch's rule (the first maximum, NaN first) at a tenth of its time on a CPU
         tokens = torch.from_numpy(lf.numpy().argmax(-1)) if on_cpu else lf.argmax(-1)
-        drawn, sampling = launch.drawn, launch.sampling
         if drawn.size:
             idx = torch.from_numpy(drawn).to(lf.device)
-            picks = sample_batch(lf[idx], [sampling[i] for i in drawn], launch.positions)
+            picks = sample_batch(lf[idx], [sampling[i] for i in drawn], positions)
             tokens[idx.to(tokens.device)] = torch.tensor([t for t, _ in picks], device=tokens.device)
         logprobs = torch.log_softmax(lf, -1).gather(1, tokens[:, None])[:, 0]  # as sample_batch computes them
         if on_cpu:
-            return SteadyOutput(tokens.tolist(), logprobs.tolist(), logits)
+            return tokens.tolist(), logprobs.tolist()
         host = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()  # the tick's one copy back
-        return SteadyOutput(list(map(int, host[0])), host[1], logits)
+        return list(map(int, host[0])), host[1]
+
+    @torch.no_grad()
+    def run_tick(self, slots, rows: list[Tensor], sampling: list[SamplingParams], items: list[TickItem]
+                 ) -> tuple[SteadyOutput | None, list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]]:
+        """A tick's device work on the engine thread: the decode rows at `slots` (None: none) and the general
+        path's items. Plain prompt chunks among the items ride one mixed pass with the decode rows (mixed.py);
+        the other items take the general path (`run`). Returns the decode rows' output and the items' results
+        in their order."""
+        chunks = [it for it in items if self.mixed is not None and self.mixed.eligible(it)]
+        if not chunks:
+            return (self.run_steady(slots, rows, sampling) if slots is not None else None,
+                    self.run(items) if items else [])
+        out, done = self._run_mixed(slots, rows, sampling, chunks)
+        rest = [it for it in items if id(it) not in done]
+        general = dict(zip(map(id, rest), self.run(rest))) if rest else {}
+        return out, [done[id(it)] if id(it) in done else general[id(it)] for it in items]
+
+    def _run_mixed(self, slots, rows: list[Tensor], sampling: list[SamplingParams], chunks: list[TickItem]
+                   ) -> tuple[SteadyOutput | None, dict[int, tuple[RunResult, TokenResult | None, list]]]:
+        """The decode rows and plain prompt chunks in one pass, one final head over the decode rows and the
+        chunks' last rows that want a token, one `_pick`. Returns the decode output and {id(item): result}."""
+        inp = self.graphs.prepare(slots) if slots is not None else None
+        n, k = (inp.n if inp is not None else 0), len(chunks)
+        ns = np.fromiter((it.x.shape[0] for it in chunks), dtype=np.int64, count=k)
+        firsts = np.fromiter((it.first for it in chunks), dtype=np.int64, count=k)
+        prepared = self.mixed.prepare(np.fromiter((it.session.runner.cache.slot for it in chunks),
+                                                  dtype=np.int64, count=k), firsts, ns)
+        h = self.mixed.run(inp, prepared, torch.cat([*rows, *(it.x for it in chunks)]))
+        due = [i for i, it in enumerate(chunks) if it.head]
+        last = n + np.cumsum(ns) - 1  # each chunk's last row in h
+        heads = np.concatenate([np.arange(n), last[due]]).astype(np.int64)
+        logits = self.model.head_logits(self.stop, h[torch.from_numpy(heads).to(h.device)])
+        params = list(sampling) + [chunks[i].segment.sampling for i in due]
+        drawn = np.flatnonzero(np.fromiter(map(_temperature, params), dtype=np.float64, count=len(params)))
+        drawn_at = [int(inp.positions[j]) + 1 if j < n else chunks[due[j - n]].segment.last for j in drawn]
+        tokens, logprobs = self._pick(logits, params, drawn, drawn_at)
+        out = SteadyOutput(tokens[:n], logprobs[:n], logits[:n]) if inp is not None else None
+        deep, done = self.stop - self.graphs.start, {}
+        for i, it in enumerate(chunks):
+            res = RunResult(depth=self.stop, exited=False, rows_computed=int(ns[i]) * deep)
+            it.session.runner.layer_tokens += res.rows_computed
+            done[id(it)] = (res, None, [])
+        for j, i in enumerate(due):
+            it, row, lg = chunks[i], int(last[i]), logits[n + j]
+            res = done[id(it)][0]
+            res.logits, res.last_hidden, res.top_hidden = lg, h[row], h[row:row + 1]
+            top = it.segment.top_k
+            token = TokenResult(tokens[n + j], logprobs[n + j], self.stop, lg, top_logprobs(lg, top) if top else [])
+            done[id(it)] = (res, token if it.segment.want_token else None, [])
+        return out, done
 
     def _outputs(self, plans: list[_Plan]) -> list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]:
         """Final heads for every row that needs one, in one matmul; then verdicts and batched sampling."""

@@ -203,7 +203,7 @@ def test_static_decode_step_equals_sessions_alone(model):
         alone = [Alone(model, cfg.split_layer, ExitPolicy()) for _ in prompts]
         data = [hidden_rows(model, n + 8, seed=10 + i) for i, n in enumerate(prompts)]
         outs = h.step([(s, d[:n], 0, True, GREEDY) for s, d, n in zip(sessions, data, prompts)])
-        assert graphs.replays == 0  # prompts take the general path
+        assert graphs.replays == 0 and h.engine.runner.mixed.steps == 1  # the prompts take the mixed pass
         for step in range(8):
             if step == 4:  # one session leaves: the batch shrinks into another bucket
                 h.manager.close(sessions.pop(1))
@@ -342,6 +342,7 @@ def test_churn_while_others_decode_equals_sessions_alone(model):
         assert checked > 150
         assert h.engine.scheduler.steady_ticks >= 20, "the steady plan was never reused"
         assert h.engine.scheduler.mixed_ticks >= 5, "no decode rows took the static step beside prompts"
+        assert h.engine.runner.mixed.steps >= 5, "no prompt rode the mixed pass with the decode rows"
         for s, alone, *_ in live.values():
             for layer in range(cfg.split_layer, cfg.num_hidden_layers):
                 for got, want in zip(s.cache.get(layer), alone.runner.cache.get(layer)):

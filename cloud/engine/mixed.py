@@ -1,0 +1,135 @@
+"""Mixed ticks: a tick's plain decode rows and its plain prompt chunks through the deep layers in one eager pass.
+
+A plain prompt chunk is rows of hidden states that run straight through the whole deep range: its session has no
+parked rows to catch up, the chunk has no exit checks, fill rows or drafts, and at most its last row needs the
+final head. Its plan (`LayerRunner.steps`) would be one span over every deep layer, so it needs no plan at all:
+its positions, claims and slot ids are computed for all chunks at once from the pool's slot-indexed arrays, as the
+static step's are for decode rows (graphs.py). The decode rows' inputs come from `DecodeGraphs.prepare`, so their
+block tables stay in the static step's buffers and only changed rows are sent.
+
+The pass packs every row along T (B == 1): the decode rows first, then the chunks. At each layer every row's k, v
+is written at its claimed slot; the decode rows attend over their block tables as on the static step, and each
+chunk attends causally over its session's prefix, as BatchAttention's multi-row segments do. The caches cannot
+tell which path ran.
+
+Shapes: n decode rows, T chunk rows, N = n + T, L deep layers, W table width, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cloud.engine.graphs import DecodeGraphs, StepInputs
+from cloud.engine.kv_pool import packed_positions
+from coexit.attention import attend
+from coexit.kv_cache import CacheError
+
+
+@dataclass
+class PromptChunks:
+    """Plain prompt chunks prepared on the host: their claims are taken."""
+
+    positions: np.ndarray  # (T,)
+    slot_ids: np.ndarray  # (L, T) pool slots their k, v go to
+    spans: list[tuple[int, int, int, int]]  # per chunk: (first row in T, first position, rows, offset in prefix)
+    prefix: np.ndarray  # (L, sum of first + rows) slot ids of every chunk's positions [0, first + rows)
+
+    @property
+    def rows(self) -> int:
+        return int(self.positions.shape[0])
+
+
+class _MixedAttention:
+    """The cache view of a mixed pass (see the module docstring)."""
+
+    def __init__(self, pool, start: int, slots: Tensor, n: int, buf, width: int, chunks: list) -> None:
+        self.pool, self.start, self.slots, self.n, self.chunks = pool, start, slots, n, chunks
+        self.buf, self.width = buf, width
+
+    def masks(self) -> None:
+        """The decode rows' key positions and validity over their tables (device work: at the pass's start)."""
+        if self.n:
+            self.tables = self.buf.tables[:, :self.n, :self.width]
+            self.key_pos, self.valid = self.pool.block_mask(self.buf.lengths[:self.n], self.width)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        pool, i, n = self.pool, layer - self.start, self.n
+        pool.k.index_copy_(0, self.slots[i], k[0].transpose(0, 1).to(pool.dtype))  # (N, K, D)
+        pool.v.index_copy_(0, self.slots[i], v[0].transpose(0, 1).to(pool.dtype))
+        y = torch.empty_like(q)  # (1, H, N, D)
+        if n:  # decode rows: whole blocks of their tables, as the static step attends
+            qq = q[0, :, :n].transpose(0, 1)[:, :, None]  # (n, H, 1, D)
+            out = pool.attend_blocks(qq, self.tables[i], positions[0, :n, None], self.key_pos, self.valid)
+            y[0, :, :n] = out[:, :, 0].transpose(0, 1)
+        for row, first, rows, prefix in self.chunks:  # a chunk: causal attention over its session's prefix
+            idx = prefix[i]
+            kk, vv = pool.k[idx].transpose(0, 1)[None], pool.v[idx].transpose(0, 1)[None]
+            key_pos = torch.arange(first + rows, device=q.device)[None]
+            y[:, :, row:row + rows] = attend(q[:, :, row:row + rows], kk.to(q.dtype), vv.to(q.dtype),
+                                             positions[:, row:row + rows], key_pos)
+        return y
+
+
+class MixedStep:
+    def __init__(self, graphs: DecodeGraphs) -> None:
+        self.graphs, self.pool, self.model = graphs, graphs.pool, graphs.model
+        self.start, self.stop = graphs.start, graphs.stop
+        self.steps = 0
+
+    def eligible(self, item) -> bool:
+        """Whether a TickItem is a plain prompt chunk (see the module docstring)."""
+        r = item.session.runner
+        return (item.decide is None and not item.exits and item.fill is None and not item.segment.drafts
+                and item.head <= 1 and r.start == self.start and r.stop == self.stop and not r.parked
+                and item.x.is_floating_point() and r.cache.layers == range(self.start, self.stop))
+
+    def prepare(self, slots: np.ndarray, firsts: np.ndarray, ns: np.ndarray) -> PromptChunks:
+        """The chunks' checks and claims at every deep layer at once (sessions at `slots`, rows ns from positions
+        firsts), and their slot ids."""
+        t, bs, lo, hi = self.pool.tables, self.pool.block_size, self.start, self.stop
+        ends = firsts + ns
+        if (t.lengths[lo:hi, slots] != firsts).any() or (ends > t.nblocks[lo:hi, slots] * bs).any():
+            raise CacheError("a prompt chunk does not continue its session's positions at every deep layer, or "
+                             "it has no blocks for them; grow() first")
+        pos = packed_positions(np.zeros_like(ends), ends)  # every chunk's positions [0, end)
+        prefix = t.blocks[lo:hi][:, np.repeat(slots, ends), pos // bs].astype(np.int64) * bs + pos % bs
+        offsets = np.cumsum(ends) - ends
+        rows = np.cumsum(ns) - ns
+        spans = list(zip(rows.tolist(), firsts.tolist(), ns.tolist(), offsets.tolist()))
+        take = packed_positions(offsets + firsts, ns)  # the new rows' columns of `prefix`
+        t.lengths[lo:hi, slots] = ends  # the claims
+        return PromptChunks(packed_positions(firsts, ns), prefix[:, take], spans, prefix)
+
+    def run(self, inp: StepInputs | None, chunks: PromptChunks, hidden: Tensor) -> Tensor:
+        """Decode rows (prepared by `DecodeGraphs.prepare`, or None) and prompt chunks: hidden (N, C) at the
+        split -> (N, C) after the deep layers."""
+        g, dev = self.graphs, self.graphs.device
+        n, buf, width = 0, None, 0
+        slot_ids, positions = chunks.slot_ids, chunks.positions
+        if inp is not None:
+            n, buf, width = inp.n, inp.buf.view(inp.n, inp.width), inp.width
+            g._apply_tables(inp.buf, n, inp.width, inp.tables)
+            buf.lengths.copy_(torch.from_numpy(inp.positions[:n] + 1))
+            slot_ids = np.concatenate([inp.slot_ids[:, :n], slot_ids], axis=1)
+            positions = np.concatenate([inp.positions[:n], positions])
+        pos = torch.from_numpy(positions).to(dev)[None]  # (1, N)
+        prefix = torch.from_numpy(chunks.prefix).to(dev)
+        spans = [(n + row, first, rows, prefix[:, off:off + first + rows])
+                 for row, first, rows, off in chunks.spans]
+        view = _MixedAttention(self.pool, self.start, torch.from_numpy(slot_ids).to(dev), n, buf, width, spans)
+        self.steps += 1
+        return self._layers(hidden.to(g.dtype)[None], pos, int(positions.max()) + 1, view)[0]
+
+    def _layers(self, h: Tensor, positions: Tensor, stop: int, view: _MixedAttention) -> Tensor:
+        """The device work: RoPE tables and the decode rows' masks, then every deep layer over the packed rows
+        h (1, N, C) at positions (1, N), all below `stop`."""
+        cos, sin = self.model.rotary.gather(positions, stop, h.dtype)
+        view.masks()
+        for layer in range(self.start, self.stop):
+            h = self.model.model.layers[str(layer)](h, cos, sin, positions, view)
+        return h
+
