@@ -35,8 +35,8 @@ class PromptChunks:
 
     positions: np.ndarray  # (T,)
     slot_ids: np.ndarray  # (L, T) pool slots their k, v go to
-    spans: list[tuple[int, int, int, int]]  # per chunk: (first row in T, first position, rows, offset in prefix)
-    prefix: np.ndarray  # (L, sum of first + rows) slot ids of every chunk's positions [0, first + rows)
+    spans: list[tuple[int, int, int, np.ndarray | None]]  # per chunk: (first row in T, first position, rows, the
+    # slot ids (L, first + rows) of positions [0, first + rows) when first > 0; None for a session's first rows)
 
     @property
     def rows(self) -> int:
@@ -66,11 +66,15 @@ class _MixedAttention:
             out = pool.attend_blocks(qq, self.tables[i], positions[0, :n, None], self.key_pos, self.valid)
             y[0, :, :n] = out[:, :, 0].transpose(0, 1)
         for row, first, rows, prefix in self.chunks:  # a chunk: causal attention over its session's prefix
+            q_rows, q_pos = q[:, :, row:row + rows], positions[:, row:row + rows]
+            if prefix is None:  # a session's first rows: its keys are this pass's, as the pool holds them
+                kk, vv = (x[:, :, row:row + rows].to(pool.dtype).to(q.dtype) for x in (k, v))
+                y[:, :, row:row + rows] = attend(q_rows, kk, vv, q_pos, q_pos)
+                continue
             idx = prefix[i]
             kk, vv = pool.k[idx].transpose(0, 1)[None], pool.v[idx].transpose(0, 1)[None]
             key_pos = torch.arange(first + rows, device=q.device)[None]
-            y[:, :, row:row + rows] = attend(q[:, :, row:row + rows], kk.to(q.dtype), vv.to(q.dtype),
-                                             positions[:, row:row + rows], key_pos)
+            y[:, :, row:row + rows] = attend(q_rows, kk.to(q.dtype), vv.to(q.dtype), q_pos, key_pos)
         return y
 
 
@@ -79,6 +83,7 @@ class MixedStep:
         self.graphs, self.pool, self.model = graphs, graphs.pool, graphs.model
         self.start, self.stop = graphs.start, graphs.stop
         self.steps = 0
+        self.continued = 0  # chunks that continued a session (first position > 0)
 
     def eligible(self, item) -> bool:
         """Whether a TickItem is a plain prompt chunk (see the module docstring)."""
@@ -95,14 +100,18 @@ class MixedStep:
         if (t.lengths[lo:hi, slots] != firsts).any() or (ends > t.nblocks[lo:hi, slots] * bs).any():
             raise CacheError("a prompt chunk does not continue its session's positions at every deep layer, or "
                              "it has no blocks for them; grow() first")
-        pos = packed_positions(np.zeros_like(ends), ends)  # every chunk's positions [0, end)
-        prefix = t.blocks[lo:hi][:, np.repeat(slots, ends), pos // bs].astype(np.int64) * bs + pos % bs
-        offsets = np.cumsum(ends) - ends
-        rows = np.cumsum(ns) - ns
-        spans = list(zip(rows.tolist(), firsts.tolist(), ns.tolist(), offsets.tolist()))
-        take = packed_positions(offsets + firsts, ns)  # the new rows' columns of `prefix`
+        pos = packed_positions(firsts, ns)
+        slot_ids = t.blocks[lo:hi][:, np.repeat(slots, ns), pos // bs].astype(np.int64) * bs + pos % bs
+        rows = (np.cumsum(ns) - ns).tolist()
+        spans = [(r, 0, c, None) for r, c in zip(rows, ns.tolist())]
+        for i in np.flatnonzero(firsts).tolist():  # chunks that continue a session: their earlier positions too
+            f, r, c = int(firsts[i]), rows[i], int(ns[i])
+            p = np.arange(f)
+            earlier = t.blocks[lo:hi, int(slots[i])][:, p // bs].astype(np.int64) * bs + p % bs
+            spans[i] = (r, f, c, np.concatenate([earlier, slot_ids[:, r:r + c]], axis=1))
+            self.continued += 1
         t.lengths[lo:hi, slots] = ends  # the claims
-        return PromptChunks(packed_positions(firsts, ns), prefix[:, take], spans, prefix)
+        return PromptChunks(pos, slot_ids, spans)
 
     def run(self, inp: StepInputs | None, chunks: PromptChunks, hidden: Tensor) -> Tensor:
         """Decode rows (prepared by `DecodeGraphs.prepare`, or None) and prompt chunks: hidden (N, C) at the
@@ -111,15 +120,14 @@ class MixedStep:
         n, buf, width = 0, None, 0
         slot_ids, positions = chunks.slot_ids, chunks.positions
         if inp is not None:
-            n, buf, width = inp.n, inp.buf.view(inp.n, inp.width), inp.width
-            g._apply_tables(inp.buf, n, inp.width, inp.tables)
-            buf.lengths.copy_(torch.from_numpy(inp.positions[:n] + 1))
+            n, buf, width = inp.n, inp.buf, inp.width
+            g._apply_tables(buf, n, width, inp.tables)
+            buf.lengths[:n].copy_(torch.from_numpy(inp.positions[:n] + 1))
             slot_ids = np.concatenate([inp.slot_ids[:, :n], slot_ids], axis=1)
             positions = np.concatenate([inp.positions[:n], positions])
         pos = torch.from_numpy(positions).to(dev)[None]  # (1, N)
-        prefix = torch.from_numpy(chunks.prefix).to(dev)
-        spans = [(n + row, first, rows, prefix[:, off:off + first + rows])
-                 for row, first, rows, off in chunks.spans]
+        spans = [(n + row, first, rows, None if prefix is None else torch.from_numpy(prefix).to(dev))
+                 for row, first, rows, prefix in chunks.spans]
         view = _MixedAttention(self.pool, self.start, torch.from_numpy(slot_ids).to(dev), n, buf, width, spans)
         self.steps += 1
         return self._layers(hidden.to(g.dtype)[None], pos, int(positions.max()) + 1, view)[0]
