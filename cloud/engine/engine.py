@@ -271,7 +271,8 @@ class Engine:
                     s.in_flight = True
             else:
                 try:
-                    items, decode, failures, applied = self.scheduler.next_tick(self._grow, tick, self._grow_rows)
+                    items, decode, failures, applied = self.scheduler.next_tick(self._grow, tick, self._grow_rows,
+                                                                                self._grow_many)
                 except Exception as exc:  # a server fault while scheduling: no Append may wait forever
                     log.exception("engine scheduling failed")
                     for s in self.scheduler.ready.values():
@@ -330,6 +331,16 @@ class Engine:
         fan_out(decoded, finished)
         if stamps is not None:
             stamps["fanned"] = time.perf_counter()
+
+    def _grow_many(self, sessions: list, uptos: list[int]) -> bool:
+        """Blocks for a tick's chunks (session i up to position uptos[i]) in one allocation; False (they grow
+        session by session) when identities have KV quotas, their caches span different layers, or the pool must
+        evict first."""
+        layers = sessions[0].runner.cache.layers
+        if self.quotas or any(s.runner.cache.layers != layers for s in sessions):
+            return False
+        slots = np.fromiter((s.runner.cache.slot for s in sessions), dtype=np.int64, count=len(sessions))
+        return self.pool.grow_slots(slots, np.array(uptos, dtype=np.int64), layers)
 
     def _grow_rows(self, slots: np.ndarray) -> bool:
         """Blocks for the decode rows at `slots` that cross into a new block, in one allocation; False (they grow

@@ -139,6 +139,29 @@ class KVPool:
         return True
 
 
+    def grow_slots(self, slots: np.ndarray, uptos: np.ndarray, layers: range) -> bool:
+        """Blocks so that every one of `layers` of the sessions at `slots` holds positions [0, uptos[i]) (a tick's
+        prompt chunks), in one allocation; all or nothing (False, nothing taken, when fewer blocks are free)."""
+        t, bs = self.tables, self.block_size
+        want = -(-uptos // bs)  # (k,) blocks each session needs
+        have = t.nblocks[layers.start:layers.stop, slots]  # (L, k)
+        need = np.maximum(want - have, 0)
+        total = int(need.sum())
+        if total == 0:
+            return True
+        got = self.allocate(total)
+        if got is None:
+            return False
+        t.reserve_width(int(want.max()))
+        lay, col = np.nonzero(need)
+        counts = need[lay, col]
+        t.blocks[np.repeat(lay + layers.start, counts), np.repeat(slots[col], counts),
+                 packed_positions(have[lay, col].astype(np.int64), counts)] = got
+        t.nblocks[layers.start:layers.stop, slots] = np.maximum(have, want)
+        t.changed.update(slots.tolist())
+        return True
+
+
 class PagedCache(LayerLengths):
     """One session's KV over `layers`: a block table and a filled length per layer (a prefix, as in KVCache), kept
     in the pool's slot-indexed arrays (`pool.tables`, cloud/engine/slots.py) at this cache's slot.

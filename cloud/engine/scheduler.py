@@ -250,14 +250,17 @@ class Scheduler:
         return grants
 
     def next_tick(self, grow: Callable[[Any, int], bool], tick: int,
-                  grow_rows: Callable[[np.ndarray], bool] | None = None
+                  grow_rows: Callable[[np.ndarray], bool] | None = None,
+                  grow_many: Callable[[list, list[int]], bool] | None = None
                   ) -> tuple[list[TickItem], DecodeBatch | None, list[tuple], list[Segment]]:
         """Pick this tick's work. grow(session, upto) must make room for positions [0, upto) or say False;
-        grow_rows(slots), when given, makes room for one more position of every session at `slots` at once or
-        says False (they then grow one by one). Returns the chunks of the general path, the plain decode rows
-        for the static step (a DecodeBatch, or None), the refused (session, segment) pairs, and the Rollbacks that
-        reached the front of their queue, applied now. A session is marked in_flight as soon as it has its blocks,
-        so that no later session's grow evicts it."""
+        grow_rows(slots), when given, makes room for one more position of every session at `slots` at once or says False
+        (they then grow one by one); grow_many(sessions, uptos), when given, does the same for the general path's
+        chunks, all at once, or says False (they then grow one by one, in round-robin order). Returns the chunks of the
+        general path, the plain decode rows for the static step (a DecodeBatch, or None), the refused (session, segment)
+        pairs, and the Rollbacks that reached the front of their queue, applied now. A session is marked in_flight as
+        soon as it has its blocks, so that no later session's grow evicts it.
+        """
         applied = []
         for sid in list(self._rollbacks):
             if sid in self.busy:  # applied once its tick settles
@@ -280,20 +283,28 @@ class Scheduler:
         else:
             sessions, budget = list(self.ready.values()), self.row_budget
         needs = [s.queue[0].n - s.queue[0].done_rows for s in sessions]
-        items, now = [], time.perf_counter()
+        chunks = []  # (session, its front segment, rows granted, first position)
         for s, g in zip(sessions, self.grants(needs, budget, share)):
-            if g == 0 or not s.queue:  # (no queue: evicted by an earlier session's grow)
+            if g == 0:
                 continue
             seg = s.queue[0]
             left, tail = seg.n - seg.done_rows, seg.head_rows
             if tail > 1:  # the rows to verify run together in the last chunk, even past the grant
                 g = left if left <= tail else min(g, left - tail)
-            if seg.truncate_to is not None and seg.done_rows == 0:
-                s.runner.truncate(seg.truncate_to)
-            first = seg.first + seg.done_rows
-            if not grow(s, first + g):
-                failures.append((s, seg))
-                continue
+            chunks.append((s, seg, g, seg.first + seg.done_rows))
+        grown = bool(chunks) and grow_many is not None and not any(
+            seg.truncate_to is not None and seg.done_rows == 0 for _, seg, _, _ in chunks) and grow_many(
+            [c[0] for c in chunks], [first + g for _, _, g, first in chunks])
+        items, now = [], time.perf_counter()
+        for s, seg, g, first in chunks:
+            if not grown:
+                if not s.queue:  # evicted by an earlier session's grow
+                    continue
+                if seg.truncate_to is not None and seg.done_rows == 0:
+                    s.runner.truncate(seg.truncate_to)
+                if not grow(s, first + g):
+                    failures.append((s, seg))
+                    continue
             s.in_flight = True  # no later session's grow may evict it
             if seg.started is None:
                 seg.started, seg.first_tick = now, tick
