@@ -319,11 +319,11 @@ class Engine:
                 decode = None
             self._last_tick_s = seconds
             served = {it.session.id: it.session for it in items if not it.session.retired}
+            finished = t.finished + self._settle(items, t.results, t.error, seconds, tick)
             decoded = None
-            if decode is not None:
+            if decode is not None:  # (after the items: the ready set is then often exactly its sessions)
                 served.update(decode.by_id)
                 decoded = self._settle_decode(decode, t.segments, t.out, seconds, tick, t.started, held)
-            finished = t.finished + self._settle(items, t.results, t.error, seconds, tick)
             self._record(items, decode, seconds)
             self._recent, self._served_before = {**self._served_before, **served}, served
         if stamps is not None:
@@ -360,7 +360,7 @@ class Engine:
         """The decode rows' segments are done: pop them (a session closed during the tick is released; `held`:
         the tick ran on the lane, its sessions come back to the scheduler now)."""
         sched = self.scheduler
-        ready, plain, retired = sched.ready, sched.plain, False
+        ready, plain, retired, done = sched.ready, sched.plain, False, []
         for s in decode.sessions:
             s.in_flight = False
             if s.retired:  # closed or evicted during the tick: its queue was dropped
@@ -375,8 +375,14 @@ class Engine:
             elif q:  # more was queued during the tick
                 sched.settled(s)
             else:
-                del ready[s.id]
-                plain.pop(s.id, None)
+                done.append(s.id)
+        if len(done) == len(ready):  # they are the whole ready set (plain is a part of it): nothing is left
+            ready.clear()
+            plain.clear()
+        else:
+            for sid in done:
+                del ready[sid]
+                plain.pop(sid, None)
         n = len(segments)
         queue_s = started - np.fromiter(map(_submitted, segments), dtype=np.float64, count=n)
         observe_many(self.metrics.queue_wait, queue_s)
