@@ -335,9 +335,9 @@ class Engine:
     def _grow_many(self, sessions: list, uptos: list[int]) -> bool:
         """Blocks for a tick's chunks (session i up to position uptos[i]) in one allocation; False (they grow
         session by session) when identities have KV quotas, their caches span different layers, or the pool must
-        evict first."""
+        evict first, or there are fewer than four chunks (one by one is then as fast)."""
         layers = sessions[0].runner.cache.layers
-        if self.quotas or any(s.runner.cache.layers != layers for s in sessions):
+        if len(sessions) < 4 or self.quotas or any(s.runner.cache.layers != layers for s in sessions):
             return False
         slots = np.fromiter((s.runner.cache.slot for s in sessions), dtype=np.int64, count=len(sessions))
         return self.pool.grow_slots(slots, np.array(uptos, dtype=np.int64), layers)

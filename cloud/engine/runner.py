@@ -235,7 +235,7 @@ class BatchedRunner:
         due = [i for i, it in enumerate(chunks) if it.head]
         last = n + np.cumsum(ns) - 1  # each chunk's last row in h
         heads = np.concatenate([np.arange(n), last[due]]).astype(np.int64)
-        logits = self.model.head_logits(self.stop, h[torch.from_numpy(heads).to(h.device)])
+        logits = self.model.head_logits(self.stop, h.index_select(0, torch.from_numpy(heads).to(h.device)))
         params = list(sampling) + [chunks[i].segment.sampling for i in due]
         drawn = np.flatnonzero(np.fromiter(map(_temperature, params), dtype=np.float64, count=len(params)))
         drawn_at = [int(inp.positions[j]) + 1 if j < n else chunks[due[j - n]].segment.last for j in drawn]

@@ -117,12 +117,53 @@ def plain_decode(seg: Segment) -> bool:
 
 class DecodeBatch:
     """Sessions that each run one plain decode row this tick on the static step, in row order, with their KV
-    slots (the steady plan is one, reused while nothing changes)."""
+    slots (the steady plan is one, reused while nothing changes). A tick's batch is made from the last one
+    (`successor`), changed only where sessions came or went."""
 
     def __init__(self, sessions: list) -> None:
         self.sessions = sessions
         self.slots = np.fromiter(map(_slot, sessions), dtype=np.int64, count=len(sessions))
         self.by_id = dict(zip(map(_id, sessions), sessions))
+        self.row_of = dict(zip(self.by_id, range(len(sessions))))  # session id -> its row
+
+    def successor(self, plain: dict) -> DecodeBatch:
+        """The batch of the sessions in `plain`: each keeps its row here, new ones (in id order, the same on every
+        tensor-parallel rank) fill the rows of those that left, then the end; rows still open are filled from the
+        end (the static step's buffers keep the block tables of rows whose session stays). Work in proportion to
+        the sessions that came and went, not to the batch."""
+        gone, new = self.by_id.keys() - plain.keys(), plain.keys() - self.by_id.keys()
+        if not gone and not new:
+            return self
+        b = object.__new__(DecodeBatch)
+        rows, slots, by_id, row_of = list(self.sessions), self.slots.copy(), dict(self.by_id), dict(self.row_of)
+        holes = sorted(row_of.pop(sid) for sid in gone)
+        for sid in gone:
+            del by_id[sid]
+        added = sorted(new)
+        tail = len(added) - len(holes)
+        if tail > 0:
+            rows += [None] * tail
+            slots = np.concatenate([slots, np.zeros(tail, dtype=np.int64)])
+            holes += range(len(rows) - tail, len(rows))
+        for i, sid in zip(holes, added):
+            s = rows[i] = by_id[sid] = plain[sid]
+            slots[i], row_of[sid] = s.runner.cache.slot, i
+        for i in holes[len(added):]:  # rows left open: the last rows move into them
+            rows[i] = None
+        n = len(rows)
+        for i in holes[len(added):]:
+            while n and rows[n - 1] is None:
+                n -= 1
+            if i >= n:
+                break
+            s = rows[i] = rows[n - 1]
+            rows[n - 1] = None
+            slots[i], row_of[s.id] = slots[n - 1], i
+            n -= 1
+        while n and rows[n - 1] is None:
+            n -= 1
+        b.sessions, b.slots, b.by_id, b.row_of = rows[:n], slots[:n], by_id, row_of
+        return b
 
 
 class Scheduler:
@@ -135,7 +176,7 @@ class Scheduler:
         self.steady_start: int | None = None  # first deep layer of the static step (None: no static step)
         self._rollbacks: set[str] = set()  # sessions that queued a Rollback not applied yet
         self._plan: DecodeBatch | None = None
-        self._last: list = []  # the sessions of the last decode batch, in row order
+        self._batch: DecodeBatch | None = None  # the last decode batch
         self._fresh = 0  # planned sessions that queued one plain decode row since the last tick
         self._stale = False
         self.busy: dict[str, Any] = {}  # sessions of a tick still on the device lane: not scheduled until settled
@@ -277,7 +318,8 @@ class Scheduler:
         k, plain = len(self.ready), self.plain
         decode, failures, share = None, [], None
         if plain and grow_rows is not None and k <= self.row_budget:  # each plain row gets its 1 in round one
-            decode = self._grow_decode(self._rows(), grow, grow_rows, failures)
+            batch = self._batch.successor(plain) if self._batch is not None else DecodeBatch(list(plain.values()))
+            decode = self._grow_decode(batch, grow, grow_rows, failures)
             sessions = [s for s in self.ready.values() if s.id not in plain] if len(plain) < k else []
             budget, share = self.row_budget - len(plain), max(1, self.row_budget // k)
         else:
@@ -320,44 +362,21 @@ class Scheduler:
             self.ready.move_to_end(item.session.id)
         if items and decode is not None:
             self.mixed_ticks += 1
-        self._last = decode.sessions if decode is not None else []
+        self._batch = decode
         self._replan(None if failures or applied or items else decode)
         return items, decode, failures, applied
 
-    def _rows(self) -> list:
-        """The plain sessions in row order: each keeps its row of the last decode batch, new ones fill the rows
-        of those that left, then the end; the last rows move into holes still open (the static step's buffers keep
-        the block tables of rows whose session stays)."""
-        plain, last = self.plain, self._last
-        rows = [s if s.id in plain else None for s in last]
-        placed = {s.id for s in rows if s is not None}
-        new = [s for sid, s in plain.items() if sid not in placed]
-        holes = [i for i, s in enumerate(rows) if s is None]
-        for i, s in zip(holes, new):
-            rows[i] = s
-        rows += new[len(holes):]
-        for i in holes[len(new):]:  # holes left: fill from the end
-            while rows and rows[-1] is None:
-                rows.pop()
-            if i >= len(rows):
-                break
-            rows[i] = rows.pop()
-        while rows and rows[-1] is None:
-            rows.pop()
-        return rows
-
     @staticmethod
-    def _grow_decode(sessions: list, grow: Callable[[Any, int], bool], grow_rows: Callable[[np.ndarray], bool],
+    def _grow_decode(batch: DecodeBatch, grow: Callable[[Any, int], bool], grow_rows: Callable[[np.ndarray], bool],
                      failures: list) -> DecodeBatch | None:
-        """Room for one more position of each plain decode session: in one allocation, or one by one (eviction,
+        """Room for one more position of each session of the batch: in one allocation, or one by one (eviction,
         KV shares) with the refused ones added to failures."""
-        batch = DecodeBatch(sessions)
         if grow_rows(batch.slots):
-            for s in sessions:
+            for s in batch.sessions:
                 s.in_flight = True
             return batch
         kept = []
-        for s in sessions:
+        for s in batch.sessions:
             if not s.queue:  # evicted by an earlier session's grow
                 continue
             seg = s.queue[0]

@@ -277,6 +277,35 @@ def test_fair_grants():
     assert s.grants([3, 0, 2]) == [3, 0, 2]
 
 
+def test_decode_batch_successor_keeps_rows_and_changes_only_what_came_and_went():
+    """A tick's decode batch made from the last one: staying sessions keep their rows (their block tables stay in
+    the static step's buffers), newcomers fill the rows of those that left, rows left open are filled from the
+    end, and slots and lookups match the rows, as a batch built from scratch would hold them."""
+    from types import SimpleNamespace
+
+    from cloud.engine.scheduler import DecodeBatch
+
+    def session(i):
+        return SimpleNamespace(id=f"s{i:02d}", runner=SimpleNamespace(cache=SimpleNamespace(slot=100 + i)))
+
+    every = {i: session(i) for i in range(20)}
+    batch = DecodeBatch([every[i] for i in range(8)])
+    assert batch.successor({f"s{i:02d}": every[i] for i in range(8)}) is batch  # nothing changed: the same batch
+    for keep, new in (({0, 1, 2, 4, 5, 6, 7}, {9, 8}), ({0, 1, 4, 6, 7, 8, 9}, set()), ({0, 9}, {10, 11, 12}),
+                      (set(), {13}), ({13}, set(range(14, 20)))):
+        plain = {f"s{i:02d}": every[i] for i in sorted(keep | new)}
+        nxt = batch.successor(plain)
+        ids = [s.id for s in nxt.sessions]
+        assert sorted(ids) == sorted(plain) and None not in nxt.sessions
+        for i, s in enumerate(batch.sessions):  # only rows past the new end move (into rows left open)
+            if s.id in plain and i < len(nxt.sessions):
+                assert nxt.sessions[i] is s, (i, s.id)
+        fresh = DecodeBatch(nxt.sessions)
+        assert nxt.slots.tolist() == fresh.slots.tolist() and nxt.by_id == fresh.by_id
+        assert nxt.row_of == fresh.row_of
+        batch = nxt
+
+
 def test_grants_with_decode_rows_apart_equal_grants_over_everyone():
     """The scheduler grants the plain decode rows their one row each and splits the rest over the other sessions
     with the first round's share of the whole set: the same grants as splitting over everyone in round-robin
