@@ -1,6 +1,6 @@
 """`coexit serve --tp 2` under torchrun on gloo (CPU): the same greedy tokens through the edge SDK as a one-process
 server in collaborative, cloud-only, lossless and propagate modes (and with cloud exits), with prompts chunked over
-ticks and several sessions per tick, logits within 1e-5 over a prompt and decode steps, each rank's decoder-layer
+ticks and several sessions per tick, logits within 5e-5 over a prompt and decode steps, each rank's decoder-layer
 weights half of the whole stage's (printed at start), and a rank that dies takes the server down with a non-zero
 exit while the edge carries on alone."""
 
@@ -100,7 +100,7 @@ def test_tokens_equal_a_one_process_server_in_every_mode(model_dir, servers):
     assert got["tp1"]["cloud-exits"][2] == [4, 6], got["tp1"]["cloud-exits"]  # the cloud exit and the final head
 
 
-def test_logits_within_1e_5(model_dir, servers):
+def test_logits_within_5e_5(model_dir, servers):
     full = coexit.load(model_dir)
     ids = torch.tensor([full.tokenizer.encode("for i in range(10):\n    print(i)", add_bos=True)])
     with torch.no_grad():
@@ -118,7 +118,10 @@ def test_logits_within_1e_5(model_dir, servers):
             out.append(tensor_from_proto(reply.logits)[0])
         logits[server] = torch.stack(out)
         link.close()
-    torch.testing.assert_close(logits["tp2"], logits["tp1"], atol=1e-5, rtol=0)
+    # Two ranks sum the row-parallel products in another order than one process: fp32 rounding, seen up to 9.3e-6
+    # here (logits up to about 5), and other CPUs' GEMM kernels order their sums differently again. A sharding
+    # error (a wrong shard, a missing all-reduce) moves logits by far more than this.
+    torch.testing.assert_close(logits["tp2"], logits["tp1"], atol=5e-5, rtol=0)
 
 
 def test_each_rank_holds_half_the_weights(model_dir):
