@@ -11,7 +11,8 @@ Variants, each at 1, 64, 256 and 1,024 sessions (`--sessions`):
           4 to 60 blocks of 16), so rows cross block boundaries as they decode; every `--window` ticks all sessions
           are cut back to their prompt outside the timed region, so contexts stay in that range over many ticks.
   churn   the same, and each tick 1-5% of the sessions close and as many new ones open and upload a 16-256 row
-          prompt (no sessions at 1).
+          prompt (no sessions at 1). Also printed: a fit of the churn tick's critical path against its new prompts
+          and their rows, and its p50 / p99 at the fewest, middle and most prompts a tick.
 
 Per tick it times: schedule (the scheduler's choice of rows), input build (from there up to the launch of the
 deep-layer step), outputs (from the step's end: heads, sampling, results, settling the Appends) and reply fan-out
@@ -328,15 +329,19 @@ def run_variant(variant: str, n: int, ticks: int, warmup: int, window: int, seed
             i += 1
             if i % window == 0:
                 h.reset_contexts()
+            k = rows = 0
             if variant == "churn":
                 k = int(h.rng.integers(max(1, round(0.01 * n)), max(1, round(0.05 * n)) + 1))
                 h.close_random(k)
                 for _ in range(k):
-                    h.open(int(h.rng.integers(16, 257)))
+                    prompt = int(h.rng.integers(16, 257))
+                    h.open(prompt)
+                    rows += prompt
             h.submit_decode()
             c0 = time.process_time()
             ph = h.tick()
             ph["cpu"] = time.process_time() - c0
+            ph["prompts"], ph["prompt_rows"] = k, rows
             h.fan.drain()
             if timed is not None:
                 timed.append(ph)
@@ -357,6 +362,13 @@ def run_variant(variant: str, n: int, ticks: int, warmup: int, window: int, seed
         out["critical"] = (pct(crit, 0.5), pct(crit, 0.99))
         out["cpu_mean"] = statistics.fmean(t["cpu"] for t in timed)
         out["crit_mean"] = statistics.fmean(crit)
+        if variant == "churn":  # what a tick's new prompts cost: a + b·prompts + c·rows, and the tails by prompts
+            ks = np.array([t["prompts"] for t in timed], dtype=float)
+            rows = np.array([t["prompt_rows"] for t in timed], dtype=float)
+            out["fit"] = np.linalg.lstsq(np.c_[np.ones_like(ks), ks, rows], np.array(crit), rcond=None)[0]
+            out["by_prompts"] = {int(k): (pct([c for c, kk in zip(crit, ks) if kk == k], 0.5),
+                                          pct([c for c, kk in zip(crit, ks) if kk == k], 0.99), int((ks == k).sum()))
+                                 for k in (lambda u: (u[0], u[len(u) // 2], u[-1]))(np.unique(ks))}
         return out
     finally:
         h.close()
@@ -391,7 +403,7 @@ def main() -> int:
           "CPU per tick (mean) | torch ops per tick |")
     print("|---|---|---|---|---|---|---|---|---|")
     counts = [int(s) for s in args.sessions.split(",")]
-    steady = {}
+    steady, churn = {}, {}
     for variant in args.variants.split(","):
         for n in counts:
             if variant == "churn" and n < 2:
@@ -399,6 +411,8 @@ def main() -> int:
             r = run_variant(variant, n, args.ticks, args.warmup, args.window, args.seed)
             if variant == "steady":
                 steady[n] = r
+            else:
+                churn[n] = r
             cells = [f"{us(r[p][0])} / {us(r[p][1])}" for p in (*PHASES, "critical")]
             print(f"| {variant} | {n} | {' | '.join(cells)} | {us(r['cpu_mean'])} | {r['ops']:,.0f} |", flush=True)
     if len(steady) >= 2:
@@ -407,6 +421,12 @@ def main() -> int:
         b, a = np.polyfit(ns, ys, 1)
         print(f"\nsteady host critical path p50 ≈ {a * 1e6:,.0f} µs + {b * 1e6:.2f} µs x sessions "
               f"(least squares over {', '.join(str(int(k)) for k in ns)})")
+    for n, r in churn.items():
+        a, b, c = r["fit"]
+        tails = ", ".join(f"{k} prompts {us(p50)} / {us(p99)} ({m} ticks)" for k, (p50, p99, m) in
+                          r["by_prompts"].items())
+        print(f"churn {n}: host critical path ≈ {us(a)} µs + {b * 1e6:.1f} µs per new prompt + {c * 1e6:.3f} µs per "
+              f"prompt row (least squares over the ticks); p50 / p99 by the tick's new prompts: {tails}")
     return 0
 
 
