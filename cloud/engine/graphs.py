@@ -202,7 +202,7 @@ class DecodeGraphs:
                                                      torch.from_numpy(sub).to(self.device))
             if tail is not None:
                 buf.tables[:, n - tail.shape[1]:n, :width] = torch.from_numpy(tail)
-        if buf.tables.shape[1] > n:  # a bucket's padded rows
+        if self.pad and buf.tables.shape[1] > n:  # a bucket's padded rows (exact shapes never read past n)
             buf.tables[:, n:] = self.scratch
 
     def _step(self, buf: _Buffers) -> None:
