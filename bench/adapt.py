@@ -17,7 +17,7 @@ batches, each in a fresh process: full fine-tuning (AdamW on every edge weight, 
 the full edge depth (loss at the split exit), and windowed LoRA (`coexit adapt`: one window at a time, no autograd
 below it, loss at its exit), on the bundled model and on a TinyLlama-shaped edge (11 layers, d 2048, random).
 
-    python bench/adapt.py [--package DIR] [--steps 150] [--tokens 16384]
+    python bench/adapt.py [--package DIR] [--steps 300] [--tokens 16384]
     python bench/adapt.py --phase memory [--batch 4 --seq-len 256]
 """
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import coexit  # noqa: E402
 from coexit.lora import merge_adapter  # noqa: E402
 from coexit.textdata import spread_chunks  # noqa: E402
-from edge.apps.adapt import adapt  # noqa: E402
+from edge.apps.adapt import SCHEDULES, adapt  # noqa: E402
 from edge.policy.calibrate import REFERENCES, choose_thresholds, collect  # noqa: E402
 from edge.policy.voting import RULES, combine  # noqa: E402
 
@@ -189,16 +189,18 @@ def main() -> int:
                                                 "coexit adapt's)")
     ap.add_argument("--steps-memory", type=int, default=4, help="memory phase: steps per window")
     ap.add_argument("--package", help="a directory of Python source held out of the corpus (default: aiohttp's)")
-    ap.add_argument("--steps", type=int, default=150, help="adapt steps per window")
+    ap.add_argument("--steps", type=int, help="adapt steps per window (default: coexit adapt's)")
     ap.add_argument("--tokens", type=int, default=16384, help="held-out test tokens")
     ap.add_argument("--target", type=float, default=0.99, help="calibration agreement target")
     ap.add_argument("--consistency", type=float, help="coexit adapt's split-row drift weight (default: its own)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="coexit adapt's learning rate")
+    ap.add_argument("--lr", type=float, help="coexit adapt's (peak) learning rate (default: its own)")
     ap.add_argument("--base-dtype", choices=["fp32", "bf16"], default="fp32", help="coexit adapt's --base-dtype")
     ap.add_argument("--rank", type=int, help="coexit adapt's LoRA rank (default: its own)")
     ap.add_argument("--alpha", type=float, help="coexit adapt's LoRA alpha (default: its own)")
     ap.add_argument("--joint-steps", type=int, help="coexit adapt's final joint pass, steps (default: its own)")
     ap.add_argument("--weight-decay", type=float, help="coexit adapt's AdamW weight decay (default: its own)")
+    ap.add_argument("--lr-schedule", choices=SCHEDULES,
+                    help="coexit adapt's learning-rate schedule over each window (default: its own)")
     ap.add_argument("--calib-files", type=float, default=0.0,
                     help="share of the files to adapt on kept out of adapting and used (instead of every one of "
                          "them) to calibrate both models: thresholds fit on text the adapter did not learn")
@@ -206,8 +208,10 @@ def main() -> int:
     if args.phase == "memory":
         args.batch, args.seq_len = args.batch or 4, args.seq_len or 256
         return memory_phase(args)
-    args.consistency = inspect.signature(adapt).parameters["consistency"].default if args.consistency is None \
-        else args.consistency
+    own = inspect.signature(adapt).parameters  # coexit adapt's defaults, unless given
+    for name in ("steps", "consistency", "lr", "lr_schedule"):
+        if getattr(args, name) is None:
+            setattr(args, name, own[name].default)
     knobs = {k: v for k, v in (("r", args.rank), ("alpha", args.alpha), ("joint_steps", args.joint_steps),
                                ("weight_decay", args.weight_decay), ("batch", args.batch),
                                ("seq_len", args.seq_len)) if v is not None}
@@ -230,12 +234,13 @@ def main() -> int:
     chunks = spread_chunks(tok, test_docs, args.tokens, 257, min_len=257)
     print(f"package {pkg.name}: {len(train)} files to adapt on, {len(calib) or 'the same'} to calibrate on, "
           f"{len(test)} held out ({sum(map(len, chunks))} "
-          f"tokens); {args.steps} adapt steps per window, consistency {args.consistency}, lr {args.lr}, base "
+          f"tokens); {args.steps} adapt steps per window, consistency {args.consistency}, lr {args.lr} "
+          f"({args.lr_schedule}), base "
           f"{args.base_dtype}{''.join(f', {k} {v}' for k, v in knobs.items())}")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         adapt(MODEL, [str(f) for f in train], Path(tmp) / "adapter", steps=args.steps, heldout=0.0, progress=False,
-              consistency=args.consistency, lr=args.lr, **knobs,
+              consistency=args.consistency, lr=args.lr, lr_schedule=args.lr_schedule, **knobs,
               base_dtype=torch.bfloat16 if args.base_dtype == "bf16" else torch.float32)
         seconds = time.perf_counter() - t0
         tuned = coexit.load(MODEL)

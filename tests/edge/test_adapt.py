@@ -13,7 +13,7 @@ import torch
 import coexit
 from coexit.lora import PARENT, TARGETS, LoraConfig, add_lora, merge_adapter, read_adapter
 from coexit.tiny import SAMPLE_TEXT
-from edge.apps.adapt import adapt, exit_loss, window_loss, windows
+from edge.apps.adapt import FINAL_LR, adapt, exit_loss, lr_scale, window_loss, windows
 from edge.backends import make_backend
 
 TEXT = "\n".join(SAMPLE_TEXT) if isinstance(SAMPLE_TEXT, list) else SAMPLE_TEXT
@@ -22,6 +22,16 @@ TEXT = "\n".join(SAMPLE_TEXT) if isinstance(SAMPLE_TEXT, list) else SAMPLE_TEXT
 def test_windows_close_at_the_edge_exits():
     assert windows([2, 4]) == [(0, 2), (2, 4)]
     assert windows([1, 2, 3]) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_the_cosine_schedule_warms_up_then_decays_each_window():
+    steps = 300  # warmup: the first 30 steps
+    lrs = [lr_scale(s, steps, "cosine") for s in range(steps)]
+    assert lrs[0] == pytest.approx(1 / 30) and lrs[29] == 1.0 and lrs[-1] == pytest.approx(FINAL_LR)
+    assert lrs[:30] == sorted(lrs[:30]) and lrs[29:] == sorted(lrs[29:], reverse=True)
+    assert lr_scale(0, 1, "cosine") == 1.0 and {lr_scale(s, steps) for s in range(steps)} == {1.0}
+    with pytest.raises(ValueError):
+        lr_scale(0, steps, "step")
 
 
 @pytest.fixture(scope="module")
