@@ -206,6 +206,22 @@ def test_recalibration_after_adaptation_travels_with_the_adapter(adapted, tiny_d
     assert client.policy.thresholds == {int(k): v for k, v in r["thresholds"].items()}
 
 
+def test_calibrate_cli_judges_an_adapted_edge_against_the_text_by_default(adapted, tiny_dir):
+    """`coexit calibrate --adapter DIR`: the target is measured against the user's text (teacher-forced, reference
+    text) unless --reference cloud says otherwise; without --adapter the reference stays the cloud's token."""
+    import json
+
+    from edge.policy.calibrate import POLICY_FILE, main
+
+    out, _, d = adapted
+    args = ["--model", str(tiny_dir), "--data", str(d / "my_code.py"), "--target", "0.5", "--max-tokens", "2000"]
+    assert main([*args, "--adapter", str(out)]) == 0
+    written = json.loads((out / POLICY_FILE).read_text())
+    assert written["reference"] == "text" and written["on_policy"] is False
+    assert main([*args, "--adapter", str(out), "--reference", "cloud", "--teacher-forced"]) == 0
+    assert json.loads((out / POLICY_FILE).read_text())["reference"] == "cloud"
+
+
 def test_resume_keeps_the_saved_rank(tiny_dir, tmp_path):
     """An adapter begun at another rank than this run's default resumes at its own rank (its saved windows load)."""
     (tmp_path / "t.py").write_text(TEXT * 8)
