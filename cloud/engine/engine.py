@@ -6,13 +6,13 @@ SessionManager. It is never held during a tick's compute, so the event loop only
 Sessions in the tick being computed are marked `in_flight`; one closed or evicted meanwhile is released right
 after the tick.
 
-Decode rows: the plain decode rows of a tick (one row each, see scheduler.py) run as one DecodeBatch on the
-runner's static step. In a tick that also has prompt chunks, the plain ones (straight through the deep layers)
-ride one mixed pass with the decode rows (mixed.py), and the rest (catch-up, drafts, propagated KV, cloud exits)
-take the general path. Their blocks grow in one allocation; the batch is settled in one short loop and its results reach
+Decode rows: the plain decode rows of a tick (one row each, see scheduler.py) run as one DecodeBatch on the runner's
+static step. In a tick that also has prompt chunks, the plain ones (straight through the deep layers) ride one mixed
+pass with the decode rows (mixed.py), and the rest (catch-up, drafts, propagated KV, cloud exits) take the general
+path. The decode rows' blocks grow in one allocation; the batch is settled in one short loop and its results reach
 `fan_out` as one StepReplies. When the scheduler hands back its last plan (the same sessions, one plain decode row
-each), nothing is scheduled at all. In one process `deliver` answers each Append's waiter; with front-end
-processes, cloud.ipc packs the answers into one array per front end. `run_tick` returns its phase time stamps
+each), nothing is scheduled at all. In one process `deliver` answers each Append's waiter; with front-end processes,
+cloud.ipc packs the answers into one array per front end. `run_tick` returns its phase time stamps
 (bench/engine_overhead.py reads them).
 
 Overlap (`overlap`, on by default on a GPU): a decode-only tick is prepared on this thread (claims, slot ids,
@@ -287,7 +287,8 @@ class Engine:
         return _Tick(tick, items, decode, segments, finished)
 
     def _compute(self, t: _Tick) -> None:
-        """A tick's device work on this thread: the decode batch on the static step, then the general path."""
+        """A tick's device work on this thread (BatchedRunner.run_tick): the decode batch on the static step, or
+        with the plain prompt chunks in one mixed pass, and the general path's chunks."""
         try:
             slots = t.decode.slots if t.decode is not None else None
             t.out, t.results = self.runner.run_tick(slots, list(map(_rows, t.segments)),

@@ -110,6 +110,13 @@ class KVPool:
                   for i, t in enumerate((self.k, self.v)))  # (B, K, S, D)
         return attend(q, kk, vv, positions, key_pos, valid)
 
+    def attend_prefix(self, q: Tensor, idx: Tensor, positions: Tensor) -> Tensor:
+        """One sequence's query rows q (1, H, T, D) at positions (1, T), causally over the keys at pool slots idx
+        (S,), which hold its positions [0, S) in order."""
+        kk, vv = self.k[idx].transpose(0, 1)[None], self.v[idx].transpose(0, 1)[None]
+        key_pos = torch.arange(idx.shape[0], device=q.device)[None]
+        return attend(q, kk.to(q.dtype), vv.to(q.dtype), positions, key_pos)
+
     def allocate(self, n: int) -> list[int] | None:
         """n block ids, or None (and nothing taken) when fewer are free."""
         if n > len(self._free):
@@ -137,7 +144,6 @@ class KVPool:
         t.nblocks[layers.start:layers.stop, slots] += 1
         t.changed.update(slots.tolist())
         return True
-
 
     def grow_slots(self, slots: np.ndarray, uptos: np.ndarray, layers: range) -> bool:
         """Blocks so that every one of `layers` of the sessions at `slots` holds positions [0, uptos[i]) (a tick's
@@ -353,11 +359,8 @@ class BatchAttention:
         pool.v[slots] = v[0].transpose(0, 1).to(pool.dtype)
         y = torch.empty_like(q)  # (1, H, Nq, D)
         for row, c, first, n, nq in self.multis:  # a multi-row segment: its own causal attention over its prefix
-            idx = c.slots(layer, 0, first + n)
-            kk, vv = pool.k[idx].transpose(0, 1)[None], pool.v[idx].transpose(0, 1)[None]
-            key_pos = torch.arange(first + n, device=q.device)[None]
-            y[:, :, row:row + nq] = attend(q[:, :, row:row + nq], kk.to(q.dtype), vv.to(q.dtype),
-                                           positions[:, row:row + nq], key_pos)
+            y[:, :, row:row + nq] = pool.attend_prefix(q[:, :, row:row + nq], c.slots(layer, 0, first + n),
+                                                       positions[:, row:row + nq])
         if self.singles:  # decode rows: gather whole blocks of every session's table, pad to the widest
             t = pool.tables
             slots = self.slot_ids

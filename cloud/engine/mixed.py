@@ -9,7 +9,8 @@ block tables stay in the static step's buffers and only changed rows are sent.
 
 The pass packs every row along T (B == 1): the decode rows first, then the chunks. At each layer every row's k, v
 is written at its claimed slot; the decode rows attend over their block tables as on the static step, and each
-chunk attends causally over its session's prefix, as BatchAttention's multi-row segments do. The caches cannot
+chunk attends causally over its session's prefix (KVPool.attend_prefix, as BatchAttention's multi-row segments
+do; a session's first rows over this pass's own keys). The caches cannot
 tell which path ran.
 
 Shapes: n decode rows, T chunk rows, N = n + T, L deep layers, W table width, K kv heads, D head dim.
@@ -35,12 +36,8 @@ class PromptChunks:
 
     positions: np.ndarray  # (T,)
     slot_ids: np.ndarray  # (L, T) pool slots their k, v go to
-    spans: list[tuple[int, int, int, np.ndarray | None]]  # per chunk: (first row in T, first position, rows, the
-    # slot ids (L, first + rows) of positions [0, first + rows) when first > 0; None for a session's first rows)
-
-    @property
-    def rows(self) -> int:
-        return int(self.positions.shape[0])
+    spans: list[tuple[int, int, np.ndarray | None]]  # per chunk: (first row in T, rows, the slot ids
+    # (L, first + rows) of its positions [0, first + rows) when it continues a session; None for a session's first rows)
 
 
 class _MixedAttention:
@@ -65,16 +62,13 @@ class _MixedAttention:
             qq = q[0, :, :n].transpose(0, 1)[:, :, None]  # (n, H, 1, D)
             out = pool.attend_blocks(qq, self.tables[i], positions[0, :n, None], self.key_pos, self.valid)
             y[0, :, :n] = out[:, :, 0].transpose(0, 1)
-        for row, first, rows, prefix in self.chunks:  # a chunk: causal attention over its session's prefix
+        for row, rows, prefix in self.chunks:  # a chunk: causal attention over its session's prefix
             q_rows, q_pos = q[:, :, row:row + rows], positions[:, row:row + rows]
             if prefix is None:  # a session's first rows: its keys are this pass's, as the pool holds them
                 kk, vv = (x[:, :, row:row + rows].to(pool.dtype).to(q.dtype) for x in (k, v))
                 y[:, :, row:row + rows] = attend(q_rows, kk, vv, q_pos, q_pos)
                 continue
-            idx = prefix[i]
-            kk, vv = pool.k[idx].transpose(0, 1)[None], pool.v[idx].transpose(0, 1)[None]
-            key_pos = torch.arange(first + rows, device=q.device)[None]
-            y[:, :, row:row + rows] = attend(q_rows, kk.to(q.dtype), vv.to(q.dtype), q_pos, key_pos)
+            y[:, :, row:row + rows] = pool.attend_prefix(q_rows, prefix[i], q_pos)
         return y
 
 
@@ -103,12 +97,12 @@ class MixedStep:
         pos = packed_positions(firsts, ns)
         slot_ids = t.blocks[lo:hi][:, np.repeat(slots, ns), pos // bs].astype(np.int64) * bs + pos % bs
         rows = (np.cumsum(ns) - ns).tolist()
-        spans = [(r, 0, c, None) for r, c in zip(rows, ns.tolist())]
+        spans = [(r, c, None) for r, c in zip(rows, ns.tolist())]
         for i in np.flatnonzero(firsts).tolist():  # chunks that continue a session: their earlier positions too
             f, r, c = int(firsts[i]), rows[i], int(ns[i])
             p = np.arange(f)
             earlier = t.blocks[lo:hi, int(slots[i])][:, p // bs].astype(np.int64) * bs + p % bs
-            spans[i] = (r, f, c, np.concatenate([earlier, slot_ids[:, r:r + c]], axis=1))
+            spans[i] = (r, c, np.concatenate([earlier, slot_ids[:, r:r + c]], axis=1))
             self.continued += 1
         t.lengths[lo:hi, slots] = ends  # the claims
         return PromptChunks(pos, slot_ids, spans)
@@ -126,8 +120,8 @@ class MixedStep:
             slot_ids = np.concatenate([inp.slot_ids[:, :n], slot_ids], axis=1)
             positions = np.concatenate([inp.positions[:n], positions])
         pos = torch.from_numpy(positions).to(dev)[None]  # (1, N)
-        spans = [(n + row, first, rows, None if prefix is None else torch.from_numpy(prefix).to(dev))
-                 for row, first, rows, prefix in chunks.spans]
+        spans = [(n + row, rows, None if prefix is None else torch.from_numpy(prefix).to(dev))
+                 for row, rows, prefix in chunks.spans]
         view = _MixedAttention(self.pool, self.start, torch.from_numpy(slot_ids).to(dev), n, buf, width, spans)
         self.steps += 1
         return self._layers(hidden.to(g.dtype)[None], pos, int(positions.max()) + 1, view)[0]

@@ -34,6 +34,11 @@ from coexit.sampling import SamplingParams, sample_batch, top_logprobs, verify_d
 _temperature = operator.attrgetter("temperature")
 
 
+def _drawn(sampling: list[SamplingParams]) -> np.ndarray:
+    """Indices of the rows that draw a sample (temperature > 0); the others are greedy."""
+    return np.flatnonzero(np.fromiter(map(_temperature, sampling), dtype=np.float64, count=len(sampling)))
+
+
 class TokenResult:
     """A sampled token. logits (V,) are those it was drawn from; on a steady tick they stay one (n, V) tensor for
     the whole tick and a row is sliced out only when read."""
@@ -174,7 +179,7 @@ class BatchedRunner:
         """The host half (engine thread): the static step's inputs and the rows' claims, and which rows draw a
         sample at which position (the session's length after its row)."""
         inp = self.graphs.prepare(slots)
-        drawn = np.flatnonzero(np.fromiter(map(_temperature, sampling), dtype=np.float64, count=len(sampling)))
+        drawn = _drawn(sampling)
         positions = (inp.positions[drawn] + 1).tolist() if drawn.size else []
         return SteadyLaunch(inp, sampling, drawn, positions)
 
@@ -183,7 +188,7 @@ class BatchedRunner:
         """The device half: the step, the final head on every row, then `_pick`. Touches nothing the engine
         thread writes, so it may run on the device lane while the engine prepares the next tick."""
         h = self.graphs.launch(launch.inp, torch.cat(rows).to(self.dtype))
-        logits = self.model.head_logits(self.model.config.num_hidden_layers, h)
+        logits = self.model.head_logits(self.stop, h)
         return SteadyOutput(*self._pick(logits, launch.sampling, launch.drawn, launch.positions), logits)
 
     @staticmethod
@@ -237,7 +242,7 @@ class BatchedRunner:
         heads = np.concatenate([np.arange(n), last[due]]).astype(np.int64)
         logits = self.model.head_logits(self.stop, h.index_select(0, torch.from_numpy(heads).to(h.device)))
         params = list(sampling) + [chunks[i].segment.sampling for i in due]
-        drawn = np.flatnonzero(np.fromiter(map(_temperature, params), dtype=np.float64, count=len(params)))
+        drawn = _drawn(params)
         drawn_at = [int(inp.positions[j]) + 1 if j < n else chunks[due[j - n]].segment.last for j in drawn]
         tokens, logprobs = self._pick(logits, params, drawn, drawn_at)
         out = SteadyOutput(tokens[:n], logprobs[:n], logits[:n]) if inp is not None else None

@@ -334,9 +334,9 @@ class Scheduler:
             if tail > 1:  # the rows to verify run together in the last chunk, even past the grant
                 g = left if left <= tail else min(g, left - tail)
             chunks.append((s, seg, g, seg.first + seg.done_rows))
-        grown = bool(chunks) and grow_many is not None and not any(
-            seg.truncate_to is not None and seg.done_rows == 0 for _, seg, _, _ in chunks) and grow_many(
-            [c[0] for c in chunks], [first + g for _, _, g, first in chunks])
+        resets = any(seg.truncate_to is not None and seg.done_rows == 0 for _, seg, _, _ in chunks)
+        grown = (bool(chunks) and grow_many is not None and not resets  # (resets truncate first, one by one)
+                 and grow_many([s for s, _, _, _ in chunks], [first + g for _, _, g, first in chunks]))
         items, now = [], time.perf_counter()
         for s, seg, g, first in chunks:
             if not grown:
