@@ -53,6 +53,7 @@ _waiter, _rid, _first, _front = (operator.attrgetter(a) for a in ("waiter", "rid
 REPLY = np.dtype([("rid", "<i8"), ("token", "<i8"), ("logprob", "<f8"), ("length", "<i8"), ("layer_tokens", "<i8"),
                   ("compute_s", "<f8"), ("queue_s", "<f8"), ("exit_layer", "<i4"), ("rows_filled", "<i4")])
 PACKED = b"P"
+_ROW = np.dtype((np.void, REPLY.itemsize))  # a REPLY row as opaque bytes
 
 
 class PackedWaiter:
@@ -81,9 +82,10 @@ class PackedReplies:
     def flush(self, steady, finished: list) -> None:
         from cloud.engine.engine import Engine
 
-        rows, alone, msgs = [], [], []  # rows: (front, rid, token, logprob, length, layer_tokens, ...)
+        rows, alone = [], []  # rows: (front, rid, token, logprob, length, layer_tokens, ...)
+        packed, fronts = None, []  # the steady rows' REPLY array, and each row's front end
         if steady is not None and self._all_packed(steady):
-            msgs += self._pack_steady(steady)
+            packed, fronts = self._pack_steady(steady)
         elif steady is not None:
             out, others = steady.out, []
             for i, (s, seg) in enumerate(zip(steady.sessions, steady.segments)):
@@ -107,12 +109,11 @@ class PackedReplies:
                              outcome.queue_s, t.exit_layer, outcome.rows_filled))
             else:
                 alone.append((w, outcome))
-        if rows:
-            fronts: dict[bytes, list] = {}
-            for r in rows:
-                fronts.setdefault(r[0], []).append(r[1:])
-            for front, rs in fronts.items():
-                msgs.append([front, PACKED, np.array(rs, dtype=REPLY).tobytes()])
+        if rows:  # after the steady rows, in the same message per front end
+            more = np.array([r[1:] for r in rows], dtype=REPLY)
+            packed = more if packed is None else np.concatenate([packed.view(_ROW), more.view(_ROW)])
+            fronts += [r[0] for r in rows]
+        msgs = self._by_front(packed, fronts) if packed is not None else []
         for w, outcome in alone:
             msgs.append([w.front, pickle.dumps(self._reply(w, outcome))])
         if msgs:
@@ -123,8 +124,8 @@ class PackedReplies:
         return not steady.retired and set(map(type, map(_waiter, steady.segments))) == {PackedWaiter}
 
     @staticmethod
-    def _pack_steady(steady) -> list:
-        """The decode rows as one REPLY array per front end, filled column by column."""
+    def _pack_steady(steady) -> tuple[np.ndarray, list[bytes]]:
+        """The decode rows as one REPLY array, filled column by column, and each row's front end."""
         segs, out, n = steady.segments, steady.out, len(steady.segments)
         waiters = list(map(_waiter, segs))
         arr = np.empty(n, dtype=REPLY)
@@ -138,13 +139,18 @@ class PackedReplies:
         arr["queue_s"] = steady.queue_s
         arr["exit_layer"] = steady.sessions[0].runner.stop
         arr["rows_filled"] = 0
-        fronts = list(map(_front, waiters))
+        return arr, list(map(_front, waiters))
+
+    @staticmethod
+    def _by_front(arr: np.ndarray, fronts: list[bytes]) -> list:
+        """One [front, PACKED, rows] message per front end, its rows in arr's order (REPLY rows, or their bytes)."""
         names = set(fronts)
         if len(names) == 1:
             return [[fronts[0], PACKED, arr.tobytes()]]
         index = {f: i for i, f in enumerate(names)}
-        codes = np.fromiter(map(index.__getitem__, fronts), dtype=np.int64, count=n)
-        return [[f, PACKED, arr[codes == i].tobytes()] for f, i in index.items()]
+        codes = np.fromiter(map(index.__getitem__, fronts), dtype=np.int64, count=len(fronts))
+        rows = arr.view(_ROW)  # numpy selects opaque rows several times faster than structured ones
+        return [[f, PACKED, rows[codes == i].tobytes()] for f, i in index.items()]
 
     @staticmethod
     def _reply(w: PackedWaiter, outcome) -> tuple:

@@ -246,18 +246,16 @@ class BatchedRunner:
         drawn_at = [int(inp.positions[j]) + 1 if j < n else chunks[due[j - n]].segment.last for j in drawn]
         tokens, logprobs = self._pick(logits, params, drawn, drawn_at)
         out = SteadyOutput(tokens[:n], logprobs[:n], logits[:n]) if inp is not None else None
-        deep, done = self.stop - self.graphs.start, {}
+        deep, done, counts = self.stop - self.graphs.start, {}, ns.tolist()
+        head_of = dict(zip(due, range(n, n + len(due))))  # chunk -> its row in logits
         for i, it in enumerate(chunks):
-            res = RunResult(depth=self.stop, exited=False, rows_computed=int(ns[i]) * deep)
+            res = RunResult(self.stop, False, rows_computed=counts[i] * deep)
             it.session.runner.layer_tokens += res.rows_computed
-            done[id(it)] = (res, None, [])
-        for j, i in enumerate(due):
-            it, row, lg = chunks[i], int(last[i]), logits[n + j]
-            res = done[id(it)][0]
-            res.logits, res.last_hidden, res.top_hidden = lg, h[row], h[row:row + 1]
-            top = it.segment.top_k
-            token = TokenResult(tokens[n + j], logprobs[n + j], self.stop, lg, top_logprobs(lg, top) if top else [])
-            done[id(it)] = (res, token if it.segment.want_token else None, [])
+            j, token, seg = head_of.get(i), None, it.segment
+            if j is not None and seg.want_token:  # the row stays in the tick's logits until read
+                token = TokenResult(tokens[j], logprobs[j], self.stop, logits,
+                                    top_logprobs(logits[j], seg.top_k) if seg.top_k else [], row=j)
+            done[id(it)] = (res, token, [])
         return out, done
 
     def _outputs(self, plans: list[_Plan]) -> list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]:

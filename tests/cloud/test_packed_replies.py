@@ -1,0 +1,56 @@
+"""The engine's reply fan-out to front-end processes (cloud/ipc.py PackedReplies): a tick's decode rows and its
+other plain-token answers reach each front end in one packed message, in order, with the right fields; other
+answers go alone, pickled."""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import grpc
+import torch
+import zmq
+
+from cloud.engine.engine import SegmentDone, StepReplies
+from cloud.engine.runner import SteadyOutput, TokenResult
+from cloud.engine.scheduler import Segment
+from cloud.errors import ServiceError
+from cloud.ipc import PACKED, PackedReplies, unpack_replies
+
+
+def test_a_tick_reaches_each_front_end_as_one_packed_message_in_order():
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.bind("inproc://replies-test")
+    push.connect("inproc://replies-test")
+    try:
+        replies = PackedReplies(push)
+        fronts = [b"a", b"b", b"a", b"b"]
+        sessions = [SimpleNamespace(retired=False, runner=SimpleNamespace(stop=8)) for _ in fronts]
+        segments = [Segment(10 + i, torch.zeros(1, 4), True, waiter=replies.waiter(f, 100 + i))
+                    for i, f in enumerate(fronts)]
+        out = SteadyOutput([5, 6, 7, 8], [-0.1, -0.2, -0.3, -0.4], torch.zeros(4, 9))
+        steady = StepReplies(sessions, segments, out, [0.001, 0.002, 0.003, 0.004], 0.05, 3, 4)
+        prompt = replies.waiter(b"b", 200, SimpleNamespace(length=40))  # a prompt chunk's token, same tick
+        failed = replies.waiter(b"a", 201)
+        finished = [(prompt, SegmentDone(TokenResult(77, -0.5, 8, torch.zeros(9)), 160, 0.05, (2, 3), [], 0, 0.01)),
+                    (failed, ServiceError(grpc.StatusCode.NOT_FOUND, "no such session")),
+                    (None, SegmentDone(None, 0, 0.0, (3, 3)))]
+        replies.flush(steady, finished)
+        msgs = []
+        while pull.poll(200):
+            msgs.append(pull.recv_multipart())
+    finally:
+        push.close(0)
+        pull.close(0)
+        ctx.term()
+    packed = {m[0]: unpack_replies(m[2]) for m in msgs if len(m) == 3 and m[1] == PACKED}
+    alone = [pickle.loads(m[1]) for m in msgs if len(m) == 2]
+    assert len(msgs) == 3 and sorted(packed) == [b"a", b"b"]  # one packed message per front end
+    got = {f: [(rid, o.token_id, round(o.logprob, 6), o.length, o.layer_tokens, o.exit_layer) for rid, o in rows]
+           for f, rows in packed.items()}
+    assert got[b"a"] == [(100, 5, -0.1, 11, 4, 8), (102, 7, -0.3, 13, 4, 8)]
+    assert got[b"b"] == [(101, 6, -0.2, 12, 4, 8), (103, 8, -0.4, 14, 4, 8), (200, 77, -0.5, 40, 160, 8)]
+    assert [o.queue_s for _, o in packed[b"b"]] == [0.002, 0.004, 0.01]
+    assert alone == [(201, False, ("NOT_FOUND", "no such session"))]
+
