@@ -171,7 +171,7 @@ class Harness:
         self.manager = SessionManager(self.model, Limits(max_sessions=sessions + 64, block_size=BLOCK,
                                                          rows_per_tick=budget), self.engine)
         self.rng = np.random.default_rng(seed)
-        self.row = torch.randn(1, HIDDEN)
+        self.rows = torch.randn(4096, HIDDEN)  # decode rows are copied out of it: each Append its own tensor
         self.fan = FanOut()
         self.new_api = hasattr(self.engine, "run_tick")
         if self.new_api:
@@ -226,12 +226,13 @@ class Harness:
 
     def submit_decode(self) -> None:
         """Each session whose last Append was answered sends its next decode row (a client waits for its token;
-        a prompt longer than its share of the row budget takes several ticks)."""
+        a prompt longer than its share of the row budget takes several ticks). Each row is a tensor of its own, as
+        a front end decodes it from its message."""
         for entry in self.sessions:
             s = entry[0]
             if not s.queue:
                 entry[2] = True  # its prompt was answered
-                self._submit(s, self.row, s.expected)
+                self._submit(s, self.rows[self.rid % 4096][None].clone(), s.expected)
 
     def reset_contexts(self) -> None:
         """Cut every session back to its prompt (untimed), so contexts stay within CTX over many ticks."""

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from torch import Tensor
 
 from cloud.engine.graphs import DecodeGraphs
 from cloud.engine.kv_pool import KVPool
@@ -45,7 +46,7 @@ from cloud.errors import ServiceError
 from coexit.model import EarlyExitLM
 
 log = logging.getLogger("coexit.cloud")
-_submitted, _rows, _sampling = (operator.attrgetter(a) for a in ("submitted", "rows", "sampling"))
+_sampling = operator.attrgetter("sampling")
 
 
 @dataclass
@@ -81,6 +82,7 @@ class _Tick:
     decode: DecodeBatch | None
     segments: list[Segment]  # the decode rows' segments, in row order
     finished: list  # (waiter, outcome) known at scheduling: applied rollbacks, refusals
+    rows: Tensor | None = None  # the decode rows (n, C), gathered from the scheduler's staged rows
     started: float = 0.0
     seconds: float = 0.0
     out: SteadyOutput | None = None
@@ -134,8 +136,7 @@ class Engine:
         self.on_failure: Callable[[object, Segment], Exception] = lambda s, seg: RuntimeError("no room")
         self.ticks = 0
         self.batch_wait = batch_wait
-        self._recent: dict[str, object] = {}  # sessions served in the last two ticks, by id
-        self._served_before: dict[str, object] = {}
+        self._served: tuple = ((), ())  # the sessions the last two ticks served, as groups (read by _coalesce)
         self._last_tick_s = 0.0
         self.sync: Callable[[str], None] | None = None  # under --tp: rank 0's journal goes out ("tick", "settle")
         self._stop = False
@@ -242,7 +243,7 @@ class Engine:
             t.held = True
         t.started = time.perf_counter()
         if launch is not None:
-            t.future = self.lane.submit(self.runner.compute_steady, launch, list(map(_rows, t.segments)))
+            t.future = self.lane.submit(self.runner.compute_steady, launch, t.rows)
             t.future.add_done_callback(self._lane_done)
             self.overlapped_ticks += pending is not None
         if pending is not None:
@@ -283,16 +284,17 @@ class Engine:
                 for item in items:
                     item.session.in_flight = True
                 finished += [w for s, seg in failures for w in self._fail(s, seg)]
-            segments = [s.queue[0] for s in decode.sessions] if decode is not None else []
-        return _Tick(tick, items, decode, segments, finished)
+            segments, rows = [], None
+            if decode is not None:
+                segments, rows = [s.queue[0] for s in decode.sessions], self.scheduler.staged.gather(decode.slots)
+        return _Tick(tick, items, decode, segments, finished, rows)
 
     def _compute(self, t: _Tick) -> None:
         """A tick's device work on this thread (BatchedRunner.run_tick): the decode batch on the static step, or
         with the plain prompt chunks in one mixed pass, and the general path's chunks."""
         try:
             slots = t.decode.slots if t.decode is not None else None
-            t.out, t.results = self.runner.run_tick(slots, list(map(_rows, t.segments)),
-                                                    list(map(_sampling, t.segments)), t.items)
+            t.out, t.results = self.runner.run_tick(slots, t.rows, list(map(_sampling, t.segments)), t.items)
         except Exception as exc:  # a server fault: fail this tick's Appends, keep serving
             log.exception("engine tick failed")
             t.error = exc
@@ -319,14 +321,13 @@ class Engine:
                          for s, seg in zip(decode.sessions, t.segments)] + items
                 decode = None
             self._last_tick_s = seconds
-            served = {it.session.id: it.session for it in items if not it.session.retired}
             finished = t.finished + self._settle(items, t.results, t.error, seconds, tick)
             decoded = None
             if decode is not None:  # (after the items: the ready set is then often exactly its sessions)
-                served.update(decode.by_id)
                 decoded = self._settle_decode(decode, t.segments, t.out, seconds, tick, t.started, held)
             self._record(items, decode, seconds)
-            self._recent, self._served_before = {**self._served_before, **served}, served
+            self._served = (self._served[1], ([it.session for it in items],
+                                              decode.sessions if decode is not None else ()))
         if stamps is not None:
             stamps["settled"] = time.perf_counter()
         fan_out(decoded, finished)
@@ -361,6 +362,7 @@ class Engine:
         """The decode rows' segments are done: pop them (a session closed during the tick is released; `held`:
         the tick ran on the lane, its sessions come back to the scheduler now)."""
         sched = self.scheduler
+        queue_s = started - sched.staged.submitted[decode.slots]  # (read before settling restages the slots)
         ready, plain, retired, done = sched.ready, sched.plain, False, []
         for s in decode.sessions:
             s.in_flight = False
@@ -384,8 +386,6 @@ class Engine:
             for sid in done:
                 del ready[sid]
                 plain.pop(sid, None)
-        n = len(segments)
-        queue_s = started - np.fromiter(map(_submitted, segments), dtype=np.float64, count=n)
         observe_many(self.metrics.queue_wait, queue_s)
         deep = self.model.config.num_hidden_layers - sched.steady_start
         return StepReplies(decode.sessions, segments, out, queue_s.tolist(), seconds, tick, deep, retired)
@@ -405,11 +405,14 @@ class Engine:
         trip when the engine starts the next. Wait a little (at most `batch_wait` of the last tick's time) for
         the attached sessions served in the last two ticks to come back, so one tick carries them all and its
         fixed costs are paid once. A lone session never waits."""
-        if self.batch_wait <= 0 or not self._recent:
+        if self.batch_wait <= 0:
+            return
+        recent = {s.id: s for groups in self._served for group in groups for s in group}
+        if not recent:
             return
         deadline = time.perf_counter() + self.batch_wait * self._last_tick_s
         while not self._stop:
-            missing = [s for sid, s in self._recent.items()
+            missing = [s for sid, s in recent.items()
                        if sid not in self.scheduler.ready and s.attached and not s.retired]
             left = deadline - time.perf_counter()
             if not missing or left <= 0:

@@ -159,10 +159,12 @@ class KVPool:
         if got is None:
             return False
         t.reserve_width(int(want.max()))
-        lay, col = np.nonzero(need)
-        counts = need[lay, col]
-        t.blocks[np.repeat(lay + layers.start, counts), np.repeat(slots[col], counts),
-                 packed_positions(have[lay, col].astype(np.int64), counts)] = got
+        # flat indices into blocks (layers, slots, width): each (layer, session) pair's new columns, consecutive
+        _, cap, width = t.blocks.shape
+        start = ((np.arange(layers.start, layers.stop)[:, None] * cap + slots) * width + have).ravel()
+        counts = need.ravel()
+        idx = np.arange(total) + np.repeat(start - (np.cumsum(counts) - counts), counts)
+        np.put(t.blocks, idx, got)
         t.nblocks[layers.start:layers.stop, slots] = np.maximum(have, want)
         t.changed.update(slots.tolist())
         return True

@@ -170,9 +170,10 @@ class BatchedRunner:
             layer += 1
         return self._outputs(plans)
 
-    def run_steady(self, slots, rows: list[Tensor], sampling: list[SamplingParams]) -> SteadyOutput:
-        """The decode rows of a tick: one row (1, C) per session (at `slots`) through all deep layers on the static
-        step, the final head on every row, then sampling; see `prepare_steady` and `compute_steady`."""
+    def run_steady(self, slots, rows: Tensor, sampling: list[SamplingParams]) -> SteadyOutput:
+        """The decode rows of a tick: one row per session (rows (n, C), sessions at `slots`) through all deep layers
+        on the static step, the final head on every row, then sampling; see `prepare_steady` and
+        `compute_steady`."""
         return self.compute_steady(self.prepare_steady(slots, sampling), rows)
 
     def prepare_steady(self, slots, sampling: list[SamplingParams]) -> SteadyLaunch:
@@ -184,10 +185,10 @@ class BatchedRunner:
         return SteadyLaunch(inp, sampling, drawn, positions)
 
     @torch.no_grad()
-    def compute_steady(self, launch: SteadyLaunch, rows: list[Tensor]) -> SteadyOutput:
+    def compute_steady(self, launch: SteadyLaunch, rows: Tensor) -> SteadyOutput:
         """The device half: the step, the final head on every row, then `_pick`. Touches nothing the engine
         thread writes, so it may run on the device lane while the engine prepares the next tick."""
-        h = self.graphs.launch(launch.inp, torch.cat(rows).to(self.dtype))
+        h = self.graphs.launch(launch.inp, rows.to(self.dtype))
         logits = self.model.head_logits(self.stop, h)
         return SteadyOutput(*self._pick(logits, launch.sampling, launch.drawn, launch.positions), logits)
 
@@ -211,9 +212,9 @@ class BatchedRunner:
         return list(map(int, host[0])), host[1]
 
     @torch.no_grad()
-    def run_tick(self, slots, rows: list[Tensor], sampling: list[SamplingParams], items: list[TickItem]
+    def run_tick(self, slots, rows: Tensor | None, sampling: list[SamplingParams], items: list[TickItem]
                  ) -> tuple[SteadyOutput | None, list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]]:
-        """A tick's device work on the engine thread: the decode rows at `slots` (None: none) and the general
+        """A tick's device work on the engine thread: the decode rows (n, C) at `slots` (None: none) and the general
         path's items. Plain prompt chunks among the items ride one mixed pass with the decode rows (mixed.py);
         the other items take the general path (`run`). Returns the decode rows' output and the items' results
         in their order."""
@@ -226,7 +227,7 @@ class BatchedRunner:
         general = dict(zip(map(id, rest), self.run(rest))) if rest else {}
         return out, [done[id(it)] if id(it) in done else general[id(it)] for it in items]
 
-    def _run_mixed(self, slots, rows: list[Tensor], sampling: list[SamplingParams], chunks: list[TickItem]
+    def _run_mixed(self, slots, rows: Tensor | None, sampling: list[SamplingParams], chunks: list[TickItem]
                    ) -> tuple[SteadyOutput | None, dict[int, tuple[RunResult, TokenResult | None, list]]]:
         """The decode rows and plain prompt chunks in one pass, one final head over the decode rows and the
         chunks' last rows that want a token, one `_pick`. Returns the decode output and {id(item): result}."""
@@ -236,7 +237,7 @@ class BatchedRunner:
         firsts = np.fromiter((it.first for it in chunks), dtype=np.int64, count=k)
         prepared = self.mixed.prepare(np.fromiter((it.session.runner.cache.slot for it in chunks),
                                                   dtype=np.int64, count=k), firsts, ns)
-        h = self.mixed.run(inp, prepared, torch.cat([*rows, *(it.x for it in chunks)]))
+        h = self.mixed.run(inp, prepared, torch.cat([*([rows] if inp is not None else []), *(it.x for it in chunks)]))
         due = [i for i, it in enumerate(chunks) if it.head]
         last = n + np.cumsum(ns) - 1  # each chunk's last row in h
         heads = np.concatenate([np.arange(n), last[due]]).astype(np.int64)

@@ -14,7 +14,8 @@ positions from there on (a stateless session's reset, or a Rollback, which carri
 queue order, as soon as it reaches the front).
 
 Decode rows apart: a ready session whose whole queue is one plain decode row (one row through all deep layers, a
-token wanted, no drafts, fill rows, cloud exits or top logprobs) is kept in `plain` as it is submitted. Such a row
+token wanted, no drafts, fill rows, cloud exits or top logprobs) is kept in `plain` as it is submitted, and its row
+is staged at the session's KV slot (staging.py), so a tick gathers its decode rows by slot. Such a row
 needs one row of budget, which the first round of the fair split grants whenever the ready sessions fit the budget,
 so `next_tick` hands them to the engine's static step as one DecodeBatch (their blocks grown in one allocation)
 and runs the fair split over the other sessions only, with the first round's share the whole set would have had:
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from cloud.engine.staging import StagedRows
 from coexit.decoding import Decide
 from coexit.sampling import GREEDY, SamplingParams
 
@@ -173,6 +175,7 @@ class Scheduler:
         self.row_budget = row_budget
         self.ready: OrderedDict[str, Any] = OrderedDict()  # sessions with queued segments, round-robin order
         self.plain: dict[str, Any] = {}  # ready sessions whose queue is one plain decode row for the static step
+        self.staged = StagedRows()  # the plain sessions' rows, by KV slot
         self.steady_start: int | None = None  # first deep layer of the static step (None: no static step)
         self._rollbacks: set[str] = set()  # sessions that queued a Rollback not applied yet
         self._plan: DecodeBatch | None = None
@@ -205,6 +208,7 @@ class Scheduler:
         self.ready.setdefault(session.id, session)
         if self._plain(session):
             self.plain[session.id] = session
+            self.staged.put(session.runner.cache.slot, segment)
             if session.planned:
                 self._fresh += 1
                 return
@@ -220,6 +224,7 @@ class Scheduler:
             self.plain.pop(session.id, None)
         elif self._plain(session):
             self.plain[session.id] = session
+            self.staged.put(session.runner.cache.slot, session.queue[0])
         else:
             self.plain.pop(session.id, None)
 

@@ -9,6 +9,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -323,13 +324,43 @@ def test_grants_with_decode_rows_apart_equal_grants_over_everyone():
         assert whole == [1 if p else next(apart) for p in plain], (budget, needs, plain)
 
 
+def test_grow_slots_gives_each_table_its_blocks_at_once_or_nothing():
+    """A tick's prompt chunks get their blocks in one allocation (KVPool.grow_slots): every layer's table ends
+    holding exactly the blocks its positions need, blocks already held stay where they were, no block is handed
+    out twice, and when the pool is short nothing is taken."""
+    pool = KVPool(400, 4, 1, 8, torch.float32)
+    layers = range(2, 5)
+    caches = [PagedCache(pool, range(0, 5)) for _ in range(6)]
+    for i, c in enumerate(caches):  # different lengths held, and a lagging layer (tokens that exited early)
+        c.grow(3 * i, c.blocks_needed(3 * i))
+        if i % 2:
+            pool.release(c.table(4)[1:].tolist())
+            pool.tables.nblocks[4, c.slot] = min(1, int(pool.tables.nblocks[4, c.slot]))
+    before = {(c.slot, layer): c.table(layer).tolist() for c in caches for layer in layers}
+    free = pool.num_free
+    uptos = [5, 17, 9, 30, 2, 23]
+    slots = np.array([c.slot for c in caches])
+    assert pool.grow_slots(slots, np.array(uptos), layers)
+    handed = []
+    for c, upto in zip(caches, uptos):
+        for layer in layers:
+            table, old = c.table(layer).tolist(), before[(c.slot, layer)]
+            assert len(table) == max(len(old), -(-upto // 4)) and table[:len(old)] == old
+            handed += table[len(old):]
+    assert len(handed) == len(set(handed)) == free - pool.num_free
+    assert not set(handed) & {b for t in before.values() for b in t} and not set(handed) & set(pool._free)
+    assert not pool.grow_slots(slots, np.array(uptos) + 4 * pool.num_free, layers)  # short: nothing taken
+    assert pool.num_free == free - len(handed)
+
+
 @pytest.mark.parametrize("static_decode", ["auto", "eager"])  # eager: bucketed buffers, as a GPU's graphs use
 def test_churn_while_others_decode_equals_sessions_alone(model, static_decode):
     """Sessions open (with prompts) and close while others decode, on the engine's steady path (a reused plan,
     the static step at exact shapes, rows crossing 4-position blocks), and prompt chunks ride mixed passes with the
-    decode rows: first prompts, a long prompt chunked over ticks, and several rows appended mid-stream (as after
-    tokens that exited on the edge). Every token, log-probability and logit equals serving that session alone, and
-    the blocks all come back."""
+    decode rows: first prompts, a long prompt chunked over ticks, several rows appended mid-stream (as after
+    tokens that exited on the edge), and decode rows queued before the one ahead was answered (staged for the
+    static step when that one settles). Every token, log-probability and logit equals serving that session
+    alone, and the blocks all come back."""
     cfg = model.config
     h = Harness(model, blocks=2000, block_size=4, rows_per_tick=32, static_decode=static_decode)
     rng = torch.Generator().manual_seed(5)
@@ -362,6 +393,10 @@ def test_churn_while_others_decode_equals_sessions_alone(model, static_decode):
                     continue
                 work.append((s, rows[pos:pos + n], pos, True, sampling))
                 names.append(name)
+                if step == 13 and name % 2 and n == 1 and pos + 2 <= rows.shape[0]:  # the next row queued
+                    # before this one is answered: it reaches the static step once this one settles
+                    work.append((s, rows[pos + 1:pos + 2], pos + 1, True, sampling))
+                    names.append(name)
             outs = h.step(work)
             for name, (_s, x, first, _, sampling), out in zip(names, work, outs):
                 assert isinstance(out, SegmentDone), out
