@@ -49,7 +49,8 @@ def _tensor_from(meta: tuple, data) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).view(shape)
 
 
-_waiter, _rid, _first, _front = (operator.attrgetter(a) for a in ("waiter", "rid", "first", "front"))
+_waiter, _key = operator.attrgetter("waiter"), operator.attrgetter("key")
+_CODE_SHIFT, _RID_MASK = 48, (1 << 48) - 1  # PackedWaiter.key: the front end's code above, the request id below
 REPLY = np.dtype([("rid", "<i8"), ("token", "<i8"), ("logprob", "<f8"), ("length", "<i8"), ("layer_tokens", "<i8"),
                   ("compute_s", "<f8"), ("queue_s", "<f8"), ("exit_layer", "<i4"), ("rows_filled", "<i4")])
 PACKED = b"P"
@@ -57,12 +58,14 @@ _ROW = np.dtype((np.void, REPLY.itemsize))  # a REPLY row as opaque bytes
 
 
 class PackedWaiter:
-    """The engine's waiter for an Append whose reply goes out packed with its tick's others."""
+    """The engine's waiter for an Append whose reply goes out packed with its tick's others. key: its front end's
+    code (PackedReplies.fronts) above bit 48, its request id below, read for a whole tick in one pass."""
 
-    __slots__ = ("replies", "front", "rid", "session")
+    __slots__ = ("replies", "front", "rid", "session", "key")
 
-    def __init__(self, replies: PackedReplies, front: bytes, rid: int, session=None) -> None:
+    def __init__(self, replies: PackedReplies, front: bytes, rid: int, session=None, code: int = 0) -> None:
         self.replies, self.front, self.rid, self.session = replies, front, rid, session
+        self.key = code << _CODE_SHIFT | rid
 
     def __call__(self, outcome) -> None:  # an outcome handed out alone (a rollback, an error, a closed session)
         self.replies.flush(None, [(self, outcome)])
@@ -75,24 +78,30 @@ class PackedReplies:
 
     def __init__(self, sock, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.sock, self.loop = sock, loop
+        self.fronts: list[bytes] = []  # front ends by code, in the order they were first seen
+        self._codes: dict[bytes, int] = {}
 
     def waiter(self, front: bytes, rid: int, session=None) -> PackedWaiter:
-        return PackedWaiter(self, front, rid, session)
+        code = self._codes.get(front)
+        if code is None:
+            code = self._codes[front] = len(self.fronts)
+            self.fronts.append(front)
+        return PackedWaiter(self, front, rid, session, code)
 
     def flush(self, steady, finished: list) -> None:
         from cloud.engine.engine import Engine
 
-        rows, alone = [], []  # rows: (front, rid, token, logprob, length, layer_tokens, ...)
-        packed, fronts = None, []  # the steady rows' REPLY array, and each row's front end
-        if steady is not None and self._all_packed(steady):
-            packed, fronts = self._pack_steady(steady)
-        elif steady is not None:
+        rows, alone = [], []  # rows: (front code, rid, token, logprob, length, layer_tokens, ...)
+        packed = codes = None  # the steady rows' REPLY array, and each row's front end's code
+        if steady is not None and not steady.retired:
+            packed, codes = self._pack_steady(steady)
+        if steady is not None and packed is None:  # some waiters are not packed, or sessions closed meanwhile
             out, others = steady.out, []
             for i, (s, seg) in enumerate(zip(steady.sessions, steady.segments)):
                 w = seg.waiter
                 if type(w) is PackedWaiter and not s.retired:
-                    rows.append((w.front, w.rid, out.tokens[i], out.logprobs[i], seg.last, steady.layer_tokens,
-                                 steady.compute_s, steady.queue_s[i], s.runner.stop, 0))
+                    rows.append((w.key >> _CODE_SHIFT, w.rid, out.tokens[i], out.logprobs[i], seg.last,
+                                 steady.layer_tokens, steady.compute_s, steady.queue_s[i], s.runner.stop, 0))
                 else:
                     others.append(i)
             if others:
@@ -105,52 +114,52 @@ class PackedReplies:
             t = getattr(outcome, "token", None)
             if t is not None and not t.top and not outcome.verdicts:
                 length = w.session.length if w.session is not None else 0
-                rows.append((w.front, w.rid, t.token_id, t.logprob, length, outcome.layer_tokens, outcome.compute_s,
-                             outcome.queue_s, t.exit_layer, outcome.rows_filled))
+                rows.append((w.key >> _CODE_SHIFT, w.rid, t.token_id, t.logprob, length, outcome.layer_tokens,
+                             outcome.compute_s, outcome.queue_s, t.exit_layer, outcome.rows_filled))
             else:
                 alone.append((w, outcome))
         if rows:  # after the steady rows, in the same message per front end
             more = np.array([r[1:] for r in rows], dtype=REPLY)
-            packed = more if packed is None else np.concatenate([packed.view(_ROW), more.view(_ROW)])
-            fronts += [r[0] for r in rows]
-        msgs = self._by_front(packed, fronts) if packed is not None else []
+            more_codes = np.array([r[0] for r in rows], dtype=np.int64)
+            if packed is None:
+                packed, codes = more, more_codes
+            else:
+                packed = np.concatenate([packed.view(_ROW), more.view(_ROW)])
+                codes = np.concatenate([codes, more_codes])
+        msgs = self._by_front(packed, codes) if packed is not None else []
         for w, outcome in alone:
             msgs.append([w.front, pickle.dumps(self._reply(w, outcome))])
         if msgs:
             self._send(msgs)
 
     @staticmethod
-    def _all_packed(steady) -> bool:
-        return not steady.retired and set(map(type, map(_waiter, steady.segments))) == {PackedWaiter}
-
-    @staticmethod
-    def _pack_steady(steady) -> tuple[np.ndarray, list[bytes]]:
-        """The decode rows as one REPLY array, filled column by column, and each row's front end."""
+    def _pack_steady(steady) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The decode rows as one REPLY array, filled column by column, and each row's front end's code; (None,
+        None) when a row's waiter is not a PackedWaiter."""
         segs, out, n = steady.segments, steady.out, len(steady.segments)
-        waiters = list(map(_waiter, segs))
+        try:
+            keys = np.fromiter(map(_key, map(_waiter, segs)), dtype=np.int64, count=n)
+        except AttributeError:  # an in-process waiter (or none): answered one by one
+            return None, None
         arr = np.empty(n, dtype=REPLY)
-        arr["rid"] = np.fromiter(map(_rid, waiters), dtype=np.int64, count=n)
+        arr["rid"] = keys & _RID_MASK
         arr["token"] = out.tokens
         arr["logprob"] = out.logprobs
-        arr["length"] = np.fromiter(map(_first, segs), dtype=np.int64, count=n)
-        arr["length"] += 1
+        arr["length"] = out.lengths
         arr["layer_tokens"] = steady.layer_tokens
         arr["compute_s"] = steady.compute_s
         arr["queue_s"] = steady.queue_s
         arr["exit_layer"] = steady.sessions[0].runner.stop
         arr["rows_filled"] = 0
-        return arr, list(map(_front, waiters))
+        return arr, keys >> _CODE_SHIFT
 
-    @staticmethod
-    def _by_front(arr: np.ndarray, fronts: list[bytes]) -> list:
+    def _by_front(self, arr: np.ndarray, codes: np.ndarray) -> list:
         """One [front, PACKED, rows] message per front end, its rows in arr's order (REPLY rows, or their bytes)."""
-        names = set(fronts)
-        if len(names) == 1:
-            return [[fronts[0], PACKED, arr.tobytes()]]
-        index = {f: i for i, f in enumerate(names)}
-        codes = np.fromiter(map(index.__getitem__, fronts), dtype=np.int64, count=len(fronts))
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo == hi:
+            return [[self.fronts[lo], PACKED, arr.tobytes()]]
         rows = arr.view(_ROW)  # numpy selects opaque rows several times faster than structured ones
-        return [[f, PACKED, rows[codes == i].tobytes()] for f, i in index.items()]
+        return [[self.fronts[c], PACKED, rows[codes == c].tobytes()] for c in np.unique(codes).tolist()]
 
     @staticmethod
     def _reply(w: PackedWaiter, outcome) -> tuple:

@@ -66,6 +66,7 @@ class SteadyOutput:
     tokens: list[int]
     logprobs: list[float]
     logits: Tensor  # (n, V) on the device
+    lengths: np.ndarray  # (n,) each session's length after its row
 
 
 @dataclass
@@ -190,7 +191,8 @@ class BatchedRunner:
         thread writes, so it may run on the device lane while the engine prepares the next tick."""
         h = self.graphs.launch(launch.inp, rows.to(self.dtype))
         logits = self.model.head_logits(self.stop, h)
-        return SteadyOutput(*self._pick(logits, launch.sampling, launch.drawn, launch.positions), logits)
+        return SteadyOutput(*self._pick(logits, launch.sampling, launch.drawn, launch.positions), logits,
+                            launch.inp.positions[:launch.inp.n] + 1)
 
     @staticmethod
     def _pick(logits: Tensor, sampling: list[SamplingParams], drawn: np.ndarray,
@@ -246,7 +248,7 @@ class BatchedRunner:
         drawn = _drawn(params)
         drawn_at = [int(inp.positions[j]) + 1 if j < n else chunks[due[j - n]].segment.last for j in drawn]
         tokens, logprobs = self._pick(logits, params, drawn, drawn_at)
-        out = SteadyOutput(tokens[:n], logprobs[:n], logits[:n]) if inp is not None else None
+        out = SteadyOutput(tokens[:n], logprobs[:n], logits[:n], inp.positions[:n] + 1) if inp is not None else None
         deep, done, counts = self.stop - self.graphs.start, {}, ns.tolist()
         head_of = dict(zip(due, range(n, n + len(due))))  # chunk -> its row in logits
         for i, it in enumerate(chunks):

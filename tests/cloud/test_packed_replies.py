@@ -8,6 +8,7 @@ import pickle
 from types import SimpleNamespace
 
 import grpc
+import numpy as np
 import torch
 import zmq
 
@@ -29,7 +30,7 @@ def test_a_tick_reaches_each_front_end_as_one_packed_message_in_order():
         sessions = [SimpleNamespace(retired=False, runner=SimpleNamespace(stop=8)) for _ in fronts]
         segments = [Segment(10 + i, torch.zeros(1, 4), True, waiter=replies.waiter(f, 100 + i))
                     for i, f in enumerate(fronts)]
-        out = SteadyOutput([5, 6, 7, 8], [-0.1, -0.2, -0.3, -0.4], torch.zeros(4, 9))
+        out = SteadyOutput([5, 6, 7, 8], [-0.1, -0.2, -0.3, -0.4], torch.zeros(4, 9), np.arange(11, 15))
         steady = StepReplies(sessions, segments, out, [0.001, 0.002, 0.003, 0.004], 0.05, 3, 4)
         prompt = replies.waiter(b"b", 200, SimpleNamespace(length=40))  # a prompt chunk's token, same tick
         failed = replies.waiter(b"a", 201)
@@ -54,3 +55,28 @@ def test_a_tick_reaches_each_front_end_as_one_packed_message_in_order():
     assert [o.queue_s for _, o in packed[b"b"]] == [0.002, 0.004, 0.01]
     assert alone == [(201, False, ("NOT_FOUND", "no such session"))]
 
+
+
+def test_rows_whose_waiter_is_not_packed_are_answered_in_process_and_the_rest_still_packed():
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.bind("inproc://replies-test-2")
+    push.connect("inproc://replies-test-2")
+    try:
+        replies, got_alone = PackedReplies(push), []
+        waiters = [replies.waiter(b"a", 300), got_alone.append, replies.waiter(b"b", 302)]
+        sessions = [SimpleNamespace(retired=False, runner=SimpleNamespace(stop=8)) for _ in waiters]
+        segments = [Segment(20 + i, torch.zeros(1, 4), True, waiter=w) for i, w in enumerate(waiters)]
+        out = SteadyOutput([1, 2, 3], [-1.0, -2.0, -3.0], torch.arange(27.0).view(3, 9), np.arange(21, 24))
+        replies.flush(StepReplies(sessions, segments, out, [0.0] * 3, 0.01, 7, 4), [])
+        msgs = []
+        while pull.poll(200):
+            msgs.append(pull.recv_multipart())
+    finally:
+        push.close(0)
+        pull.close(0)
+        ctx.term()
+    packed = {m[0]: [(rid, o.token_id, o.length) for rid, o in unpack_replies(m[2])] for m in msgs}
+    assert packed == {b"a": [(300, 1, 21)], b"b": [(302, 3, 23)]}
+    (done,) = got_alone
+    assert done.token.token_id == 2 and torch.equal(done.token.logits, torch.arange(9.0, 18.0))
