@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from torch import Tensor
 
 from cloud.engine.graphs import DecodeGraphs
 from cloud.engine.kv_pool import KVPool
@@ -42,6 +41,7 @@ from cloud.engine.lane import DeviceLane
 from cloud.engine.metrics import EngineMetrics, observe_many
 from cloud.engine.runner import BatchedRunner, SteadyOutput, TokenResult, VerdictResult
 from cloud.engine.scheduler import DecodeBatch, Scheduler, Segment, TickItem
+from cloud.engine.staging import RowsAt
 from cloud.errors import ServiceError
 from coexit.model import EarlyExitLM
 
@@ -82,7 +82,7 @@ class _Tick:
     decode: DecodeBatch | None
     segments: list[Segment]  # the decode rows' segments, in row order
     finished: list  # (waiter, outcome) known at scheduling: applied rollbacks, refusals
-    rows: Tensor | None = None  # the decode rows (n, C), gathered from the scheduler's staged rows
+    rows: RowsAt | None = None  # the decode rows, in the scheduler's staged rows
     started: float = 0.0
     seconds: float = 0.0
     out: SteadyOutput | None = None
@@ -286,7 +286,7 @@ class Engine:
                 finished += [w for s, seg in failures for w in self._fail(s, seg)]
             segments, rows = [], None
             if decode is not None:
-                segments, rows = [s.queue[0] for s in decode.sessions], self.scheduler.staged.gather(decode.slots)
+                segments, rows = [s.queue[0] for s in decode.sessions], self.scheduler.staged.at(decode.slots)
         return _Tick(tick, items, decode, segments, finished, rows)
 
     def _compute(self, t: _Tick) -> None:

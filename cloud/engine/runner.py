@@ -27,6 +27,7 @@ from cloud.engine.graphs import DecodeGraphs, StepInputs
 from cloud.engine.kv_pool import BatchAttention, packed_positions
 from cloud.engine.mixed import MixedStep
 from cloud.engine.scheduler import TickItem
+from cloud.engine.staging import RowsAt
 from coexit.decoding import LayerWork, RunResult
 from coexit.model import EarlyExitLM
 from coexit.sampling import SamplingParams, sample_batch, top_logprobs, verify_draft
@@ -171,8 +172,8 @@ class BatchedRunner:
             layer += 1
         return self._outputs(plans)
 
-    def run_steady(self, slots, rows: Tensor, sampling: list[SamplingParams]) -> SteadyOutput:
-        """The decode rows of a tick: one row per session (rows (n, C), sessions at `slots`) through all deep layers
+    def run_steady(self, slots, rows: RowsAt, sampling: list[SamplingParams]) -> SteadyOutput:
+        """The decode rows of a tick: one row per session (rows, sessions at `slots`) through all deep layers
         on the static step, the final head on every row, then sampling; see `prepare_steady` and
         `compute_steady`."""
         return self.compute_steady(self.prepare_steady(slots, sampling), rows)
@@ -186,10 +187,10 @@ class BatchedRunner:
         return SteadyLaunch(inp, sampling, drawn, positions)
 
     @torch.no_grad()
-    def compute_steady(self, launch: SteadyLaunch, rows: Tensor) -> SteadyOutput:
+    def compute_steady(self, launch: SteadyLaunch, rows: RowsAt) -> SteadyOutput:
         """The device half: the step, the final head on every row, then `_pick`. Touches nothing the engine
         thread writes, so it may run on the device lane while the engine prepares the next tick."""
-        h = self.graphs.launch(launch.inp, rows.to(self.dtype))
+        h = self.graphs.launch(launch.inp, rows.gather().to(self.dtype))
         logits = self.model.head_logits(self.stop, h)
         return SteadyOutput(*self._pick(logits, launch.sampling, launch.drawn, launch.positions), logits,
                             launch.inp.positions[:launch.inp.n] + 1)
@@ -214,9 +215,9 @@ class BatchedRunner:
         return list(map(int, host[0])), host[1]
 
     @torch.no_grad()
-    def run_tick(self, slots, rows: Tensor | None, sampling: list[SamplingParams], items: list[TickItem]
+    def run_tick(self, slots, rows: RowsAt | None, sampling: list[SamplingParams], items: list[TickItem]
                  ) -> tuple[SteadyOutput | None, list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]]:
-        """A tick's device work on the engine thread: the decode rows (n, C) at `slots` (None: none) and the general
+        """A tick's device work on the engine thread: the decode rows at `slots` (None: none) and the general
         path's items. Plain prompt chunks among the items ride one mixed pass with the decode rows (mixed.py);
         the other items take the general path (`run`). Returns the decode rows' output and the items' results
         in their order."""
@@ -229,7 +230,7 @@ class BatchedRunner:
         general = dict(zip(map(id, rest), self.run(rest))) if rest else {}
         return out, [done[id(it)] if id(it) in done else general[id(it)] for it in items]
 
-    def _run_mixed(self, slots, rows: Tensor | None, sampling: list[SamplingParams], chunks: list[TickItem]
+    def _run_mixed(self, slots, rows: RowsAt | None, sampling: list[SamplingParams], chunks: list[TickItem]
                    ) -> tuple[SteadyOutput | None, dict[int, tuple[RunResult, TokenResult | None, list]]]:
         """The decode rows and plain prompt chunks in one pass, one final head over the decode rows and the
         chunks' last rows that want a token, one `_pick`. Returns the decode output and {id(item): result}."""
@@ -239,7 +240,7 @@ class BatchedRunner:
         firsts = np.fromiter((it.first for it in chunks), dtype=np.int64, count=k)
         prepared = self.mixed.prepare(np.fromiter((it.session.runner.cache.slot for it in chunks),
                                                   dtype=np.int64, count=k), firsts, ns)
-        h = self.mixed.run(inp, prepared, torch.cat([*([rows] if inp is not None else []), *(it.x for it in chunks)]))
+        h = self.mixed.run(inp, prepared, self._packed_rows(rows, n, [it.x for it in chunks], ns))
         due = [i for i, it in enumerate(chunks) if it.head]
         last = n + np.cumsum(ns) - 1  # each chunk's last row in h
         heads = np.concatenate([np.arange(n), last[due]]).astype(np.int64)
@@ -260,6 +261,23 @@ class BatchedRunner:
                                     top_logprobs(logits[j], seg.top_k) if seg.top_k else [], row=j)
             done[id(it)] = (res, token, [])
         return out, done
+
+    @staticmethod
+    def _packed_rows(rows: RowsAt | None, n: int, xs: list[Tensor], ns: np.ndarray) -> Tensor:
+        """The mixed pass's input (N, C): the n decode rows, copied once out of their staging buffer, then the
+        chunks' rows (float32, as every hidden dtype converts to it exactly)."""
+        if rows is None:
+            return torch.cat(xs)
+        h = torch.empty(n + int(ns.sum()), xs[0].shape[-1], dtype=torch.float32, device=rows.buffer.device)
+        rows.into(h[:n])
+        if all(x.dtype == torch.float32 for x in xs):
+            torch.cat(xs, out=h[n:])
+        else:
+            row = n
+            for x in xs:
+                h[row:row + x.shape[0]].copy_(x)
+                row += x.shape[0]
+        return h
 
     def _outputs(self, plans: list[_Plan]) -> list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]:
         """Final heads for every row that needs one, in one matmul; then verdicts and batched sampling."""

@@ -30,9 +30,11 @@ class StagedRows:
         self.rows[slot] = row
         self.submitted[slot] = segment.submitted
 
-    def gather(self, slots: np.ndarray) -> Tensor:
-        """The staged rows (n, C) of the sessions at `slots`, in that order (a copy)."""
-        return self.rows.index_select(0, torch.from_numpy(slots).to(self.rows.device))
+    def at(self, slots: np.ndarray) -> RowsAt:
+        """The staged rows of the sessions at `slots`, in that order, to be copied out later (under the engine
+        lock: a later put may move the buffer, but not these sessions' rows, which stay staged until they
+        settle)."""
+        return RowsAt(self.rows, torch.from_numpy(slots).to(self.rows.device))
 
     def _grow(self, need: int, row: Tensor) -> None:
         cap = max(need, 2 * len(self.submitted), 64)
@@ -42,3 +44,21 @@ class StagedRows:
             rows[:old] = self.rows
         self.rows = rows
         self.submitted = np.concatenate([self.submitted, np.zeros(cap - old)])
+
+
+class RowsAt:
+    """A tick's decode rows: rows (n, C) of a staging buffer, copied out once, straight where the step reads them."""
+
+    def __init__(self, buffer: Tensor, index: Tensor) -> None:
+        self.buffer, self.index = buffer, index
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def gather(self) -> Tensor:
+        """The rows (n, C), float32, a new tensor."""
+        return self.buffer.index_select(0, self.index)
+
+    def into(self, out: Tensor) -> None:
+        """Copy the rows into out (n, C), a float32 view."""
+        torch.index_select(self.buffer, 0, self.index, out=out)

@@ -15,7 +15,9 @@ import torch
 
 from cloud.engine.engine import Engine, SegmentDone
 from cloud.engine.kv_pool import KVPool, PagedCache
+from cloud.engine.runner import BatchedRunner
 from cloud.engine.scheduler import Scheduler, Segment
+from cloud.engine.staging import StagedRows
 from cloud.errors import ServiceError
 from cloud.sessions import Limits, SessionManager
 from coexit.config import Config
@@ -322,6 +324,24 @@ def test_grants_with_decode_rows_apart_equal_grants_over_everyone():
         others = [n for n, p in zip(needs, plain) if not p]
         apart = iter(s.grants(others, budget - sum(plain), max(1, budget // k)))
         assert whole == [1 if p else next(apart) for p in plain], (budget, needs, plain)
+
+
+def test_staged_rows_come_back_by_slot_exactly_and_pack_with_prompt_rows():
+    """Decode rows staged by KV slot (staging.py) come back in the tick's order with the exact values sent, in any
+    hidden dtype; a mixed pass's input holds them, then the prompt chunks' rows, as one cat of them all would."""
+    staged, g = StagedRows(), torch.Generator().manual_seed(3)
+    sent = {slot: torch.randn(1, 16, generator=g).to(dtype)
+            for slot, dtype in [(5, torch.float16), (0, torch.float32), (130, torch.bfloat16)]}  # 130: a grow
+    for slot, row in sent.items():
+        staged.put(slot, Segment(7, row, True))
+    order = np.array([130, 5, 0])
+    rows = staged.at(order)
+    want = torch.cat([sent[int(slot)].float() for slot in order])
+    assert torch.equal(rows.gather(), want)
+    chunks = [torch.randn(3, 16, generator=g), torch.randn(2, 16, generator=g).half()]
+    for xs in (chunks[:1], chunks):  # all float32 (one cat), or not (copied chunk by chunk)
+        packed = BatchedRunner._packed_rows(rows, 3, xs, np.array([x.shape[0] for x in xs]))
+        assert torch.equal(packed, torch.cat([want, *(x.float() for x in xs)]))
 
 
 def test_grow_slots_gives_each_table_its_blocks_at_once_or_nothing():
