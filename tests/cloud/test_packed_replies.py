@@ -19,32 +19,48 @@ from cloud.errors import ServiceError
 from cloud.ipc import PACKED, PackedReplies, unpack_replies
 
 
-def test_a_tick_reaches_each_front_end_as_one_packed_message_in_order():
+def flushed(tick) -> list[list[bytes]]:
+    """The messages the front ends receive when the engine flushes tick(replies) -> (steady, finished)."""
     ctx = zmq.Context()
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     pull.bind("inproc://replies-test")
     push.connect("inproc://replies-test")
     try:
         replies = PackedReplies(push)
-        fronts = [b"a", b"b", b"a", b"b"]
-        sessions = [SimpleNamespace(retired=False, runner=SimpleNamespace(stop=8)) for _ in fronts]
-        segments = [Segment(10 + i, torch.zeros(1, 4), True, waiter=replies.waiter(f, 100 + i))
-                    for i, f in enumerate(fronts)]
-        out = SteadyOutput([5, 6, 7, 8], [-0.1, -0.2, -0.3, -0.4], torch.zeros(4, 9), np.arange(11, 15))
-        steady = StepReplies(sessions, segments, out, [0.001, 0.002, 0.003, 0.004], 0.05, 3, 4)
-        prompt = replies.waiter(b"b", 200, SimpleNamespace(length=40))  # a prompt chunk's token, same tick
-        failed = replies.waiter(b"a", 201)
-        finished = [(prompt, SegmentDone(TokenResult(77, -0.5, 8, torch.zeros(9)), 160, 0.05, (2, 3), [], 0, 0.01)),
-                    (failed, ServiceError(grpc.StatusCode.NOT_FOUND, "no such session")),
-                    (None, SegmentDone(None, 0, 0.0, (3, 3)))]
-        replies.flush(steady, finished)
+        replies.flush(*tick(replies))
         msgs = []
         while pull.poll(200):
             msgs.append(pull.recv_multipart())
+        return msgs
     finally:
         push.close(0)
         pull.close(0)
         ctx.term()
+
+
+def decode_rows(replies, fronts_or_waiters, first: int, tokens, logprobs, queue_s=None):
+    """A tick's StepReplies: one row per front end name (a PackedWaiter for it) or waiter, from position first."""
+    waiters = [replies.waiter(w, first * 10 + i) if isinstance(w, bytes) else w
+               for i, w in enumerate(fronts_or_waiters)]
+    n = len(waiters)
+    sessions = [SimpleNamespace(retired=False, runner=SimpleNamespace(stop=8)) for _ in waiters]
+    segments = [Segment(first + i, torch.zeros(1, 4), True, waiter=w) for i, w in enumerate(waiters)]
+    out = SteadyOutput(tokens, logprobs, torch.arange(9.0 * n).view(n, 9), np.arange(first + 1, first + n + 1))
+    return StepReplies(sessions, segments, out, queue_s or [0.0] * n, 0.05, 3, 4)
+
+
+def test_a_tick_reaches_each_front_end_as_one_packed_message_in_order():
+    def tick(replies):
+        steady = decode_rows(replies, [b"a", b"b", b"a", b"b"], 10, [5, 6, 7, 8], [-0.1, -0.2, -0.3, -0.4],
+                             [0.001, 0.002, 0.003, 0.004])
+        prompt = replies.waiter(b"b", 200, SimpleNamespace(length=40))  # a prompt chunk's token, same tick
+        failed = replies.waiter(b"a", 201)
+        return steady, [(prompt, SegmentDone(TokenResult(77, -0.5, 8, torch.zeros(9)), 160, 0.05, (2, 3), [], 0,
+                                             0.01)),
+                        (failed, ServiceError(grpc.StatusCode.NOT_FOUND, "no such session")),
+                        (None, SegmentDone(None, 0, 0.0, (3, 3)))]
+
+    msgs = flushed(tick)
     packed = {m[0]: unpack_replies(m[2]) for m in msgs if len(m) == 3 and m[1] == PACKED}
     alone = [pickle.loads(m[1]) for m in msgs if len(m) == 2]
     assert len(msgs) == 3 and sorted(packed) == [b"a", b"b"]  # one packed message per front end
@@ -56,27 +72,11 @@ def test_a_tick_reaches_each_front_end_as_one_packed_message_in_order():
     assert alone == [(201, False, ("NOT_FOUND", "no such session"))]
 
 
-
 def test_rows_whose_waiter_is_not_packed_are_answered_in_process_and_the_rest_still_packed():
-    ctx = zmq.Context()
-    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    pull.bind("inproc://replies-test-2")
-    push.connect("inproc://replies-test-2")
-    try:
-        replies, got_alone = PackedReplies(push), []
-        waiters = [replies.waiter(b"a", 300), got_alone.append, replies.waiter(b"b", 302)]
-        sessions = [SimpleNamespace(retired=False, runner=SimpleNamespace(stop=8)) for _ in waiters]
-        segments = [Segment(20 + i, torch.zeros(1, 4), True, waiter=w) for i, w in enumerate(waiters)]
-        out = SteadyOutput([1, 2, 3], [-1.0, -2.0, -3.0], torch.arange(27.0).view(3, 9), np.arange(21, 24))
-        replies.flush(StepReplies(sessions, segments, out, [0.0] * 3, 0.01, 7, 4), [])
-        msgs = []
-        while pull.poll(200):
-            msgs.append(pull.recv_multipart())
-    finally:
-        push.close(0)
-        pull.close(0)
-        ctx.term()
+    got_alone = []
+    msgs = flushed(lambda replies: (decode_rows(replies, [b"a", got_alone.append, b"b"], 30, [1, 2, 3],
+                                                [-1.0, -2.0, -3.0]), []))
     packed = {m[0]: [(rid, o.token_id, o.length) for rid, o in unpack_replies(m[2])] for m in msgs}
-    assert packed == {b"a": [(300, 1, 21)], b"b": [(302, 3, 23)]}
+    assert packed == {b"a": [(300, 1, 31)], b"b": [(302, 3, 33)]}
     (done,) = got_alone
     assert done.token.token_id == 2 and torch.equal(done.token.logits, torch.arange(9.0, 18.0))
