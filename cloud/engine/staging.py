@@ -2,9 +2,10 @@
 
 When a session's whole queue becomes one plain decode row (scheduler.py `plain`), its hidden row and arrival
 time are written here at its KV slot, by whoever queued it (the submitting thread, under the engine lock) or by
-the tick that settled the segment before it. A tick then reads its decode rows with one gather by slot instead of
-a Python pass over its sessions. A slot's entry stays valid while its session is plain:
-a session's rows never ride two ticks at once, and one that queues more is no longer plain.
+the tick that settled the segment before it. A tick then copies its decode rows out once, by slot (`RowsAt`),
+straight into the input its step reads, instead of a Python pass over its sessions and a cat. A slot's entry stays
+valid while its session is plain: a session's rows never ride two ticks at once, and one that queues more is no
+longer plain.
 
 Rows are kept in float32 on the device the rows arrive on: every hidden dtype a client may send converts to it
 exactly, so the step sees the same values as from the rows themselves.
