@@ -367,9 +367,9 @@ def run_variant(variant: str, n: int, ticks: int, warmup: int, window: int, seed
             ks = np.array([t["prompts"] for t in timed], dtype=float)
             rows = np.array([t["prompt_rows"] for t in timed], dtype=float)
             out["fit"] = np.linalg.lstsq(np.c_[np.ones_like(ks), ks, rows], np.array(crit), rcond=None)[0]
-            out["by_prompts"] = {int(k): (pct([c for c, kk in zip(crit, ks) if kk == k], 0.5),
-                                          pct([c for c, kk in zip(crit, ks) if kk == k], 0.99), int((ks == k).sum()))
-                                 for k in (lambda u: (u[0], u[len(u) // 2], u[-1]))(np.unique(ks))}
+            u, crit_a = np.unique(ks), np.array(crit)
+            out["by_prompts"] = {int(k): (pct(crit_a[ks == k], 0.5), pct(crit_a[ks == k], 0.99), int((ks == k).sum()))
+                                 for k in (u[0], u[len(u) // 2], u[-1])}
         return out
     finally:
         h.close()

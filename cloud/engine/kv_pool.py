@@ -162,9 +162,7 @@ class KVPool:
         # flat indices into blocks (layers, slots, width): each (layer, session) pair's new columns, consecutive
         _, cap, width = t.blocks.shape
         start = ((np.arange(layers.start, layers.stop)[:, None] * cap + slots) * width + have).ravel()
-        counts = need.ravel()
-        idx = np.arange(total) + np.repeat(start - (np.cumsum(counts) - counts), counts)
-        np.put(t.blocks, idx, got)
+        np.put(t.blocks, packed_positions(start, need.ravel()), got)
         t.nblocks[layers.start:layers.stop, slots] = np.maximum(have, want)
         t.changed.update(slots.tolist())
         return True

@@ -240,7 +240,7 @@ class BatchedRunner:
         firsts = np.fromiter((it.first for it in chunks), dtype=np.int64, count=k)
         prepared = self.mixed.prepare(np.fromiter((it.session.runner.cache.slot for it in chunks),
                                                   dtype=np.int64, count=k), firsts, ns)
-        h = self.mixed.run(inp, prepared, self._packed_rows(rows, n, [it.x for it in chunks], ns))
+        h = self.mixed.run(inp, prepared, self._packed_rows(rows, [it.x for it in chunks]))
         due = [i for i, it in enumerate(chunks) if it.head]
         last = n + np.cumsum(ns) - 1  # each chunk's last row in h
         heads = np.concatenate([np.arange(n), last[due]]).astype(np.int64)
@@ -263,12 +263,14 @@ class BatchedRunner:
         return out, done
 
     @staticmethod
-    def _packed_rows(rows: RowsAt | None, n: int, xs: list[Tensor], ns: np.ndarray) -> Tensor:
-        """The mixed pass's input (N, C): the n decode rows, copied once out of their staging buffer, then the
+    def _packed_rows(rows: RowsAt | None, xs: list[Tensor]) -> Tensor:
+        """The mixed pass's input (N, C): the decode rows, copied once out of their staging buffer, then the
         chunks' rows (float32, as every hidden dtype converts to it exactly)."""
         if rows is None:
             return torch.cat(xs)
-        h = torch.empty(n + int(ns.sum()), xs[0].shape[-1], dtype=torch.float32, device=rows.buffer.device)
+        n = len(rows)
+        h = torch.empty(n + sum(x.shape[0] for x in xs), xs[0].shape[-1], dtype=torch.float32,
+                        device=rows.buffer.device)
         rows.into(h[:n])
         if all(x.dtype == torch.float32 for x in xs):
             torch.cat(xs, out=h[n:])

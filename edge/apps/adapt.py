@@ -7,8 +7,8 @@ not only each document's share. `--joint-steps` adds a last pass over every edge
 summed over the edge exits (its memory is full-depth LoRA's; it gained nothing there, so it is off by default).
 
 Each window takes 300 AdamW steps at a peak learning rate of 3e-3 on a cosine schedule (`--lr-schedule`: a linear
-warmup over its first 10%, then a half cosine down to 10% of the peak at its last step). On held-out files that is
-what lifted the split exit by 3 points on aiohttp's held-out files: a constant 1e-3 (the schedule before) gave 2.3
+warmup over its first 10%, then a half cosine down to 10% of the peak at its last step). That is what lifted the
+split exit by 3 points on aiohttp's held-out files: a constant 1e-3 (the schedule before) gave 2.3
 at 150 steps and 2.9 at 300, and 450 steps overfit. It was picked on those files; on a second package (deepspeed)
 both settings gain over 10 points and the old one more, in half the time (bench/results/adapt.txt).
 

@@ -340,7 +340,7 @@ def test_staged_rows_come_back_by_slot_exactly_and_pack_with_prompt_rows():
     assert torch.equal(rows.gather(), want)
     chunks = [torch.randn(3, 16, generator=g), torch.randn(2, 16, generator=g).half()]
     for xs in (chunks[:1], chunks):  # all float32 (one cat), or not (copied chunk by chunk)
-        packed = BatchedRunner._packed_rows(rows, 3, xs, np.array([x.shape[0] for x in xs]))
+        packed = BatchedRunner._packed_rows(rows, xs)
         assert torch.equal(packed, torch.cat([want, *(x.float() for x in xs)]))
 
 
