@@ -13,8 +13,12 @@ Exposed by `coexit serve --metrics-port P` at http://HOST:P/metrics:
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from coexit.errors import UsageError
 
@@ -33,8 +37,8 @@ class EngineMetrics:
                                        buckets=_COUNT_BUCKETS, registry=r)
         self.tick_seconds = Histogram("coexit_tick_seconds", "compute time of one tick", buckets=_TIME_BUCKETS,
                                       registry=r)
-        self.queue_wait = Histogram("coexit_queue_wait_seconds", "Append arrival to its first tick",
-                                    buckets=_TIME_BUCKETS, registry=r)
+        self.queue_wait = BulkHistogram("coexit_queue_wait_seconds", "Append arrival to its first tick",
+                                        _TIME_BUCKETS, r)
         self.tokens = Counter("coexit_tokens", "tokens produced", registry=r)
         self.rows = Counter("coexit_rows", "rows computed", registry=r)
 
@@ -47,12 +51,37 @@ class EngineMetrics:
         return server.server_port
 
 
-def observe_many(hist: Histogram, values) -> None:
-    """hist.observe(v) for every v, in a few calls: a steady tick observes one queue wait per session."""
-    if len(values) == 0:
-        return
-    bounds = hist._upper_bounds  # prometheus_client's own: a value lands in the first bucket whose bound >= it
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
-    for i in np.flatnonzero(counts):
-        hist._buckets[i].inc(int(counts[i]))
-    hist._sum.inc(float(np.sum(values)))
+class BulkHistogram(Collector):
+    """A Prometheus histogram observed a whole array at a time: a steady tick observes one queue wait per session,
+    which prometheus_client's Histogram takes one locked call per bucket for. Counts are kept in a numpy array and
+    read when scraped; the exposition is the same as a Histogram's (`_bucket{le=...}`, `_count`, `_sum`)."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = np.array([*buckets, np.inf])  # a value lands in the first bucket whose bound >= it
+        self.counts = np.zeros(len(self.bounds), dtype=np.int64)
+        self.sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        counts = np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(self.bounds))
+        total = float(np.sum(values))
+        with self._lock:
+            self.counts += counts
+            self.sum += total
+
+    def observe(self, value: float) -> None:
+        i = int(np.searchsorted(self.bounds, value, side="left"))
+        with self._lock:
+            self.counts[i] += 1
+            self.sum += value
+
+    def collect(self):
+        with self._lock:
+            cumulative, total = np.cumsum(self.counts).tolist(), self.sum
+        bounds = [str(float(b)) if np.isfinite(b) else "+Inf" for b in self.bounds]
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=list(zip(bounds, cumulative)),
+                                    sum_value=total)
