@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import operator
 import os
 import pickle
 import time
@@ -49,7 +48,6 @@ def _tensor_from(meta: tuple, data) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).view(shape)
 
 
-_waiter, _key = operator.attrgetter("waiter"), operator.attrgetter("key")
 _CODE_SHIFT, _RID_MASK = 48, (1 << 48) - 1  # PackedWaiter.key: the front end's code above, the request id below
 REPLY = np.dtype([("rid", "<i8"), ("token", "<i8"), ("logprob", "<f8"), ("length", "<i8"), ("layer_tokens", "<i8"),
                   ("compute_s", "<f8"), ("queue_s", "<f8"), ("exit_layer", "<i4"), ("rows_filled", "<i4")])
@@ -136,10 +134,8 @@ class PackedReplies:
     def _pack_steady(steady) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The decode rows as one REPLY array, filled column by column, and each row's front end's code; (None,
         None) when a row's waiter is not a PackedWaiter."""
-        segs, out, n = steady.segments, steady.out, len(steady.segments)
-        try:
-            keys = np.fromiter(map(_key, map(_waiter, segs)), dtype=np.int64, count=n)
-        except AttributeError:  # an in-process waiter (or none): answered one by one
+        keys, out, n = steady.keys, steady.out, len(steady.keys)
+        if n == 0 or keys.min() < 0:  # an in-process waiter (or none): answered one by one
             return None, None
         arr = np.empty(n, dtype=REPLY)
         arr["rid"] = keys & _RID_MASK

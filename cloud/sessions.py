@@ -67,7 +67,6 @@ class CloudSession:
     expected: int = 0  # the next position an Append must start at (rows queued included)
     queue: deque = field(default_factory=deque)  # Segments waiting for the engine
     failed: Exception | None = None  # an error for the next Append (queued rows that found no room)
-    in_flight: bool = False  # in the tick being computed
     retired: bool = False  # closed or evicted
     unreported_layer_tokens: int = 0
     unreported_rows_filled: int = 0
@@ -233,7 +232,8 @@ class SessionManager:
         holds or none is left to evict (engine lock held)."""
         if enough():  # the common case: no list of candidates to build
             return
-        for s in [s for s in self.sessions.values() if not s.attached and not s.in_flight and s is not keep
+        flying = self.engine.scheduler.in_flight
+        for s in [s for s in self.sessions.values() if not s.attached and not flying(s) and s is not keep
                   and (identity is None or s.identity == identity)]:
             if enough():
                 return

@@ -3,8 +3,8 @@ each finished Append its result. The gRPC side only submits and awaits; it never
 
 Locking: `lock` guards the scheduler, the session queues and the KV pool's free list, and is shared with the
 SessionManager. It is never held during a tick's compute, so the event loop only ever waits for bookkeeping.
-Sessions in the tick being computed are marked `in_flight`; one closed or evicted meanwhile is released right
-after the tick.
+Sessions in a tick being computed are in flight (`Scheduler.in_flight`: a decode batch is registered whole, with no
+pass over its sessions); one closed or evicted meanwhile is released right after the tick.
 
 Decode rows: the plain decode rows of a tick (one row each, see scheduler.py) run as one DecodeBatch on the runner's
 static step. In a tick that also has prompt chunks, the plain ones (straight through the deep layers) ride one mixed
@@ -25,7 +25,6 @@ runs here. A session's rows never ride two ticks at once, so tokens are those of
 from __future__ import annotations
 
 import logging
-import operator
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ import numpy as np
 from cloud.engine.graphs import DecodeGraphs
 from cloud.engine.kv_pool import KVPool
 from cloud.engine.lane import DeviceLane
-from cloud.engine.metrics import EngineMetrics, observe_many
+from cloud.engine.metrics import EngineMetrics
 from cloud.engine.runner import BatchedRunner, SteadyOutput, TokenResult, VerdictResult
 from cloud.engine.scheduler import DecodeBatch, Scheduler, Segment, TickItem
 from cloud.engine.staging import RowsAt
@@ -46,7 +45,6 @@ from cloud.errors import ServiceError
 from coexit.model import EarlyExitLM
 
 log = logging.getLogger("coexit.cloud")
-_sampling = operator.attrgetter("sampling")
 
 
 @dataclass
@@ -56,8 +54,9 @@ class StepReplies:
 
     sessions: list
     segments: list[Segment]
+    keys: np.ndarray  # (n,) int64: each row's waiter's key (cloud.ipc), -1 where it has none
     out: SteadyOutput
-    queue_s: list[float]
+    queue_s: np.ndarray  # (n,) seconds from each row's arrival to its tick
     compute_s: float
     tick: int
     layer_tokens: int  # per row: every deep layer
@@ -70,7 +69,7 @@ class StepReplies:
             s, seg = self.sessions[i], self.segments[i]
             if not s.retired:
                 token = TokenResult(out.tokens[i], out.logprobs[i], s.runner.stop, out.logits, row=i)
-                yield seg.waiter, SegmentDone(token, deep, c, (tick, tick), [], 0, self.queue_s[i])
+                yield seg.waiter, SegmentDone(token, deep, c, (tick, tick), [], 0, float(self.queue_s[i]))
 
 
 @dataclass
@@ -156,7 +155,7 @@ class Engine:
         with self.lock:
             dropped = self.scheduler.drop(session)
             session.retired = True
-            if not session.in_flight:
+            if not self.scheduler.in_flight(session):
                 session.runner.cache.release()
             self._update_gauges()
         gone = ServiceError(grpc.StatusCode.NOT_FOUND, "the session was closed or evicted before these rows were "
@@ -232,10 +231,13 @@ class Engine:
                 t.started = time.perf_counter()
                 self._compute(t)
                 self._finish(t, self.fan_out)
+            else:  # nothing rode it
+                with self.lock:
+                    self.scheduler.landed(t.tick)
             return None
         with self.lock:
             try:
-                launch = self.runner.prepare_steady(t.decode.slots, list(map(_sampling, t.segments)))
+                launch = self.runner.prepare_steady(t.decode.slots, t.rows)
             except Exception as exc:  # a server fault: this tick's Appends fail, the sessions roll back
                 log.exception("engine tick failed")
                 launch, t.error = None, exc
@@ -268,25 +270,22 @@ class Engine:
                 decode = None
                 self.scheduler.invalidate()
             if decode is not None:
-                for s in decode.sessions:
-                    s.in_flight = True
+                self.scheduler.fly(tick, decode.by_id)
             else:
                 try:
                     items, decode, failures, applied = self.scheduler.next_tick(self._grow, tick, self._grow_rows,
                                                                                 self._grow_many)
                 except Exception as exc:  # a server fault while scheduling: no Append may wait forever
                     log.exception("engine scheduling failed")
-                    for s in self.scheduler.ready.values():
-                        s.in_flight = False
+                    self.scheduler.landed(tick)
                     finished = self._fail_all(exc)
                 else:  # rollbacks applied
                     finished = [(seg.waiter, SegmentDone(None, 0, 0.0, (tick, tick))) for seg in applied]
-                for item in items:
-                    item.session.in_flight = True
                 finished += [w for s, seg in failures for w in self._fail(s, seg)]
             segments, rows = [], None
             if decode is not None:
-                segments, rows = [s.queue[0] for s in decode.sessions], self.scheduler.staged.at(decode.slots)
+                rows = self.scheduler.staged.at(decode.slots)
+                segments = rows.segments
         return _Tick(tick, items, decode, segments, finished, rows)
 
     def _compute(self, t: _Tick) -> None:
@@ -294,7 +293,7 @@ class Engine:
         with the plain prompt chunks in one mixed pass, and the general path's chunks."""
         try:
             slots = t.decode.slots if t.decode is not None else None
-            t.out, t.results = self.runner.run_tick(slots, t.rows, list(map(_sampling, t.segments)), t.items)
+            t.out, t.results = self.runner.run_tick(slots, t.rows, t.items)
         except Exception as exc:  # a server fault: fail this tick's Appends, keep serving
             log.exception("engine tick failed")
             t.error = exc
@@ -313,6 +312,7 @@ class Engine:
         with self.lock:
             if self.sync is not None:
                 self.sync("settle")
+            self.scheduler.landed(tick)
             if t.error is not None and decode is not None:  # its rows roll back with the general path's
                 if held:
                     for s in decode.sessions:
@@ -324,7 +324,7 @@ class Engine:
             finished = t.finished + self._settle(items, t.results, t.error, seconds, tick)
             decoded = None
             if decode is not None:  # (after the items: the ready set is then often exactly its sessions)
-                decoded = self._settle_decode(decode, t.segments, t.out, seconds, tick, t.started, held)
+                decoded = self._settle_decode(decode, t.rows, t.out, seconds, tick, t.started, held)
             self._record(items, decode, seconds)
             self._served = (self._served[1], ([it.session for it in items],
                                               decode.sessions if decode is not None else ()))
@@ -357,15 +357,15 @@ class Engine:
             return False
         return self.pool.grow_rows(slots[crossing], layers)
 
-    def _settle_decode(self, decode, segments: list[Segment], out: SteadyOutput, seconds: float, tick: int,
+    def _settle_decode(self, decode, rows: RowsAt, out: SteadyOutput, seconds: float, tick: int,
                        started: float, held: bool = False) -> StepReplies:
         """The decode rows' segments are done: pop them (a session closed during the tick is released; `held`:
-        the tick ran on the lane, its sessions come back to the scheduler now)."""
+        the tick ran on the lane, its sessions come back to the scheduler now). One pass that touches each session
+        once: on a CPU a tick's passes over its sessions cost their memory reads, not their Python."""
         sched = self.scheduler
-        queue_s = started - sched.staged.submitted[decode.slots]  # (read before settling restages the slots)
+        queue_s = started - rows.submitted
         ready, plain, retired, done = sched.ready, sched.plain, False, []
         for s in decode.sessions:
-            s.in_flight = False
             if s.retired:  # closed or evicted during the tick: its queue was dropped
                 sched.drop(s)
                 s.runner.cache.release()
@@ -386,9 +386,9 @@ class Engine:
             for sid in done:
                 del ready[sid]
                 plain.pop(sid, None)
-        observe_many(self.metrics.queue_wait, queue_s)
+        self.metrics.queue_wait.observe_many(queue_s)
         deep = self.model.config.num_hidden_layers - sched.steady_start
-        return StepReplies(decode.sessions, segments, out, queue_s.tolist(), seconds, tick, deep, retired)
+        return StepReplies(decode.sessions, rows.segments, rows.keys, out, queue_s, seconds, tick, deep, retired)
 
     @staticmethod
     def deliver(decoded: StepReplies | None, finished: list) -> None:
@@ -443,7 +443,10 @@ class Engine:
         finished = []
         for i, item in enumerate(items):
             s, seg = item.session, item.segment
-            s.in_flight = False
+            if s.retired:  # closed or evicted during the tick: its Appends were answered NOT_FOUND then
+                self.scheduler.drop(s)
+                s.runner.cache.release()
+                continue
             if error is not None:
                 finished += self._roll_back(s, seg.first, error)
             else:
@@ -464,9 +467,6 @@ class Engine:
                         finished.append((seg.waiter, done))
                     self.metrics.queue_wait.observe(seg.started - seg.submitted)
                 self.scheduler.retire(item)
-            if s.retired:
-                self.scheduler.drop(s)
-                s.runner.cache.release()
         return finished
 
     def _record(self, items: list[TickItem], decode, seconds: float) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from cloud.engine.kv_pool import KVPool
+from cloud.engine.staging import RowsAt
 from coexit.kv_cache import CacheError
 from coexit.model import EarlyExitLM
 
@@ -151,15 +152,18 @@ class DecodeGraphs:
         t.lengths[lo:hi, slots] = pos + 1  # the rows' claims
         return StepInputs(key, view, n, width, tables, slot_ids, positions)
 
-    def launch(self, inp: StepInputs, hidden: Tensor) -> Tensor:
-        """The device half: copy a prepared step's inputs into its buffers and run (replay) it. Steps launch in the
-        order they were prepared."""
+    def launch(self, inp: StepInputs, hidden: Tensor | RowsAt) -> Tensor:
+        """The device half: copy a prepared step's inputs into its buffers and run (replay) it; hidden (n, C), or
+        the staged rows, copied straight into the step's input. Steps launch in the order they were prepared."""
         buf, n = inp.buf, inp.n
         self._apply_tables(buf, n, inp.width, inp.tables)
         buf.slots.copy_(torch.from_numpy(inp.slot_ids))
         buf.positions.copy_(torch.from_numpy(inp.positions)[:, None])
         buf.lengths.copy_(torch.from_numpy(inp.positions + 1))
-        buf.h_in[:n, 0].copy_(hidden)
+        if isinstance(hidden, RowsAt):
+            hidden.into(buf.h_in[:n, 0])
+        else:
+            buf.h_in[:n, 0].copy_(hidden)
         if buf.h_in.shape[0] > n:
             buf.h_in[n:].zero_()
         if self.capture:

@@ -76,9 +76,9 @@ class SteadyLaunch:
     positions they draw at)."""
 
     inp: StepInputs
-    sampling: list[SamplingParams]
     drawn: np.ndarray
-    positions: list[int]
+    sampling: list[SamplingParams]  # of the rows in drawn
+    positions: list[int]  # of the rows in drawn
 
 
 @dataclass
@@ -172,41 +172,42 @@ class BatchedRunner:
             layer += 1
         return self._outputs(plans)
 
-    def run_steady(self, slots, rows: RowsAt, sampling: list[SamplingParams]) -> SteadyOutput:
+    def run_steady(self, slots, rows: RowsAt) -> SteadyOutput:
         """The decode rows of a tick: one row per session (rows, sessions at `slots`) through all deep layers
         on the static step, the final head on every row, then sampling; see `prepare_steady` and
         `compute_steady`."""
-        return self.compute_steady(self.prepare_steady(slots, sampling), rows)
+        return self.compute_steady(self.prepare_steady(slots, rows), rows)
 
-    def prepare_steady(self, slots, sampling: list[SamplingParams]) -> SteadyLaunch:
+    def prepare_steady(self, slots, rows: RowsAt) -> SteadyLaunch:
         """The host half (engine thread): the static step's inputs and the rows' claims, and which rows draw a
         sample at which position (the session's length after its row)."""
         inp = self.graphs.prepare(slots)
-        drawn = _drawn(sampling)
+        drawn = rows.drawn
         positions = (inp.positions[drawn] + 1).tolist() if drawn.size else []
-        return SteadyLaunch(inp, sampling, drawn, positions)
+        return SteadyLaunch(inp, drawn, rows.sampling(), positions)
 
     @torch.no_grad()
     def compute_steady(self, launch: SteadyLaunch, rows: RowsAt) -> SteadyOutput:
         """The device half: the step, the final head on every row, then `_pick`. Touches nothing the engine
         thread writes, so it may run on the device lane while the engine prepares the next tick."""
-        h = self.graphs.launch(launch.inp, rows.gather().to(self.dtype))
+        h = self.graphs.launch(launch.inp, rows)
         logits = self.model.head_logits(self.stop, h)
-        return SteadyOutput(*self._pick(logits, launch.sampling, launch.drawn, launch.positions), logits,
+        return SteadyOutput(*self._pick(logits, launch.drawn, launch.sampling, launch.positions), logits,
                             launch.inp.positions[:launch.inp.n] + 1)
 
     @staticmethod
-    def _pick(logits: Tensor, sampling: list[SamplingParams], drawn: np.ndarray,
+    def _pick(logits: Tensor, drawn: np.ndarray, sampling: list[SamplingParams],
               positions: list[int]) -> tuple[list[int], list[float]]:
         """Tokens and log-probabilities of logits (n, V): greedy rows on the device, each row in `drawn` with its
-        own (seed, position) draw as `sample_batch` does; they reach the host in one copy and one `.tolist()`."""
+        own parameters and (seed, position) draw (sampling and positions: of the rows in drawn) as `sample_batch`
+        does; they reach the host in one copy and one `.tolist()`."""
         lf = logits.float()
         on_cpu = lf.device.type == "cpu"
         # numpy's argmax keeps torch's rule (the first maximum, NaN first) at a tenth of its time on a CPU
         tokens = torch.from_numpy(lf.numpy().argmax(-1)) if on_cpu else lf.argmax(-1)
         if drawn.size:
             idx = torch.from_numpy(drawn).to(lf.device)
-            picks = sample_batch(lf[idx], [sampling[i] for i in drawn], positions)
+            picks = sample_batch(lf[idx], sampling, positions)
             tokens[idx.to(tokens.device)] = torch.tensor([t for t, _ in picks], device=tokens.device)
         logprobs = torch.log_softmax(lf, -1).gather(1, tokens[:, None])[:, 0]  # as sample_batch computes them
         if on_cpu:
@@ -215,7 +216,7 @@ class BatchedRunner:
         return list(map(int, host[0])), host[1]
 
     @torch.no_grad()
-    def run_tick(self, slots, rows: RowsAt | None, sampling: list[SamplingParams], items: list[TickItem]
+    def run_tick(self, slots, rows: RowsAt | None, items: list[TickItem]
                  ) -> tuple[SteadyOutput | None, list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]]:
         """A tick's device work on the engine thread: the decode rows at `slots` (None: none) and the general
         path's items. Plain prompt chunks among the items ride one mixed pass with the decode rows (mixed.py);
@@ -223,14 +224,14 @@ class BatchedRunner:
         in their order."""
         chunks = [it for it in items if self.mixed is not None and self.mixed.eligible(it)]
         if not chunks:
-            return (self.run_steady(slots, rows, sampling) if slots is not None else None,
+            return (self.run_steady(slots, rows) if slots is not None else None,
                     self.run(items) if items else [])
-        out, done = self._run_mixed(slots, rows, sampling, chunks)
+        out, done = self._run_mixed(slots, rows, chunks)
         rest = [it for it in items if id(it) not in done]
         general = dict(zip(map(id, rest), self.run(rest))) if rest else {}
         return out, [done[id(it)] if id(it) in done else general[id(it)] for it in items]
 
-    def _run_mixed(self, slots, rows: RowsAt | None, sampling: list[SamplingParams], chunks: list[TickItem]
+    def _run_mixed(self, slots, rows: RowsAt | None, chunks: list[TickItem]
                    ) -> tuple[SteadyOutput | None, dict[int, tuple[RunResult, TokenResult | None, list]]]:
         """The decode rows and plain prompt chunks in one pass, one final head over the decode rows and the
         chunks' last rows that want a token, one `_pick`. Returns the decode output and {id(item): result}."""
@@ -245,10 +246,14 @@ class BatchedRunner:
         last = n + np.cumsum(ns) - 1  # each chunk's last row in h
         heads = np.concatenate([np.arange(n), last[due]]).astype(np.int64)
         logits = self.model.head_logits(self.stop, h.index_select(0, torch.from_numpy(heads).to(h.device)))
-        params = list(sampling) + [chunks[i].segment.sampling for i in due]
-        drawn = _drawn(params)
-        drawn_at = [int(inp.positions[j]) + 1 if j < n else chunks[due[j - n]].segment.last for j in drawn]
-        tokens, logprobs = self._pick(logits, params, drawn, drawn_at)
+        params = [chunks[i].segment.sampling for i in due]
+        mine = _drawn(params).tolist()  # the chunks' head rows that draw a sample
+        drawn, sampling = n + np.array(mine, dtype=np.int64), [params[j] for j in mine]
+        drawn_at = [chunks[due[j]].segment.last for j in mine]
+        if n:  # the decode rows' draws come first
+            drawn = np.concatenate([rows.drawn, drawn])
+            sampling, drawn_at = rows.sampling() + sampling, (inp.positions[rows.drawn] + 1).tolist() + drawn_at
+        tokens, logprobs = self._pick(logits, drawn, sampling, drawn_at)
         out = SteadyOutput(tokens[:n], logprobs[:n], logits[:n], inp.positions[:n] + 1) if inp is not None else None
         deep, done, counts = self.stop - self.graphs.start, {}, ns.tolist()
         head_of = dict(zip(due, range(n, n + len(due))))  # chunk -> its row in logits

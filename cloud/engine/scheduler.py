@@ -183,6 +183,7 @@ class Scheduler:
         self._fresh = 0  # planned sessions that queued one plain decode row since the last tick
         self._stale = False
         self.busy: dict[str, Any] = {}  # sessions of a tick still on the device lane: not scheduled until settled
+        self.flying: dict[int, list[dict]] = {}  # tick -> the sessions riding it, as dicts by id (`in_flight`)
         self.steady_ticks = 0  # ticks that reused the plan
         self.mixed_ticks = 0  # ticks with decode rows on the static step beside the general path's chunks
 
@@ -242,6 +243,19 @@ class Scheduler:
             self.ready[session.id] = session
             self._stale = True
             self.settled(session)
+
+    def in_flight(self, session) -> bool:
+        """Whether the session rides a tick not settled yet (its blocks may be neither freed nor evicted). A tick's
+        decode batch is registered whole (its own dict by id), so marking it costs no pass over its sessions."""
+        sid = session.id
+        return any(sid in group for groups in self.flying.values() for group in groups)
+
+    def fly(self, tick: int, group: dict) -> None:
+        """The sessions of `group` (by id) ride tick `tick` until `landed(tick)`."""
+        self.flying.setdefault(tick, []).append(group)
+
+    def landed(self, tick: int) -> None:
+        self.flying.pop(tick, None)
 
     def steady(self) -> DecodeBatch | None:
         """The last plan, when exactly its sessions each queued one plain decode row since the last tick."""
@@ -304,10 +318,11 @@ class Scheduler:
         (they then grow one by one); grow_many(sessions, uptos), when given, does the same for the general path's
         chunks, all at once, or says False (they then grow one by one, in round-robin order). Returns the chunks of the
         general path, the plain decode rows for the static step (a DecodeBatch, or None), the refused (session, segment)
-        pairs, and the Rollbacks that reached the front of their queue, applied now. A session is marked in_flight as
-        soon as it has its blocks, so that no later session's grow evicts it.
+        pairs, and the Rollbacks that reached the front of their queue, applied now. A session rides the tick (`fly`)
+        as soon as it has its blocks, so that no later session's grow evicts it.
         """
-        applied = []
+        applied, riding = [], {}  # riding: the tick's sessions that have their blocks, besides a decode batch
+        self.fly(tick, riding)
         for sid in list(self._rollbacks):
             if sid in self.busy:  # applied once its tick settles
                 continue
@@ -324,7 +339,9 @@ class Scheduler:
         decode, failures, share = None, [], None
         if plain and grow_rows is not None and k <= self.row_budget:  # each plain row gets its 1 in round one
             batch = self._batch.successor(plain) if self._batch is not None else DecodeBatch(list(plain.values()))
-            decode = self._grow_decode(batch, grow, grow_rows, failures)
+            decode = self._grow_decode(batch, grow, grow_rows, failures, riding)
+            if decode is batch:
+                self.fly(tick, batch.by_id)
             sessions = [s for s in self.ready.values() if s.id not in plain] if len(plain) < k else []
             budget, share = self.row_budget - len(plain), max(1, self.row_budget // k)
         else:
@@ -352,7 +369,7 @@ class Scheduler:
                 if not grow(s, first + g):
                     failures.append((s, seg))
                     continue
-            s.in_flight = True  # no later session's grow may evict it
+            riding[s.id] = s  # no later session's grow may evict it
             if seg.started is None:
                 seg.started, seg.first_tick = now, tick
             final = seg.done_rows + g == seg.n
@@ -373,12 +390,11 @@ class Scheduler:
 
     @staticmethod
     def _grow_decode(batch: DecodeBatch, grow: Callable[[Any, int], bool], grow_rows: Callable[[np.ndarray], bool],
-                     failures: list) -> DecodeBatch | None:
-        """Room for one more position of each session of the batch: in one allocation, or one by one (eviction,
-        KV shares) with the refused ones added to failures."""
+                     failures: list, riding: dict) -> DecodeBatch | None:
+        """Room for one more position of each session of the batch: in one allocation (the batch is returned as
+        it is), or one by one (eviction, KV shares) with the refused ones added to failures and the others to
+        `riding` as they get their blocks."""
         if grow_rows(batch.slots):
-            for s in batch.sessions:
-                s.in_flight = True
             return batch
         kept = []
         for s in batch.sessions:
@@ -386,7 +402,7 @@ class Scheduler:
                 continue
             seg = s.queue[0]
             if grow(s, seg.first + 1):
-                s.in_flight = True
+                riding[s.id] = s
                 kept.append(s)
             else:
                 failures.append((s, seg))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -328,16 +329,31 @@ def test_grants_with_decode_rows_apart_equal_grants_over_everyone():
 
 def test_staged_rows_come_back_by_slot_exactly_and_pack_with_prompt_rows():
     """Decode rows staged by KV slot (staging.py) come back in the tick's order with the exact values sent, in any
-    hidden dtype; a mixed pass's input holds them, then the prompt chunks' rows, as one cat of them all would."""
+    hidden dtype, gathered or copied into a step's buffer, with their segments and what is read of them; a mixed
+    pass's input holds them, then the prompt chunks' rows, as one cat of them all would."""
     staged, g = StagedRows(), torch.Generator().manual_seed(3)
     sent = {slot: torch.randn(1, 16, generator=g).to(dtype)
             for slot, dtype in [(5, torch.float16), (0, torch.float32), (130, torch.bfloat16)]}  # 130: a grow
-    for slot, row in sent.items():
-        staged.put(slot, Segment(7, row, True))
+    hot = SamplingParams(temperature=0.7, seed=9)
+    segs = {5: Segment(7, sent[5], True, sampling=hot, waiter=SimpleNamespace(key=(2 << 48) | 41)),
+            0: Segment(7, sent[0], True, waiter=lambda outcome: None),  # a waiter with no key: -1
+            130: Segment(7, torch.zeros(1, 16), True, sampling=hot)}
+    for slot, seg in segs.items():
+        staged.put(slot, seg)
+    segs[130] = Segment(7, sent[130], True, waiter=SimpleNamespace(key=12))  # restaged: what a slot holds changes
+    staged.put(130, segs[130])
     order = np.array([130, 5, 0])
     rows = staged.at(order)
     want = torch.cat([sent[int(slot)].float() for slot in order])
     assert torch.equal(rows.gather(), want)
+    assert all(a is segs[int(slot)] for a, slot in zip(rows.segments, order))
+    assert rows.drawn.tolist() == [1] and rows.sampling() == [hot]  # only the row at slot 5 draws a sample
+    assert rows.keys.tolist() == [12, (2 << 48) | 41, -1]
+    assert rows.submitted.tolist() == [segs[int(slot)].submitted for slot in order]
+    for dtype in (torch.float32, torch.bfloat16):  # straight into a step's input buffer (a view), in its dtype
+        buf = torch.zeros(5, 1, 16, dtype=dtype)
+        rows.into(buf[:3, 0])
+        assert torch.equal(buf[:3, 0], want.to(dtype)) and not buf[3:].any()
     chunks = [torch.randn(3, 16, generator=g), torch.randn(2, 16, generator=g).half()]
     for xs in (chunks[:1], chunks):  # all float32 (one cat), or not (copied chunk by chunk)
         packed = BatchedRunner._packed_rows(rows, xs)
@@ -437,6 +453,61 @@ def test_churn_while_others_decode_equals_sessions_alone(model, static_decode):
                     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
             h.manager.close(s)
         assert h.pool.num_free == h.pool.num_blocks - (static_decode == "eager")  # eager: the scratch block
+    finally:
+        h.close()
+
+
+def test_a_session_closed_while_its_tick_computes_keeps_its_blocks_until_the_tick_settles(model):
+    """Sessions closed while their rows compute (one on a steady tick that reused the plan, one on a tick whose
+    decode batch rides beside a prompt, one whose prompt chunk rides): each is in flight, its blocks stay held
+    until its tick settles and then all come back, its Append is answered NOT_FOUND, and every other session's
+    tokens equal serving it alone."""
+    cfg = model.config
+    h = Harness(model, blocks=2000, block_size=4, static_decode="eager")
+    run_tick, closing, seen = h.engine.runner.run_tick, [], []
+
+    def closes_mid_tick(*args):  # the engine thread, outside the lock: as a close from the gRPC side would be
+        for s in closing:
+            assert h.engine.scheduler.in_flight(s)
+            free = h.pool.num_free
+            h.manager.close(s)
+            assert h.pool.num_free == free, "a closed session's blocks were freed while its tick computed"
+            seen.append(s.id)
+        closing.clear()
+        return run_tick(*args)
+
+    h.engine.runner.run_tick = closes_mid_tick
+    try:
+        live = {i: [h.manager.open(128, "fp32", False, False, {}), Alone(model, cfg.split_layer, ExitPolicy()),
+                    hidden_rows(model, 30, seed=40 + i), 0] for i in range(5)}
+        for step in range(8):
+            if step == 5:  # a prompt rides this tick beside the decode rows
+                live[5] = [h.manager.open(128, "fp32", False, False, {}), Alone(model, cfg.split_layer, ExitPolicy()),
+                           hidden_rows(model, 30, seed=45), 0]
+            gone = {3: [0], 5: [1, 5], 6: []}.get(step, [])  # step 3: the steady plan; 5: the new one's prompt
+            closing += [live[i][0] for i in gone]
+            before = h.pool.num_free
+            names = list(live)
+            work = [(live[i][0], live[i][2][live[i][3]:live[i][3] + (6 if live[i][3] == 0 else 1)], live[i][3], True,
+                     GREEDY) for i in names]
+            steady = h.engine.scheduler.steady_ticks
+            outs = h.step(work)
+            if step == 3:
+                assert h.engine.scheduler.steady_ticks == steady + 1, "the close did not land on a steady tick"
+            for i, (_s, x, first, _, _), out in zip(names, work, outs):
+                if i in gone:
+                    assert isinstance(out, ServiceError) and out.code == grpc.StatusCode.NOT_FOUND, out
+                    del live[i]
+                    continue
+                (token, logprob), _, _ = live[i][1].step(x, first)
+                assert out.token.token_id == token and abs(out.token.logprob - logprob) < ATOL, (i, step)
+                live[i][3] = first + x.shape[0]
+            if gone:
+                assert h.pool.num_free > before - 8, "the closed sessions' blocks did not come back after the tick"
+        assert len(seen) == 3 and not h.engine.scheduler.flying
+        for s, *_ in live.values():
+            h.manager.close(s)
+        assert h.pool.num_free == h.pool.num_blocks - 1  # eager: the scratch block
     finally:
         h.close()
 

@@ -15,6 +15,7 @@ import zmq
 from cloud.engine.engine import SegmentDone, StepReplies
 from cloud.engine.runner import SteadyOutput, TokenResult
 from cloud.engine.scheduler import Segment
+from cloud.engine.staging import StagedRows
 from cloud.errors import ServiceError
 from cloud.ipc import PACKED, PackedReplies, unpack_replies
 
@@ -39,14 +40,19 @@ def flushed(tick) -> list[list[bytes]]:
 
 
 def decode_rows(replies, fronts_or_waiters, first: int, tokens, logprobs, queue_s=None):
-    """A tick's StepReplies: one row per front end name (a PackedWaiter for it) or waiter, from position first."""
+    """A tick's StepReplies: one row per front end name (a PackedWaiter for it) or waiter, from position first,
+    staged as the scheduler stages decode rows (their waiters' keys read back by slot)."""
     waiters = [replies.waiter(w, first * 10 + i) if isinstance(w, bytes) else w
                for i, w in enumerate(fronts_or_waiters)]
     n = len(waiters)
     sessions = [SimpleNamespace(retired=False, runner=SimpleNamespace(stop=8)) for _ in waiters]
     segments = [Segment(first + i, torch.zeros(1, 4), True, waiter=w) for i, w in enumerate(waiters)]
+    staged = StagedRows()
+    for slot, seg in zip(range(n - 1, -1, -1), segments):  # row i at slot n - 1 - i
+        staged.put(slot, seg)
+    rows = staged.at(np.arange(n - 1, -1, -1))
     out = SteadyOutput(tokens, logprobs, torch.arange(9.0 * n).view(n, 9), np.arange(first + 1, first + n + 1))
-    return StepReplies(sessions, segments, out, queue_s or [0.0] * n, 0.05, 3, 4)
+    return StepReplies(sessions, rows.segments, rows.keys, out, np.array(queue_s or [0.0] * n), 0.05, 3, 4)
 
 
 def test_a_tick_reaches_each_front_end_as_one_packed_message_in_order():
