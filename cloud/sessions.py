@@ -50,7 +50,7 @@ class Limits:
     overlap: str = "auto"  # decode-only ticks on a device lane while the next is prepared: "auto" (GPU), "on", "off"
 
 
-@dataclass
+@dataclass(slots=True)
 class CloudSession:
     id: str
     runner: LayerRunner

@@ -58,7 +58,7 @@ class Draft:
     support_probs: tuple[float, ...] = ()
 
 
-@dataclass
+@dataclass(slots=True)
 class Segment:
     """One Append's rows (hidden (n, C) or token ids (n,)) for positions [first, first + n)."""
 
@@ -342,7 +342,8 @@ class Scheduler:
             decode = self._grow_decode(batch, grow, grow_rows, failures, riding)
             if decode is batch:
                 self.fly(tick, batch.by_id)
-            sessions = [s for s in self.ready.values() if s.id not in plain] if len(plain) < k else []
+            ready = self.ready  # (by id: the plain sessions' objects are not read)
+            sessions = [ready[sid] for sid in ready if sid not in plain] if len(plain) < k else []
             budget, share = self.row_budget - len(plain), max(1, self.row_budget // k)
         else:
             sessions, budget = list(self.ready.values()), self.row_budget
