@@ -36,16 +36,19 @@ class PromptChunks:
 
     positions: np.ndarray  # (T,)
     slot_ids: np.ndarray  # (L, T) pool slots their k, v go to
-    spans: list[tuple[int, int, np.ndarray | None]]  # per chunk: (first row in T, rows, the slot ids
-    # (L, first + rows) of its positions [0, first + rows) when it continues a session; None for a session's first rows)
+    spans: list[tuple[int, int, int, int]]  # per chunk: (first row in T, rows, and when it continues a session,
+    # where the slot ids of its positions [0, first + rows) are in `prefix`: columns [start, stop); else 0, 0)
+    prefix: np.ndarray | None  # (L, S): the continuing chunks' slot ids, whole blocks of them (a span may be
+    # followed by the unused slots of its last block)
 
 
 class _MixedAttention:
     """The cache view of a mixed pass (see the module docstring)."""
 
-    def __init__(self, pool, start: int, slots: Tensor, n: int, buf, width: int, chunks: list) -> None:
+    def __init__(self, pool, start: int, slots: Tensor, n: int, buf, width: int, chunks: list,
+                 prefix: Tensor | None) -> None:
         self.pool, self.start, self.slots, self.n, self.chunks = pool, start, slots, n, chunks
-        self.buf, self.width = buf, width
+        self.buf, self.width, self.prefix = buf, width, prefix
 
     def masks(self) -> None:
         """The decode rows' key positions and validity over their tables (device work: at the pass's start)."""
@@ -62,13 +65,13 @@ class _MixedAttention:
             qq = q[0, :, :n].transpose(0, 1)[:, :, None]  # (n, H, 1, D)
             out = pool.attend_blocks(qq, self.tables[i], positions[0, :n, None], self.key_pos, self.valid)
             y[0, :, :n] = out[:, :, 0].transpose(0, 1)
-        for row, rows, prefix in self.chunks:  # a chunk: causal attention over its session's prefix
+        for row, rows, start, stop in self.chunks:  # a chunk: causal attention over its session's prefix
             q_rows, q_pos = q[:, :, row:row + rows], positions[:, row:row + rows]
-            if prefix is None:  # a session's first rows: its keys are this pass's, as the pool holds them
+            if stop == 0:  # a session's first rows: its keys are this pass's, as the pool holds them
                 kk, vv = (x[:, :, row:row + rows].to(pool.dtype).to(q.dtype) for x in (k, v))
                 y[:, :, row:row + rows] = attend(q_rows, kk, vv, q_pos, q_pos)
                 continue
-            y[:, :, row:row + rows] = pool.attend_prefix(q_rows, prefix[i], q_pos)
+            y[:, :, row:row + rows] = pool.attend_prefix(q_rows, self.prefix[i, start:stop], q_pos)
         return y
 
 
@@ -96,16 +99,19 @@ class MixedStep:
                              "it has no blocks for them; grow() first")
         pos = packed_positions(firsts, ns)
         slot_ids = t.blocks[lo:hi][:, np.repeat(slots, ns), pos // bs].astype(np.int64) * bs + pos % bs
-        rows = (np.cumsum(ns) - ns).tolist()
-        spans = [(r, c, None) for r, c in zip(rows, ns.tolist())]
-        for i in np.flatnonzero(firsts).tolist():  # chunks that continue a session: their earlier positions too
-            f, r, c = int(firsts[i]), rows[i], int(ns[i])
-            p = np.arange(f)
-            earlier = t.blocks[lo:hi, int(slots[i])][:, p // bs].astype(np.int64) * bs + p % bs
-            spans[i] = (r, c, np.concatenate([earlier, slot_ids[:, r:r + c]], axis=1))
-            self.continued += 1
+        rows, counts = (np.cumsum(ns) - ns).tolist(), ns.tolist()
+        cont, prefix = np.flatnonzero(firsts), None
+        starts, stops = np.zeros(len(ns), dtype=np.int64), np.zeros(len(ns), dtype=np.int64)
+        if cont.size:  # chunks that continue a session: the slots of all its positions [0, end), in one gather of
+            # every block of theirs (each block's first slot + 0..bs-1)
+            nb = -(-ends[cont] // bs)
+            tables = t.blocks[lo:hi][:, np.repeat(slots[cont], nb), packed_positions(np.zeros_like(nb), nb)]
+            prefix = (tables.astype(np.int64)[:, :, None] * bs + np.arange(bs)).reshape(hi - lo, -1)
+            starts[cont] = (np.cumsum(nb) - nb) * bs
+            stops[cont] = starts[cont] + ends[cont]
+            self.continued += cont.size
         t.lengths[lo:hi, slots] = ends  # the claims
-        return PromptChunks(pos, slot_ids, spans)
+        return PromptChunks(pos, slot_ids, list(zip(rows, counts, starts.tolist(), stops.tolist())), prefix)
 
     def run(self, inp: StepInputs | None, chunks: PromptChunks, hidden: Tensor) -> Tensor:
         """Decode rows (prepared by `DecodeGraphs.prepare`, or None) and prompt chunks: hidden (N, C) at the
@@ -120,9 +126,10 @@ class MixedStep:
             slot_ids = np.concatenate([inp.slot_ids[:, :n], slot_ids], axis=1)
             positions = np.concatenate([inp.positions[:n], positions])
         pos = torch.from_numpy(positions).to(dev)[None]  # (1, N)
-        spans = [(n + row, rows, None if prefix is None else torch.from_numpy(prefix).to(dev))
-                 for row, rows, prefix in chunks.spans]
-        view = _MixedAttention(self.pool, self.start, torch.from_numpy(slot_ids).to(dev), n, buf, width, spans)
+        prefix = torch.from_numpy(chunks.prefix).to(dev) if chunks.prefix is not None else None
+        spans = [(n + row, rows, start, stop) for row, rows, start, stop in chunks.spans]
+        view = _MixedAttention(self.pool, self.start, torch.from_numpy(slot_ids).to(dev), n, buf, width, spans,
+                               prefix)
         self.steps += 1
         return self._layers(hidden.to(g.dtype)[None], pos, int(positions.max()) + 1, view)[0]
 
