@@ -28,7 +28,8 @@ that a session is answered within a tick or two of its prompt and the mix of pro
 over the run. Sessions are clients that wait for their token: each sends its next row once its last Append was
 answered. The KV pool has 1 KV head of dim 8 (host work does not depend on it), the
 hidden size is the default model's (384), 8 layers split at 4, and a vocabulary of 256 (sampling's own compute
-stays small). One torch thread.
+stays small). One torch thread; the startup heap is frozen as a serving process freezes it (cloud/engine/heap.py),
+where the code under test does that.
 
     python bench/engine_overhead.py [--ticks 10000] [--sessions 1,64,256,1024] [--variants steady,churn]
     PYTHONPATH=/path/to/other/checkout python bench/engine_overhead.py --label baseline   # another version's code
@@ -180,6 +181,12 @@ class Harness:
             self.packed = PackedReplies(self.fan.push)
         self.sessions: list = []  # [session, prompt length, decoding]
         self.rid = 0
+        try:  # as a serving process does once it has started, where the code does (cloud/engine/heap.py)
+            from cloud.engine.heap import freeze_startup_heap
+        except ImportError:
+            pass
+        else:
+            freeze_startup_heap()
 
     # ---- the front end's work (untimed) ------------------------------------------------------------------
     def _waiter(self, front: int):

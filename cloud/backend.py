@@ -142,7 +142,7 @@ class LocalBackend:
         self._account(s, acct)
         wait = want_token or bool(drafts)
         rows = rows.to(self.device)
-        segment = Segment(first, rows, want_token, sampling, top_k, drafts=list(drafts), fill=fill,
+        segment = Segment(first, rows, want_token, sampling, top_k, drafts=list(drafts) if drafts else (), fill=fill,
                           waiter=waiter if wait else None)
         if not self.manager.submit(s, rows, first, segment):
             return AppendOutcome(s.length, discarded=True)

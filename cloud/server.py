@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 import coexit
 from cloud.auth import Auth
+from cloud.engine.heap import freeze_startup_heap
 from cloud.errors import StatusInterceptor
 from cloud.service import CoexitService
 from cloud.sessions import Limits
@@ -189,6 +190,7 @@ async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, au
         print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
     model = backend.engine.model
     _banner(model_dir, host, bound, service.model_info, (model.start, model.stop), how)
+    freeze_startup_heap()
     await serve_until_drained(server, service, drain_grace_s)
 
 
@@ -224,6 +226,7 @@ def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, 
     if tp.rank != 0:
         for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 drains, then tells the followers to stop
             signal.signal(sig, signal.SIG_IGN)
+        freeze_startup_heap()
         try:
             follow(backend.manager, tp.cpu_group, device)
         except Exception as exc:
@@ -269,6 +272,7 @@ def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, read
     if metrics_port:
         mport = backend.engine.metrics.serve(metrics_port, host)
         print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
+    freeze_startup_heap()
     ready.set()
     asyncio.run(serve_engine(backend, address))
 
@@ -294,6 +298,7 @@ def _frontend_main(address, port, host, limits, auth, tls, drain_grace_s, health
             from cloud.health_http import serve_health_http
 
             await serve_health_http(host, health_http_port, lambda: not service.draining, reuse_port=True)
+        freeze_startup_heap()
         await serve_until_drained(server, service, drain_grace_s)
 
     asyncio.run(run())

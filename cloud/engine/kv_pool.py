@@ -180,7 +180,13 @@ class PagedCache(LayerLengths):
         self.layers = layers
         self.pool = pool
         self.slot = pool.tables.acquire(layers.stop)
-        self.lengths = LengthsView(pool.tables, self._slot, layers)
+
+    @property
+    def lengths(self) -> LengthsView:
+        """{layer: filled length}, read and written in the pool's arrays (made on access: a view kept here would
+        hold this cache in a reference cycle, which only Python's cyclic GC frees, and the engine's ticks pay for
+        every such collection)."""
+        return LengthsView(self.pool.tables, self._slot, self.layers)
 
     def _slot(self) -> int:
         if self.slot < 0:  # released, then used again: take a fresh slot

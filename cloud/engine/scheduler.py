@@ -68,7 +68,8 @@ class Segment:
     sampling: SamplingParams = GREEDY
     top_k: int = 0
     truncate_to: int | None = None  # forget positions >= this before the first chunk (stateless reset, rollback)
-    drafts: list[Draft] = field(default_factory=list)  # to verify, increasing positions in (first, last]
+    drafts: list[Draft] | tuple = ()  # to verify, increasing positions in (first, last] (an empty tuple: none,
+    # and no list for the cyclic GC to track on every decode row)
     fill: Tensor | None = None  # (n,) bool: rows whose deep KV is propagated, not computed
     waiter: Callable[[Any], None] | None = None  # called (engine thread) with a SegmentDone or an exception
     submitted: float = field(default_factory=time.perf_counter)

@@ -5,6 +5,7 @@ so other sessions' decode steps are not held up."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
 import time
 from types import SimpleNamespace
@@ -509,6 +510,41 @@ def test_a_session_closed_while_its_tick_computes_keeps_its_blocks_until_the_tic
             h.manager.close(s)
         assert h.pool.num_free == h.pool.num_blocks - 1  # eager: the scratch block
     finally:
+        h.close()
+
+
+def test_serving_leaves_no_cyclic_garbage(model):
+    """Sessions opened, served (prompts, steady decode, a mixed tick) and closed are freed by reference counting:
+    no object of ours waits for Python's cyclic GC, whose collections stop the engine thread mid-tick
+    (cloud/engine/heap.py)."""
+    h = Harness(model, blocks=2000, block_size=4, static_decode="eager")
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        live = [h.manager.open(128, "fp32", False, False, {}) for _ in range(4)]
+        pos = [0] * len(live)
+        for step in range(6):
+            if step == 3:  # one closes, another opens with a prompt beside the decode rows
+                h.manager.close(live.pop(0))
+                pos.pop(0)
+                live.append(h.manager.open(128, "fp32", False, False, {}))
+                pos.append(0)
+            work = [(s, hidden_rows(model, 30, seed=i)[p:p + (5 if p == 0 else 1)], p, True, GREEDY)
+                    for i, (s, p) in enumerate(zip(live, pos))]
+            h.step(work)
+            pos = [p + w[1].shape[0] for p, w in zip(pos, work)]
+        for s in live:
+            h.manager.close(s)
+        del live, work, s
+        gc.collect()
+        ours = [type(o).__module__ + "." + type(o).__qualname__ for o in gc.garbage
+                if type(o).__module__.split(".")[0] in ("cloud", "coexit")]
+        assert not ours, f"left for the cyclic GC: {sorted(set(ours))}"
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
         h.close()
 
 
