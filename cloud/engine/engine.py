@@ -79,9 +79,8 @@ class _Tick:
     tick: int
     items: list[TickItem]
     decode: DecodeBatch | None
-    segments: list[Segment]  # the decode rows' segments, in row order
     finished: list  # (waiter, outcome) known at scheduling: applied rollbacks, refusals
-    rows: RowsAt | None = None  # the decode rows, in the scheduler's staged rows
+    rows: RowsAt | None = None  # the decode rows (and their segments), in the scheduler's staged rows
     started: float = 0.0
     seconds: float = 0.0
     out: SteadyOutput | None = None
@@ -231,9 +230,6 @@ class Engine:
                 t.started = time.perf_counter()
                 self._compute(t)
                 self._finish(t, self.fan_out)
-            else:  # nothing rode it
-                with self.lock:
-                    self.scheduler.landed(t.tick)
             return None
         with self.lock:
             try:
@@ -277,16 +273,14 @@ class Engine:
                                                                                 self._grow_many)
                 except Exception as exc:  # a server fault while scheduling: no Append may wait forever
                     log.exception("engine scheduling failed")
-                    self.scheduler.landed(tick)
                     finished = self._fail_all(exc)
                 else:  # rollbacks applied
                     finished = [(seg.waiter, SegmentDone(None, 0, 0.0, (tick, tick))) for seg in applied]
                 finished += [w for s, seg in failures for w in self._fail(s, seg)]
-            segments, rows = [], None
-            if decode is not None:
-                rows = self.scheduler.staged.at(decode.slots)
-                segments = rows.segments
-        return _Tick(tick, items, decode, segments, finished, rows)
+            if decode is None and not items:  # nothing rides this tick (or scheduling failed)
+                self.scheduler.landed(tick)
+            rows = self.scheduler.staged.at(decode.slots) if decode is not None else None
+        return _Tick(tick, items, decode, finished, rows)
 
     def _compute(self, t: _Tick) -> None:
         """A tick's device work on this thread (BatchedRunner.run_tick): the decode batch on the static step, or
@@ -318,7 +312,7 @@ class Engine:
                     for s in decode.sessions:
                         self.scheduler.unhold(s)
                 items = [TickItem(s, seg, seg.rows, seg.first, True, None, [], 1)
-                         for s, seg in zip(decode.sessions, t.segments)] + items
+                         for s, seg in zip(decode.sessions, t.rows.segments)] + items
                 decode = None
             self._last_tick_s = seconds
             finished = t.finished + self._settle(items, t.results, t.error, seconds, tick)

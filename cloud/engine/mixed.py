@@ -43,7 +43,8 @@ class PromptChunks:
 
 
 class _MixedAttention:
-    """The cache view of a mixed pass (see the module docstring)."""
+    """The cache view of a mixed pass (see the module docstring). chunks: PromptChunks.spans, their rows counted
+    from the first chunk row (after the n decode rows)."""
 
     def __init__(self, pool, start: int, slots: Tensor, n: int, buf, width: int, chunks: list,
                  prefix: Tensor | None) -> None:
@@ -66,6 +67,7 @@ class _MixedAttention:
             out = pool.attend_blocks(qq, self.tables[i], positions[0, :n, None], self.key_pos, self.valid)
             y[0, :, :n] = out[:, :, 0].transpose(0, 1)
         for row, rows, start, stop in self.chunks:  # a chunk: causal attention over its session's prefix
+            row += n  # (the decode rows come first)
             q_rows, q_pos = q[:, :, row:row + rows], positions[:, row:row + rows]
             if stop == 0:  # a session's first rows: its keys are this pass's, as the pool holds them
                 kk, vv = (x[:, :, row:row + rows].to(pool.dtype).to(q.dtype) for x in (k, v))
@@ -127,9 +129,8 @@ class MixedStep:
             positions = np.concatenate([inp.positions[:n], positions])
         pos = torch.from_numpy(positions).to(dev)[None]  # (1, N)
         prefix = torch.from_numpy(chunks.prefix).to(dev) if chunks.prefix is not None else None
-        spans = [(n + row, rows, start, stop) for row, rows, start, stop in chunks.spans]
-        view = _MixedAttention(self.pool, self.start, torch.from_numpy(slot_ids).to(dev), n, buf, width, spans,
-                               prefix)
+        view = _MixedAttention(self.pool, self.start, torch.from_numpy(slot_ids).to(dev), n, buf, width,
+                               chunks.spans, prefix)
         self.steps += 1
         return self._layers(hidden.to(g.dtype)[None], pos, int(positions.max()) + 1, view)[0]
 
