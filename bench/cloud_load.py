@@ -233,9 +233,9 @@ def main() -> int:
         mport = free_port()
         extra = ["--max-sessions", str(max(counts) + 8), "--kv-budget-mib", "4096" if on_gpu else "1024",
                  *args.serve_args.split()]
-        if args.server_root or args.target:
+        if args.target:
             mport = args.target_metrics_port
-        else:
+        else:  # (an older --server-root takes the same flags)
             extra += ["--metrics-port", str(mport)]
             if args.frontends:
                 extra += ["--frontends", str(args.frontends)]

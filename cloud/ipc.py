@@ -15,6 +15,13 @@ thread hands each tick's results to `PackedReplies`, which sends every front end
 [b"P", REPLY array bytes] (request id, token, logprob, length, ...), and the front end builds the AppendOutcomes
 and answers its streams. The engine process thus spends a few numpy operations per tick on replies, not a
 coroutine, a pickle and a send per Append.
+
+The same holds on the way in. A front end does not send plain-token Appends one by one: those its event loop
+receives in one turn go out together as one message, [b"A", pickled entries (request id, session, first position,
+rows' dtype and shape, sampling, accounting, fill, byte count), every entry's rows bytes back to back], and the
+engine process queues them all in one synchronous pass over that message (`AppendBatch`), instead of a receive, a
+task, a pickle and a tensor per Append. Every other call is sent after the Appends queued before it, so a front
+end's calls reach the engine in the order they were made.
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ _CODE_SHIFT, _RID_MASK = 48, (1 << 48) - 1  # PackedWaiter.key: the front end's 
 REPLY = np.dtype([("rid", "<i8"), ("token", "<i8"), ("logprob", "<f8"), ("length", "<i8"), ("layer_tokens", "<i8"),
                   ("compute_s", "<f8"), ("queue_s", "<f8"), ("exit_layer", "<i4"), ("rows_filled", "<i4")])
 PACKED = b"P"
+APPENDS = b"A"  # a front end's batch of plain-token Appends (RemoteBackend, AppendBatch)
+_ALIGN = 8  # each entry's rows start at a multiple of this in an APPENDS message (any dtype can view them)
+_NUMPY = {name: np.dtype(name) for name in ("float32", "float16", "float64", "int64", "int32")}
 _ROW = np.dtype((np.void, REPLY.itemsize))  # a REPLY row as opaque bytes
 
 
@@ -204,6 +214,9 @@ class RemoteBackend:
         self._pending: dict[int, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
         self.info: ModelInfo | None = None
+        self._outbox: list[tuple] = []  # plain-token Appends of this event-loop turn, sent as one APPENDS message
+        self._outbox_data: list[bytes] = []
+        self.sent_messages = self.sent_appends = 0  # APPENDS messages sent, and the Appends they carried
 
     async def connect(self, timeout_s: float = 600.0) -> ModelInfo:
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -241,6 +254,7 @@ class RemoteBackend:
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        self._send_appends()  # the Appends queued before this call go first
         await self.sock.send_multipart([pickle.dumps((rid, method, args)), *payload], copy=False)
         try:
             return await fut
@@ -253,8 +267,30 @@ class RemoteBackend:
     async def append(self, sid, first, rows, want_token, sampling, top_k, want_logits, acct, drafts=(),
                      fill=None) -> AppendOutcome:
         meta, data = _tensor_bytes(rows)
-        return await self._call("append", sid, first, meta, want_token, sampling, top_k, want_logits, acct,
-                                list(drafts), fill, payload=[data])
+        if not (want_token and not top_k and not want_logits and not drafts):
+            return await self._call("append", sid, first, meta, want_token, sampling, top_k, want_logits, acct,
+                                    list(drafts), fill, payload=[data])
+        # a plain token: queued with this loop turn's others, sent as one message when the turn ends
+        rid = next(self._ids)
+        loop = asyncio.get_running_loop()
+        fut = self._pending[rid] = loop.create_future()
+        if not self._outbox:
+            loop.call_soon(self._send_appends)
+        self._outbox.append((rid, sid, first, meta, sampling, acct, fill, len(data)))
+        self._outbox_data += (data, bytes(-len(data) % _ALIGN))
+        try:
+            return await fut
+        finally:
+            self._pending.pop(rid, None)
+
+    def _send_appends(self) -> None:
+        if not self._outbox:
+            return
+        entries, data = self._outbox, self._outbox_data
+        self._outbox, self._outbox_data = [], []
+        self.sent_messages += 1
+        self.sent_appends += len(entries)
+        self.sock.send_multipart([APPENDS, pickle.dumps(entries), b"".join(data)], copy=False)
 
     async def rollback(self, sid: str, length: int, acct: tuple[int, int]) -> int:
         return await self._call("rollback", sid, length, acct)
@@ -270,6 +306,44 @@ class RemoteBackend:
             self._reader.cancel()
         self.sock.close(0)
         self.ctx.term()
+
+
+class AppendBatch:
+    """The engine side of an APPENDS message: every entry queued in one pass, its rows a view of one copy of the
+    message's bytes, its reply packed with its tick's others (`PackedReplies.waiter`). An entry that is refused
+    (a closed session, a gap, ...) or answered at once (discarded rows) is answered alone; the others are queued
+    all the same."""
+
+    def __init__(self, backend: LocalBackend, packed: PackedReplies) -> None:
+        self.backend, self.packed = backend, packed
+
+    def submit(self, front: bytes, entries, data) -> list[tuple]:
+        """Queue the entries of one message from `front`; returns the replies to send now, (rid, ok, result)."""
+        backend, waiter = self.backend, self.packed.waiter
+        entries = pickle.loads(entries)
+        buf = bytearray(data)
+        now, offset = [], 0
+        for rid, sid, first, (dtype, shape), sampling, acct, fill, nbytes in entries:
+            as_np = _NUMPY.get(dtype)
+            if nbytes == 0:
+                rows = torch.empty(shape, dtype=getattr(torch, dtype))
+            elif as_np is not None:  # a third of the time of torch's own views
+                rows = torch.from_numpy(np.frombuffer(buf, as_np, nbytes // as_np.itemsize, offset).reshape(shape))
+            else:  # (bfloat16: no numpy dtype)
+                rows = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset).view(
+                    getattr(torch, dtype)).view(shape)
+            offset += nbytes + -nbytes % _ALIGN
+            try:
+                s = backend.session(sid)
+                queued = backend.submit(s, first, rows, True, sampling, 0, acct, (), fill, waiter(front, rid, s))
+                if queued is not None:  # discarded: answered now
+                    now.append((rid, True, queued))
+            except ServiceError as exc:
+                now.append((rid, False, (exc.code.name, exc.message)))
+            except Exception as exc:  # a server fault: the front end answers INTERNAL
+                log.exception("engine call append failed")
+                now.append((rid, False, (None, f"{type(exc).__name__}: {exc}")))
+        return now
 
 
 async def serve_engine(backend: LocalBackend, address: str) -> None:
@@ -320,12 +394,20 @@ async def serve_engine(backend: LocalBackend, address: str) -> None:
             reply = (rid, False, (None, f"{type(exc).__name__}: {exc}"))
         await sock.send_multipart([ident, pickle.dumps(reply), *extra], copy=False)
 
+    batch = AppendBatch(backend, packed)
+
+    async def handle_appends(ident, entries, data) -> None:
+        for reply in batch.submit(bytes(ident.bytes), entries.buffer, data.buffer):
+            await sock.send_multipart([ident, pickle.dumps(reply)], copy=False)
     sweeper = loop.create_task(backend.sweep_forever())
     tasks: set[asyncio.Task] = set()
     try:
         while True:
             ident, header, *payload = await sock.recv_multipart(copy=False)
-            task = loop.create_task(handle(ident, header, payload))
+            if len(payload) == 2 and header.bytes == APPENDS:  # (a task too: calls are handled in arrival order)
+                task = loop.create_task(handle_appends(ident, *payload))
+            else:
+                task = loop.create_task(handle(ident, header, payload))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
     finally:
