@@ -19,9 +19,9 @@ coroutine, a pickle and a send per Append.
 The same holds on the way in. A front end does not send plain-token Appends one by one: those its event loop
 receives in one turn go out together as one message, [b"A", pickled entries (request id, session, first position,
 rows' dtype and shape, sampling, accounting, fill, byte count), every entry's rows bytes back to back], and the
-engine process queues them all in one synchronous pass over that message (`AppendBatch`), instead of a receive, a
-task, a pickle and a tensor per Append. Every other call is sent after the Appends queued before it, so a front
-end's calls reach the engine in the order they were made.
+engine process queues them all in one pass over that message (`AppendBatch`, one task per message), instead of a
+receive, a task, a pickle and a tensor per Append. Every other call is sent after the Appends queued before it,
+so a front end's calls reach the engine in the order they were made.
 """
 
 from __future__ import annotations
@@ -367,18 +367,9 @@ async def serve_engine(backend: LocalBackend, address: str) -> None:
         rid, method, args = pickle.loads(header.buffer)
         extra = []
         try:
-            if method == "append" and args[3] and not args[5] and not args[6] and not args[8]:
-                # a plain token (want_token, no top_k, logits or drafts): the reply goes out packed
-                sid, first, meta, want_token, sampling, top_k, want_logits, acct, drafts, fill = args
-                s = backend.session(sid)
-                queued = backend.submit(s, first, _tensor_from(meta, payload[0].buffer), want_token, sampling,
-                                        top_k, acct, drafts, fill, packed.waiter(bytes(ident.bytes), rid, s))
-                if queued is not None:  # discarded or queued without a token: answered now
-                    await sock.send_multipart([ident, pickle.dumps((rid, True, queued))], copy=False)
-                return
             if method == "hello":
                 result = backend.info.to_dict()
-            elif method == "append":
+            elif method == "append":  # one that is not a plain token (those come in APPENDS messages)
                 sid, first, meta, *rest = args
                 result = await backend.append(sid, first, _tensor_from(meta, payload[0].buffer), *rest)
                 if result.logits is not None:
@@ -399,6 +390,7 @@ async def serve_engine(backend: LocalBackend, address: str) -> None:
     async def handle_appends(ident, entries, data) -> None:
         for reply in batch.submit(bytes(ident.bytes), entries.buffer, data.buffer):
             await sock.send_multipart([ident, pickle.dumps(reply)], copy=False)
+
     sweeper = loop.create_task(backend.sweep_forever())
     tasks: set[asyncio.Task] = set()
     try:
