@@ -51,8 +51,19 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[tuple, bytes]:
 
 
 def _tensor_from(meta: tuple, data) -> torch.Tensor:
+    return _view(bytearray(data), meta, 0, len(data))
+
+
+def _view(buf: bytearray, meta: tuple, offset: int, nbytes: int) -> torch.Tensor:
+    """The tensor meta = (dtype name, shape) held in buf[offset:offset + nbytes], sharing buf's memory: a numpy view
+    where numpy has the dtype (a third of the time of torch's own views), torch's otherwise (bfloat16)."""
     dtype, shape = meta
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).view(shape)
+    if nbytes == 0:
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    as_np = _NUMPY.get(dtype)
+    if as_np is not None:
+        return torch.from_numpy(np.frombuffer(buf, as_np, nbytes // as_np.itemsize, offset).reshape(shape))
+    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset).view(getattr(torch, dtype)).view(shape)
 
 
 _CODE_SHIFT, _RID_MASK = 48, (1 << 48) - 1  # PackedWaiter.key: the front end's code above, the request id below
@@ -323,15 +334,8 @@ class AppendBatch:
         entries = pickle.loads(entries)
         buf = bytearray(data)
         now, offset = [], 0
-        for rid, sid, first, (dtype, shape), sampling, acct, fill, nbytes in entries:
-            as_np = _NUMPY.get(dtype)
-            if nbytes == 0:
-                rows = torch.empty(shape, dtype=getattr(torch, dtype))
-            elif as_np is not None:  # a third of the time of torch's own views
-                rows = torch.from_numpy(np.frombuffer(buf, as_np, nbytes // as_np.itemsize, offset).reshape(shape))
-            else:  # (bfloat16: no numpy dtype)
-                rows = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset).view(
-                    getattr(torch, dtype)).view(shape)
+        for rid, sid, first, meta, sampling, acct, fill, nbytes in entries:
+            rows = _view(buf, meta, offset, nbytes)
             offset += nbytes + -nbytes % _ALIGN
             try:
                 s = backend.session(sid)

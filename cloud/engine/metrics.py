@@ -74,10 +74,7 @@ class BulkHistogram(Collector):
             self.sum += total
 
     def observe(self, value: float) -> None:
-        i = int(np.searchsorted(self.bounds, value, side="left"))
-        with self._lock:
-            self.counts[i] += 1
-            self.sum += value
+        self.observe_many(np.array([value]))
 
     def collect(self):
         with self._lock:
