@@ -141,7 +141,8 @@ class LocalBackend:
         Returns the outcome now when there is nothing to wait for (discarded rows, or rows without a token)."""
         self._account(s, acct)
         wait = want_token or bool(drafts)
-        rows = rows.to(self.device)
+        if rows.device != self.device:
+            rows = rows.to(self.device)
         segment = Segment(first, rows, want_token, sampling, top_k, drafts=list(drafts) if drafts else (), fill=fill,
                           waiter=waiter if wait else None)
         if not self.manager.submit(s, rows, first, segment):

@@ -184,7 +184,7 @@ class CoexitService(pb_grpc.CoexitServicer):
         except ValueError as exc:
             raise invalid(f"malformed hidden tensor: {exc}") from None
         check_rows(rows, self.model_info.hidden_size)
-        return rows.to(dtype=self.dtype)
+        return rows if rows.dtype == self.dtype else rows.to(dtype=self.dtype)
 
     async def _append(self, handle: SessionHandle, req: pb.AppendRequest, acct: tuple[int, int]) -> pb.SessionReply:
         x = self._decode_rows(handle, req)

@@ -21,6 +21,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -366,7 +367,10 @@ def check_rows(rows: Tensor, hidden_size: int) -> None:
         raise invalid("an Append must carry at least one row")
     if rows.shape[1] != hidden_size:
         raise invalid(f"hidden rows have {rows.shape[1]} columns but this model's hidden size is {hidden_size}")
-    if bool(torch.isfinite(rows).all()):  # one reduction on the hot path
+    if rows.dtype == torch.float32 and rows.device.type == "cpu":  # the wire's rows: numpy keeps the GIL
+        if np.isfinite(rows.numpy()).all():
+            return
+    elif bool(torch.isfinite(rows).all()):  # one reduction on the hot path
         return
     bad = ~torch.isfinite(rows).all(dim=1)
     if bool(bad.any()):

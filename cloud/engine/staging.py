@@ -17,10 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+_NUMPY_CASTS = (torch.float32, torch.float16)  # row dtypes numpy reads and widens to float32 exactly
+
 
 class StagedRows:
     def __init__(self) -> None:
         self.rows: Tensor | None = None  # (capacity, C) float32
+        self._host: np.ndarray | None = None  # a numpy view of rows when they are on the CPU
         self.submitted = np.zeros(0, dtype=np.float64)  # (capacity,) perf_counter at arrival
         self.segments = np.empty(0, dtype=object)  # (capacity,) the staged Segment
         self.temperature = np.zeros(0, dtype=np.float64)  # (capacity,) its sampling temperature (0: greedy)
@@ -28,10 +31,13 @@ class StagedRows:
 
     def put(self, slot: int, segment) -> None:
         """Stage a plain decode segment (one row (1, C)) of the session at `slot`."""
-        row = segment.rows[0]
+        rows = segment.rows
         if self.rows is None or slot >= self.rows.shape[0]:
-            self._grow(slot + 1, row)
-        self.rows[slot] = row
+            self._grow(slot + 1, rows[0])
+        if self._host is not None and rows.dtype in _NUMPY_CASTS:  # the submitting thread keeps the GIL
+            self._host[slot] = rows.numpy()[0]
+        else:
+            self.rows[slot] = rows[0]
         self.submitted[slot] = segment.submitted
         self.segments[slot] = segment
         self.temperature[slot] = segment.sampling.temperature
@@ -51,6 +57,7 @@ class StagedRows:
         if self.rows is not None:
             rows[:old] = self.rows
         self.rows = rows
+        self._host = rows.numpy() if rows.device.type == "cpu" else None
         more = cap - old
         self.submitted = np.concatenate([self.submitted, np.zeros(more)])
         self.segments = np.concatenate([self.segments, np.empty(more, dtype=object)])
