@@ -147,6 +147,7 @@ class SessionManager:
             self.sessions.move_to_end(s.id)
         elif op == "detach":
             s.attached = False
+            self.engine.not_coming(s)
         else:
             raise ValueError(f"unknown session change {op!r}")
         return s

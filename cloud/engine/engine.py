@@ -135,6 +135,7 @@ class Engine:
         self.ticks = 0
         self.batch_wait = batch_wait
         self._served: tuple = ((), ())  # the sessions the last two ticks served, as groups (read by _coalesce)
+        self._awaited: set | None = None  # while _coalesce waits: the ids of the recent sessions not back yet
         self._last_tick_s = 0.0
         self.sync: Callable[[str], None] | None = None  # under --tp: rank 0's journal goes out ("tick", "settle")
         self._stop = False
@@ -146,7 +147,22 @@ class Engine:
     def submit(self, session, segment: Segment) -> None:
         with self._wake:
             self.scheduler.submit(session, segment)
-            self._wake.notify()
+            awaited = self._awaited
+            if awaited is None:  # the engine is not gathering a cohort: wake it if it waits for work
+                self._wake.notify()
+            elif session.id in self.scheduler.ready:  # one more of the cohort is back: wake it for the last one
+                awaited.discard(session.id)
+                if not awaited:
+                    self._wake.notify()
+
+    def not_coming(self, session) -> None:
+        """The session left (closed, evicted, detached): a cohort being gathered stops waiting for it."""
+        with self._wake:
+            awaited = self._awaited
+            if awaited and session.id in awaited:
+                awaited.discard(session.id)
+                if not awaited:
+                    self._wake.notify()
 
     def release(self, session) -> list[Segment]:
         """Forget a session (close, eviction, TTL): drop its queue and free its blocks (after the current tick
@@ -157,6 +173,7 @@ class Engine:
             if not self.scheduler.in_flight(session):
                 session.runner.cache.release()
             self._update_gauges()
+            self.not_coming(session)
         gone = ServiceError(grpc.StatusCode.NOT_FOUND, "the session was closed or evicted before these rows were "
                                                        "computed; open a new session and resend its context")
         for seg in dropped:
@@ -398,20 +415,27 @@ class Engine:
         """Decode traffic settles into cohorts: the sessions answered by the last tick are still on their round
         trip when the engine starts the next. Wait a little (at most `batch_wait` of the last tick's time) for
         the attached sessions served in the last two ticks to come back, so one tick carries them all and its
-        fixed costs are paid once. A lone session never waits."""
+        fixed costs are paid once. A lone session never waits. The submitting threads cross the returning
+        sessions off `_awaited` and wake the engine once, for the last of them (not once per Append, each wake a
+        pass over the cohort); any other wake-up (a release, stop) drops the sessions that have left."""
         if self.batch_wait <= 0:
             return
         recent = {s.id: s for groups in self._served for group in groups for s in group}
         if not recent:
             return
         deadline = time.perf_counter() + self.batch_wait * self._last_tick_s
-        while not self._stop:
-            missing = [s for sid, s in recent.items()
-                       if sid not in self.scheduler.ready and s.attached and not s.retired]
-            left = deadline - time.perf_counter()
-            if not missing or left <= 0:
-                return
-            self._wake.wait(left)
+        ready = self.scheduler.ready
+        self._awaited = {sid for sid, s in recent.items() if sid not in ready and s.attached and not s.retired}
+        try:
+            while self._awaited and not self._stop:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return
+                self._wake.wait(left)
+                self._awaited = {sid for sid in self._awaited
+                                 if sid not in ready and recent[sid].attached and not recent[sid].retired}
+        finally:
+            self._awaited = None
 
     def _roll_back(self, session, first: int, error: Exception) -> list:
         """Drop a session's queued segments and forget its positions from `first` on; their Appends get `error`

@@ -632,3 +632,32 @@ def test_overlapped_ticks_with_a_slow_device_equal_sessions_alone(model):
         assert h.pool.num_free == h.pool.num_blocks
     finally:
         h.close()
+
+
+def test_a_cohort_is_gathered_until_its_last_session_is_back_or_gone(model):
+    """Coalescing: after a tick that served sessions A, B and C, the engine waits for all three before its next
+    tick (batch_wait is made long here: 20 s). A's and B's Appends alone start no tick; C's starts one at once, which
+    carries all three. A session that detaches, or is closed, while the engine waits for it is not waited for."""
+    h = Harness(model, blocks=2000, static_decode="eager")
+    try:
+        ss = [h.manager.open(128, "fp32", False, False, {}) for _ in range(3)]
+        rows = [hidden_rows(model, 8, seed=i) for i in range(3)]
+        h.step([(s, r[:4], 0, True, GREEDY) for s, r in zip(ss, rows)])  # one tick serves all three
+        for pos, leaves in ((4, None), (5, "detach"), (6, "close")):
+            h.engine.batch_wait = 20 / max(h.engine._last_tick_s, 1e-6)
+            ticks = h.engine.ticks
+            waits = [h.submit(s, r[pos:pos + 1], pos) for s, r in zip(ss[:2], rows[:2])]  # A and B, apart
+            time.sleep(0.3)
+            assert h.engine.ticks == ticks and not any(ev.is_set() for _, ev in waits), "ticked without C"
+            if leaves is None:
+                waits.append(h.submit(ss[2], rows[2][pos:pos + 1], pos))
+            elif leaves == "detach":
+                h.manager.detach(ss[2])
+            else:
+                h.manager.close(ss[2])
+            assert all(ev.wait(5) for _, ev in waits), f"the engine kept waiting for C ({leaves or 'back'})"
+            assert h.engine.ticks == ticks + 1  # one tick carried the cohort
+            if leaves == "detach":  # back on a new stream, and still one of the last two ticks' cohort
+                h.manager.resume(ss[2].id)
+    finally:
+        h.close()
