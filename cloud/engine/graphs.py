@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cloud.engine.kept import KeptGather
 from cloud.engine.kv_pool import KVPool
 from cloud.engine.staging import RowsAt
 from coexit.kv_cache import CacheError
@@ -47,6 +48,7 @@ class StepInputs:
     tables: tuple  # see DecodeGraphs._table_update
     slot_ids: np.ndarray  # (L, B) pool slots the rows' k, v go to
     positions: np.ndarray  # (B,)
+    sessions: np.ndarray  # (B,) the rows' session (KV) slots, -1 on padded rows
 
 
 class _Buffers:
@@ -70,14 +72,18 @@ class _StaticAttention:
     """The cache view of a static step: per layer, write each row's k, v at its slot, then attend over the blocks
     of its table (keys at positions < its length)."""
 
-    def __init__(self, pool: KVPool, buf: _Buffers, start: int, reuse_buffers: bool = False) -> None:
-        self.pool, self.buf, self.start, self.reuse = pool, buf, start, reuse_buffers
+    def __init__(self, pool: KVPool, buf: _Buffers, start: int, reuse_buffers: bool = False,
+                 kept: KeptGather | None = None) -> None:
+        self.pool, self.buf, self.start, self.reuse, self.kept = pool, buf, start, reuse_buffers, kept
         self.key_pos, self.valid = pool.block_mask(buf.lengths, buf.tables.shape[2])
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         pool, buf, i = self.pool, self.buf, layer - self.start
-        pool.k.index_copy_(0, buf.slots[i], k[:, :, 0].to(pool.dtype))  # (B, K, D)
-        pool.v.index_copy_(0, buf.slots[i], v[:, :, 0].to(pool.dtype))
+        k, v = k[:, :, 0].to(pool.dtype), v[:, :, 0].to(pool.dtype)  # (B, K, D)
+        pool.k.index_copy_(0, buf.slots[i], k)
+        pool.v.index_copy_(0, buf.slots[i], v)
+        if self.kept is not None:
+            return self.kept.attend(i, q, k, v, buf.tables[i], positions, self.key_pos, self.valid)
         return pool.attend_blocks(q, buf.tables[i], positions, self.key_pos, self.valid, reuse_buffers=self.reuse)
 
 
@@ -96,6 +102,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], object] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
         self._built: tuple | None = None  # (buffers, slots) whose block tables those buffers hold
+        self.kept = KeptGather(pool, stop - start) if not self.capture else None  # see kept.py
         self.replays = 0
 
     def eligible(self, plans) -> bool:
@@ -150,7 +157,9 @@ class DecodeGraphs:
         positions = np.zeros(b, dtype=np.int64)
         positions[:n] = pos
         t.lengths[lo:hi, slots] = pos + 1  # the rows' claims
-        return StepInputs(key, view, n, width, tables, slot_ids, positions)
+        sessions = np.full(b, -1, dtype=np.int64)
+        sessions[:n] = slots
+        return StepInputs(key, view, n, width, tables, slot_ids, positions, sessions)
 
     def launch(self, inp: StepInputs, hidden: Tensor | RowsAt) -> Tensor:
         """The device half: copy a prepared step's inputs into its buffers and run (replay) it; hidden (n, C), or
@@ -170,7 +179,10 @@ class DecodeGraphs:
             graph = self._graphs.get(inp.key) or self._record(inp.key, buf)
             graph.replay()
         else:
-            self._step(buf)
+            kept = self.kept
+            if kept is not None and not kept.begin(inp.sessions, inp.positions, n, buf.tables.shape[2]):
+                kept = None
+            self._step(buf, kept)
         self.replays += 1
         return buf.h_out[:n, 0]
 
@@ -209,10 +221,10 @@ class DecodeGraphs:
         if self.pad and buf.tables.shape[1] > n:  # a bucket's padded rows (exact shapes never read past n)
             buf.tables[:, n:] = self.scratch
 
-    def _step(self, buf: _Buffers) -> None:
+    def _step(self, buf: _Buffers, kept: KeptGather | None = None) -> None:
         h, positions = buf.h_in, buf.positions
         cos, sin = self.model.rotary(positions, h.dtype)
-        view = _StaticAttention(self.pool, buf, self.start, reuse_buffers=not self.capture)
+        view = _StaticAttention(self.pool, buf, self.start, reuse_buffers=not self.capture, kept=kept)
         for layer in range(self.start, self.stop):
             h = self.model.model.layers[str(layer)](h, cos, sin, positions, view)
         buf.h_out.copy_(h)

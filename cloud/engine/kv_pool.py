@@ -55,6 +55,7 @@ class KVPool:
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self.tables = SlotTables()  # every session's block tables and lengths, by slot
         self._scratch: list[Tensor | None] = [None, None]  # reused gather buffers for keys and values
+        self.writes = 0  # counts the passes that wrote K/V other than static decode steps (kept.py)
 
     @staticmethod
     def block_bytes(block_size: int, n_kv: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -363,6 +364,7 @@ class BatchAttention:
         slots = torch.from_numpy(self.claim(layer)).to(pool.device)
         pool.k[slots] = k[0].transpose(0, 1).to(pool.dtype)  # (N, K, D)
         pool.v[slots] = v[0].transpose(0, 1).to(pool.dtype)
+        pool.writes += 1
         y = torch.empty_like(q)  # (1, H, Nq, D)
         for row, c, first, n, nq in self.multis:  # a multi-row segment: its own causal attention over its prefix
             y[:, :, row:row + nq] = pool.attend_prefix(q[:, :, row:row + nq], c.slots(layer, 0, first + n),

@@ -61,6 +61,7 @@ class _MixedAttention:
         pool, i, n = self.pool, layer - self.start, self.n
         pool.k.index_copy_(0, self.slots[i], k[0].transpose(0, 1).to(pool.dtype))  # (N, K, D)
         pool.v.index_copy_(0, self.slots[i], v[0].transpose(0, 1).to(pool.dtype))
+        pool.writes += 1
         y = torch.empty_like(q)  # (1, H, N, D)
         if n:  # decode rows: whole blocks of their tables, as the static step attends
             qq = q[0, :, :n].transpose(0, 1)[:, :, None]  # (n, H, 1, D)

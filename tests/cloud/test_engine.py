@@ -661,3 +661,50 @@ def test_a_cohort_is_gathered_until_its_last_session_is_back_or_gone(model):
                 h.manager.resume(ss[2].id)
     finally:
         h.close()
+
+
+def test_kept_gather_equals_gathering_every_step(model):
+    """kept.py: sessions decoding together on the static step keep their gathered K/V and only append their new
+    rows. Against a twin engine that gathers at every step, the tokens and logits are equal bit for bit, through a
+    prompt joining beside the decode rows, a rollback, a session leaving and tables growing a block; each of those
+    makes the next step gather anew, and the steps between them append."""
+    twins = [Harness(model, blocks=600, block_size=8, static_decode="auto") for _ in range(2)]
+    twins[1].engine.runner.graphs.kept = None  # gathers at every step
+    kept = twins[0].engine.runner.graphs.kept
+    try:
+        data = [hidden_rows(model, 40, seed=30 + i) for i in range(4)]
+        opened = [[h.manager.open(128, "fp32", False, False, {}) for _ in range(3)] for h in twins]
+        pos = [5, 9, 13]  # tables of 1 to 2 blocks of 8
+        outs = [h.step([(s, d[:p], 0, True, GREEDY) for s, d, p in zip(ss, data, pos)])
+                for h, ss in zip(twins, opened)]
+        steps = []
+        for step in range(12):
+            if step == 3:  # a fourth session's prompt rides beside the decode rows (the mixed pass writes the pool)
+                for h, ss in zip(twins, opened):
+                    ss.append(h.manager.open(128, "fp32", False, False, {}))
+                pos.append(0)
+            if step == 6:  # the first session rolls back a position
+                for h, ss in zip(twins, opened):
+                    done = threading.Event()
+                    h.manager.rollback(ss[0], pos[0] - 1, lambda outcome, done=done: done.set())
+                    assert done.wait(30)
+                pos[0] -= 1
+            if step == 9:  # the second session leaves
+                for h, ss in zip(twins, opened):
+                    h.manager.close(ss.pop(1))
+                data.pop(1), pos.pop(1)
+            before = (kept.gathers, kept.appends)
+            outs = [h.step([(s, d[p:p + (6 if p == 0 else 1)], p, True, GREEDY) for s, d, p in zip(ss, data, pos)])
+                    for h, ss in zip(twins, opened)]
+            for a, b in zip(*outs):
+                assert a.token.token_id == b.token.token_id
+                assert torch.equal(a.token.logits, b.token.logits)
+            steps.append("gather" if kept.gathers > before[0] else "append" if kept.appends > before[1] else "mixed")
+            pos = [p + (6 if p == 0 else 1) for p in pos]
+        # step 0 follows the prompts; 3 is the mixed pass and 4 follows it; 6 follows the rollback, 9 the leaving;
+        # at 11 the widest table grows a block (the third session's row at position 24, blocks of 8)
+        assert steps == ["gather", "append", "append", "mixed", "gather", "append", "gather", "append", "append",
+                         "gather", "append", "gather"]
+    finally:
+        for h in twins:
+            h.close()
