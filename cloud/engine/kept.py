@@ -68,9 +68,11 @@ class KeptGather:
         for j, (src, row) in enumerate(((pool.k, k), (pool.v, v))):
             flat = self._flat[j][i]
             if self.fresh:
-                if flat is None or flat.shape[0] < n:
-                    flat = self._flat[j][i] = torch.empty(max(n, 2 * (flat.shape[0] if flat is not None else 0)),
-                                                          pool.block_size * pool.n_kv * pool.head_dim,
+                if flat is None or flat.shape[0] < n:  # doubling, up to what max_bytes allows (begin checked n)
+                    row_bytes = pool.block_size * pool.n_kv * pool.head_dim * pool.k.element_size()
+                    most = self.max_bytes // (2 * self.layers * row_bytes)
+                    grown = min(2 * (flat.shape[0] if flat is not None else 0), most)
+                    flat = self._flat[j][i] = torch.empty(max(n, grown), pool.block_size * pool.n_kv * pool.head_dim,
                                                           dtype=pool.dtype, device=pool.device)
                 torch.index_select(src.view(pool.num_blocks, -1), 0, tables.flatten(), out=flat[:n])
             dense = flat[:n].view(b, s, pool.n_kv, pool.head_dim)
