@@ -165,7 +165,7 @@ class DecodeGraphs:
         """The device half: copy a prepared step's inputs into its buffers and run (replay) it; hidden (n, C), or
         the staged rows, copied straight into the step's input. Steps launch in the order they were prepared."""
         buf, n = inp.buf, inp.n
-        self._apply_tables(buf, n, inp.width, inp.tables)
+        self.apply_tables(buf, n, inp.width, inp.tables)
         buf.slots.copy_(torch.from_numpy(inp.slot_ids))
         buf.positions.copy_(torch.from_numpy(inp.positions)[:, None])
         buf.lengths.copy_(torch.from_numpy(inp.positions + 1))
@@ -207,8 +207,9 @@ class DecodeGraphs:
         return ("rows", rows, t.blocks[lo:hi][:, slots[rows], :width].astype(np.int64) if rows.size else None,
                 t.blocks[lo:hi][:, slots[m:], :width].astype(np.int64) if n > m else None)
 
-    def _apply_tables(self, buf: _Buffers, n: int, width: int, update: tuple) -> None:
-        """Copy a `_table_update` into the buffers; rows past n in a bucket point at the scratch block."""
+    def apply_tables(self, buf: _Buffers, n: int, width: int, update: tuple) -> None:
+        """Copy a `_table_update` into the buffers; rows past n in a bucket point at the scratch block. (Also the
+        mixed pass's, whose decode rows attend over these buffers' tables.)"""
         if update[0] == "all":
             buf.tables[:, :n, :width] = torch.from_numpy(update[1])
         else:

@@ -124,7 +124,7 @@ class MixedStep:
         slot_ids, positions = chunks.slot_ids, chunks.positions
         if inp is not None:
             n, buf, width = inp.n, inp.buf, inp.width
-            g._apply_tables(buf, n, width, inp.tables)
+            g.apply_tables(buf, n, width, inp.tables)
             buf.lengths[:n].copy_(torch.from_numpy(inp.positions[:n] + 1))
             slot_ids = np.concatenate([inp.slot_ids[:, :n], slot_ids], axis=1)
             positions = np.concatenate([inp.positions[:n], positions])
