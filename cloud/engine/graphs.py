@@ -182,7 +182,12 @@ class DecodeGraphs:
             kept = self.kept
             if kept is not None and not kept.begin(inp.sessions, inp.positions, n, buf.tables.shape[2]):
                 kept = None
-            self._step(buf, kept)
+            try:
+                self._step(buf, kept)
+            except BaseException:
+                if kept is not None:
+                    kept.forget()
+                raise
         self.replays += 1
         return buf.h_out[:n, 0]
 

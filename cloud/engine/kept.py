@@ -57,6 +57,10 @@ class KeptGather:
             self._at = torch.arange(b, device=pool.device), torch.from_numpy(positions).to(pool.device)
         return True
 
+    def forget(self) -> None:
+        """After a step that failed part way: the buffers may hold part of a batch, so the next step gathers."""
+        self._held = None
+
     def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, tables: Tensor, positions: Tensor, key_pos: Tensor,
                valid: Tensor) -> Tensor:
         """Layer i (counted from the step's first) of `begin`'s step: q (B, H, 1, D) and the rows' own k, v
