@@ -25,14 +25,14 @@ import torch
 from torch import Tensor
 
 from cloud.engine.kv_pool import KVPool
-from coexit.attention import attend
 
 
 class KeptGather:
     def __init__(self, pool: KVPool, layers: int) -> None:
         self.pool, self.layers = pool, layers
         self.max_bytes = pool.k.numel() * pool.k.element_size() // 2  # K and V: a quarter of the pool's bytes
-        self._flat: list[list[Tensor | None]] = [[None] * layers, [None] * layers]  # grow-only (B*W, bs*K*D)
+        self._most = self.max_bytes // (layers * pool.bytes_per_block)  # blocks a layer's K (or V) copy may hold
+        self._dense: list[list[Tensor | None]] = [[None] * layers, [None] * layers]  # (B*W, bs*K*D) by K/V, layer
         self._held: tuple | None = None  # (slots, width, pool writes, positions) of the batch the buffers hold
         self.fresh = True  # this step gathers (else it appends its rows)
         self.gathers = self.appends = 0  # steps of each kind (tests, benchmarks)
@@ -42,8 +42,7 @@ class KeptGather:
         nothing reads back), write positions (B,) over tables `width` blocks wide: whether the buffers are used
         (False: too large to keep), and `fresh`, whether they gather."""
         pool, b = self.pool, len(slots)
-        size = b * width * pool.block_size * pool.n_kv * pool.head_dim * pool.k.element_size()
-        if 2 * self.layers * size > self.max_bytes:
+        if b * width > self._most:
             self._held = None
             return False
         held = self._held
@@ -65,22 +64,12 @@ class KeptGather:
                valid: Tensor) -> Tensor:
         """Layer i (counted from the step's first) of `begin`'s step: q (B, H, 1, D) and the rows' own k, v
         (B, K, D), already written to the pool, over tables (B, W)."""
-        pool = self.pool
+        pool, dense = self.pool, self._dense
         b, w = tables.shape
-        n, s = b * w, w * pool.block_size
-        kept = []
+        flat = tables.flatten()
         for j, (src, row) in enumerate(((pool.k, k), (pool.v, v))):
-            flat = self._flat[j][i]
-            if self.fresh:
-                if flat is None or flat.shape[0] < n:  # doubling, up to what max_bytes allows (begin checked n)
-                    row_bytes = pool.block_size * pool.n_kv * pool.head_dim * pool.k.element_size()
-                    most = self.max_bytes // (2 * self.layers * row_bytes)
-                    grown = min(2 * (flat.shape[0] if flat is not None else 0), most)
-                    flat = self._flat[j][i] = torch.empty(max(n, grown), pool.block_size * pool.n_kv * pool.head_dim,
-                                                          dtype=pool.dtype, device=pool.device)
-                torch.index_select(src.view(pool.num_blocks, -1), 0, tables.flatten(), out=flat[:n])
-            dense = flat[:n].view(b, s, pool.n_kv, pool.head_dim)
-            if not self.fresh:
-                dense.index_put_(self._at, row)
-            kept.append(dense.transpose(1, 2).to(q.dtype))  # (B, K, S, D)
-        return attend(q, kept[0], kept[1], positions, key_pos, valid)
+            if self.fresh:  # into the pool's reused buffer for this layer's K (V), kept to the next step
+                dense[j][i] = pool.gather_blocks(src, flat, ("kept", j, i), most=self._most)
+            else:  # the same batch, a row further: its rows' new keys (values) at their positions
+                dense[j][i].view(b, w * pool.block_size, pool.n_kv, pool.head_dim).index_put_(self._at, row)
+        return pool.attend_gathered(q, dense[0][i], dense[1][i], w, positions, key_pos, valid)

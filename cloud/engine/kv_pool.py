@@ -54,7 +54,7 @@ class KVPool:
         self.k, self.v = (_zeros(shape, dtype, self.device) for _ in range(2))
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self.tables = SlotTables()  # every session's block tables and lengths, by slot
-        self._scratch: list[Tensor | None] = [None, None]  # reused gather buffers for keys and values
+        self._scratch: dict = {}  # reused gather buffers, by key (0, 1: keys and values; kept.py's own)
         self.writes = 0  # counts the passes that wrote K/V other than static decode steps (kept.py)
 
     @staticmethod
@@ -81,14 +81,16 @@ class KVPool:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
-    def gather_blocks(self, src: Tensor, blocks: Tensor, buffer: int) -> Tensor:
-        """Whole blocks (len(blocks), block_size * K * D) of src (self.k or self.v), into a reused buffer: a fresh
-        multi-MB tensor per layer would cost a page fault per 4 KiB on every tick."""
+    def gather_blocks(self, src: Tensor, blocks: Tensor, buffer, most: int | None = None) -> Tensor:
+        """Whole blocks (len(blocks), block_size * K * D) of src (self.k or self.v), into a reused buffer (`buffer`:
+        its key; it grows by doubling, to at most `most` blocks when given): a fresh multi-MB tensor per layer would
+        cost a page fault per 4 KiB on every tick."""
         rows = src.view(self.num_blocks, -1)
         n = blocks.numel()
-        buf = self._scratch[buffer]
+        buf = self._scratch.get(buffer)
         if buf is None or buf.shape[0] < n:
-            buf = self._scratch[buffer] = torch.empty(max(n, 2 * (buf.shape[0] if buf is not None else 0)),
+            grown = 2 * (buf.shape[0] if buf is not None else 0)
+            buf = self._scratch[buffer] = torch.empty(max(n, grown if most is None else min(grown, most)),
                                                       rows.shape[1], dtype=self.dtype, device=self.device)
         return torch.index_select(rows, 0, blocks, out=buf[:n])
 
@@ -103,12 +105,17 @@ class KVPool:
         """Decode attention: q (B, H, 1, D) at positions (B, 1) over the whole blocks tables (B, W) of the pool.
         With reuse_buffers the gathers go into the pool's reused buffers (not inside a captured CUDA graph,
         whose buffers must keep their addresses)."""
-        b, w = tables.shape
         flat = tables.flatten()
-        kk, vv = ((self.gather_blocks(t, flat, i) if reuse_buffers
-                   else t.view(self.num_blocks, -1).index_select(0, flat))
-                  .view(b, w * self.block_size, self.n_kv, self.head_dim).transpose(1, 2).to(q.dtype)
-                  for i, t in enumerate((self.k, self.v)))  # (B, K, S, D)
+        k, v = (self.gather_blocks(t, flat, i) if reuse_buffers else t.view(self.num_blocks, -1).index_select(0, flat)
+                for i, t in enumerate((self.k, self.v)))
+        return self.attend_gathered(q, k, v, tables.shape[1], positions, key_pos, valid)
+
+    def attend_gathered(self, q: Tensor, k: Tensor, v: Tensor, width: int, positions: Tensor, key_pos: Tensor,
+                        valid: Tensor) -> Tensor:
+        """Decode attention of q (B, H, 1, D) over k and v (B x width, block_size * K * D): each row's `width`
+        whole blocks, gathered row by row."""
+        kk, vv = (x.view(q.shape[0], width * self.block_size, self.n_kv, self.head_dim).transpose(1, 2).to(q.dtype)
+                  for x in (k, v))  # (B, K, S, D)
         return attend(q, kk, vv, positions, key_pos, valid)
 
     def attend_prefix(self, q: Tensor, idx: Tensor, positions: Tensor) -> Tensor:
