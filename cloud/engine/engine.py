@@ -147,22 +147,24 @@ class Engine:
     def submit(self, session, segment: Segment) -> None:
         with self._wake:
             self.scheduler.submit(session, segment)
-            awaited = self._awaited
-            if awaited is None:  # the engine is not gathering a cohort: wake it if it waits for work
+            if self._awaited is None:  # the engine is not gathering a cohort: wake it if it waits for work
                 self._wake.notify()
-            elif session.id in self.scheduler.ready:  # one more of the cohort is back: wake it for the last one
-                awaited.discard(session.id)
-                if not awaited:
-                    self._wake.notify()
+            elif session.id in self.scheduler.ready:  # one more of the cohort is back
+                self._cross_off(session)
 
     def not_coming(self, session) -> None:
         """The session left (closed, evicted, detached): a cohort being gathered stops waiting for it."""
         with self._wake:
-            awaited = self._awaited
-            if awaited and session.id in awaited:
-                awaited.discard(session.id)
-                if not awaited:
-                    self._wake.notify()
+            self._cross_off(session)
+
+    def _cross_off(self, session) -> None:
+        """(Under the lock.) The cohort being gathered no longer waits for the session: wake the engine for the
+        last one."""
+        awaited = self._awaited
+        if awaited and session.id in awaited:
+            awaited.discard(session.id)
+            if not awaited:
+                self._wake.notify()
 
     def release(self, session) -> list[Segment]:
         """Forget a session (close, eviction, TTL): drop its queue and free its blocks (after the current tick
