@@ -37,7 +37,10 @@ def _portable(op: tuple) -> tuple:
     out = []
     for a in args:
         if dataclasses.is_dataclass(a) and hasattr(a, "waiter"):
-            a = dataclasses.replace(a, waiter=HAD_WAITER if a.waiter is not None else None, rows=a.rows.cpu())
+            rows = a.rows.cpu()
+            if rows.untyped_storage().nbytes() > rows.nbytes:  # a view (of the PromptRing): send its rows only
+                rows = rows.clone()
+            a = dataclasses.replace(a, waiter=HAD_WAITER if a.waiter is not None else None, rows=rows, staged=None)
         out.append(a)
     return name, tuple(out)
 

@@ -118,6 +118,7 @@ class Engine:
             graphs = DecodeGraphs(model, pool, model.config.split_layer, model.config.num_hidden_layers,
                                   capture=static_decode == "auto" and on_gpu, pad=static_decode == "eager" or on_gpu)
         self.runner = BatchedRunner(model, graphs)
+        self.runner.prompts = self.scheduler.prompts
         if overlap not in ("auto", "on", "off"):
             raise ValueError(f"overlap must be auto, on or off, got {overlap!r}")
         use_lane = graphs is not None and (overlap == "on" or (overlap == "auto" and on_gpu))

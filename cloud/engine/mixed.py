@@ -7,7 +7,8 @@ its positions, claims and slot ids are computed for all chunks at once from the 
 static step's are for decode rows (graphs.py). The decode rows' inputs come from `DecodeGraphs.prepare`, so their
 block tables stay in the static step's buffers and only changed rows are sent.
 
-The pass packs every row along T (B == 1): the decode rows first, then the chunks. At each layer every row's k, v
+The pass packs every row along T (B == 1): the chunks, then the decode rows, or the decode rows first (whichever
+lets the chunks staged in the PromptRing be read in place, staging.py). At each layer every row's k, v
 is written at its claimed slot; the decode rows attend over their block tables as on the static step, and each
 chunk attends causally over its session's prefix (KVPool.attend_prefix, as BatchAttention's multi-row segments
 do; a session's first rows over this pass's own keys). The caches cannot
@@ -44,11 +45,12 @@ class PromptChunks:
 
 class _MixedAttention:
     """The cache view of a mixed pass (see the module docstring). chunks: PromptChunks.spans, their rows counted
-    from the first chunk row (after the n decode rows)."""
+    from row c0; the n decode rows are rows [d0, d0 + n)."""
 
-    def __init__(self, pool, start: int, slots: Tensor, n: int, buf, width: int, chunks: list,
+    def __init__(self, pool, start: int, slots: Tensor, n: int, d0: int, c0: int, buf, width: int, chunks: list,
                  prefix: Tensor | None) -> None:
-        self.pool, self.start, self.slots, self.n, self.chunks = pool, start, slots, n, chunks
+        self.pool, self.start, self.slots, self.n, self.d0, self.chunks = pool, start, slots, n, d0, chunks
+        self.c0 = c0
         self.buf, self.width, self.prefix = buf, width, prefix
 
     def masks(self) -> None:
@@ -58,17 +60,17 @@ class _MixedAttention:
             self.key_pos, self.valid = self.pool.block_mask(self.buf.lengths[:self.n], self.width)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        pool, i, n = self.pool, layer - self.start, self.n
+        pool, i, n, d0 = self.pool, layer - self.start, self.n, self.d0
         pool.k.index_copy_(0, self.slots[i], k[0].transpose(0, 1).to(pool.dtype))  # (N, K, D)
         pool.v.index_copy_(0, self.slots[i], v[0].transpose(0, 1).to(pool.dtype))
         pool.writes += 1
         y = torch.empty_like(q)  # (1, H, N, D)
         if n:  # decode rows: whole blocks of their tables, as the static step attends
-            qq = q[0, :, :n].transpose(0, 1)[:, :, None]  # (n, H, 1, D)
-            out = pool.attend_blocks(qq, self.tables[i], positions[0, :n, None], self.key_pos, self.valid)
-            y[0, :, :n] = out[:, :, 0].transpose(0, 1)
+            qq = q[0, :, d0:d0 + n].transpose(0, 1)[:, :, None]  # (n, H, 1, D)
+            out = pool.attend_blocks(qq, self.tables[i], positions[0, d0:d0 + n, None], self.key_pos, self.valid)
+            y[0, :, d0:d0 + n] = out[:, :, 0].transpose(0, 1)
         for row, rows, start, stop in self.chunks:  # a chunk: causal attention over its session's prefix
-            row += n  # (the decode rows come first)
+            row += self.c0
             q_rows, q_pos = q[:, :, row:row + rows], positions[:, row:row + rows]
             if stop == 0:  # a session's first rows: its keys are this pass's, as the pool holds them
                 kk, vv = (x[:, :, row:row + rows].to(pool.dtype).to(q.dtype) for x in (k, v))
@@ -116,9 +118,10 @@ class MixedStep:
         t.lengths[lo:hi, slots] = ends  # the claims
         return PromptChunks(pos, slot_ids, list(zip(rows, counts, starts.tolist(), stops.tolist())), prefix)
 
-    def run(self, inp: StepInputs | None, chunks: PromptChunks, hidden: Tensor) -> Tensor:
-        """Decode rows (prepared by `DecodeGraphs.prepare`, or None) and prompt chunks: hidden (N, C) at the
-        split -> (N, C) after the deep layers."""
+    def run(self, inp: StepInputs | None, chunks: PromptChunks, hidden: Tensor, decode_first: bool = False
+            ) -> Tensor:
+        """Prompt chunks and decode rows (prepared by `DecodeGraphs.prepare`, or None): hidden (N, C) at the split,
+        the chunks' rows first, or the decode rows' -> (N, C) after the deep layers."""
         g, dev = self.graphs, self.graphs.device
         n, buf, width = 0, None, 0
         slot_ids, positions = chunks.slot_ids, chunks.positions
@@ -126,11 +129,15 @@ class MixedStep:
             n, buf, width = inp.n, inp.buf, inp.width
             g.apply_tables(buf, n, width, inp.tables)
             buf.lengths[:n].copy_(torch.from_numpy(inp.positions[:n] + 1))
-            slot_ids = np.concatenate([inp.slot_ids[:, :n], slot_ids], axis=1)
-            positions = np.concatenate([inp.positions[:n], positions])
+            pair = (inp.slot_ids[:, :n], slot_ids), (inp.positions[:n], positions)
+            if not decode_first:
+                pair = pair[0][::-1], pair[1][::-1]
+            slot_ids, positions = np.concatenate(pair[0], axis=1), np.concatenate(pair[1])
         pos = torch.from_numpy(positions).to(dev)[None]  # (1, N)
         prefix = torch.from_numpy(chunks.prefix).to(dev) if chunks.prefix is not None else None
-        view = _MixedAttention(self.pool, self.start, torch.from_numpy(slot_ids).to(dev), n, buf, width,
+        t = len(chunks.positions)
+        d0, c0 = (0, n) if decode_first else (t, 0)
+        view = _MixedAttention(self.pool, self.start, torch.from_numpy(slot_ids).to(dev), n, d0, c0, buf, width,
                                chunks.spans, prefix)
         self.steps += 1
         return self._layers(hidden.to(g.dtype)[None], pos, int(positions.max()) + 1, view)[0]

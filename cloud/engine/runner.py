@@ -27,7 +27,7 @@ from cloud.engine.graphs import DecodeGraphs, StepInputs
 from cloud.engine.kv_pool import BatchAttention, packed_positions
 from cloud.engine.mixed import MixedStep
 from cloud.engine.scheduler import TickItem
-from cloud.engine.staging import RowsAt
+from cloud.engine.staging import PromptRing, RowsAt
 from coexit.decoding import LayerWork, RunResult
 from coexit.model import EarlyExitLM
 from coexit.sampling import SamplingParams, sample_batch, top_logprobs, verify_draft
@@ -134,6 +134,16 @@ class _Packed:
             row += n
 
 
+def _copy_rows(h: Tensor, row: int, xs: list[Tensor]) -> None:
+    """Copy xs one after the other into h from `row` on (in one call when they are float32, as h is)."""
+    if xs and all(x.dtype == h.dtype for x in xs):
+        torch.cat(xs, out=h[row:row + sum(x.shape[0] for x in xs)])
+        return
+    for x in xs:
+        h[row:row + x.shape[0]].copy_(x)
+        row += x.shape[0]
+
+
 class BatchedRunner:
     def __init__(self, model: EarlyExitLM, graphs: DecodeGraphs | None = None) -> None:
         self.model, self.graphs = model, graphs
@@ -141,6 +151,7 @@ class BatchedRunner:
         self.device = next(model.parameters()).device
         self.stop = model.config.num_hidden_layers
         self.mixed = MixedStep(graphs) if graphs is not None else None
+        self.prompts: PromptRing | None = None  # the scheduler's, where prompt chunks are staged (set by the Engine)
 
     @torch.no_grad()
     def run(self, items: list[TickItem]) -> list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]:
@@ -237,15 +248,20 @@ class BatchedRunner:
         chunks' last rows that want a token, one `_pick`. Returns the decode output and {id(item): result}."""
         inp = self.graphs.prepare(slots) if slots is not None else None
         n, k = (inp.n if inp is not None else 0), len(chunks)
-        ns = np.fromiter((it.x.shape[0] for it in chunks), dtype=np.int64, count=k)
-        firsts = np.fromiter((it.first for it in chunks), dtype=np.int64, count=k)
-        prepared = self.mixed.prepare(np.fromiter((it.session.runner.cache.slot for it in chunks),
-                                                  dtype=np.int64, count=k), firsts, ns)
-        h = self.mixed.run(inp, prepared, self._packed_rows(rows, [it.x for it in chunks]))
-        due = [i for i, it in enumerate(chunks) if it.head]
-        last = n + np.cumsum(ns) - 1  # each chunk's last row in h
-        heads = np.concatenate([np.arange(n), last[due]]).astype(np.int64)
-        logits = self.model.head_logits(self.stop, h.index_select(0, torch.from_numpy(heads).to(h.device)))
+        chunks, x, region, decode_first = self._packed_rows(rows, chunks)  # (in the input's order)
+        try:
+            ns = np.fromiter((it.x.shape[0] for it in chunks), dtype=np.int64, count=k)
+            firsts = np.fromiter((it.first for it in chunks), dtype=np.int64, count=k)
+            prepared = self.mixed.prepare(np.fromiter((it.session.runner.cache.slot for it in chunks),
+                                                      dtype=np.int64, count=k), firsts, ns)
+            due = [i for i, it in enumerate(chunks) if it.head]
+            d0, c0 = (0, n) if decode_first else (int(ns.sum()), 0)  # first decode row and first chunk row in h
+            heads = np.concatenate([d0 + np.arange(n), c0 + np.cumsum(ns)[due] - 1]).astype(np.int64)
+            h = self.mixed.run(inp, prepared, x, decode_first)
+            logits = self.model.head_logits(self.stop, h.index_select(0, torch.from_numpy(heads).to(h.device)))
+        finally:
+            if region is not None:  # the pass's input is read (h may be a view of it when no layer computes)
+                self.prompts.release(region)
         params = [chunks[i].segment.sampling for i in due]
         mine = _drawn(params).tolist()  # the chunks' head rows that draw a sample
         drawn, sampling = n + np.array(mine, dtype=np.int64), [params[j] for j in mine]
@@ -267,24 +283,33 @@ class BatchedRunner:
             done[id(it)] = (res, token, [])
         return out, done
 
-    @staticmethod
-    def _packed_rows(rows: RowsAt | None, xs: list[Tensor]) -> Tensor:
-        """The mixed pass's input (N, C): the decode rows, copied once out of their staging buffer, then the
-        chunks' rows (float32, as every hidden dtype converts to it exactly)."""
-        if rows is None:
-            return torch.cat(xs)
-        n = len(rows)
-        h = torch.empty(n + sum(x.shape[0] for x in xs), xs[0].shape[-1], dtype=torch.float32,
-                        device=rows.buffer.device)
-        rows.into(h[:n])
-        if all(x.dtype == torch.float32 for x in xs):
-            torch.cat(xs, out=h[n:])
-        else:
-            row = n
-            for x in xs:
-                h[row:row + x.shape[0]].copy_(x)
-                row += x.shape[0]
-        return h
+    def _packed_rows(self, rows: RowsAt | None, chunks: list[TickItem]
+                     ) -> tuple[list[TickItem], Tensor, list | None, bool]:
+        """The mixed pass's input (T + n, C): the chunks' rows and the n decode rows (copied once out of their
+        staging buffer), float32 (every hidden dtype converts to it exactly). Where a run of chunks lies in order
+        in the PromptRing it is read in place, and the other rows are copied beside it (`PromptRing.place`);
+        else into a new tensor, chunks first. Returns the chunks in the input's order, the input, the ring region
+        to give back once the pass has read it (or None), and whether the decode rows come first."""
+        n = len(rows) if rows is not None else 0
+        placed = self.prompts.place([it.x for it in chunks], n) if self.prompts is not None else None
+        if placed is None:
+            t = sum(it.x.shape[0] for it in chunks)
+            h = torch.empty(t + n, chunks[0].x.shape[-1], dtype=torch.float32, device=chunks[0].x.device)
+            _copy_rows(h, 0, [it.x for it in chunks])
+            if n:
+                rows.into(h[t:])
+            return chunks, h, None, False
+        chunks, h, first = [chunks[i] for i in placed.order], placed.rows, placed.extra_first
+        if first:  # decode rows, the copied chunks, then the run read in place
+            if n:
+                rows.into(h[:n])
+            _copy_rows(h, n, [it.x for it in chunks[:len(chunks) - placed.kept]])
+        else:  # the run read in place, the copied chunks, then the decode rows
+            copied = [it.x for it in chunks[placed.kept:]]
+            _copy_rows(h, h.shape[0] - n - sum(x.shape[0] for x in copied), copied)
+            if n:
+                rows.into(h[h.shape[0] - n:])
+        return chunks, h, placed.region, first
 
     def _outputs(self, plans: list[_Plan]) -> list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]:
         """Final heads for every row that needs one, in one matmul; then verdicts and batched sampling."""

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from cloud.engine.staging import StagedRows
+from cloud.engine.staging import PromptRing, StagedRows
 from coexit.decoding import Decide
 from coexit.sampling import GREEDY, SamplingParams
 
@@ -79,6 +79,7 @@ class Segment:
     compute_s: float = 0.0
     started: float | None = None  # when its first chunk's tick began
     first_tick: int = -1
+    staged: list | None = None  # its rows' region in the scheduler's PromptRing, until popped or dropped
 
     @property
     def n(self) -> int:
@@ -177,6 +178,7 @@ class Scheduler:
         self.ready: OrderedDict[str, Any] = OrderedDict()  # sessions with queued segments, round-robin order
         self.plain: dict[str, Any] = {}  # ready sessions whose queue is one plain decode row for the static step
         self.staged = StagedRows()  # the plain sessions' rows, by KV slot
+        self.prompts = PromptRing(8 * row_budget)  # the other rows (a prompt's), back to back, on a CPU
         self.steady_start: int | None = None  # first deep layer of the static step (None: no static step)
         self._rollbacks: set[str] = set()  # sessions that queued a Rollback not applied yet
         self._plan: DecodeBatch | None = None
@@ -185,6 +187,7 @@ class Scheduler:
         self._stale = False
         self.busy: dict[str, Any] = {}  # sessions of a tick still on the device lane: not scheduled until settled
         self.flying: dict[int, list[dict]] = {}  # tick -> the sessions riding it, as dicts by id (`in_flight`)
+        self._landing: dict[int, list] = {}  # tick -> PromptRing regions of segments dropped while it ran
         self.steady_ticks = 0  # ticks that reused the plan
         self.mixed_ticks = 0  # ticks with decode rows on the static step beside the general path's chunks
 
@@ -201,6 +204,10 @@ class Scheduler:
         return len(q) == 1 and self.steady_start is not None and plain_decode(q[0]) and self.eligible(session)
 
     def submit(self, session, segment: Segment) -> None:
+        if segment.n > 1 and segment.rows.is_floating_point():  # rows a mixed tick may read in place
+            put = self.prompts.stage(segment.rows)
+            if put is not None:
+                segment.rows, segment.staged = put
         session.queue.append(segment)
         if segment.truncate_to is not None and segment.n == 0:
             self._rollbacks.add(session.id)
@@ -257,6 +264,8 @@ class Scheduler:
 
     def landed(self, tick: int) -> None:
         self.flying.pop(tick, None)
+        for region in self._landing.pop(tick, ()):
+            self.prompts.release(region)
 
     def steady(self) -> DecodeBatch | None:
         """The last plan, when exactly its sessions each queued one plain decode row since the last tick."""
@@ -292,7 +301,22 @@ class Scheduler:
         self._rollbacks.discard(session.id)
         dropped = list(session.queue)
         session.queue = deque()
+        for seg in dropped:
+            self.release_rows(seg, session)
         return dropped
+
+    def release_rows(self, seg: Segment, session=None) -> None:
+        """A segment's rows are read no more: give their region of the PromptRing back (once); when `session`
+        rides a tick (its front segment's rows may be being read), when the last such tick lands."""
+        if seg.staged is None:
+            return
+        sid = session.id if session is not None else None
+        ticks = [t for t, groups in self.flying.items() if any(sid in g for g in groups)] if sid else ()
+        if ticks:
+            self._landing.setdefault(max(ticks), []).append(seg.staged)
+        else:
+            self.prompts.release(seg.staged)
+        seg.staged = None
 
     def grants(self, needs: list[int], budget: int | None = None, share: int | None = None) -> list[int]:
         """Max-min fair split of the row budget (or `budget`) over needs (in round-robin order); `share` is the
@@ -414,5 +438,5 @@ class Scheduler:
         """After the tick: pop a finished segment (see `settled`)."""
         s = item.session
         if item.final and s.queue and s.queue[0] is item.segment:
-            s.queue.popleft()
+            self.release_rows(s.queue.popleft())
         self.settled(s)

@@ -19,7 +19,7 @@ from cloud.engine.engine import Engine, SegmentDone
 from cloud.engine.kv_pool import KVPool, PagedCache
 from cloud.engine.runner import BatchedRunner
 from cloud.engine.scheduler import Scheduler, Segment
-from cloud.engine.staging import StagedRows
+from cloud.engine.staging import PromptRing, StagedRows
 from cloud.errors import ServiceError
 from cloud.sessions import Limits, SessionManager
 from coexit.config import Config
@@ -331,7 +331,7 @@ def test_grants_with_decode_rows_apart_equal_grants_over_everyone():
 def test_staged_rows_come_back_by_slot_exactly_and_pack_with_prompt_rows():
     """Decode rows staged by KV slot (staging.py) come back in the tick's order with the exact values sent, in any
     hidden dtype, gathered or copied into a step's buffer, with their segments and what is read of them; a mixed
-    pass's input holds them, then the prompt chunks' rows, as one cat of them all would."""
+    pass's input built without the PromptRing holds the prompt chunks' rows, then them, as one cat would."""
     staged, g = StagedRows(), torch.Generator().manual_seed(3)
     sent = {slot: torch.randn(1, 16, generator=g).to(dtype)
             for slot, dtype in [(5, torch.float16), (0, torch.float32), (130, torch.bfloat16)]}  # 130: a grow
@@ -357,8 +357,70 @@ def test_staged_rows_come_back_by_slot_exactly_and_pack_with_prompt_rows():
         assert torch.equal(buf[:3, 0], want.to(dtype)) and not buf[3:].any()
     chunks = [torch.randn(3, 16, generator=g), torch.randn(2, 16, generator=g).half()]
     for xs in (chunks[:1], chunks):  # all float32 (one cat), or not (copied chunk by chunk)
-        packed = BatchedRunner._packed_rows(rows, xs)
-        assert torch.equal(packed, torch.cat([want, *(x.float() for x in xs)]))
+        items = [SimpleNamespace(x=x) for x in xs]
+        order, packed, region, decode_first = BatchedRunner._packed_rows(SimpleNamespace(prompts=None), rows, items)
+        assert order == items and region is None and not decode_first
+        assert torch.equal(packed, torch.cat([*(x.float() for x in xs), want]))
+
+
+def test_prompt_ring_reads_chunks_in_place_and_packs_what_a_cat_would():
+    """Prompt rows staged in the PromptRing: a mixed pass's input is a view of the ring over the longest run of
+    its chunks that lie one after the other, at the newest staged rows (decode rows and other chunks copied after
+    it) or from the oldest held rows (copied before it, decode rows first); its values are those of a cat of the
+    chunks in the order returned and of the decode rows; the ring's space comes back once every region is given
+    back, and a tick with no such run copies everything into a new tensor."""
+    g = torch.Generator().manual_seed(4)
+    ring = PromptRing(64)  # 16 rows kept free before the first region
+    staged, decode = StagedRows(), {}
+    for slot in (2, 7):
+        decode[slot] = Segment(9, torch.randn(1, 16, generator=g), True)
+        staged.put(slot, decode[slot])
+    rows = staged.at(np.array([7, 2]))
+    want_decode = torch.cat([decode[7].rows, decode[2].rows])
+    sent = {name: torch.randn(n, 16, generator=g) for name, n in (("a", 5), ("b", 4), ("c", 6))}
+    views, regions = {}, {}
+    for name, x in sent.items():
+        views[name], regions[name] = ring.stage(x)
+        assert torch.equal(views[name], x) and views[name].data_ptr() != x.data_ptr()
+    assert [r[:2] for r in regions.values()] == [[16, 21], [21, 25], [25, 31]] and ring.top == 31
+    assert ring.stage(torch.randn(3, 16).half()) is None and ring.stage(torch.randn(3, 8)) is None  # not staged
+
+    def pack(*xs):
+        items = [SimpleNamespace(x=x) for x in xs]
+        order, h, region, decode_first = BatchedRunner._packed_rows(SimpleNamespace(prompts=ring), rows, items)
+        got = [it.x.float() for it in order]
+        assert torch.equal(h, torch.cat([want_decode, *got] if decode_first else [*got, want_decode]))
+        names = [next((k for k, v in views.items() if v.data_ptr() <= it.x.data_ptr() < v.data_ptr() + v.nbytes),
+                      "new") for it in order]
+        return names, h, region, decode_first
+
+    # the whole tick in place, at the newest rows: only the decode rows are copied, after the chunks
+    order, h, region, first = pack(views["c"], views["a"], views["b"])
+    assert order == ["a", "b", "c"] and not first and h.data_ptr() == views["a"].data_ptr()
+    assert region[:2] == [31, 33] and ring.top == 33
+    ring.release(region)
+    assert ring.top == 31  # the newest region given back: its rows are the next region's
+    # the newest prompt cut by the row budget: the run from the oldest held rows, decode rows and the rest before
+    extra = torch.randn(2, 16, generator=g).half()  # (a chunk that is not in the ring: copied)
+    order, h, region, first = pack(views["a"], views["b"][:2], extra)
+    assert first and order == ["new", "a", "b"] and region[:2] == [12, 16]
+    assert h.data_ptr() == ring.rows[12].data_ptr() and h.shape[0] == 2 + 2 + 5 + 2
+    ring.release(region)
+    # a's rows were read: the run may start where its segment goes on (its rows before are given up)
+    order, h, region, first = pack(views["b"], views["a"][3:])
+    assert first and order == ["a", "b"] and region[:2] == [17, 19] and h.data_ptr() == ring.rows[17].data_ptr()
+    ring.release(region)
+    # nothing at either end: a new tensor, the chunks in their own order
+    order, h, region, first = pack(views["b"][1:], extra)
+    assert region is None and not first and order == ["b", "new"]
+    assert ring.in_place == 3
+    assert ring.stage(torch.randn(40, 16)) is None  # no room left at either end: the rows stay where they are
+    for name in ("b", "a", "c"):
+        assert ring.held
+        ring.release(regions[name])
+    assert ring.held == 0
+    view, region = ring.stage(sent["a"])  # an empty ring starts again after its free rows
+    assert region[:2] == [16, 21]
 
 
 def test_grow_slots_gives_each_table_its_blocks_at_once_or_nothing():
@@ -448,12 +510,14 @@ def test_churn_while_others_decode_equals_sessions_alone(model, static_decode):
         assert h.engine.scheduler.mixed_ticks >= 5, "no decode rows took the static step beside prompts"
         assert h.engine.runner.mixed.steps >= 5, "no prompt rode the mixed pass with the decode rows"
         assert h.engine.runner.mixed.continued >= 5, "no chunk continuing a session rode the mixed pass"
+        assert h.engine.scheduler.prompts.in_place >= 5, "no mixed pass read its prompt rows where they were staged"
         for s, alone, *_ in live.values():
             for layer in range(cfg.split_layer, cfg.num_hidden_layers):
                 for got, want in zip(s.cache.get(layer), alone.runner.cache.get(layer)):
                     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
             h.manager.close(s)
         assert h.pool.num_free == h.pool.num_blocks - (static_decode == "eager")  # eager: the scratch block
+        assert h.engine.scheduler.prompts.held == 0, "a prompt's rows were never given back to the ring"
     finally:
         h.close()
 
@@ -470,9 +534,11 @@ def test_a_session_closed_while_its_tick_computes_keeps_its_blocks_until_the_tic
     def closes_mid_tick(*args):  # the engine thread, outside the lock: as a close from the gRPC side would be
         for s in closing:
             assert h.engine.scheduler.in_flight(s)
-            free = h.pool.num_free
+            free, held = h.pool.num_free, h.engine.scheduler.prompts.held
             h.manager.close(s)
             assert h.pool.num_free == free, "a closed session's blocks were freed while its tick computed"
+            assert h.engine.scheduler.prompts.held == held, "a closed session's prompt rows were given back to " \
+                                                            "the ring while its tick read them"
             seen.append(s.id)
         closing.clear()
         return run_tick(*args)
@@ -509,6 +575,7 @@ def test_a_session_closed_while_its_tick_computes_keeps_its_blocks_until_the_tic
         for s, *_ in live.values():
             h.manager.close(s)
         assert h.pool.num_free == h.pool.num_blocks - 1  # eager: the scratch block
+        assert h.engine.scheduler.prompts.held == 0
     finally:
         h.close()
 
