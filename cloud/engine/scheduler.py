@@ -204,7 +204,8 @@ class Scheduler:
         return len(q) == 1 and self.steady_start is not None and plain_decode(q[0]) and self.eligible(session)
 
     def submit(self, session, segment: Segment) -> None:
-        if segment.n > 1 and segment.rows.is_floating_point():  # rows a mixed tick may read in place
+        if 1 < segment.n <= self.row_budget and segment.rows.is_floating_point():  # rows a mixed tick may read in
+            # place (a longer upload runs in chunks cut by the budget anyway, and its copy would hold the lock)
             put = self.prompts.stage(segment.rows)
             if put is not None:
                 segment.rows, segment.staged = put
