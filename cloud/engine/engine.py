@@ -8,12 +8,12 @@ pass over its sessions); one closed or evicted meanwhile is released right after
 
 Decode rows: the plain decode rows of a tick (one row each, see scheduler.py) run as one DecodeBatch on the runner's
 static step. In a tick that also has prompt chunks, the plain ones (straight through the deep layers) ride one mixed
-pass with the decode rows (mixed.py), and the rest (catch-up, drafts, propagated KV, cloud exits) take the general
-path. The decode rows' blocks grow in one allocation; the batch is settled in one short loop and its results reach
-`fan_out` as one StepReplies. When the scheduler hands back its last plan (the same sessions, one plain decode row
-each), nothing is scheduled at all. In one process `deliver` answers each Append's waiter; with front-end processes,
-cloud.ipc packs the answers into one array per front end. `run_tick` returns its phase time stamps
-(bench/engine_overhead.py reads them).
+pass with the decode rows (mixed.py), mostly read where they were staged as they were queued (staging.PromptRing),
+and the rest (catch-up, drafts, propagated KV, cloud exits) take the general path. The decode rows' blocks grow in
+one allocation; the batch is settled in one short loop and its results reach `fan_out` as one StepReplies. When
+the scheduler hands back its last plan (the same sessions, one plain decode row each), nothing is scheduled at all.
+In one process `deliver` answers each Append's waiter; with front-end processes, cloud.ipc packs the answers into
+one array per front end. `run_tick` returns its phase time stamps (bench/engine_overhead.py reads them).
 
 Overlap (`overlap`, on by default on a GPU): a decode-only tick is prepared on this thread (claims, slot ids,
 changed block tables, as host arrays) and its device half runs on the device lane (lane.py); its sessions are held
