@@ -38,7 +38,7 @@ def _portable(op: tuple) -> tuple:
     for a in args:
         if dataclasses.is_dataclass(a) and hasattr(a, "waiter"):
             rows = a.rows.cpu()
-            if rows.untyped_storage().nbytes() > rows.nbytes:  # a view (of the PromptRing): send its rows only
+            if rows.untyped_storage().nbytes() > rows.nbytes:  # a view (of a message, a buffer): send its rows only
                 rows = rows.clone()
             a = dataclasses.replace(a, waiter=HAD_WAITER if a.waiter is not None else None, rows=rows, staged=None)
         out.append(a)
@@ -66,6 +66,7 @@ class Leader:
         self.manager, self.group, self.on_lost = manager, group, on_lost
         manager.journal = []
         manager.engine.sync = self
+        manager.engine.lockstep()
         self.lost: BaseException | None = None
         self.sent = 0  # broadcasts
 
@@ -93,6 +94,7 @@ class Leader:
 def follow(manager, group, device) -> None:
     """A rank > 0: replay rank 0's ticks until it stops. Raises when rank 0 is gone."""
     engine = manager.engine
+    engine.lockstep()
     tick = None
     while True:
         msg = [None]

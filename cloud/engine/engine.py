@@ -144,6 +144,12 @@ class Engine:
         if thread:
             self._thread.start()
 
+    def lockstep(self) -> None:
+        """Tensor-parallel ranks (cloud/replica.py) must lay out every pass alike from the same journal: prompt rows
+        are not staged in the PromptRing, where a pass's layout would depend on when rank 0's Appends land during a
+        tick."""
+        self.scheduler.prompts = self.runner.prompts = None
+
     # ---- called from the gRPC side (under or outside `lock`) -----------------------------------------------
     def submit(self, session, segment: Segment) -> None:
         with self._wake:

@@ -178,7 +178,8 @@ class Scheduler:
         self.ready: OrderedDict[str, Any] = OrderedDict()  # sessions with queued segments, round-robin order
         self.plain: dict[str, Any] = {}  # ready sessions whose queue is one plain decode row for the static step
         self.staged = StagedRows()  # the plain sessions' rows, by KV slot
-        self.prompts = PromptRing(8 * row_budget)  # the other rows (a prompt's), back to back, on a CPU
+        self.prompts: PromptRing | None = PromptRing(8 * row_budget)  # the other rows (a prompt's), back to back,
+        # on a CPU (None: not staged; Engine.lockstep)
         self.steady_start: int | None = None  # first deep layer of the static step (None: no static step)
         self._rollbacks: set[str] = set()  # sessions that queued a Rollback not applied yet
         self._plan: DecodeBatch | None = None
@@ -204,8 +205,9 @@ class Scheduler:
         return len(q) == 1 and self.steady_start is not None and plain_decode(q[0]) and self.eligible(session)
 
     def submit(self, session, segment: Segment) -> None:
-        if 1 < segment.n <= self.row_budget and segment.rows.is_floating_point():  # rows a mixed tick may read in
-            # place (a longer upload runs in chunks cut by the budget anyway, and its copy would hold the lock)
+        # rows a mixed tick may read in place (a longer upload is cut into chunks anyway, and its copy would hold
+        # the engine lock)
+        if self.prompts is not None and 1 < segment.n <= self.row_budget and segment.rows.is_floating_point():
             put = self.prompts.stage(segment.rows)
             if put is not None:
                 segment.rows, segment.staged = put

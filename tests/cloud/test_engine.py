@@ -423,6 +423,28 @@ def test_prompt_ring_reads_chunks_in_place_and_packs_what_a_cat_would():
     assert region[:2] == [16, 21]
 
 
+def test_lockstep_ranks_stage_no_prompt_rows_and_still_serve_mixed_ticks(model):
+    """Under tensor parallelism (Engine.lockstep) prompt rows stay where they arrived, so a pass's layout does not
+    depend on when Appends land during a tick; mixed ticks still give each session's tokens as served alone."""
+    cfg = model.config
+    h = Harness(model, blocks=400, block_size=4, static_decode="eager")
+    h.engine.lockstep()
+    try:
+        a, b = (h.manager.open(128, "fp32", False, False, {}) for _ in range(2))
+        alone = {s.id: Alone(model, cfg.split_layer, ExitPolicy()) for s in (a, b)}
+        rows = {s.id: hidden_rows(model, 12, seed=60 + i) for i, s in enumerate((a, b))}
+        plan = [[(a, 0, 6)], [(a, 6, 1), (b, 0, 8)], [(a, 7, 1), (b, 8, 1)]]  # b's prompt rides a mixed tick
+        for work in plan:
+            items = [(s, rows[s.id][first:first + n], first, True, GREEDY) for s, first, n in work]
+            for (s, x, first, *_), out in zip(items, h.step(items)):
+                (token, _), _, _ = alone[s.id].step(x, first)
+                assert out.token.token_id == token
+        assert h.engine.runner.mixed.steps >= 1, "b's prompt did not ride a mixed pass"
+        assert h.engine.scheduler.prompts is None and h.engine.runner.prompts is None
+    finally:
+        h.close()
+
+
 def test_grow_slots_gives_each_table_its_blocks_at_once_or_nothing():
     """A tick's prompt chunks get their blocks in one allocation (KVPool.grow_slots): every layer's table ends
     holding exactly the blocks its positions need, blocks already held stay where they were, no block is handed
