@@ -130,8 +130,9 @@ class PromptRing:
     (`place` says None). CPU rows only: on a GPU the packing is one device copy.
     """
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity  # rows
+    def __init__(self, capacity: int, max_bytes: int = 64 << 20) -> None:
+        self.capacity = capacity  # rows, at most max_bytes of them (set at the first staged rows)
+        self.max_bytes = max_bytes
         self.reserve = capacity // 4  # rows left free before the first region taken into an empty ring
         self.rows: Tensor | None = None  # (capacity, C) float32, allocated at the first staged prompt
         self._base = self._end = 0  # the buffer's address range
@@ -150,6 +151,8 @@ class PromptRing:
         if rows.dtype != torch.float32 or rows.device.type != "cpu" or rows.dim() != 2:
             return None
         if self.rows is None:
+            self.capacity = max(1, min(self.capacity, self.max_bytes // (4 * rows.shape[1])))
+            self.reserve = self.capacity // 4
             self.rows = torch.empty(self.capacity, rows.shape[1], dtype=torch.float32)
             self._base = self.rows.data_ptr()
             self._end = self._base + self.rows.nbytes

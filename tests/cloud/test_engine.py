@@ -421,6 +421,9 @@ def test_prompt_ring_reads_chunks_in_place_and_packs_what_a_cat_would():
     assert ring.held == 0
     view, region = ring.stage(sent["a"])  # an empty ring starts again after its free rows
     assert region[:2] == [16, 21]
+    small = PromptRing(64, max_bytes=32 * 16 * 4)  # at most this many bytes: 32 rows of 16 float32
+    assert small.stage(torch.randn(3, 16))[1][:2] == [8, 11] and small.capacity == 32
+    assert small.stage(torch.randn(30, 16)) is None
 
 
 def test_lockstep_ranks_stage_no_prompt_rows_and_still_serve_mixed_ticks(model):
