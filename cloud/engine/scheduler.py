@@ -22,6 +22,10 @@ and runs the fair split over the other sessions only, with the first round's sha
 the grants are the same as splitting over everyone. A tick where more sessions are ready than the budget has rows
 splits over everyone in round-robin order, as the general path always did.
 
+Prompt rows: any other upload of 2 to `row_budget` float32 rows on a CPU is copied, as it is queued, into the
+PromptRing (staging.py), where a mixed tick reads its chunks in place; its region is given back when the segment is
+popped or dropped, or, for a session dropped while a tick reads it, when that tick lands.
+
 Steady state: when a tick served every ready session with one plain decode row, that set of sessions becomes the
 plan. While each planned session, and no other, queues exactly one such row before the next tick, `steady()` hands
 back the same plan and nothing is re-planned or looped over here. Any other submission, a close or a failure marks
