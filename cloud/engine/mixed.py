@@ -43,6 +43,11 @@ class PromptChunks:
     # followed by the unused slots of its last block)
 
 
+def layout(n: int, t: int, decode_first: bool) -> tuple[int, int]:
+    """Where a pass's n decode rows and t chunk rows start in its input: (d0, c0)."""
+    return (0, n) if decode_first else (t, 0)
+
+
 class _MixedAttention:
     """The cache view of a mixed pass (see the module docstring). chunks: PromptChunks.spans, their rows counted
     from row c0; the n decode rows are rows [d0, d0 + n)."""
@@ -135,8 +140,7 @@ class MixedStep:
             slot_ids, positions = np.concatenate(pair[0], axis=1), np.concatenate(pair[1])
         pos = torch.from_numpy(positions).to(dev)[None]  # (1, N)
         prefix = torch.from_numpy(chunks.prefix).to(dev) if chunks.prefix is not None else None
-        t = len(chunks.positions)
-        d0, c0 = (0, n) if decode_first else (t, 0)
+        d0, c0 = layout(n, len(chunks.positions), decode_first)
         view = _MixedAttention(self.pool, self.start, torch.from_numpy(slot_ids).to(dev), n, d0, c0, buf, width,
                                chunks.spans, prefix)
         self.steps += 1

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from cloud.engine.graphs import DecodeGraphs, StepInputs
 from cloud.engine.kv_pool import BatchAttention, packed_positions
-from cloud.engine.mixed import MixedStep
+from cloud.engine.mixed import MixedStep, layout
 from cloud.engine.scheduler import TickItem
 from cloud.engine.staging import PromptRing, RowsAt
 from coexit.decoding import LayerWork, RunResult
@@ -255,7 +255,7 @@ class BatchedRunner:
             prepared = self.mixed.prepare(np.fromiter((it.session.runner.cache.slot for it in chunks),
                                                       dtype=np.int64, count=k), firsts, ns)
             due = [i for i, it in enumerate(chunks) if it.head]
-            d0, c0 = (0, n) if decode_first else (int(ns.sum()), 0)  # first decode row and first chunk row in h
+            d0, c0 = layout(n, int(ns.sum()), decode_first)  # first decode row and first chunk row in h
             heads = np.concatenate([d0 + np.arange(n), c0 + np.cumsum(ns)[due] - 1]).astype(np.int64)
             h = self.mixed.run(inp, prepared, x, decode_first)
             logits = self.model.head_logits(self.stop, h.index_select(0, torch.from_numpy(heads).to(h.device)))

@@ -262,8 +262,12 @@ class Scheduler:
     def in_flight(self, session) -> bool:
         """Whether the session rides a tick not settled yet (its blocks may be neither freed nor evicted). A tick's
         decode batch is registered whole (its own dict by id), so marking it costs no pass over its sessions."""
+        return bool(self.riding(session))
+
+    def riding(self, session) -> list[int]:
+        """The ticks not settled yet that the session rides."""
         sid = session.id
-        return any(sid in group for groups in self.flying.values() for group in groups)
+        return [tick for tick, groups in self.flying.items() if any(sid in group for group in groups)]
 
     def fly(self, tick: int, group: dict) -> None:
         """The sessions of `group` (by id) ride tick `tick` until `landed(tick)`."""
@@ -317,8 +321,7 @@ class Scheduler:
         rides a tick (its front segment's rows may be being read), when the last such tick lands."""
         if seg.staged is None:
             return
-        sid = session.id if session is not None else None
-        ticks = [t for t, groups in self.flying.items() if any(sid in g for g in groups)] if sid else ()
+        ticks = self.riding(session) if session is not None else ()
         if ticks:
             self._landing.setdefault(max(ticks), []).append(seg.staged)
         else:
