@@ -1,11 +1,18 @@
 """The engine's scheduler: each session's queue of uploaded rows, and the choice, each tick, of which rows of
 which sessions run, under a row budget, fairly.
 
-An Append becomes a Segment on its session's queue. Each tick every ready session is granted rows max-min fairly
-(every session first gets an equal share of the budget, leftovers go to those that want more), one segment per
-session per tick, and sessions served this tick move to the back of the round-robin order. A segment longer than
-its grant runs as chunks over several ticks (no head, no exit checks), so a 4,000-row prompt cannot stall other
-sessions' decode rows; its last chunk carries the exit checks and the token. Rows parked at a cloud exit are
+An Append becomes a Segment on its session's queue. Each tick grants rows under a row budget, one segment per
+session per tick (`grants`): every ready session first gets up to an equal share of the budget, in round-robin
+order (sessions served this tick move to the back), so a decode row or a few drafts are served at once; prompts
+(segments that fit the budget) wanting more are then served whole, first come, first served, with what is left,
+and only the last one served may be cut; whatever is left after them is split max-min fairly over the longer
+uploads. A segment longer than its grant runs as chunks over several ticks (no head, no exit checks), so a
+4,000-row prompt cannot stall other sessions' decode rows, nor the prompts queued after it; its last chunk carries
+the exit checks and the token. First come, first served rather than max-min among prompts (as vLLM's chunked
+prefill): the same rows are computed in the same ticks, but the prompts queued first are answered sooner instead
+of all at the end (a short prompt queued behind a long one may wait a tick longer than under an equal split), and
+each tick's prompt chunks are the ones queued one after the other, so a mixed pass reads them in place in the
+PromptRing. Rows parked at a cloud exit are
 caught up by LayerRunner inside the session's next chunk (they ride with it, outside the grant).
 
 A segment that verifies drafts needs the top hidden state of every row from its first draft's row on: those rows
@@ -84,6 +91,7 @@ class Segment:
     started: float | None = None  # when its first chunk's tick began
     first_tick: int = -1
     staged: list | None = None  # its rows' region in the scheduler's PromptRing, until popped or dropped
+    arrival: int = -1  # the scheduler's count of segments queued before it (first come, first served)
 
     @property
     def n(self) -> int:
@@ -186,6 +194,7 @@ class Scheduler:
         # on a CPU (None: not staged; Engine.lockstep)
         self.steady_start: int | None = None  # first deep layer of the static step (None: no static step)
         self._rollbacks: set[str] = set()  # sessions that queued a Rollback not applied yet
+        self._arrivals = 0  # segments queued so far
         self._plan: DecodeBatch | None = None
         self._batch: DecodeBatch | None = None  # the last decode batch
         self._fresh = 0  # planned sessions that queued one plain decode row since the last tick
@@ -215,6 +224,7 @@ class Scheduler:
             put = self.prompts.stage(segment.rows)
             if put is not None:
                 segment.rows, segment.staged = put
+        segment.arrival, self._arrivals = self._arrivals, self._arrivals + 1
         session.queue.append(segment)
         if segment.truncate_to is not None and segment.n == 0:
             self._rollbacks.add(session.id)
@@ -328,20 +338,41 @@ class Scheduler:
             self.prompts.release(seg.staged)
         seg.staged = None
 
-    def grants(self, needs: list[int], budget: int | None = None, share: int | None = None) -> list[int]:
-        """Max-min fair split of the row budget (or `budget`) over needs (in round-robin order); `share` is the
-        first round's share when it is not an equal split of the budget."""
+    def grants(self, needs: list[int], budget: int | None = None, share: int | None = None,
+               arrivals: list[int] | None = None) -> list[int]:
+        """Split the row budget (or `budget`) over needs (in round-robin order). Round one gives every session up
+        to the share (`share`, or an equal split of the budget over the sessions that want rows), in round-robin
+        order; then the prompts (a session whose `arrivals` entry is not negative: a segment that fits the row
+        budget) that want more than the share get nothing in round one and are served in full, in the order they
+        arrived, with what is left (first come, first served: only the last one served may be cut); whatever
+        is left after them is split max-min fairly over the rest (longer uploads)."""
         budget, grants = self.row_budget if budget is None else budget, [0] * len(needs)
         wanting = [i for i, n in enumerate(needs) if n > 0]
+        if not wanting:
+            return grants
+        share, queue, still = share or max(1, budget // len(wanting)), [], []
+        for i in wanting:
+            if arrivals is not None and arrivals[i] >= 0 and needs[i] > share:
+                queue.append(i)
+                continue
+            grants[i] = g = min(needs[i], share, budget)
+            budget -= g
+            if g < needs[i]:
+                still.append(i)
+        if queue:
+            for i in sorted(queue, key=arrivals.__getitem__):
+                grants[i] = g = min(needs[i], budget)
+                budget -= g
+        wanting = still
         while budget > 0 and wanting:
-            share, still = share or max(1, budget // len(wanting)), []
+            share, still = max(1, budget // len(wanting)), []
             for i in wanting:
                 g = min(needs[i] - grants[i], share, budget)
                 grants[i] += g
                 budget -= g
                 if grants[i] < needs[i]:
                     still.append(i)
-            wanting, share = still, None
+            wanting = still
         return grants
 
     def next_tick(self, grow: Callable[[Any, int], bool], tick: int,
@@ -382,9 +413,11 @@ class Scheduler:
             budget, share = self.row_budget - len(plain), max(1, self.row_budget // k)
         else:
             sessions, budget = list(self.ready.values()), self.row_budget
-        needs = [s.queue[0].n - s.queue[0].done_rows for s in sessions]
+        fronts = [s.queue[0] for s in sessions]
+        needs = [seg.n - seg.done_rows for seg in fronts]
+        arrivals = [seg.arrival if seg.n <= self.row_budget else -1 for seg in fronts]
         chunks = []  # (session, its front segment, rows granted, first position)
-        for s, g in zip(sessions, self.grants(needs, budget, share)):
+        for s, g in zip(sessions, self.grants(needs, budget, share, arrivals)):
             if g == 0:
                 continue
             seg = s.queue[0]

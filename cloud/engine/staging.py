@@ -140,6 +140,7 @@ class PromptRing:
         self.top = 0  # where the next region starts, when it fits
         self._lock = threading.Lock()  # regions are taken by the submitting threads and the engine thread
         self.in_place = 0  # mixed passes that read their chunks here
+        self.copied = 0  # chunk rows those passes copied beside their run
 
     @property
     def held(self) -> int:
@@ -210,9 +211,10 @@ class PromptRing:
                 return None
             if more and region is None:
                 return None
-        self.in_place += 1
         kept = set(run)
         rest = [i for i in range(len(xs)) if i not in kept]
+        self.in_place += 1
+        self.copied += sum(xs[i].shape[0] for i in rest)
         return Placed(rest + run if extra_first else run + rest, len(run), self.rows[first:stop], region,
                       extra_first)
 

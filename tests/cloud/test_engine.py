@@ -66,6 +66,12 @@ class Harness:
         self.manager.submit(s, rows, first, seg)
         return (box, ev) if want else None
 
+    def step_async(self, work):
+        """Queue one Append per entry of work ([(session, rows, first)]), all in one tick, greedy, wanting a
+        token; returns their (outcome box, event)s."""
+        with self.engine.lock:
+            return [self.submit(*w) for w in work]
+
     def step(self, work):
         """work: [(session, rows, first, want, sampling)] -> outcomes (SegmentDone or exception) of the Appends
         that want a token, in order."""
@@ -280,6 +286,13 @@ def test_fair_grants():
     assert s.grants([100, 100]) == [5, 5]
     assert s.grants([1] * 12) == [1] * 10 + [0, 0]
     assert s.grants([3, 0, 2]) == [3, 0, 2]
+    # prompts (an arrival number: they fit the budget) past the share are served first come, first served, after
+    # round one; longer uploads (-1) get the share, then split what the prompts leave
+    assert s.grants([1, 6, 6, 100], arrivals=[0, 2, 1, -1]) == [1, 1, 6, 2]
+    assert s.grants([6, 6, 100], arrivals=[4, 3, -1]) == [1, 6, 3]
+    assert s.grants([2, 30], arrivals=[5, 0]) == [2, 8]  # within the share: served in round one, whatever its turn
+    assert s.grants([3, 100, 100], arrivals=[0, -1, -1]) == [3, 4, 3]
+    assert s.grants([100, 100], arrivals=[-1, -1]) == [5, 5]  # no prompts: max-min as before
 
 
 def test_decode_batch_successor_keeps_rows_and_changes_only_what_came_and_went():
@@ -321,11 +334,19 @@ def test_grants_with_decode_rows_apart_equal_grants_over_everyone():
         k = int(torch.randint(1, budget + 1, (1,), generator=rng))
         plain = (torch.rand(k, generator=rng) < 0.6).tolist()
         needs = [1 if p else int(torch.randint(1, 30, (1,), generator=rng)) for p in plain]
+        arrivals = [int(a) if a % 3 else -1 for a in torch.randperm(k, generator=rng)]  # (-1: a longer upload)
         s = Scheduler(row_budget=budget)
-        whole = s.grants(needs)
-        others = [n for n, p in zip(needs, plain) if not p]
-        apart = iter(s.grants(others, budget - sum(plain), max(1, budget // k)))
+        whole = s.grants(needs, arrivals=arrivals)
+        others = [(n, a) for n, a, p in zip(needs, arrivals, plain) if not p]
+        apart = iter(s.grants([n for n, _ in others], budget - sum(plain), max(1, budget // k),
+                              [a for _, a in others]))
         assert whole == [1 if p else next(apart) for p in plain], (budget, needs, plain)
+        assert sum(whole) == min(budget, sum(needs))
+        share = max(1, budget // k)
+        queued = sorted((a, i) for i, a in enumerate(arrivals) if a >= 0 and needs[i] > share)  # past the share
+        served = [whole[i] for _, i in queued]  # first come, first served: in full, then one cut, then none
+        full = next((j for j, (_, i) in enumerate(queued) if served[j] < needs[i]), len(queued))
+        assert all(g == 0 for g in served[full + 1:]), (budget, needs, arrivals, whole)
 
 
 def test_staged_rows_come_back_by_slot_exactly_and_pack_with_prompt_rows():
@@ -543,6 +564,55 @@ def test_churn_while_others_decode_equals_sessions_alone(model, static_decode):
             h.manager.close(s)
         assert h.pool.num_free == h.pool.num_blocks - (static_decode == "eager")  # eager: the scratch block
         assert h.engine.scheduler.prompts.held == 0, "a prompt's rows were never given back to the ring"
+    finally:
+        h.close()
+
+
+def test_prompts_past_the_row_budget_are_served_in_arrival_order_and_read_in_place(model):
+    """Prompts that together want more rows than a tick has are served first come, first served while the
+    decode sessions get their row every tick: a tick cuts at most its last prompt, whose rest goes first in the
+    next tick, so each tick's chunks lie one after the other in the PromptRing and the mixed pass reads every one
+    of them in place. Every token, log-probability and logit equals serving that session alone."""
+    cfg = model.config
+    h = Harness(model, blocks=1000, block_size=4, rows_per_tick=32, static_decode="eager")
+    try:
+        def check(out, alone, x, first):
+            assert isinstance(out, SegmentDone), out
+            (token, logprob), _, logits = alone.step(x, first)
+            assert out.token.token_id == token and abs(out.token.logprob - logprob) < ATOL
+            torch.testing.assert_close(out.token.logits, logits, atol=ATOL, rtol=0)
+
+        def opened(n):
+            return [(h.manager.open(128, "fp32", False, False, {}), Alone(model, cfg.split_layer, ExitPolicy()))
+                    for _ in range(n)]
+
+        decoding, prompting = opened(4), opened(3)
+        rows = [hidden_rows(model, 30, seed=200 + i) for i in range(4)]
+        prompts = [hidden_rows(model, n, seed=300 + i) for i, n in enumerate((20, 22, 18))]
+        for (_, alone), x, out in zip(decoding, rows, h.step([(s, x[:6], 0, True, GREEDY)
+                                                             for (s, _), x in zip(decoding, rows)])):
+            check(out, alone, x[:6], 0)
+        with h.engine.lock:  # the three prompts (60 rows) and the decode rows land in one tick of 32 rows
+            waits = [h.submit(s, x, 0) for (s, _), x in zip(prompting, prompts)]
+            steps = [h.submit(s, x[6:7], 6) for (s, _), x in zip(decoding, rows)]
+        pos = 7
+        while steps:
+            for (_, alone), x, (box, ev) in zip(decoding, rows, steps):
+                assert ev.wait(30)
+                check(box["out"], alone, x[pos - 1:pos], pos - 1)
+            done = all(ev.is_set() for _, ev in waits)
+            steps = [] if done else h.step_async([(s, x[pos:pos + 1], pos) for (s, _), x in zip(decoding, rows)])
+            pos += 1
+        outs = []
+        for (_, alone), x, (box, ev) in zip(prompting, prompts, waits):
+            assert ev.wait(30)
+            check(box["out"], alone, x, 0)
+            outs.append(box["out"])
+        (a0, a1), (b0, b1), (c0, c1) = (out.ticks for out in outs)
+        assert a0 == a1 == b0 < b1 <= c1, "the first prompt was not served whole, or the second not next"
+        ring = h.engine.scheduler.prompts
+        assert h.engine.runner.mixed.steps >= 3 and ring.in_place == h.engine.runner.mixed.steps
+        assert ring.copied == 0, "a chunk's rows were copied beside the run read in place"
     finally:
         h.close()
 
