@@ -254,6 +254,12 @@ def test_long_upload_does_not_stall_other_decode_steps(model):
             (out,) = h.step([(a, rows_a[i:i + 1], i, True, SamplingParams())])
             waits.append(out.ticks[1] - out.ticks[0])
         last_decode_tick = out.ticks[1]
+        # a prompt queued after the upload (a segment that fits the budget) does not wait for it: it shares the
+        # budget with the upload's share
+        p = h.manager.open(4096, "fp32", False, False, {})
+        (prompt,) = h.step([(p, rows_a[:40], 0, True, GREEDY)])
+        assert isinstance(prompt, SegmentDone) and prompt.ticks[1] - prompt.ticks[0] <= 1, prompt.ticks
+        assert not big_ev.is_set(), "the prompt was answered only after the upload"
         assert big_ev.wait(120)
         big = big_box["out"]
         assert isinstance(big, SegmentDone)
