@@ -6,14 +6,17 @@ session per tick (`grants`): every ready session first gets up to an equal share
 order (sessions served this tick move to the back), so a decode row or a few drafts are served at once; prompts
 (segments that fit the budget) wanting more are then served whole, first come, first served, with what is left,
 and only the last one served may be cut; whatever is left after them is split max-min fairly over the longer
-uploads. A segment longer than its grant runs as chunks over several ticks (no head, no exit checks), so a
-4,000-row prompt cannot stall other sessions' decode rows, nor the prompts queued after it; its last chunk carries
-the exit checks and the token. First come, first served rather than max-min among prompts (as vLLM's chunked
-prefill): the same rows are computed in the same ticks, but the prompts queued first are answered sooner instead
-of all at the end (a short prompt queued behind a long one may wait a tick longer than under an equal split), and
+uploads. (With more sessions ready than rows, the round-robin order alone decides, as it always did.) A segment
+longer than its grant runs as chunks over several ticks (no head, no exit checks), so a 4,000-row prompt cannot
+stall other sessions' decode rows, nor the prompts queued after it; its last chunk carries the exit checks and the
+token. Rows parked at a cloud exit are caught up by LayerRunner inside the session's next chunk (they ride with it,
+outside the grant).
+
+Why first come, first served among prompts rather than an equal split (vLLM's chunked prefill does the same): a
+tick computes as many rows either way, but the prompts queued first are answered sooner instead of all near the
+end (a short prompt queued behind long ones waits for them, where an equal split would serve it sooner), and
 each tick's prompt chunks are the ones queued one after the other, so a mixed pass reads them in place in the
-PromptRing. Rows parked at a cloud exit are
-caught up by LayerRunner inside the session's next chunk (they ride with it, outside the grant).
+PromptRing.
 
 A segment that verifies drafts needs the top hidden state of every row from its first draft's row on: those rows
 (its head tail) always run together in its last chunk. A segment with `truncate_to` first forgets the session's
@@ -345,14 +348,17 @@ class Scheduler:
         order; then the prompts (a session whose `arrivals` entry is not negative: a segment that fits the row
         budget) that want more than the share get nothing in round one and are served in full, in the order they
         arrived, with what is left (first come, first served: only the last one served may be cut); whatever
-        is left after them is split max-min fairly over the rest (longer uploads)."""
+        is left after them is split max-min fairly over the rest (longer uploads). With more sessions wanting rows
+        than the budget has (round one cannot serve them all) there is no second round: the round-robin order
+        decides, prompts included, as over ticks it serves everyone."""
         budget, grants = self.row_budget if budget is None else budget, [0] * len(needs)
         wanting = [i for i, n in enumerate(needs) if n > 0]
         if not wanting:
             return grants
         share, queue, still = share or max(1, budget // len(wanting)), [], []
+        first_come = arrivals is not None and len(wanting) * share <= budget
         for i in wanting:
-            if arrivals is not None and arrivals[i] >= 0 and needs[i] > share:
+            if first_come and arrivals[i] >= 0 and needs[i] > share:
                 queue.append(i)
                 continue
             grants[i] = g = min(needs[i], share, budget)

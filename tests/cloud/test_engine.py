@@ -299,6 +299,9 @@ def test_fair_grants():
     assert s.grants([2, 30], arrivals=[5, 0]) == [2, 8]  # within the share: served in round one, whatever its turn
     assert s.grants([3, 100, 100], arrivals=[0, -1, -1]) == [3, 4, 3]
     assert s.grants([100, 100], arrivals=[-1, -1]) == [5, 5]  # no prompts: max-min as before
+    # more sessions than rows: the round-robin order decides, prompts included (served sessions go to the back, so
+    # a prompt is not left behind decode rows that fill every tick)
+    assert s.grants([30] + [1] * 11, arrivals=list(range(12))) == [1] * 10 + [0, 0]
 
 
 def test_decode_batch_successor_keeps_rows_and_changes_only_what_came_and_went():
