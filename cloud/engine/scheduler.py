@@ -148,8 +148,9 @@ class DecodeBatch:
     def successor(self, plain: dict) -> DecodeBatch:
         """The batch of the sessions in `plain`: each keeps its row here, new ones (in id order, the same on every
         tensor-parallel rank) fill the rows of those that left, then the end; rows still open are filled from the
-        end (the static step's buffers keep the block tables of rows whose session stays). Work in proportion to
-        the sessions that came and went, not to the batch."""
+        end (the static step's buffers keep the block tables of rows whose session stays). Its Python loops run
+        over the sessions that came and went; finding them (two set differences) and copying the batch's lists are
+        C-level passes over the whole batch."""
         gone, new = self.by_id.keys() - plain.keys(), plain.keys() - self.by_id.keys()
         if not gone and not new:
             return self
