@@ -5,7 +5,8 @@ An Append becomes a Segment on its session's queue. Each tick grants rows under 
 session per tick (`grants`): every ready session first gets up to an equal share of the budget, in round-robin
 order (sessions served this tick move to the back), so a decode row or a few drafts are served at once; prompts
 (segments that fit the budget) wanting more are then served whole, first come, first served, with what is left,
-and only the last one served may be cut; whatever is left after them is split max-min fairly over the longer
+and only the last one served may be cut: first those of sessions under way (rows that exited on the edge, drafts
+to verify), then new sessions' prompts; whatever is left after them is split max-min fairly over the longer
 uploads. (With more sessions ready than rows, the round-robin order alone decides, as it always did.) A segment
 longer than its grant runs as chunks over several ticks (no head, no exit checks), so a 4,000-row prompt cannot
 stall other sessions' decode rows, nor the prompts queued after it; its last chunk carries the exit checks and the
@@ -94,7 +95,7 @@ class Segment:
     started: float | None = None  # when its first chunk's tick began
     first_tick: int = -1
     staged: list | None = None  # its rows' region in the scheduler's PromptRing, until popped or dropped
-    arrival: int = -1  # the scheduler's count of segments queued before it (first come, first served)
+    arrival: int = -1  # the scheduler's count of segments queued before it (its turn among prompts)
 
     @property
     def n(self) -> int:
@@ -343,13 +344,13 @@ class Scheduler:
         seg.staged = None
 
     def grants(self, needs: list[int], budget: int | None = None, share: int | None = None,
-               arrivals: list[int] | None = None) -> list[int]:
+               turns: list | None = None) -> list[int]:
         """Split the row budget (or `budget`) over needs (in round-robin order). Round one gives every session up
         to the share (`share`, or an equal split of the budget over the sessions that want rows), in round-robin
-        order; then the prompts (a session whose `arrivals` entry is not negative: a segment that fits the row
-        budget) that want more than the share get nothing in round one and are served in full, in the order they
-        arrived, with what is left (first come, first served: only the last one served may be cut); whatever
-        is left after them is split max-min fairly over the rest (longer uploads). With more sessions wanting rows
+        order; then the prompts (a session whose `turns` entry is not None: a segment that fits the row budget)
+        that want more than the share get nothing in round one and are served in full, in the order of their
+        turns, with what is left (first come, first served: only the last one served may be cut); whatever is
+        left after them is split max-min fairly over the rest (longer uploads). With more sessions wanting rows
         than the budget has (round one cannot serve them all) there is no second round: the round-robin order
         decides, prompts included, as over ticks it serves everyone."""
         budget, grants = self.row_budget if budget is None else budget, [0] * len(needs)
@@ -357,9 +358,9 @@ class Scheduler:
         if not wanting:
             return grants
         share, queue, still = share or max(1, budget // len(wanting)), [], []
-        first_come = arrivals is not None and len(wanting) * share <= budget
+        first_come = turns is not None and len(wanting) * share <= budget
         for i in wanting:
-            if first_come and arrivals[i] >= 0 and needs[i] > share:
+            if first_come and turns[i] is not None and needs[i] > share:
                 queue.append(i)
                 continue
             grants[i] = g = min(needs[i], share, budget)
@@ -367,7 +368,7 @@ class Scheduler:
             if g < needs[i]:
                 still.append(i)
         if queue:
-            for i in sorted(queue, key=arrivals.__getitem__):
+            for i in sorted(queue, key=turns.__getitem__):
                 grants[i] = g = min(needs[i], budget)
                 budget -= g
         wanting = still
@@ -422,9 +423,11 @@ class Scheduler:
             sessions, budget = list(self.ready.values()), self.row_budget
         fronts = [s.queue[0] for s in sessions]
         needs = [seg.n - seg.done_rows for seg in fronts]
-        arrivals = [seg.arrival if seg.n <= self.row_budget else -1 for seg in fronts]
+        # a prompt's turn: sessions under way (rows that exited on the edge, drafts to verify, a prompt's later
+        # Appends) before new sessions' prompts, each in the order they were queued
+        turns = [(seg.first == 0, seg.arrival) if seg.n <= self.row_budget else None for seg in fronts]
         chunks = []  # (session, its front segment, rows granted, first position)
-        for s, g in zip(sessions, self.grants(needs, budget, share, arrivals)):
+        for s, g in zip(sessions, self.grants(needs, budget, share, turns)):
             if g == 0:
                 continue
             seg = s.queue[0]

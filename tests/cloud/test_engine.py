@@ -292,16 +292,16 @@ def test_fair_grants():
     assert s.grants([100, 100]) == [5, 5]
     assert s.grants([1] * 12) == [1] * 10 + [0, 0]
     assert s.grants([3, 0, 2]) == [3, 0, 2]
-    # prompts (an arrival number: they fit the budget) past the share are served first come, first served, after
-    # round one; longer uploads (-1) get the share, then split what the prompts leave
-    assert s.grants([1, 6, 6, 100], arrivals=[0, 2, 1, -1]) == [1, 1, 6, 2]
-    assert s.grants([6, 6, 100], arrivals=[4, 3, -1]) == [1, 6, 3]
-    assert s.grants([2, 30], arrivals=[5, 0]) == [2, 8]  # within the share: served in round one, whatever its turn
-    assert s.grants([3, 100, 100], arrivals=[0, -1, -1]) == [3, 4, 3]
-    assert s.grants([100, 100], arrivals=[-1, -1]) == [5, 5]  # no prompts: max-min as before
+    # prompts (a turn: they fit the budget) past the share are served first come, first served, after round one;
+    # longer uploads (None) get the share, then split what the prompts leave
+    assert s.grants([1, 6, 6, 100], turns=[0, 2, 1, None]) == [1, 1, 6, 2]
+    assert s.grants([6, 6, 100], turns=[4, 3, None]) == [1, 6, 3]
+    assert s.grants([2, 30], turns=[5, 0]) == [2, 8]  # within the share: served in round one, whatever its turn
+    assert s.grants([3, 100, 100], turns=[0, None, None]) == [3, 4, 3]
+    assert s.grants([100, 100], turns=[None, None]) == [5, 5]  # no prompts: max-min as before
     # more sessions than rows: the round-robin order decides, prompts included (served sessions go to the back, so
     # a prompt is not left behind decode rows that fill every tick)
-    assert s.grants([30] + [1] * 11, arrivals=list(range(12))) == [1] * 10 + [0, 0]
+    assert s.grants([30] + [1] * 11, turns=list(range(12))) == [1] * 10 + [0, 0]
 
 
 def test_decode_batch_successor_keeps_rows_and_changes_only_what_came_and_went():
@@ -343,19 +343,19 @@ def test_grants_with_decode_rows_apart_equal_grants_over_everyone():
         k = int(torch.randint(1, budget + 1, (1,), generator=rng))
         plain = (torch.rand(k, generator=rng) < 0.6).tolist()
         needs = [1 if p else int(torch.randint(1, 30, (1,), generator=rng)) for p in plain]
-        arrivals = [int(a) if a % 3 else -1 for a in torch.randperm(k, generator=rng)]  # (-1: a longer upload)
+        turns = [int(a) if a % 3 else None for a in torch.randperm(k, generator=rng)]  # (None: a longer upload)
         s = Scheduler(row_budget=budget)
-        whole = s.grants(needs, arrivals=arrivals)
-        others = [(n, a) for n, a, p in zip(needs, arrivals, plain) if not p]
+        whole = s.grants(needs, turns=turns)
+        others = [(n, a) for n, a, p in zip(needs, turns, plain) if not p]
         apart = iter(s.grants([n for n, _ in others], budget - sum(plain), max(1, budget // k),
                               [a for _, a in others]))
         assert whole == [1 if p else next(apart) for p in plain], (budget, needs, plain)
         assert sum(whole) == min(budget, sum(needs))
         share = max(1, budget // k)
-        queued = sorted((a, i) for i, a in enumerate(arrivals) if a >= 0 and needs[i] > share)  # past the share
+        queued = sorted((a, i) for i, a in enumerate(turns) if a is not None and needs[i] > share)  # past the share
         served = [whole[i] for _, i in queued]  # first come, first served: in full, then one cut, then none
         full = next((j for j, (_, i) in enumerate(queued) if served[j] < needs[i]), len(queued))
-        assert all(g == 0 for g in served[full + 1:]), (budget, needs, arrivals, whole)
+        assert all(g == 0 for g in served[full + 1:]), (budget, needs, turns, whole)
 
 
 def test_staged_rows_come_back_by_slot_exactly_and_pack_with_prompt_rows():
@@ -580,8 +580,10 @@ def test_churn_while_others_decode_equals_sessions_alone(model, static_decode):
 def test_prompts_past_the_row_budget_are_served_in_arrival_order_and_read_in_place(model):
     """Prompts that together want more rows than a tick has are served first come, first served while the
     decode sessions get their row every tick: a tick cuts at most its last prompt, whose rest goes first in the
-    next tick, so each tick's chunks lie one after the other in the PromptRing and the mixed pass reads every one
-    of them in place. Every token, log-probability and logit equals serving that session alone."""
+    next tick, so each tick's chunks lie one after the other in the PromptRing and the mixed pass reads them in
+    place. Rows of a session under way (tokens that exited on the edge, caught up with the next row) queued after
+    the prompts go first, in full, and are the only rows copied. Every token, log-probability and logit equals
+    serving that session alone."""
     cfg = model.config
     h = Harness(model, blocks=1000, block_size=4, rows_per_tick=32, static_decode="eager")
     try:
@@ -595,14 +597,16 @@ def test_prompts_past_the_row_budget_are_served_in_arrival_order_and_read_in_pla
             return [(h.manager.open(128, "fp32", False, False, {}), Alone(model, cfg.split_layer, ExitPolicy()))
                     for _ in range(n)]
 
-        decoding, prompting = opened(4), opened(3)
-        rows = [hidden_rows(model, 30, seed=200 + i) for i in range(4)]
+        decoding, prompting, (catching,) = opened(4), opened(3), opened(1)
+        rows = [hidden_rows(model, 30, seed=200 + i) for i in range(5)]
         prompts = [hidden_rows(model, n, seed=300 + i) for i, n in enumerate((20, 22, 18))]
-        for (_, alone), x, out in zip(decoding, rows, h.step([(s, x[:6], 0, True, GREEDY)
-                                                             for (s, _), x in zip(decoding, rows)])):
+        for (_, alone), x, out in zip([*decoding, catching], rows, h.step([(s, x[:6], 0, True, GREEDY) for (s, _), x
+                                                                          in zip([*decoding, catching], rows)])):
             check(out, alone, x[:6], 0)
-        with h.engine.lock:  # the three prompts (60 rows) and the decode rows land in one tick of 32 rows
+        with h.engine.lock:  # the three prompts (60 rows), a catch-up of 6 rows and the decode rows land in one
+            # tick of 32 rows (each of the 8 sessions' share: 4 rows)
             waits = [h.submit(s, x, 0) for (s, _), x in zip(prompting, prompts)]
+            caught = h.submit(catching[0], rows[4][6:12], 6)
             steps = [h.submit(s, x[6:7], 6) for (s, _), x in zip(decoding, rows)]
         pos = 7
         while steps:
@@ -619,9 +623,12 @@ def test_prompts_past_the_row_budget_are_served_in_arrival_order_and_read_in_pla
             outs.append(box["out"])
         (a0, a1), (b0, b1), (c0, c1) = (out.ticks for out in outs)
         assert a0 == a1 == b0 < b1 <= c1, "the first prompt was not served whole, or the second not next"
+        assert caught[1].wait(30)
+        check(caught[0]["out"], catching[1], rows[4][6:12], 6)
+        assert caught[0]["out"].ticks == (a0, a0), "the session under way waited behind the new prompts"
         ring = h.engine.scheduler.prompts
         assert h.engine.runner.mixed.steps >= 3 and ring.in_place == h.engine.runner.mixed.steps
-        assert ring.copied == 0, "a chunk's rows were copied beside the run read in place"
+        assert ring.copied == 6, "chunks other than the catch-up were copied beside the run read in place"
     finally:
         h.close()
 
