@@ -4,14 +4,14 @@ which sessions run, under a row budget, fairly.
 An Append becomes a Segment on its session's queue. Each tick grants rows under a row budget, one segment per
 session per tick (`grants`): every ready session first gets up to an equal share of the budget, in round-robin
 order (sessions served this tick move to the back), so a decode row or a few drafts are served at once; prompts
-(segments that fit the budget) wanting more are then served whole, first come, first served, with what is left,
-and only the last one served may be cut: first those of sessions under way (rows that exited on the edge, drafts
-to verify), then new sessions' prompts; whatever is left after them is split max-min fairly over the longer
-uploads. (With more sessions ready than rows, the round-robin order alone decides, as it always did.) A segment
-longer than its grant runs as chunks over several ticks (no head, no exit checks), so a 4,000-row prompt cannot
-stall other sessions' decode rows, nor the prompts queued after it; its last chunk carries the exit checks and the
-token. Rows parked at a cloud exit are caught up by LayerRunner inside the session's next chunk (they ride with it,
-outside the grant).
+(segments that fit the budget) wanting more are then served whole, first come, first served, with what is left, and
+only the last one served may be cut: first those of sessions under way that wait for a token (rows that exited on
+the edge, drafts to verify), then new sessions' prompts and uploads that want nothing back; whatever is left after
+them is split max-min fairly over the longer uploads. (With more sessions ready than rows, the round-robin order
+alone decides, as it always did.) A segment longer than its grant runs as chunks over several ticks (no head, no
+exit checks), so a 4,000-row prompt cannot stall other sessions' decode rows, nor the prompts queued after it; its
+last chunk carries the exit checks and the token. Rows parked at a cloud exit are caught up by LayerRunner inside
+the session's next chunk (they ride with it, outside the grant).
 
 Why first come, first served among prompts rather than an equal split (vLLM's chunked prefill does the same): a
 tick computes as many rows either way, but the prompts queued first are answered sooner instead of all near the
@@ -133,6 +133,17 @@ def plain_decode(seg: Segment) -> bool:
     """One new row that wants a token and nothing else: the steady decode step."""
     return (seg.n == 1 and seg.want_token and not seg.drafts and seg.fill is None and seg.truncate_to is None
             and seg.top_k == 0)
+
+
+def prompt_turn(seg: Segment, row_budget: int) -> tuple[bool, int] | None:
+    """The segment's turn among the prompts served first come, first served past the fair share (`grants`), or
+    None for an upload longer than the row budget (split max-min). Sessions under way that wait for a token or
+    verdicts (rows that exited on the edge, caught up with the next one; drafts to verify) go before the rest (new
+    sessions' prompts; uploads that want nothing back yet, which no client waits on, so a client cannot jump the
+    queue by sending a long prompt as several Appends), each in the order they were queued."""
+    if seg.n > row_budget:
+        return None
+    return seg.first == 0 or not (seg.want_token or seg.drafts), seg.arrival
 
 
 class DecodeBatch:
@@ -423,9 +434,7 @@ class Scheduler:
             sessions, budget = list(self.ready.values()), self.row_budget
         fronts = [s.queue[0] for s in sessions]
         needs = [seg.n - seg.done_rows for seg in fronts]
-        # a prompt's turn: sessions under way (rows that exited on the edge, drafts to verify, a prompt's later
-        # Appends) before new sessions' prompts, each in the order they were queued
-        turns = [(seg.first == 0, seg.arrival) if seg.n <= self.row_budget else None for seg in fronts]
+        turns = [prompt_turn(seg, self.row_budget) for seg in fronts]
         chunks = []  # (session, its front segment, rows granted, first position)
         for s, g in zip(sessions, self.grants(needs, budget, share, turns)):
             if g == 0:

@@ -18,7 +18,7 @@ import torch
 from cloud.engine.engine import Engine, SegmentDone
 from cloud.engine.kv_pool import KVPool, PagedCache
 from cloud.engine.runner import BatchedRunner
-from cloud.engine.scheduler import Scheduler, Segment
+from cloud.engine.scheduler import Draft, Scheduler, Segment, prompt_turn
 from cloud.engine.staging import PromptRing, StagedRows
 from cloud.errors import ServiceError
 from cloud.sessions import Limits, SessionManager
@@ -302,6 +302,21 @@ def test_fair_grants():
     # more sessions than rows: the round-robin order decides, prompts included (served sessions go to the back, so
     # a prompt is not left behind decode rows that fill every tick)
     assert s.grants([30] + [1] * 11, turns=list(range(12))) == [1] * 10 + [0, 0]
+
+
+def test_prompt_turns_put_sessions_waiting_for_a_token_first_then_arrival_order():
+    """Among prompts past the share: segments of sessions under way that wait for a token or verdicts first, then
+    the rest, each in the order queued; an upload longer than the row budget has no turn (it splits max-min)."""
+    rows = torch.zeros(6, 4)
+    segs = {"new prompt": Segment(0, rows, True), "catch-up": Segment(40, rows, True),
+            "upload, no token": Segment(40, rows, False), "drafts": Segment(40, rows, False, drafts=[Draft(44, 7)]),
+            "later new prompt": Segment(0, rows, True), "long upload": Segment(0, torch.zeros(300, 4), True)}
+    for arrival, seg in enumerate(segs.values()):
+        seg.arrival = arrival
+    seg_order = sorted((name for name in segs if prompt_turn(segs[name], 256) is not None),
+                       key=lambda name: prompt_turn(segs[name], 256))
+    assert seg_order == ["catch-up", "drafts", "new prompt", "upload, no token", "later new prompt"]
+    assert prompt_turn(segs["long upload"], 256) is None and prompt_turn(segs["long upload"], 300) is not None
 
 
 def test_decode_batch_successor_keeps_rows_and_changes_only_what_came_and_went():
