@@ -118,7 +118,6 @@ class Engine:
             graphs = DecodeGraphs(model, pool, model.config.split_layer, model.config.num_hidden_layers,
                                   capture=static_decode == "auto" and on_gpu, pad=static_decode == "eager" or on_gpu)
         self.runner = BatchedRunner(model, graphs)
-        self.runner.prompts = self.scheduler.prompts
         if overlap not in ("auto", "on", "off"):
             raise ValueError(f"overlap must be auto, on or off, got {overlap!r}")
         use_lane = graphs is not None and (overlap == "on" or (overlap == "auto" and on_gpu))
@@ -148,7 +147,7 @@ class Engine:
         """Tensor-parallel ranks (cloud/replica.py) must lay out every pass alike from the same journal: prompt rows
         are not staged in the PromptRing, where a pass's layout would depend on when rank 0's Appends land during a
         tick."""
-        self.scheduler.prompts = self.runner.prompts = None
+        self.scheduler.prompts = None
 
     # ---- called from the gRPC side (under or outside `lock`) -----------------------------------------------
     def submit(self, session, segment: Segment) -> None:
@@ -313,7 +312,7 @@ class Engine:
         with the plain prompt chunks in one mixed pass, and the general path's chunks."""
         try:
             slots = t.decode.slots if t.decode is not None else None
-            t.out, t.results = self.runner.run_tick(slots, t.rows, t.items)
+            t.out, t.results = self.runner.run_tick(slots, t.rows, t.items, self.scheduler.prompts)
         except Exception as exc:  # a server fault: fail this tick's Appends, keep serving
             log.exception("engine tick failed")
             t.error = exc

@@ -151,7 +151,6 @@ class BatchedRunner:
         self.device = next(model.parameters()).device
         self.stop = model.config.num_hidden_layers
         self.mixed = MixedStep(graphs) if graphs is not None else None
-        self.prompts: PromptRing | None = None  # the scheduler's, where prompt chunks are staged (set by the Engine)
 
     @torch.no_grad()
     def run(self, items: list[TickItem]) -> list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]:
@@ -227,28 +226,28 @@ class BatchedRunner:
         return list(map(int, host[0])), host[1]
 
     @torch.no_grad()
-    def run_tick(self, slots, rows: RowsAt | None, items: list[TickItem]
+    def run_tick(self, slots, rows: RowsAt | None, items: list[TickItem], prompts: PromptRing | None = None
                  ) -> tuple[SteadyOutput | None, list[tuple[RunResult, TokenResult | None, list[VerdictResult]]]]:
         """A tick's device work on the engine thread: the decode rows at `slots` (None: none) and the general
-        path's items. Plain prompt chunks among the items ride one mixed pass with the decode rows (mixed.py);
-        the other items take the general path (`run`). Returns the decode rows' output and the items' results
-        in their order."""
+        path's items. Plain prompt chunks among the items ride one mixed pass with the decode rows (mixed.py),
+        read in place where they lie in `prompts` (the scheduler's PromptRing, or None); the other items take the
+        general path (`run`). Returns the decode rows' output and the items' results in their order."""
         chunks = [it for it in items if self.mixed is not None and self.mixed.eligible(it)]
         if not chunks:
             return (self.run_steady(slots, rows) if slots is not None else None,
                     self.run(items) if items else [])
-        out, done = self._run_mixed(slots, rows, chunks)
+        out, done = self._run_mixed(slots, rows, chunks, prompts)
         rest = [it for it in items if id(it) not in done]
         general = dict(zip(map(id, rest), self.run(rest))) if rest else {}
         return out, [done[id(it)] if id(it) in done else general[id(it)] for it in items]
 
-    def _run_mixed(self, slots, rows: RowsAt | None, chunks: list[TickItem]
+    def _run_mixed(self, slots, rows: RowsAt | None, chunks: list[TickItem], prompts: PromptRing | None
                    ) -> tuple[SteadyOutput | None, dict[int, tuple[RunResult, TokenResult | None, list]]]:
         """The decode rows and plain prompt chunks in one pass, one final head over the decode rows and the
         chunks' last rows that want a token, one `_pick`. Returns the decode output and {id(item): result}."""
         inp = self.graphs.prepare(slots) if slots is not None else None
         n, k = (inp.n if inp is not None else 0), len(chunks)
-        chunks, x, region, decode_first = self._packed_rows(rows, chunks)  # (in the input's order)
+        chunks, x, region, decode_first = self._packed_rows(prompts, rows, chunks)  # (in the input's order)
         try:
             ns = np.fromiter((it.x.shape[0] for it in chunks), dtype=np.int64, count=k)
             firsts = np.fromiter((it.first for it in chunks), dtype=np.int64, count=k)
@@ -261,7 +260,7 @@ class BatchedRunner:
             logits = self.model.head_logits(self.stop, h.index_select(0, torch.from_numpy(heads).to(h.device)))
         finally:
             if region is not None:  # the pass's input is read (h may be a view of it when no layer computes)
-                self.prompts.release(region)
+                prompts.release(region)
         params = [chunks[i].segment.sampling for i in due]
         mine = _drawn(params).tolist()  # the chunks' head rows that draw a sample
         drawn, sampling = n + np.array(mine, dtype=np.int64), [params[j] for j in mine]
@@ -283,7 +282,8 @@ class BatchedRunner:
             done[id(it)] = (res, token, [])
         return out, done
 
-    def _packed_rows(self, rows: RowsAt | None, chunks: list[TickItem]
+    @staticmethod
+    def _packed_rows(prompts: PromptRing | None, rows: RowsAt | None, chunks: list[TickItem]
                      ) -> tuple[list[TickItem], Tensor, list | None, bool]:
         """The mixed pass's input (T + n, C): the chunks' rows and the n decode rows (copied once out of their
         staging buffer), float32 (every hidden dtype converts to it exactly). Where a run of chunks lies in order
@@ -291,7 +291,7 @@ class BatchedRunner:
         else into a new tensor, chunks first. Returns the chunks in the input's order, the input, the ring region
         to give back once the pass has read it (or None), and whether the decode rows come first."""
         n = len(rows) if rows is not None else 0
-        placed = self.prompts.place([it.x for it in chunks], n) if self.prompts is not None else None
+        placed = prompts.place([it.x for it in chunks], n) if prompts is not None else None
         if placed is None:
             t = sum(it.x.shape[0] for it in chunks)
             h = torch.empty(t + n, chunks[0].x.shape[-1], dtype=torch.float32, device=chunks[0].x.device)
