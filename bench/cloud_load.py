@@ -7,8 +7,9 @@ drives S sessions from `--clients` load-generator processes (grpc.aio, many stre
 decode tokens/s over all sessions, client step p50/p99, server compute per step p50/p99 (the replies'
 compute_us), and from the engine's Prometheus metrics the mean queue wait (arrival to first tick), tick time and
 sessions per tick; client step minus queue wait and compute is message handling and the network. And the ratio of
-tokens/s to a plain batched decode step of the same layers with batch S, measured in the same run (eager on a
-CPU, under a CUDA graph on a GPU).
+tokens/s to a plain batched decode step of the same layers with batch S (eager on a CPU, under a CUDA graph on a
+GPU), timed right before and right after each row's load, the server idle: the baseline is their mean, and both
+are printed, since a machine whose speed drifts by 10-20% within a minute would otherwise move the ratio as much.
 
     python bench/cloud_load.py [--shape default] [--sessions 1,16,64,256] [--clients 2] [--steps 64]
     python bench/cloud_load.py --server-root /path/to/older/checkout   # the same load against another version
@@ -229,7 +230,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else write_shape(args.shape, Path(tmp) / args.shape)
         counts = [int(s) for s in args.sessions.split(",")]
-        plain = {s: plain_step(model_dir, s, args.prompt + args.steps // 2, device, dtype) for s in counts}
         mport = free_port()
         extra = ["--max-sessions", str(max(counts) + 8), "--kv-budget-mib", "4096" if on_gpu else "1024",
                  *args.serve_args.split()]
@@ -259,17 +259,20 @@ def main() -> int:
                   f"{'' if args.frontends or args.tp > 1 else 'one process, '}"
                   f"{args.target or args.server_root or 'this checkout'}")
             print("| sessions | tokens/s | client p50 | client p99 | server p50 | server p99 | queue wait | "
-                  "engine tick | sessions/tick | plain step | plain tokens/s | ratio |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                  "engine tick | sessions/tick | plain step | plain tokens/s | ratio | plain before / after |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             for s in counts:
+                before = plain_step(model_dir, s, args.prompt + args.steps // 2, device, dtype)
                 r = run_load(address, info.fingerprint, info.hidden_size, s, args.clients, args.prompt, args.steps,
                              mport)
-                plain_tok = s / plain[s]
+                after = plain_step(model_dir, s, args.prompt + args.steps // 2, device, dtype)
+                plain = (before + after) / 2
+                plain_tok = s / plain
                 print(f"| {s} | {r['tok_s']:.0f} | {r['p50'] * 1e3:.2f} ms | {r['p99'] * 1e3:.2f} ms | "
                       f"{r['s50'] * 1e3:.2f} ms | {r['s99'] * 1e3:.2f} ms | {r['queue'] * 1e3:.2f} ms | "
                       f"{r['tick'] * 1e3:.2f} ms | "
-                      f"{r['batch']:.1f} | {plain[s] * 1e3:.2f} ms | {plain_tok:.0f} | "
-                      f"{r['tok_s'] / plain_tok:.1%} |", flush=True)
+                      f"{r['batch']:.1f} | {plain * 1e3:.2f} ms | {plain_tok:.0f} | "
+                      f"{r['tok_s'] / plain_tok:.1%} | {before * 1e3:.2f} / {after * 1e3:.2f} ms |", flush=True)
         finally:
             if proc is not None:
                 proc.terminate()
