@@ -7,6 +7,7 @@ exit while the edge carries on alone."""
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -131,10 +132,16 @@ def test_each_rank_holds_half_the_weights(model_dir):
     proc = subprocess.Popen([*TORCHRUN, sys.executable, "-m", "coexit.cli", "serve", "--model", str(model_dir),
                              "--port", str(port), "--tp", "2"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    lines, deadline = [], time.monotonic() + 120
+    lines, got = [], queue.Queue()  # read on a thread: a rank that never prints fails the test, not hangs it
+    threading.Thread(target=lambda: [got.put(x) for x in iter(proc.stdout.readline, "")] + [got.put("")],
+                     daemon=True).start()
+    deadline = time.monotonic() + 120
     try:
-        while time.monotonic() < deadline and len([x for x in lines if "rank " in x]) < 2:
-            line = proc.stdout.readline()
+        while len([x for x in lines if "rank " in x]) < 2:
+            try:
+                line = got.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
             if not line:
                 break
             lines.append(line)
