@@ -9,10 +9,9 @@ memory is what it uses, and `nbytes` is what a memory budget counts.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from coexit.attention import attend
+from coexit.attention import attend, attend_one
 from coexit.config import Config
 
 
@@ -91,7 +90,7 @@ class KVCache(LayerLengths):
         if q.shape[2] == 1 and (q.shape[0] == 1 or (not positions.is_cuda and bool((positions >= s - 1).all()))):
             # no mask: every key is visible (and SDPA's masked CPU path is several times slower). On a GPU the
             # batched check would be a host sync, which also breaks CUDA graph capture: the mask path runs there
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+            return attend_one(q, k, v)
         key_pos = torch.arange(s, device=q.device)[None, :].expand(q.shape[0], -1)
         return attend(q, k, v, positions, key_pos)
 

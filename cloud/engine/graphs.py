@@ -70,12 +70,13 @@ class _Buffers:
 
 class _StaticAttention:
     """The cache view of a static step: per layer, write each row's k, v at its slot, then attend over the blocks
-    of its table (keys at positions < its length)."""
+    of its table (keys at positions < its length; `longest` and `uniform` as KVPool.decode_mask takes them, known
+    on the host outside a captured graph)."""
 
     def __init__(self, pool: KVPool, buf: _Buffers, start: int, reuse_buffers: bool = False,
-                 kept: KeptGather | None = None) -> None:
+                 kept: KeptGather | None = None, longest: int | None = None, uniform: bool = False) -> None:
         self.pool, self.buf, self.start, self.reuse, self.kept = pool, buf, start, reuse_buffers, kept
-        self.key_pos, self.valid = pool.block_mask(buf.lengths, buf.tables.shape[2])
+        self.keys, self.mask = pool.decode_mask(buf.lengths, buf.tables.shape[2], longest, uniform)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         pool, buf, i = self.pool, self.buf, layer - self.start
@@ -83,8 +84,8 @@ class _StaticAttention:
         pool.k.index_copy_(0, buf.slots[i], k)
         pool.v.index_copy_(0, buf.slots[i], v)
         if self.kept is not None:
-            return self.kept.attend(i, q, k, v, buf.tables[i], positions, self.key_pos, self.valid)
-        return pool.attend_blocks(q, buf.tables[i], positions, self.key_pos, self.valid, reuse_buffers=self.reuse)
+            return self.kept.attend(i, q, k, v, buf.tables[i], self.keys, self.mask)
+        return pool.attend_blocks(q, buf.tables[i], self.keys, self.mask, reuse_buffers=self.reuse)
 
 
 class DecodeGraphs:
@@ -182,8 +183,10 @@ class DecodeGraphs:
             kept = self.kept
             if kept is not None and not kept.begin(inp.sessions, inp.positions, n, buf.tables.shape[2]):
                 kept = None
+            lengths = inp.positions + 1  # (padded rows: 1)
+            longest = int(lengths.max())
             try:
-                self._step(buf, kept)
+                self._step(buf, kept, longest, bool((lengths == longest).all()))
             except BaseException:
                 if kept is not None:
                     kept.forget()
@@ -227,10 +230,14 @@ class DecodeGraphs:
         if self.pad and buf.tables.shape[1] > n:  # a bucket's padded rows (exact shapes never read past n)
             buf.tables[:, n:] = self.scratch
 
-    def _step(self, buf: _Buffers, kept: KeptGather | None = None) -> None:
+    def _step(self, buf: _Buffers, kept: KeptGather | None = None, longest: int | None = None,
+              uniform: bool = False) -> None:
+        """The deep layers over the buffers; outside a captured graph, `longest` (the longest row's length) and
+        `uniform` (every row that long) trim the keys attended and drop an all-true mask (KVPool.decode_mask)."""
         h, positions = buf.h_in, buf.positions
         cos, sin = self.model.rotary(positions, h.dtype)
-        view = _StaticAttention(self.pool, buf, self.start, reuse_buffers=not self.capture, kept=kept)
+        view = _StaticAttention(self.pool, buf, self.start, reuse_buffers=not self.capture, kept=kept,
+                                longest=longest, uniform=uniform)
         for layer in range(self.start, self.stop):
             h = self.model.model.layers[str(layer)](h, cos, sin, positions, view)
         buf.h_out.copy_(h)

@@ -60,10 +60,11 @@ class KeptGather:
         """After a step that failed part way: the buffers may hold part of a batch, so the next step gathers."""
         self._held = None
 
-    def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, tables: Tensor, positions: Tensor, key_pos: Tensor,
-               valid: Tensor) -> Tensor:
+    def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, tables: Tensor, keys: int, mask: Tensor | None
+               ) -> Tensor:
         """Layer i (counted from the step's first) of `begin`'s step: q (B, H, 1, D) and the rows' own k, v
-        (B, K, D), already written to the pool, over tables (B, W)."""
+        (B, K, D), already written to the pool, over tables (B, W), their first `keys` positions under `mask`
+        (KVPool.decode_mask)."""
         pool, dense = self.pool, self._dense
         b, w = tables.shape
         flat = tables.flatten()
@@ -72,4 +73,4 @@ class KeptGather:
                 dense[j][i] = pool.gather_blocks(src, flat, ("kept", j, i), most=self._most)
             else:  # the same batch, a row further: its rows' new keys (values) at their positions
                 dense[j][i].view(b, w * pool.block_size, pool.n_kv, pool.head_dim).index_put_(self._at, row)
-        return pool.attend_gathered(q, dense[0][i], dense[1][i], w, positions, key_pos, valid)
+        return pool.attend_gathered(q, dense[0][i], dense[1][i], w, keys, mask)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from cloud.engine.slots import LengthsView, SlotTables
-from coexit.attention import attend
+from coexit.attention import attend, attend_one
 from coexit.config import Config
 from coexit.kv_cache import CacheError, LayerLengths
 
@@ -94,29 +94,35 @@ class KVPool:
                                                       rows.shape[1], dtype=self.dtype, device=self.device)
         return torch.index_select(rows, 0, blocks, out=buf[:n])
 
-    def block_mask(self, lengths: Tensor, width: int) -> tuple[Tensor, Tensor]:
-        """Key positions (B, S) and validity (B, S) for rows attending over `width` whole blocks, S = width x
-        block_size: keys at positions >= a row's length are padding."""
-        key_pos = torch.arange(width * self.block_size, device=self.device)
-        return key_pos[None].expand(lengths.shape[0], -1), key_pos[None, :] < lengths[:, None]
+    def decode_mask(self, lengths: Tensor, width: int, longest: int | None = None,
+                    uniform: bool = False) -> tuple[int, Tensor | None]:
+        """What decode rows (one query each, at position length - 1; lengths (B,)) attend over `width` whole blocks
+        of their tables: the first `keys` key positions (all of the blocks', or `longest`, the longest row's
+        length, where the host knows it) under mask (B, 1, 1, keys), the keys below each row's length. The mask is
+        None where every row sees every key (`uniform`: each row is `longest` long): SDPA's unmasked CPU path is
+        faster, and a plain batched step of sequences alike takes it too. The same for every layer of a step."""
+        if longest is not None and uniform:
+            return longest, None
+        keys = width * self.block_size if longest is None else longest
+        key_pos = torch.arange(keys, device=self.device)
+        return keys, (key_pos[None, :] < lengths[:, None])[:, None, None, :]
 
-    def attend_blocks(self, q: Tensor, tables: Tensor, positions: Tensor, key_pos: Tensor, valid: Tensor,
+    def attend_blocks(self, q: Tensor, tables: Tensor, keys: int, mask: Tensor | None,
                       reuse_buffers: bool = True) -> Tensor:
-        """Decode attention: q (B, H, 1, D) at positions (B, 1) over the whole blocks tables (B, W) of the pool.
-        With reuse_buffers the gathers go into the pool's reused buffers (not inside a captured CUDA graph,
-        whose buffers must keep their addresses)."""
+        """Decode attention: q (B, H, 1, D) over the whole blocks tables (B, W) of the pool, their first `keys`
+        positions under `mask` (decode_mask). With reuse_buffers the gathers go into the pool's reused buffers
+        (not inside a captured CUDA graph, whose buffers must keep their addresses)."""
         flat = tables.flatten()
         k, v = (self.gather_blocks(t, flat, i) if reuse_buffers else t.view(self.num_blocks, -1).index_select(0, flat)
                 for i, t in enumerate((self.k, self.v)))
-        return self.attend_gathered(q, k, v, tables.shape[1], positions, key_pos, valid)
+        return self.attend_gathered(q, k, v, tables.shape[1], keys, mask)
 
-    def attend_gathered(self, q: Tensor, k: Tensor, v: Tensor, width: int, positions: Tensor, key_pos: Tensor,
-                        valid: Tensor) -> Tensor:
+    def attend_gathered(self, q: Tensor, k: Tensor, v: Tensor, width: int, keys: int, mask: Tensor | None) -> Tensor:
         """Decode attention of q (B, H, 1, D) over k and v (B x width, block_size * K * D): each row's `width`
-        whole blocks, gathered row by row."""
-        kk, vv = (x.view(q.shape[0], width * self.block_size, self.n_kv, self.head_dim).transpose(1, 2).to(q.dtype)
-                  for x in (k, v))  # (B, K, S, D)
-        return attend(q, kk, vv, positions, key_pos, valid)
+        whole blocks, gathered row by row, of which the first `keys` positions are attended under `mask`."""
+        kk, vv = (x.view(q.shape[0], width * self.block_size, self.n_kv, self.head_dim)[:, :keys].transpose(1, 2)
+                  .to(q.dtype) for x in (k, v))  # (B, K, keys, D)
+        return attend_one(q, kk, vv, mask)
 
     def attend_prefix(self, q: Tensor, idx: Tensor, positions: Tensor) -> Tensor:
         """One sequence's query rows q (1, H, T, D) at positions (1, T), causally over the keys at pool slots idx
@@ -340,11 +346,11 @@ class BatchAttention:
             self.rows = torch.tensor([r for r, _, _ in self.singles], device=pool.device)
             self.lengths = torch.tensor([pos + 1 for _, _, pos in self.singles], device=pool.device)
             self.slot_ids = np.array([c.slot for _, c, _ in self.singles])
-            self._masks: dict[int, tuple[Tensor, Tensor]] = {}
+            self._masks: dict[int, tuple[int, Tensor | None]] = {}
 
-    def _mask(self, width: int) -> tuple[Tensor, Tensor]:
+    def _mask(self, width: int) -> tuple[int, Tensor | None]:
         if width not in self._masks:  # the same for every layer with this table width
-            self._masks[width] = self.pool.block_mask(self.lengths, width)
+            self._masks[width] = self.pool.decode_mask(self.lengths, width)
         return self._masks[width]
 
     def claim(self, layer: int) -> np.ndarray:
@@ -383,6 +389,6 @@ class BatchAttention:
             tables = torch.from_numpy(t.blocks[layer, slots, :width].astype(np.int64)).to(pool.device)
             rows = self.rows
             qq = q[0, :, rows].transpose(0, 1)[:, :, None]  # (B, H, 1, D)
-            out = pool.attend_blocks(qq, tables, positions[0, rows][:, None], *self._mask(width))
+            out = pool.attend_blocks(qq, tables, *self._mask(width))
             y[0, :, rows] = out[:, :, 0].transpose(0, 1)
         return y

@@ -59,10 +59,10 @@ class _MixedAttention:
         self.buf, self.width, self.prefix = buf, width, prefix
 
     def masks(self) -> None:
-        """The decode rows' key positions and validity over their tables (device work: at the pass's start)."""
+        """The decode rows' keys and mask over their tables (device work: at the pass's start)."""
         if self.n:
             self.tables = self.buf.tables[:, :self.n, :self.width]
-            self.key_pos, self.valid = self.pool.block_mask(self.buf.lengths[:self.n], self.width)
+            self.keys, self.mask = self.pool.decode_mask(self.buf.lengths[:self.n], self.width)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         pool, i, n, d0 = self.pool, layer - self.start, self.n, self.d0
@@ -72,7 +72,7 @@ class _MixedAttention:
         y = torch.empty_like(q)  # (1, H, N, D)
         if n:  # decode rows: whole blocks of their tables, as the static step attends
             qq = q[0, :, d0:d0 + n].transpose(0, 1)[:, :, None]  # (n, H, 1, D)
-            out = pool.attend_blocks(qq, self.tables[i], positions[0, d0:d0 + n, None], self.key_pos, self.valid)
+            out = pool.attend_blocks(qq, self.tables[i], self.keys, self.mask)
             y[0, :, d0:d0 + n] = out[:, :, 0].transpose(0, 1)
         for row, rows, start, stop in self.chunks:  # a chunk: causal attention over its session's prefix
             row += self.c0
