@@ -856,6 +856,41 @@ def test_a_cohort_is_gathered_until_its_last_session_is_back_or_gone(model):
         h.close()
 
 
+def test_decode_mask_trims_to_the_longest_row_and_drops_an_all_true_mask(model):
+    """KVPool.decode_mask: every key of the blocks where the host does not know the lengths (a captured graph);
+    up to the longest row where it does; no mask when every row is that long. The static step on rows of equal
+    length (no mask) and of unequal lengths (a trimmed mask) gives the general path's tokens and logits."""
+    pool = KVPool(8, 4, 2, 16, torch.float32)
+    lengths = torch.tensor([3, 6])
+    keys, mask = pool.decode_mask(lengths, 2)
+    assert keys == 8 and mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 5, [True] * 6 + [False] * 2]
+    keys, mask = pool.decode_mask(lengths, 2, longest=6)
+    assert keys == 6 and mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 3, [True] * 6]
+    assert pool.decode_mask(torch.tensor([6, 6]), 2, longest=6, uniform=True) == (6, None)
+
+    twins = [Harness(model, blocks=200, block_size=8, static_decode=d) for d in ("auto", "off")]
+    try:
+        data = [hidden_rows(model, 24, seed=60 + i) for i in range(3)]
+        for pos in ([7, 7, 7], [7, 12, 4]):  # equal lengths: no mask; unequal: masked, up to the longest
+            opened = [[h.manager.open(64, "fp32", False, False, {}) for _ in range(3)] for h in twins]
+            for h, ss in zip(twins, opened):
+                h.step([(s, d[:p], 0, True, GREEDY) for s, d, p in zip(ss, data, pos)])
+            replays = twins[0].engine.runner.graphs.replays
+            for step in range(4):
+                outs = [h.step([(s, d[p + step:p + step + 1], p + step, True, GREEDY)
+                                for s, d, p in zip(ss, data, pos)]) for h, ss in zip(twins, opened)]
+                for a, b in zip(*outs):
+                    assert a.token.token_id == b.token.token_id
+                    torch.testing.assert_close(a.token.logits, b.token.logits, atol=ATOL, rtol=0)
+            assert twins[0].engine.runner.graphs.replays == replays + 4  # every decode step took the static step
+            for h, ss in zip(twins, opened):
+                for s in ss:
+                    h.manager.close(s)
+    finally:
+        for h in twins:
+            h.close()
+
+
 def test_kept_gather_equals_gathering_every_step(model):
     """kept.py: sessions decoding together on the static step keep their gathered K/V and only append their new
     rows. Against a twin engine that gathers at every step, the tokens and logits are equal bit for bit, through a

@@ -62,3 +62,23 @@ def test_truncate_rolls_back(tiny_dir):
         cache.truncate(3)
         again = model(ids[:, 3:], cache=cache)
     torch.testing.assert_close(again.logits, full.logits[:, 3:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("b,h,kv,s", [(3, 6, 2, 37), (1, 32, 4, 100), (2, 4, 4, 9)])
+def test_one_query_attention_equals_grouped_query_sdpa(b, h, kv, s):
+    """attend_one (each KV head's query heads as query rows of that head) gives SDPA's own grouped-query attention
+    to rounding, with and without a mask; and `attend` at one query takes the same path, so a decode step without a
+    mask equals the masked one bit for bit where every key is visible."""
+    from coexit.attention import attend, attend_one
+
+    g = torch.Generator().manual_seed(b * 100 + s)
+    q = torch.randn(b, 1, h, 16, generator=g).transpose(1, 2)  # (B, H, 1, D) as the model makes it
+    k, v = (torch.randn(b, kv, s + 5, 16, generator=g)[:, :, :s] for _ in range(2))
+    lengths = torch.randint(1, s + 1, (b,), generator=g)
+    mask = (torch.arange(s)[None] < lengths[:, None])[:, None, None, :]
+    for m in (mask, None):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=h != kv)
+        torch.testing.assert_close(attend_one(q, k, v, m), want, atol=1e-6, rtol=0)
+    key_pos = torch.arange(s)[None].expand(b, -1)
+    every = torch.full((b, 1), s - 1)
+    assert torch.equal(attend(q, k, v, every, key_pos), attend_one(q, k, v))
