@@ -70,13 +70,13 @@ class _Buffers:
 
 class _StaticAttention:
     """The cache view of a static step: per layer, write each row's k, v at its slot, then attend over the blocks
-    of its table (keys at positions < its length; `longest` and `uniform` as KVPool.decode_mask takes them, known
-    on the host outside a captured graph)."""
+    of its table (keys at positions < its length; `known`: those lengths on the host, as KVPool.decode_mask takes
+    them, outside a captured graph)."""
 
     def __init__(self, pool: KVPool, buf: _Buffers, start: int, reuse_buffers: bool = False,
-                 kept: KeptGather | None = None, longest: int | None = None, uniform: bool = False) -> None:
+                 kept: KeptGather | None = None, known: np.ndarray | None = None) -> None:
         self.pool, self.buf, self.start, self.reuse, self.kept = pool, buf, start, reuse_buffers, kept
-        self.keys, self.mask = pool.decode_mask(buf.lengths, buf.tables.shape[2], longest, uniform)
+        self.keys, self.mask = pool.decode_mask(buf.lengths, buf.tables.shape[2], known)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         pool, buf, i = self.pool, self.buf, layer - self.start
@@ -183,10 +183,8 @@ class DecodeGraphs:
             kept = self.kept
             if kept is not None and not kept.begin(inp.sessions, inp.positions, n, buf.tables.shape[2]):
                 kept = None
-            lengths = inp.positions + 1  # (padded rows: 1)
-            longest = int(lengths.max())
             try:
-                self._step(buf, kept, longest, bool((lengths == longest).all()))
+                self._step(buf, kept, inp.positions + 1)  # the rows' lengths (padded rows: 1)
             except BaseException:
                 if kept is not None:
                     kept.forget()
@@ -230,14 +228,12 @@ class DecodeGraphs:
         if self.pad and buf.tables.shape[1] > n:  # a bucket's padded rows (exact shapes never read past n)
             buf.tables[:, n:] = self.scratch
 
-    def _step(self, buf: _Buffers, kept: KeptGather | None = None, longest: int | None = None,
-              uniform: bool = False) -> None:
-        """The deep layers over the buffers; outside a captured graph, `longest` (the longest row's length) and
-        `uniform` (every row that long) trim the keys attended and drop an all-true mask (KVPool.decode_mask)."""
+    def _step(self, buf: _Buffers, kept: KeptGather | None = None, known: np.ndarray | None = None) -> None:
+        """The deep layers over the buffers; outside a captured graph, `known` (the rows' lengths on the host)
+        trims the keys attended and drops an all-true mask (KVPool.decode_mask)."""
         h, positions = buf.h_in, buf.positions
         cos, sin = self.model.rotary(positions, h.dtype)
-        view = _StaticAttention(self.pool, buf, self.start, reuse_buffers=not self.capture, kept=kept,
-                                longest=longest, uniform=uniform)
+        view = _StaticAttention(self.pool, buf, self.start, reuse_buffers=not self.capture, kept=kept, known=known)
         for layer in range(self.start, self.stop):
             h = self.model.model.layers[str(layer)](h, cos, sin, positions, view)
         buf.h_out.copy_(h)

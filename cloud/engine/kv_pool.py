@@ -94,16 +94,19 @@ class KVPool:
                                                       rows.shape[1], dtype=self.dtype, device=self.device)
         return torch.index_select(rows, 0, blocks, out=buf[:n])
 
-    def decode_mask(self, lengths: Tensor, width: int, longest: int | None = None,
-                    uniform: bool = False) -> tuple[int, Tensor | None]:
+    def decode_mask(self, lengths: Tensor, width: int, known: np.ndarray | None = None) -> tuple[int, Tensor | None]:
         """What decode rows (one query each, at position length - 1; lengths (B,)) attend over `width` whole blocks
-        of their tables: the first `keys` key positions (all of the blocks', or `longest`, the longest row's
-        length, where the host knows it) under mask (B, 1, 1, keys), the keys below each row's length. The mask is
-        None where every row sees every key (`uniform`: each row is `longest` long): SDPA's unmasked CPU path is
-        faster, and a plain batched step of sequences alike takes it too. The same for every layer of a step."""
-        if longest is not None and uniform:
-            return longest, None
-        keys = width * self.block_size if longest is None else longest
+        of their tables: the first `keys` key positions under mask (B, 1, 1, keys), the keys below each row's
+        length. Where the host knows the lengths (`known`, the same (B,) on the host; not inside a captured graph),
+        the keys stop at the longest row's length, and the mask is None when every row is that long (every row
+        sees every key): SDPA's unmasked CPU path is faster, and a plain batched step of sequences alike takes it
+        too. Without them, every position of the blocks. The same for every layer of a step."""
+        if known is None:
+            keys = width * self.block_size
+        else:
+            keys = int(known.max())
+            if (known == keys).all():
+                return keys, None
         key_pos = torch.arange(keys, device=self.device)
         return keys, (key_pos[None, :] < lengths[:, None])[:, None, None, :]
 

@@ -864,9 +864,9 @@ def test_decode_mask_trims_to_the_longest_row_and_drops_an_all_true_mask(model):
     lengths = torch.tensor([3, 6])
     keys, mask = pool.decode_mask(lengths, 2)
     assert keys == 8 and mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 5, [True] * 6 + [False] * 2]
-    keys, mask = pool.decode_mask(lengths, 2, longest=6)
+    keys, mask = pool.decode_mask(lengths, 2, lengths.numpy())
     assert keys == 6 and mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 3, [True] * 6]
-    assert pool.decode_mask(torch.tensor([6, 6]), 2, longest=6, uniform=True) == (6, None)
+    assert pool.decode_mask(torch.tensor([6, 6]), 2, np.array([6, 6])) == (6, None)
 
     twins = [Harness(model, blocks=200, block_size=8, static_decode=d) for d in ("auto", "off")]
     try:
