@@ -133,8 +133,13 @@ def test_each_rank_holds_half_the_weights(model_dir):
                              "--port", str(port), "--tp", "2"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines, got = [], queue.Queue()  # read on a thread: a rank that never prints fails the test, not hangs it
-    threading.Thread(target=lambda: [got.put(x) for x in iter(proc.stdout.readline, "")] + [got.put("")],
-                     daemon=True).start()
+
+    def read() -> None:
+        for line in iter(proc.stdout.readline, ""):
+            got.put(line)
+        got.put("")  # the output ended
+
+    threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + 120
     try:
         while len([x for x in lines if "rank " in x]) < 2:
