@@ -162,9 +162,10 @@ def run_load(address, fingerprint, hidden, sessions, clients, prompt, steps, met
 
 # ---- the plain batched step (the bound) ----------------------------------------------------------------------
 @torch.no_grad()
-def plain_step(model_dir: Path, batch: int, ctx: int, device: str, dtype) -> float:
+def plain_step(model_dir: Path, batch: int, ctx: int, device: str, dtype, gap: float = 0.0) -> float:
     """Seconds for one decode step of `batch` sequences through layers [split, L) with a contiguous KV cache of
-    `ctx` positions and the final head on every row (CUDA graph on a GPU, eager otherwise)."""
+    `ctx` positions and the final head on every row (CUDA graph on a GPU, eager otherwise); `gap` seconds idle
+    between the timed steps (a server's ticks wait for the replies' round trip)."""
     import coexit
 
     cfg = coexit.read_config(model_dir)
@@ -196,6 +197,8 @@ def plain_step(model_dir: Path, batch: int, ctx: int, device: str, dtype) -> flo
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        if gap:
+            time.sleep(gap)
     return statistics.median(times)
 
 
@@ -208,6 +211,10 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64, help="decode steps per session")
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the server (CPU)")
+    ap.add_argument("--plain-gap-ms", type=float, default=0.0,
+                    help="idle time between the plain step's timed steps (0: back to back, the baseline); a "
+                         "closed-loop server's ticks each follow the round trip's idle gap, and some machines run "
+                         "a step after a few idle milliseconds markedly slower")
     ap.add_argument("--frontends", type=int, default=0,
                     help="serve with this many gRPC front-end processes and one engine process (0: one process)")
     ap.add_argument("--tp", type=int, default=1,
@@ -248,6 +255,7 @@ def main() -> int:
             link = CloudLink(address)
             info = link.info()
             link.close()
+            gap_ms = args.plain_gap_ms
             if args.prompt + args.steps + 1 > info.limits.max_length:
                 raise SystemExit(f"--prompt + --steps exceed the model's {info.limits.max_length} positions")
             print(f"shape {args.shape}: {info.num_layers} layers, d {info.hidden_size}, split {info.split_layer}; "
@@ -257,15 +265,17 @@ def main() -> int:
                   f"{f'{args.frontends} front end(s) + engine process, ' if args.frontends else ''}"
                   f"{f'tensor parallel over {args.tp} ranks, ' if args.tp > 1 else ''}"
                   f"{'' if args.frontends or args.tp > 1 else 'one process, '}"
-                  f"{args.target or args.server_root or 'this checkout'}")
+                  f"{args.target or args.server_root or 'this checkout'}"
+                  f"{f'; plain step timed with {args.plain_gap_ms:g} ms idle between steps' if gap_ms else ''}")
             print("| sessions | tokens/s | client p50 | client p99 | server p50 | server p99 | queue wait | "
                   "engine tick | sessions/tick | plain step | plain tokens/s | ratio | plain before / after |")
             print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             for s in counts:
-                before = plain_step(model_dir, s, args.prompt + args.steps // 2, device, dtype)
+                gap = args.plain_gap_ms / 1e3
+                before = plain_step(model_dir, s, args.prompt + args.steps // 2, device, dtype, gap)
                 r = run_load(address, info.fingerprint, info.hidden_size, s, args.clients, args.prompt, args.steps,
                              mport)
-                after = plain_step(model_dir, s, args.prompt + args.steps // 2, device, dtype)
+                after = plain_step(model_dir, s, args.prompt + args.steps // 2, device, dtype, gap)
                 plain = (before + after) / 2
                 plain_tok = s / plain
                 print(f"| {s} | {r['tok_s']:.0f} | {r['p50'] * 1e3:.2f} ms | {r['p99'] * 1e3:.2f} ms | "
