@@ -13,6 +13,6 @@ mkdir -p .whl
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
     "grpcio==1.85.4" "grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1" "prometheus-client>=0.20" \
     "pyzmq>=26" "pytest>=8" "pluggy>=1.5" "iniconfig>=2" "packaging>=24"
-"$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl .
+"$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl . && rm -rf build
 ls -1 .whl
 du -sh .whl

@@ -35,6 +35,8 @@ def check_args(args) -> None:
     for flag, (value, low) in at_least.items():
         if value < low:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if not args.tp_timeout > 0:
+        raise UsageError(f"--tp-timeout must be positive, got {args.tp_timeout}")
     if not args.kv_budget_mib > 0:
         raise UsageError(f"--kv-budget-mib must be positive, got {args.kv_budget_mib}")
     for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port),
@@ -90,6 +92,9 @@ def main(argv: list[str]) -> int:
                     help="run decode-only ticks on a device lane and prepare the next tick meanwhile: auto = on a GPU")
     ap.add_argument("--tp", type=int, default=1,
                     help="tensor-parallel ranks for the deep layers (launch with torchrun --nproc_per_node N)")
+    ap.add_argument("--tp-timeout", type=float, default=600.0,
+                    help="with --tp: seconds a rank waits for the others (start-up included) before the server stops "
+                         "with an error; an idle server's ranks stay in touch meanwhile")
     ap.add_argument("--frontends", type=int, default=0,
                     help="gRPC front-end processes in front of one engine process (0: one process does all)")
     ap.add_argument("--health-http-port", type=int, default=0,
@@ -119,7 +124,8 @@ def main(argv: list[str]) -> int:
         from cloud.server import serve_tensor_parallel
 
         return serve_tensor_parallel(args.model, args.port, args.host, limits, auth, args.deep_only, tls,
-                                     args.metrics_port, args.drain_grace, args.health_http_port, args.tp)
+                                     args.metrics_port, args.drain_grace, args.health_http_port, args.tp,
+                                     args.tp_timeout)
     if args.frontends > 0:
         from cloud.server import serve_processes
 

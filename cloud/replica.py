@@ -15,7 +15,10 @@ catch-up, cloud exits, drafts, propagated KV, rollbacks) then runs under TP thro
 already tested, and a tick costs one broadcast of the new rows plus a few small records.
 
 A broadcast that fails means a rank is gone: rank 0 calls `on_lost`, which drains the server (health NOT_SERVING)
-and makes it exit non-zero; a follower whose broadcast fails exits non-zero, and torchrun stops the rest.
+and makes it exit non-zero; a follower whose broadcast fails exits non-zero, and torchrun stops the rest. A
+broadcast also fails when it waits longer than the group's timeout (`--tp-timeout`) with every rank alive, which is
+what an idle follower does: so while no tick runs, rank 0 sends a heartbeat (a "beat", the journal so far) every
+quarter of the timeout.
 """
 
 from __future__ import annotations
@@ -62,17 +65,19 @@ def _ignore(_outcome) -> None:
 class Leader:
     """Rank 0's side: set as `engine.sync`; sends the journal at each point of a tick."""
 
-    def __init__(self, manager, group, on_lost: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(self, manager, group, on_lost: Callable[[BaseException], None] | None = None,
+                 timeout_s: float = 600.0) -> None:
         self.manager, self.group, self.on_lost = manager, group, on_lost
         manager.journal = []
         manager.engine.sync = self
         manager.engine.lockstep()
+        manager.engine.heartbeat(timeout_s / 4)  # an idle engine beats this often: the followers' waits stay short
         self.lost: BaseException | None = None
         self.sent = 0  # broadcasts
 
     def __call__(self, phase: str) -> None:
         if self.lost is not None:
-            if phase == "stop":
+            if phase in ("stop", "beat"):  # (the server is already stopping: on_lost)
                 return
             raise RuntimeError("a tensor-parallel rank is gone") from self.lost
         journal = self.manager.journal
@@ -85,7 +90,7 @@ class Leader:
             log.error("tensor-parallel rank lost (%s): stopping the server", exc)
             if self.on_lost is not None:
                 self.on_lost(exc)
-            if phase == "stop":
+            if phase in ("stop", "beat"):  # no tick to fail: the engine thread stays up while the server drains
                 return
             raise
         self.sent += 1
@@ -112,6 +117,7 @@ def follow(manager, group, device) -> None:
             tick = None
         elif phase == "stop":
             return
+        # "beat": rank 0 was idle; its journal (sessions opened, closed or detached meanwhile) is applied above
 
 
 def _discard(_decoded, _finished) -> None:

@@ -197,7 +197,7 @@ async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, au
 # ---- tensor parallelism: one process per rank, started by torchrun ------------------------------------------------
 def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None, deep_only: bool,
                           tls_files: tuple[str, str] | None, metrics_port: int, drain_grace_s: float,
-                          health_http_port: int, tp_size: int) -> int:
+                          health_http_port: int, tp_size: int, tp_timeout_s: float = 600.0) -> int:
     """One rank of `torchrun --nproc_per_node N -m coexit serve --tp N`. Every rank loads its shard of the deep
     layers (cloud/tp.py) and its KV heads' pool and prints its memory; rank 0 serves gRPC and leads the ticks, the
     others replay them (cloud/replica.py). Returns 1 when a rank is lost."""
@@ -214,7 +214,7 @@ def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, 
     # torchrun's agent is the parent: if it is killed outright, rank 0 drains and the others go
     die_with_parent(signal.SIGTERM if os.environ.get("RANK", "0") == "0" else signal.SIGKILL)
     on_gpu = torch.cuda.is_available()
-    tp = init_tp(tp_size, "cuda" if on_gpu else "cpu")
+    tp = init_tp(tp_size, "cuda" if on_gpu else "cpu", tp_timeout_s)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
     model = load_sharded(model_dir, tp, deep_only, None if on_gpu else torch.float32, device, local=True)
     # the ranks run each tick in step (no lane); CUDA graphs of the collectives are not captured: not yet tested on GPUs
@@ -243,7 +243,7 @@ def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, 
             lost.append(exc)
             loop.call_soon_threadsafe(os.kill, os.getpid(), signal.SIGTERM)
 
-        Leader(backend.manager, tp.cpu_group, on_lost)
+        Leader(backend.manager, tp.cpu_group, on_lost, tp.timeout_s)
         await serve_forever(model_dir, port, host, limits, auth, deep_only, tls_files, metrics_port, drain_grace_s,
                             health_http_port, backend, f"tensor parallel over {tp.world} ranks")
 

@@ -4,7 +4,7 @@ model loader. The replication protocol (who schedules, what is broadcast each ti
 Owns:
 - `check_launch(n)`, `check_shardable(config, n)`: the refusals (not started by torchrun as n ranks; heads or MLP
   not divisible by n), which `coexit serve --tp` also runs before loading anything.
-- `init_tp(n, device_type)`: the process group from torchrun's environment (gloo on CPU, nccl on CUDA with the
+- `init_tp(n, device_type, timeout_s)`: the process group from torchrun's environment (gloo on CPU, nccl on CUDA with the
   device LOCAL_RANK), a 1-D DeviceMesh over it, and a gloo group for object broadcasts (usable under nccl too).
 - `load_sharded(model_dir, tp, deep_only, dtype, device)`: the model `cloud.server.load_model` gives, with every
   Block's q/k/v/gate/up projections ColwiseParallel and o/down RowwiseParallel through PyTorch's own
@@ -56,6 +56,7 @@ class TP:
     cpu_group: Any = None
     device_type: str = "cpu"
     local_rank: int = 0
+    timeout_s: float = 600.0  # the longest wait for the other ranks (init_tp)
 
     @property
     def is_leader(self) -> bool:
@@ -81,11 +82,16 @@ def check_launch(n: int) -> tuple[int, int]:
     return world, rank
 
 
-def init_tp(n: int, device_type: str) -> TP:
+def init_tp(n: int, device_type: str, timeout_s: float = 600.0) -> TP:
     """Join the tensor-parallel group torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     n == 1 outside torchrun is a world of one with no process group. device_type "cpu" uses gloo, "cuda" nccl on
-    the GPU LOCAL_RANK. Raises UsageError, naming the torchrun command line, when the world is not n ranks."""
+    the GPU LOCAL_RANK. Raises UsageError, naming the torchrun command line, when the world is not n ranks.
+    timeout_s bounds every wait for the other ranks, start-up included: a rank that never joins or hangs stops the
+    server after it instead of holding it forever. (A wait that outlasts it with every rank alive, an idle
+    follower's, is kept short by rank 0's heartbeats: cloud/replica.py.)"""
+    import datetime
+
     import torch.distributed as dist
 
     if n < 1:
@@ -103,13 +109,14 @@ def init_tp(n: int, device_type: str) -> TP:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         kw: dict[str, Any] = {"device_id": torch.device("cuda", local_rank)} if device_type == "cuda" else {}
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world, **kw)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kw)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("tp",))
-    cpu_group = dist.new_group(backend="gloo")  # every rank calls it, in the same order
+    cpu_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))  # every rank, in order
     return TP(rank=rank, world=world, mesh=mesh, group=dist.group.WORLD, cpu_group=cpu_group,
-              device_type=device_type, local_rank=local_rank)
+              device_type=device_type, local_rank=local_rank, timeout_s=timeout_s)
 
 
 def check_shardable(config: Config, n: int) -> None:

@@ -138,6 +138,7 @@ class Engine:
         self._awaited: set | None = None  # while _coalesce waits: the ids of the recent sessions not back yet
         self._last_tick_s = 0.0
         self.sync: Callable[[str], None] | None = None  # under --tp: rank 0's journal goes out ("tick", "settle")
+        self.beat_s: float | None = None  # under --tp: idle this long, the engine sends a "beat" through sync
         self._stop = False
         self._thread = threading.Thread(target=self._loop, daemon=True, name="coexit-engine")
         if thread:
@@ -150,6 +151,13 @@ class Engine:
         self.scheduler.prompts = None
 
     # ---- called from the gRPC side (under or outside `lock`) -----------------------------------------------
+    def heartbeat(self, seconds: float) -> None:
+        """Under --tp: from now on, whenever the engine has been idle for `seconds`, it sends a "beat" through
+        `sync` (cloud/replica.py). Wakes the engine thread, which may already be waiting without a timeout."""
+        with self._wake:
+            self.beat_s = seconds
+            self._wake.notify()
+
     def submit(self, session, segment: Segment) -> None:
         with self._wake:
             self.scheduler.submit(session, segment)
@@ -217,7 +225,8 @@ class Engine:
             with self._wake:  # wait for rows, or for the tick on the lane to end
                 while not self.scheduler.ready and not self._stop and (
                         pending is None or (pending.future is not None and not pending.future.done())):
-                    self._wake.wait()
+                    if not self._wake.wait(self.beat_s) and self.sync is not None:
+                        self.sync("beat")  # idle for beat_s: the tensor-parallel followers hear from rank 0
                 if pending is None:
                     self._coalesce()
                 stop = self._stop

@@ -1,8 +1,8 @@
 """`coexit serve --tp 2` under torchrun on gloo (CPU): the same greedy tokens through the edge SDK as a one-process
 server in collaborative, cloud-only, lossless and propagate modes (and with cloud exits), with prompts chunked over
 ticks and several sessions per tick, logits within 5e-5 over a prompt and decode steps, each rank's decoder-layer
-weights half of the whole stage's (printed at start), and a rank that dies takes the server down with a non-zero
-exit while the edge carries on alone."""
+weights half of the whole stage's (printed at start), a server idle past its collective timeout still serves, and a
+rank that dies takes the server down with a non-zero exit while the edge carries on alone."""
 
 from __future__ import annotations
 
@@ -157,6 +157,26 @@ def test_each_rank_holds_half_the_weights(model_dir):
     assert sorted(int(m.group(1)) for m in ranks) == [0, 1], lines
     for m in ranks:
         assert float(m.group(2)) == pytest.approx(float(m.group(3)) / 2, rel=0.02), m.group(0)
+
+
+def test_an_idle_server_outlives_its_collective_timeout(model_dir):
+    """A follower waits for rank 0's next tick in a gloo broadcast, which fails once it has waited --tp-timeout:
+    idle for three timeouts, the server still serves (rank 0's heartbeats) and gives the tokens it gave before."""
+    proc, address = start_tp(model_dir, ["--tp-timeout", "3"])
+    try:
+        full = coexit.load(model_dir)
+        ids = full.tokenizer.encode("def f(x):", add_bos=True)
+        client = EdgeClient(TorchBackend.from_checkpoint(model_dir), full.tokenizer, cloud=address,
+                            mode="collaborative", deadline_s=10.0)
+        first = client.generate(ids, 4, policy=ExitPolicy.never(), stop_at_eos=False)
+        assert first.counters.fallbacks == 4
+        time.sleep(9)
+        assert proc.poll() is None, "the server stopped while idle"
+        again = client.generate(ids, 4, policy=ExitPolicy.never(), stop_at_eos=False)
+        assert again.counters.fallbacks == 4 and again.tokens == first.tokens
+        assert proc.poll() is None
+    finally:
+        stop(proc)
 
 
 def test_a_lost_rank_stops_the_server_and_the_edge_carries_on(model_dir):
