@@ -4,8 +4,9 @@ model loader. The replication protocol (who schedules, what is broadcast each ti
 Owns:
 - `check_launch(n)`, `check_shardable(config, n)`: the refusals (not started by torchrun as n ranks; heads or MLP
   not divisible by n), which `coexit serve --tp` also runs before loading anything.
-- `init_tp(n, device_type, timeout_s)`: the process group from torchrun's environment (gloo on CPU, nccl on CUDA with the
-  device LOCAL_RANK), a 1-D DeviceMesh over it, and a gloo group for object broadcasts (usable under nccl too).
+- `init_tp(n, device_type, timeout_s)`: the process group from torchrun's environment (gloo on CPU, nccl on CUDA
+  with the device LOCAL_RANK), a 1-D DeviceMesh over it, and a gloo group for object broadcasts (usable under nccl
+  too); every wait for the other ranks gives up after timeout_s.
 - `load_sharded(model_dir, tp, deep_only, dtype, device)`: the model `cloud.server.load_model` gives, with every
   Block's q/k/v/gate/up projections ColwiseParallel and o/down RowwiseParallel through PyTorch's own
   `parallelize_module`, applied on the meta-device model before any storage exists, so each rank reads only its
