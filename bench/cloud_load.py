@@ -212,9 +212,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=64, help="decode steps per session")
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the server (CPU)")
     ap.add_argument("--plain-gap-ms", type=float, default=0.0,
-                    help="idle time between the plain step's timed steps (0: back to back, the baseline); a "
-                         "closed-loop server's ticks each follow the round trip's idle gap, and some machines run "
-                         "a step after a few idle milliseconds markedly slower")
+                    help="also time the plain step with this much idle time between steps, and print it beside the "
+                         "engine tick (the ratio stays against the back-to-back step): a closed-loop server's ticks "
+                         "each follow the replies' round trip, and some machines run a step after a few idle "
+                         "milliseconds markedly slower")
     ap.add_argument("--frontends", type=int, default=0,
                     help="serve with this many gRPC front-end processes and one engine process (0: one process)")
     ap.add_argument("--tp", type=int, default=1,
@@ -265,24 +266,31 @@ def main() -> int:
                   f"{f'{args.frontends} front end(s) + engine process, ' if args.frontends else ''}"
                   f"{f'tensor parallel over {args.tp} ranks, ' if args.tp > 1 else ''}"
                   f"{'' if args.frontends or args.tp > 1 else 'one process, '}"
-                  f"{args.target or args.server_root or 'this checkout'}"
-                  f"{f'; plain step timed with {args.plain_gap_ms:g} ms idle between steps' if gap_ms else ''}")
+                  f"{args.target or args.server_root or 'this checkout'}")
+            gap = gap_ms / 1e3
+            idle = f" plain, {gap_ms:g} ms idle between steps | engine tick / it |" if gap else ""
             print("| sessions | tokens/s | client p50 | client p99 | server p50 | server p99 | queue wait | "
-                  "engine tick | sessions/tick | plain step | plain tokens/s | ratio | plain before / after |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                  "engine tick | sessions/tick | plain step | plain tokens/s | ratio | plain before / after |" + idle)
+            print("|---" * (13 + 2 * bool(gap)) + "|")
+
+            def timed(batch: int) -> tuple[float, float]:  # back to back (the baseline), and with idle time
+                ctx = args.prompt + args.steps // 2
+                return (plain_step(model_dir, batch, ctx, device, dtype),
+                        plain_step(model_dir, batch, ctx, device, dtype, gap) if gap else 0.0)
+
             for s in counts:
-                gap = args.plain_gap_ms / 1e3
-                before = plain_step(model_dir, s, args.prompt + args.steps // 2, device, dtype, gap)
+                before, before_idle = timed(s)
                 r = run_load(address, info.fingerprint, info.hidden_size, s, args.clients, args.prompt, args.steps,
                              mport)
-                after = plain_step(model_dir, s, args.prompt + args.steps // 2, device, dtype, gap)
-                plain = (before + after) / 2
+                after, after_idle = timed(s)
+                plain, plain_idle = (before + after) / 2, (before_idle + after_idle) / 2
                 plain_tok = s / plain
                 print(f"| {s} | {r['tok_s']:.0f} | {r['p50'] * 1e3:.2f} ms | {r['p99'] * 1e3:.2f} ms | "
                       f"{r['s50'] * 1e3:.2f} ms | {r['s99'] * 1e3:.2f} ms | {r['queue'] * 1e3:.2f} ms | "
                       f"{r['tick'] * 1e3:.2f} ms | "
                       f"{r['batch']:.1f} | {plain * 1e3:.2f} ms | {plain_tok:.0f} | "
-                      f"{r['tok_s'] / plain_tok:.1%} | {before * 1e3:.2f} / {after * 1e3:.2f} ms |", flush=True)
+                      f"{r['tok_s'] / plain_tok:.1%} | {before * 1e3:.2f} / {after * 1e3:.2f} ms |" +
+                      (f" {plain_idle * 1e3:.2f} ms | {r['tick'] / plain_idle:.2f}x |" if gap else ""), flush=True)
         finally:
             if proc is not None:
                 proc.terminate()
