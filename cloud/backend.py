@@ -149,6 +149,21 @@ class LocalBackend:
             return AppendOutcome(s.length, discarded=True)
         return None if wait else AppendOutcome(s.length)  # without a token: computed in the background
 
+    def submit_tokens(self, items: list[tuple[CloudSession, int, Tensor, SamplingParams, tuple[int, int],
+                                              Tensor | None, object]]) -> list:
+        """`submit` for several Appends that each want a plain token ((session, first, rows, sampling, acct, fill,
+        waiter) each, a front end's message), queued in order in one pass (SessionManager.submit_many). Each result
+        is None (queued: its waiter answers), an AppendOutcome (discarded rows), or the exception that refused it."""
+        segments = []
+        for s, first, rows, sampling, acct, fill, waiter in items:
+            self._account(s, acct)
+            if rows.device != self.device:
+                rows = rows.to(self.device)
+            segments.append((s, rows, first, Segment(first, rows, True, sampling, 0, fill=fill, waiter=waiter)))
+        results = self.manager.submit_many(segments)
+        return [AppendOutcome(s.length, discarded=True) if r is False else None if r is True else r
+                for (s, *_), r in zip(segments, results)]
+
     def _waiters(self) -> _LoopReplies:
         loop = asyncio.get_running_loop()
         replies = self._loops.get(loop)

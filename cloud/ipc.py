@@ -319,6 +319,18 @@ class RemoteBackend:
         self.ctx.term()
 
 
+def _alike(buf: bytearray, entries: list) -> torch.Tensor | None:
+    """When every entry's rows have the same dtype and shape (as a front end's decode rows do) and lie back to back,
+    all of them as one view (entries, *shape) of buf; else None."""
+    shapes = {(meta, nbytes) for *_, meta, _, _, _, nbytes in entries}
+    if len(shapes) != 1:
+        return None
+    ((dtype, shape), nbytes), = shapes
+    if nbytes % _ALIGN or dtype not in _NUMPY or not nbytes:
+        return None
+    return _view(buf, (dtype, (len(entries), *shape)), 0, len(entries) * nbytes)
+
+
 class AppendBatch:
     """The engine side of an APPENDS message: every entry queued in one pass, its rows a view of one copy of the
     message's bytes, its reply packed with its tick's others (`PackedReplies.waiter`). An entry that is refused
@@ -333,20 +345,28 @@ class AppendBatch:
         backend, waiter = self.backend, self.packed.waiter
         entries = pickle.loads(entries)
         buf = bytearray(data)
-        now, offset = [], 0
-        for rid, sid, first, meta, sampling, acct, fill, nbytes in entries:
-            rows = _view(buf, meta, offset, nbytes)
+        now, items, rids, offset = [], [], [], 0
+        every = _alike(buf, entries)
+        for i, (rid, sid, first, meta, sampling, acct, fill, nbytes) in enumerate(entries):
+            rows = every[i] if every is not None else _view(buf, meta, offset, nbytes)
             offset += nbytes + -nbytes % _ALIGN
             try:
                 s = backend.session(sid)
-                queued = backend.submit(s, first, rows, True, sampling, 0, acct, (), fill, waiter(front, rid, s))
-                if queued is not None:  # discarded: answered now
-                    now.append((rid, True, queued))
             except ServiceError as exc:
                 now.append((rid, False, (exc.code.name, exc.message)))
-            except Exception as exc:  # a server fault: the front end answers INTERNAL
-                log.exception("engine call append failed")
-                now.append((rid, False, (None, f"{type(exc).__name__}: {exc}")))
+                continue
+            items.append((s, first, rows, sampling, acct, fill, waiter(front, rid, s)))
+            rids.append(rid)
+        for rid, result in zip(rids, backend.submit_tokens(items)):
+            if result is None:  # queued: answered with its tick's others
+                continue
+            if isinstance(result, ServiceError):
+                now.append((rid, False, (result.code.name, result.message)))
+            elif isinstance(result, Exception):  # a server fault: the front end answers INTERNAL
+                log.error("engine call append failed", exc_info=result)
+                now.append((rid, False, (None, f"{type(result).__name__}: {result}")))
+            else:  # discarded: answered now
+                now.append((rid, True, result))
         return now
 
 

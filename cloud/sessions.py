@@ -276,27 +276,44 @@ class SessionManager:
         when the rows were discarded instead: they follow a rejected draft (the client must roll back)."""
         self._check_extras(s, segment)
         with self._lock:
-            if s.retired:
-                raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed or evicted; open a new one")
-            if s.failed is not None:
-                error, s.failed = s.failed, None
-                raise error
-            if s.stateless:
-                if first != 0:
-                    raise invalid(f"a stateless session takes the whole context from position 0, got {first}")
-                segment.truncate_to = 0
-            elif first != s.expected:
-                what = "a gap" if first > s.expected else "an overlap"
-                raise invalid(f"rows start at position {first} but the session holds {s.expected} positions "
-                              f"({what}); send positions from {s.expected} on")
-            n = rows.shape[0]
-            if first + n > s.max_length:
-                raise invalid(f"positions up to {first + n} exceed this session's max_length {s.max_length}; "
-                              f"open a session with a larger max_length")
-            s.last_used = time.monotonic()
-            if s.id not in self.sessions:  # (retired is checked above: not reached)
-                raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed or evicted; open a new one")
-            return self._do("submit", s.id, segment)
+            return self._submit(s, rows, first, segment)
+
+    def submit_many(self, items: list[tuple[CloudSession, Tensor, int, Segment]]) -> list:
+        """`submit` for several Appends at once (a front end's message), in order, under one hold of the lock,
+        their decode rows staged in one pass. Each result is submit's, or the exception it raised."""
+        out = []
+        with self._lock, self.engine.batch():
+            for s, rows, first, segment in items:
+                try:
+                    self._check_extras(s, segment)
+                    out.append(self._submit(s, rows, first, segment))
+                except Exception as exc:  # that Append's answer; the others go on
+                    out.append(exc)
+        return out
+
+    def _submit(self, s: CloudSession, rows: Tensor, first: int, segment: Segment) -> bool:
+        """(Lock held.) submit's checks against the session's state, then the queueing."""
+        if s.retired:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed or evicted; open a new one")
+        if s.failed is not None:
+            error, s.failed = s.failed, None
+            raise error
+        if s.stateless:
+            if first != 0:
+                raise invalid(f"a stateless session takes the whole context from position 0, got {first}")
+            segment.truncate_to = 0
+        elif first != s.expected:
+            what = "a gap" if first > s.expected else "an overlap"
+            raise invalid(f"rows start at position {first} but the session holds {s.expected} positions "
+                          f"({what}); send positions from {s.expected} on")
+        n = rows.shape[0]
+        if first + n > s.max_length:
+            raise invalid(f"positions up to {first + n} exceed this session's max_length {s.max_length}; "
+                          f"open a session with a larger max_length")
+        s.last_used = time.monotonic()
+        if s.id not in self.sessions:  # (retired is checked above: not reached)
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed or evicted; open a new one")
+        return self._do("submit", s.id, segment)
 
     def _check_extras(self, s: CloudSession, seg: Segment) -> None:
         """Drafts and fill rows against the session's options and the Append's own rows."""

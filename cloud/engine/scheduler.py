@@ -96,10 +96,10 @@ class Segment:
     first_tick: int = -1
     staged: list | None = None  # its rows' region in the scheduler's PromptRing, until popped or dropped
     arrival: int = -1  # the scheduler's count of segments queued before it (its turn among prompts)
+    n: int = field(init=False, default=0)  # rows (read several times per Append: kept, not looked up)
 
-    @property
-    def n(self) -> int:
-        return int(self.rows.shape[0])
+    def __post_init__(self) -> None:
+        self.n = int(self.rows.shape[0])
 
     @property
     def last(self) -> int:
@@ -206,6 +206,7 @@ class Scheduler:
         self.ready: OrderedDict[str, Any] = OrderedDict()  # sessions with queued segments, round-robin order
         self.plain: dict[str, Any] = {}  # ready sessions whose queue is one plain decode row for the static step
         self.staged = StagedRows()  # the plain sessions' rows, by KV slot
+        self._deferred: list | None = None  # (slot, segment) to stage at once (`stage_later`), or None
         self.prompts: PromptRing | None = PromptRing(8 * row_budget)  # the other rows (a prompt's), back to back,
         # on a CPU (None: not staged; Engine.lockstep)
         self.steady_start: int | None = None  # first deep layer of the static step (None: no static step)
@@ -250,13 +251,26 @@ class Scheduler:
         self.ready.setdefault(session.id, session)
         if self._plain(session):
             self.plain[session.id] = session
-            self.staged.put(session.runner.cache.slot, segment)
+            if self._deferred is None:
+                self.staged.put(session.runner.cache.slot, segment)
+            else:
+                self._deferred.append((session.runner.cache.slot, segment))
             if session.planned:
                 self._fresh += 1
                 return
         else:
             self.plain.pop(session.id, None)
         self._stale = True
+
+    def stage_later(self) -> None:
+        """From now until `stage_deferred`, submitted decode rows are staged together then (the caller holds the
+        engine lock throughout, so no tick reads the staged rows in between)."""
+        self._deferred = []
+
+    def stage_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred:
+            self.staged.put_many(deferred)
 
     def settled(self, session) -> None:
         """After a tick popped the session's finished segment: it leaves the ready set when nothing is left,

@@ -33,6 +33,7 @@ class StagedRows:
         self.segments = np.empty(0, dtype=object)  # (capacity,) the staged Segment
         self.temperature = np.zeros(0, dtype=np.float64)  # (capacity,) its sampling temperature (0: greedy)
         self.keys = np.zeros(0, dtype=np.int64)  # (capacity,) its waiter's `key` (a packed reply, cloud.ipc), or -1
+        self.batches = 0  # put_many calls that wrote their rows in one pass (tests)
 
     def put(self, slot: int, segment) -> None:
         """Stage a plain decode segment (one row (1, C)) of the session at `slot`."""
@@ -47,6 +48,28 @@ class StagedRows:
         self.segments[slot] = segment
         self.temperature[slot] = segment.sampling.temperature
         self.keys[slot] = getattr(segment.waiter, "key", -1)
+
+    def put_many(self, staged: list[tuple[int, object]]) -> None:
+        """`put` for several (slot, segment) pairs at once (a front end's message of decode rows), each array
+        written once."""
+        if len(staged) < 4:  # (one by one is as fast)
+            for slot, segment in staged:
+                self.put(slot, segment)
+            return
+        self.batches += 1
+        slots, segments = zip(*staged)
+        idx = np.array(slots, dtype=np.int64)
+        rows = torch.cat([seg.rows for seg in segments])  # (k, C), float32 when the dtypes differ
+        if self.rows is None or int(idx.max()) >= self.rows.shape[0]:
+            self._grow(int(idx.max()) + 1, rows[0])
+        if self._host is not None and rows.dtype in _NUMPY_CASTS:
+            self._host[idx] = rows.numpy()
+        else:
+            self.rows[torch.from_numpy(idx).to(self.rows.device)] = rows.to(self.rows)
+        self.submitted[idx] = [seg.submitted for seg in segments]
+        self.segments[idx] = np.fromiter(segments, dtype=object, count=len(segments))
+        self.temperature[idx] = [seg.sampling.temperature for seg in segments]
+        self.keys[idx] = [getattr(seg.waiter, "key", -1) for seg in segments]
 
     def at(self, slots: np.ndarray) -> RowsAt:
         """The staged rows of the sessions at `slots`, in that order, with what was staged beside them (under the

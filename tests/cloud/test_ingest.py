@@ -35,13 +35,14 @@ def engine(tiny_dir, tmp_path):
     task = loop.create_task(serve())
     thread = threading.Thread(target=loop.run_until_complete, args=(task,), daemon=True)
     thread.start()
-    yield address
+    yield address, backend
     loop.call_soon_threadsafe(task.cancel)
     thread.join(10)
     backend.engine.stop()
 
 
 def test_one_turn_of_appends_is_one_message_with_its_own_answers(tiny_dir, engine):
+    engine, _ = engine
     full = coexit.load(tiny_dir)
     split = full.config.split_layer
     prompts = ["def add(a, b):", "for i in range(3):", "import os\n", "x = [1, 2, 3]", "while True:"]
@@ -84,6 +85,45 @@ def test_one_turn_of_appends_is_one_message_with_its_own_answers(tiny_dir, engin
             # queued, then dropped by the Close (or computed before it): not refused as if the session were gone
             assert (out.has_token if not isinstance(out, BaseException) else
                     out.code == grpc.StatusCode.NOT_FOUND and "before these rows were computed" in out.message), out
+        finally:
+            remote.stop()
+
+    asyncio.run(main())
+
+
+def test_a_turn_of_decode_rows_is_queued_and_staged_in_one_pass_with_each_its_token(tiny_dir, engine):
+    """Sessions each send their prompt but its last row, then, in one turn, that row: one message whose decode rows
+    the engine stages in one pass (as one view of the message when they are alike, each its own when fp16 and fp32
+    rows mix). Each answer is the full model's next token for that session."""
+    address, backend = engine
+    full = coexit.load(tiny_dir)
+    split = full.config.split_layer
+    texts = ["def add(a, b):", "for i in range(3):", "import os\n", "x = [1, 2, 3]", "while True:", "class A:",
+             "print('hi')", "if x > 0:", "return None", "try:\n    pass"]
+    ids = [torch.tensor([full.tokenizer.encode(t, add_bos=True)]) for t in texts]
+    with torch.no_grad():
+        rows = [full.stage(0, split)(x).hidden[0] for x in ids]
+        expected = [int(full(x).logits[0, -1].argmax()) for x in ids]
+    staged = backend.engine.scheduler.staged
+
+    async def main():
+        remote = RemoteBackend(address)
+        await remote.connect()
+        try:
+            sids = [(await remote.open(OpenArgs())).id for _ in texts]
+
+            def append(sid, first, x):
+                return remote.append(sid, first, x, True, GREEDY, 0, False, (0, 0))
+
+            await asyncio.wait_for(asyncio.gather(*[append(sid, 0, x[:-1]) for sid, x in zip(sids, rows)]), 120)
+            for group, half in ((range(0, 5), False), (range(5, 10), True)):  # alike; then fp16 among fp32
+                before, sent = staged.batches, remote.sent_messages
+                last = [rows[i][-1:].half() if half and i % 2 else rows[i][-1:] for i in group]
+                got = await asyncio.wait_for(asyncio.gather(*[append(sids[i], rows[i].shape[0] - 1, x)
+                                                              for i, x in zip(group, last)]), 120)
+                assert remote.sent_messages - sent == 1
+                assert staged.batches == before + 1, "the decode rows were not staged in one pass"
+                assert [(o.length, o.token_id) for o in got] == [(rows[i].shape[0], expected[i]) for i in group]
         finally:
             remote.stop()
 
