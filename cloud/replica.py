@@ -69,11 +69,11 @@ class Leader:
                  timeout_s: float = 600.0) -> None:
         self.manager, self.group, self.on_lost = manager, group, on_lost
         manager.journal = []
+        self.lost: BaseException | None = None
+        self.sent = 0  # broadcasts
         manager.engine.sync = self
         manager.engine.lockstep()
         manager.engine.heartbeat(timeout_s / 4)  # an idle engine beats this often: the followers' waits stay short
-        self.lost: BaseException | None = None
-        self.sent = 0  # broadcasts
 
     def __call__(self, phase: str) -> None:
         if self.lost is not None:
