@@ -9,8 +9,9 @@
 #    b. the same shape at 256 sessions behind 1, 2 and 4 front-end processes;
 #    c. the bundled default model at 1, 64 and 256 sessions.
 #    CLIENTS load-generator processes (6) and THREADS server compute threads (4), STEPS decode steps (64).
-# Everything goes to OUT_DIR/gpu_engine.txt (and each step's own log beside it); a step that runs out of budget is
-# cut and says so, and the ones after it are skipped.
+# Everything goes to OUT_DIR/gpu_engine.txt (and each step's own log beside it). Each step has a time limit of its
+# own (a step that hangs leaves time to the ones after it) and stops at the end of the budget; a step cut says so,
+# and one with too little budget left is skipped.
 #
 # The machine has no registry: bring .whl/ from bench/gpu_wheels.sh (pass it in the device tool's `carry`).
 #   bash bench/gpu_engine.sh OUT_DIR [BUDGET_S]          # e.g. bash bench/gpu_engine.sh $OUT 520
@@ -34,21 +35,23 @@ fi
 
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 say() { echo "$*" | tee -a "$LOG"; }
-step() {  # step NAME MIN_SECONDS COMMAND...: run it under what is left of the budget, its log beside LOG
-    local name=$1 need=$2 t rc
-    shift 2
+step() {  # step NAME MIN_S MAX_S COMMAND...: at most MAX_S s and what is left of the budget; its log beside LOG
+    local name=$1 need=$2 most=$3 t rc limit
+    shift 3
     if [ "$(left)" -lt "$need" ]; then
         say "## $name: skipped, $(left) s left of the budget (needs about $need s)"
         return 1
     fi
-    say "## $name ($(left) s left)"
+    limit=$(left)
+    [ "$limit" -gt "$most" ] && limit=$most  # (a step that hangs leaves the budget to the ones after it)
+    say "## $name ($(left) s left, at most $limit s)"
     say "\$ $*"
     t=$(date +%s)
-    timeout --kill-after=10 "$(left)" "$@" >"$OUT/$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
     grep -E '^(shape|\|)|passed|failed|error|Error' "$OUT/$name.log" | tail -40 | tee -a "$LOG"
     if [ $rc -ne 0 ]; then
-        say "(exit $rc$([ $rc -eq 124 ] && echo ': cut at the end of the budget'); the last lines of its log:)"
+        say "(exit $rc$([ $rc -eq 124 ] && echo ': cut at its time limit'); the last lines of its log:)"
         tail -15 "$OUT/$name.log" | tee -a "$LOG"
     fi
     say "($(( $(date +%s) - t )) s)"
@@ -62,20 +65,20 @@ torch.cuda.is_available(), 'grpcio', grpc.__version__)" 2>&1 | tee -a "$LOG"
 say "nproc $(nproc); budget ${BUDGET} s; clients $CLIENTS, server threads $THREADS, $STEPS decode steps"
 
 device=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-step engine_tests 60 env COEXIT_TEST_DEVICE="$device" "$PY" -m pytest -p no:cacheprovider tests/cloud/test_engine.py \
+step engine_tests 60 150 env COEXIT_TEST_DEVICE="$device" "$PY" -m pytest -p no:cacheprovider tests/cloud/test_engine.py \
     -k "equal_sessions_alone or equals_sessions_alone or equals_contiguous"
 
 CKPT=/tmp/coexit-gpu-engine-$SHAPE
 if [ ! -f "$CKPT/config.json" ]; then
-    step write_"$SHAPE" 60 "$PY" -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
+    step write_"$SHAPE" 30 120 "$PY" -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
 import cloud_load; cloud_load.write_shape('$SHAPE', Path('$CKPT'))"
 fi
 load=("$PY" bench/cloud_load.py --model "$CKPT" --shape "$SHAPE" --steps "$STEPS" --clients "$CLIENTS"
       --server-threads "$THREADS")
-step "${SHAPE}_one_process" 90 "${load[@]}" --sessions "$BIG,$SMALL" || true
+step "${SHAPE}_one_process" 90 200 "${load[@]}" --sessions "$BIG,$SMALL" || true
 for f in 1 2 4; do
-    step "${SHAPE}_${f}_frontends" 60 "${load[@]}" --sessions "$BIG" --frontends "$f" || break
+    step "${SHAPE}_${f}_frontends" 60 100 "${load[@]}" --sessions "$BIG" --frontends "$f" || break
 done
-step default_model 60 "$PY" bench/cloud_load.py --model models/coexit-code-small --steps "$STEPS" \
+step default_model 60 120 "$PY" bench/cloud_load.py --model models/coexit-code-small --steps "$STEPS" \
     --clients "$CLIENTS" --server-threads "$THREADS" --sessions "1,64,$BIG" || true
 say "# done in $(( $(date +%s) - T0 )) s"
