@@ -65,8 +65,8 @@ torch.cuda.is_available(), 'grpcio', grpc.__version__)" 2>&1 | tee -a "$LOG"
 say "nproc $(nproc); budget ${BUDGET} s; clients $CLIENTS, server threads $THREADS, $STEPS decode steps"
 
 device=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-step engine_tests 60 150 env COEXIT_TEST_DEVICE="$device" "$PY" -m pytest -p no:cacheprovider tests/cloud/test_engine.py \
-    -k "equal_sessions_alone or equals_sessions_alone or equals_contiguous"
+step engine_tests 60 150 env COEXIT_TEST_DEVICE="$device" "$PY" -m pytest -p no:cacheprovider \
+    tests/cloud/test_engine.py -k "equal_sessions_alone or equals_sessions_alone or equals_contiguous"
 
 CKPT=/tmp/coexit-gpu-engine-$SHAPE
 if [ ! -f "$CKPT/config.json" ]; then
