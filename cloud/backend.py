@@ -139,30 +139,32 @@ class LocalBackend:
                top_k: int, acct: tuple[int, int], drafts, fill: Tensor | None, waiter) -> AppendOutcome | None:
         """Queue an Append's rows; `waiter` (engine thread) gets its outcome when it wants a token or drafts.
         Returns the outcome now when there is nothing to wait for (discarded rows, or rows without a token)."""
-        self._account(s, acct)
-        wait = want_token or bool(drafts)
-        if rows.device != self.device:
-            rows = rows.to(self.device)
-        segment = Segment(first, rows, want_token, sampling, top_k, drafts=list(drafts) if drafts else (), fill=fill,
-                          waiter=waiter if wait else None)
-        if not self.manager.submit(s, rows, first, segment):
+        segment = self._segment(s, first, rows, want_token, sampling, top_k, acct, drafts, fill, waiter)
+        if not self.manager.submit(s, segment.rows, first, segment):
             return AppendOutcome(s.length, discarded=True)
-        return None if wait else AppendOutcome(s.length)  # without a token: computed in the background
+        if want_token or drafts:
+            return None
+        return AppendOutcome(s.length)  # without a token: computed in the background
 
     def submit_tokens(self, items: list[tuple[CloudSession, int, Tensor, SamplingParams, tuple[int, int],
                                               Tensor | None, object]]) -> list:
         """`submit` for several Appends that each want a plain token ((session, first, rows, sampling, acct, fill,
         waiter) each, a front end's message), queued in order in one pass (SessionManager.submit_many). Each result
         is None (queued: its waiter answers), an AppendOutcome (discarded rows), or the exception that refused it."""
-        segments = []
-        for s, first, rows, sampling, acct, fill, waiter in items:
-            self._account(s, acct)
-            if rows.device != self.device:
-                rows = rows.to(self.device)
-            segments.append((s, rows, first, Segment(first, rows, True, sampling, 0, fill=fill, waiter=waiter)))
-        results = self.manager.submit_many(segments)
+        queued = [(s, self._segment(s, first, rows, True, sampling, 0, acct, (), fill, waiter))
+                  for s, first, rows, sampling, acct, fill, waiter in items]
         return [AppendOutcome(s.length, discarded=True) if r is False else None if r is True else r
-                for (s, *_), r in zip(segments, results)]
+                for (s, _), r in zip(queued, self.manager.submit_many(queued))]
+
+    def _segment(self, s: CloudSession, first: int, rows: Tensor, want_token: bool, sampling: SamplingParams,
+                 top_k: int, acct: tuple[int, int], drafts, fill: Tensor | None, waiter) -> Segment:
+        """An Append's Segment, its bytes counted to the session and its rows on the engine's device; the waiter
+        kept only when the Append waits for something (a token or verdicts)."""
+        self._account(s, acct)
+        if rows.device != self.device:
+            rows = rows.to(self.device)
+        return Segment(first, rows, want_token, sampling, top_k, drafts=list(drafts) if drafts else (), fill=fill,
+                       waiter=waiter if want_token or drafts else None)
 
     def _waiters(self) -> _LoopReplies:
         loop = asyncio.get_running_loop()

@@ -278,15 +278,15 @@ class SessionManager:
         with self._lock:
             return self._submit(s, rows, first, segment)
 
-    def submit_many(self, items: list[tuple[CloudSession, Tensor, int, Segment]]) -> list:
+    def submit_many(self, items: list[tuple[CloudSession, Segment]]) -> list:
         """`submit` for several Appends at once (a front end's message), in order, under one hold of the lock,
         their decode rows staged in one pass. Each result is submit's, or the exception it raised."""
         out = []
         with self._lock, self.engine.batch():
-            for s, rows, first, segment in items:
+            for s, segment in items:
                 try:
                     self._check_extras(s, segment)
-                    out.append(self._submit(s, rows, first, segment))
+                    out.append(self._submit(s, segment.rows, segment.first, segment))
                 except Exception as exc:  # that Append's answer; the others go on
                     out.append(exc)
         return out

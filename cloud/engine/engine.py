@@ -137,7 +137,7 @@ class Engine:
         self.batch_wait = batch_wait
         self._served: tuple = ((), ())  # the sessions the last two ticks served, as groups (read by _coalesce)
         self._awaited: set | None = None  # while _coalesce waits: the ids of the recent sessions not back yet
-        self._batching = 0  # inside `batch`: 1, or 2 once a submission there wants the engine woken
+        self._batching = False  # inside `batch`: submissions leave waking the engine to its end
         self._last_tick_s = 0.0
         self.sync: Callable[[str], None] | None = None  # under --tp: rank 0's journal goes out ("tick", "settle")
         self.beat_s: float | None = None  # under --tp: idle this long, the engine sends a "beat" through sync
@@ -164,9 +164,7 @@ class Engine:
         with self._wake:
             self.scheduler.submit(session, segment)
             if self._awaited is None:  # the engine is not gathering a cohort: wake it if it waits for work
-                if self._batching:
-                    self._batching = 2  # (once, at the end of the batch)
-                else:
+                if not self._batching:  # (a batch wakes it once, at its end)
                     self._wake.notify()
             elif session.id in self.scheduler.ready:  # one more of the cohort is back
                 self._cross_off(session)
@@ -177,14 +175,14 @@ class Engine:
         engine once, at the end: a front end's message of Appends (SessionManager.submit_many)."""
         with self._wake:
             self.scheduler.stage_later()
-            self._batching = 1
+            self._batching = True
             try:
                 yield
             finally:
+                self._batching = False
                 self.scheduler.stage_deferred()
-                if self._batching == 2:
+                if self._awaited is None:  # (set only by the engine thread, under the lock held here)
                     self._wake.notify()
-                self._batching = 0
 
     def not_coming(self, session) -> None:
         """The session left (closed, evicted, detached): a cohort being gathered stops waiting for it."""
