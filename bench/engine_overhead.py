@@ -219,7 +219,7 @@ class Harness:
         from cloud.engine.scheduler import Segment
 
         seg = Segment(first, rows, True, waiter=self._waiter(len(self.sessions) % 4))
-        assert self.manager.submit(s, rows, first, seg)
+        assert self.manager.submit(s, seg)
 
     def open(self, prompt: int) -> None:
         s = self.manager.open(2048, "fp32", False, False, {})

@@ -140,7 +140,7 @@ class LocalBackend:
         """Queue an Append's rows; `waiter` (engine thread) gets its outcome when it wants a token or drafts.
         Returns the outcome now when there is nothing to wait for (discarded rows, or rows without a token)."""
         segment = self._segment(s, first, rows, want_token, sampling, top_k, acct, drafts, fill, waiter)
-        if not self.manager.submit(s, segment.rows, first, segment):
+        if not self.manager.submit(s, segment):
             return AppendOutcome(s.length, discarded=True)
         if want_token or drafts:
             return None

@@ -347,6 +347,7 @@ class AppendBatch:
         buf = bytearray(data)
         now, items, rids, offset = [], [], [], 0
         every = _alike(buf, entries)
+        every = every.unbind(0) if every is not None else None  # (one call for the entries' views)
         for i, (rid, sid, first, meta, sampling, acct, fill, nbytes) in enumerate(entries):
             rows = every[i] if every is not None else _view(buf, meta, offset, nbytes)
             offset += nbytes + -nbytes % _ALIGN

@@ -114,11 +114,7 @@ class SessionManager:
         if op == "submit":
             sid, seg = args
             s = self.sessions.get(sid)
-            if s is None:
-                return False
-            s.expected = seg.last
-            self.sessions.move_to_end(sid)
-            if s.rejected_at is not None and seg.first >= s.rejected_at:
+            if s is None or not self._accept(s, seg):
                 return False
             self.engine.submit(s, seg)
             return True
@@ -271,33 +267,55 @@ class SessionManager:
                             f"positions {seg.first}..{seg.last - 1} were not computed: {s.refusal}; the session "
                             f"keeps its first {seg.first} positions")
 
-    def submit(self, s: CloudSession, rows: Tensor, first: int, segment: Segment) -> bool:
+    def _accept(self, s: CloudSession, seg: Segment) -> bool:
+        """(Lock held.) The session takes the segment's positions; False when its rows are discarded instead (they
+        follow a rejected draft), True when they are to be queued ("submit" in the journal)."""
+        s.expected = seg.last
+        self.sessions.move_to_end(s.id)
+        return s.rejected_at is None or seg.first < s.rejected_at
+
+    def submit(self, s: CloudSession, segment: Segment) -> bool:
         """Queue an Append's rows for the engine after checking them against the session's state. Returns False
         when the rows were discarded instead: they follow a rejected draft (the client must roll back)."""
-        self._check_extras(s, segment)
-        with self._lock:
-            return self._submit(s, rows, first, segment)
+        result, = self.submit_many(((s, segment),))
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-    def submit_many(self, items: list[tuple[CloudSession, Segment]]) -> list:
-        """`submit` for several Appends at once (a front end's message), in order, under one hold of the lock,
-        their decode rows staged in one pass. Each result is submit's, or the exception it raised."""
-        out = []
-        with self._lock, self.engine.batch():
+    def submit_many(self, items) -> list:
+        """`submit` for several Appends at once (a front end's message), in order, under one hold of the lock, and
+        queued with the engine in one pass. Each result is submit's, or the exception it raised (that Append's
+        answer: the others go on)."""
+        out, queued, now = [], [], time.monotonic()
+        with self._lock:
+            journal = self.journal
             for s, segment in items:
                 try:
-                    self._check_extras(s, segment)
-                    out.append(self._submit(s, segment.rows, segment.first, segment))
-                except Exception as exc:  # that Append's answer; the others go on
+                    self._check(s, segment)
+                except Exception as exc:
                     out.append(exc)
+                    continue
+                s.last_used = now
+                if journal is not None:
+                    journal.append(("submit", (s.id, segment)))
+                ok = self._accept(s, segment)
+                out.append(ok)
+                if ok:
+                    queued.append((s, segment))
+            if queued:
+                self.engine.submit_many(queued)
         return out
 
-    def _submit(self, s: CloudSession, rows: Tensor, first: int, segment: Segment) -> bool:
-        """(Lock held.) submit's checks against the session's state, then the queueing."""
-        if s.retired:
+    def _check(self, s: CloudSession, segment: Segment) -> None:
+        """(Lock held.) An Append's rows against the session's state: raises the error to answer it with."""
+        if segment.drafts or segment.fill is not None:
+            self._check_extras(s, segment)
+        if s.retired or s.id not in self.sessions:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed or evicted; open a new one")
         if s.failed is not None:
             error, s.failed = s.failed, None
             raise error
+        first = segment.first
         if s.stateless:
             if first != 0:
                 raise invalid(f"a stateless session takes the whole context from position 0, got {first}")
@@ -306,14 +324,9 @@ class SessionManager:
             what = "a gap" if first > s.expected else "an overlap"
             raise invalid(f"rows start at position {first} but the session holds {s.expected} positions "
                           f"({what}); send positions from {s.expected} on")
-        n = rows.shape[0]
-        if first + n > s.max_length:
-            raise invalid(f"positions up to {first + n} exceed this session's max_length {s.max_length}; "
+        if segment.last > s.max_length:
+            raise invalid(f"positions up to {segment.last} exceed this session's max_length {s.max_length}; "
                           f"open a session with a larger max_length")
-        s.last_used = time.monotonic()
-        if s.id not in self.sessions:  # (retired is checked above: not reached)
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed or evicted; open a new one")
-        return self._do("submit", s.id, segment)
 
     def _check_extras(self, s: CloudSession, seg: Segment) -> None:
         """Drafts and fill rows against the session's options and the Append's own rows."""

@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
@@ -137,7 +136,6 @@ class Engine:
         self.batch_wait = batch_wait
         self._served: tuple = ((), ())  # the sessions the last two ticks served, as groups (read by _coalesce)
         self._awaited: set | None = None  # while _coalesce waits: the ids of the recent sessions not back yet
-        self._batching = False  # inside `batch`: submissions leave waking the engine to its end
         self._last_tick_s = 0.0
         self.sync: Callable[[str], None] | None = None  # under --tp: rank 0's journal goes out ("tick", "settle")
         self.beat_s: float | None = None  # under --tp: idle this long, the engine sends a "beat" through sync
@@ -161,28 +159,21 @@ class Engine:
             self._wake.notify()
 
     def submit(self, session, segment: Segment) -> None:
-        with self._wake:
-            self.scheduler.submit(session, segment)
-            if self._awaited is None:  # the engine is not gathering a cohort: wake it if it waits for work
-                if not self._batching:  # (a batch wakes it once, at its end)
-                    self._wake.notify()
-            elif session.id in self.scheduler.ready:  # one more of the cohort is back
-                self._cross_off(session)
+        self.submit_many(((session, segment),))
 
-    @contextmanager
-    def batch(self):
-        """Submissions inside (under the lock, held throughout) stage their decode rows in one pass, and wake the
-        engine once, at the end: a front end's message of Appends (SessionManager.submit_many)."""
+    def submit_many(self, items) -> None:
+        """Queue (session, segment) pairs in order (a front end's message of Appends, in one pass) and wake the
+        engine once: if it waits for work, or, while it gathers a cohort, when the last of the cohort is back."""
         with self._wake:
-            self.scheduler.stage_later()
-            self._batching = True
-            try:
-                yield
-            finally:
-                self._batching = False
-                self.scheduler.stage_deferred()
-                if self._awaited is None:  # (set only by the engine thread, under the lock held here)
-                    self._wake.notify()
+            self.scheduler.submit_many(items)
+            awaited = self._awaited
+            if awaited is None:
+                self._wake.notify()
+            elif awaited:
+                ready = self.scheduler.ready
+                for session, _ in items:
+                    if session.id in ready:  # one more of the cohort is back
+                        self._cross_off(session)
 
     def not_coming(self, session) -> None:
         """The session left (closed, evicted, detached): a cohort being gathered stops waiting for it."""

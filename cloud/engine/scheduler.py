@@ -206,7 +206,6 @@ class Scheduler:
         self.ready: OrderedDict[str, Any] = OrderedDict()  # sessions with queued segments, round-robin order
         self.plain: dict[str, Any] = {}  # ready sessions whose queue is one plain decode row for the static step
         self.staged = StagedRows()  # the plain sessions' rows, by KV slot
-        self._deferred: list | None = None  # (slot, segment) to stage at once (`stage_later`), or None
         self.prompts: PromptRing | None = PromptRing(8 * row_budget)  # the other rows (a prompt's), back to back,
         # on a CPU (None: not staged; Engine.lockstep)
         self.steady_start: int | None = None  # first deep layer of the static step (None: no static step)
@@ -235,42 +234,45 @@ class Scheduler:
         return len(q) == 1 and self.steady_start is not None and plain_decode(q[0]) and self.eligible(session)
 
     def submit(self, session, segment: Segment) -> None:
-        # rows a mixed tick may read in place (a longer upload is cut into chunks anyway, and its copy would hold
-        # the engine lock)
-        if self.prompts is not None and 1 < segment.n <= self.row_budget and segment.rows.is_floating_point():
-            put = self.prompts.stage(segment.rows)
-            if put is not None:
-                segment.rows, segment.staged = put
-        segment.arrival, self._arrivals = self._arrivals, self._arrivals + 1
-        session.queue.append(segment)
-        if segment.truncate_to is not None and segment.n == 0:
-            self._rollbacks.add(session.id)
-        if session.id in self.busy:  # its tick is on the device: it becomes ready again when that tick settles
-            self._stale = True
-            return
-        self.ready.setdefault(session.id, session)
-        if self._plain(session):
-            self.plain[session.id] = session
-            if self._deferred is None:
-                self.staged.put(session.runner.cache.slot, segment)
+        self.submit_many(((session, segment),))
+
+    def submit_many(self, items) -> None:
+        """Queue (session, segment) pairs, in order (a front end's message of Appends: one pass). A session whose
+        whole queue becomes one plain decode row joins `plain`, its row staged by KV slot (all of them at once)."""
+        ready, plain, busy, prompts = self.ready, self.plain, self.busy, self.prompts
+        steady = self.steady_start is not None
+        staged, arrivals, stale = [], self._arrivals, False
+        for session, segment in items:
+            sid, queue, n = session.id, session.queue, segment.n
+            # rows a mixed tick may read in place (a longer upload is cut into chunks anyway, and its copy would
+            # hold the engine lock)
+            if prompts is not None and 1 < n <= self.row_budget and segment.rows.is_floating_point():
+                put = prompts.stage(segment.rows)
+                if put is not None:
+                    segment.rows, segment.staged = put
+            segment.arrival, arrivals = arrivals, arrivals + 1
+            queue.append(segment)
+            if segment.truncate_to is not None and n == 0:
+                self._rollbacks.add(sid)
+            if sid in busy:  # its tick is on the device: it becomes ready again when that tick settles
+                stale = True
+                continue
+            if sid not in ready:
+                ready[sid] = session
+            if steady and len(queue) == 1 and plain_decode(segment) and self.eligible(session):
+                plain[sid] = session
+                staged.append((session.runner.cache.slot, segment))
+                if session.planned:
+                    self._fresh += 1
+                    continue
             else:
-                self._deferred.append((session.runner.cache.slot, segment))
-            if session.planned:
-                self._fresh += 1
-                return
-        else:
-            self.plain.pop(session.id, None)
-        self._stale = True
-
-    def stage_later(self) -> None:
-        """From now until `stage_deferred`, submitted decode rows are staged together then (the caller holds the
-        engine lock throughout, so no tick reads the staged rows in between)."""
-        self._deferred = []
-
-    def stage_deferred(self) -> None:
-        deferred, self._deferred = self._deferred, None
-        if deferred:
-            self.staged.put_many(deferred)
+                plain.pop(sid, None)
+            stale = True
+        self._arrivals = arrivals
+        if stale:
+            self._stale = True
+        if staged:
+            self.staged.put_many(staged)
 
     def settled(self, session) -> None:
         """After a tick popped the session's finished segment: it leaves the ready set when nothing is left,

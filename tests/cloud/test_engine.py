@@ -74,7 +74,7 @@ class Harness:
             ev.set()
 
         seg = Segment(first, rows, want, sampling, top_k, waiter=waiter if want else None)
-        self.manager.submit(s, rows, first, seg)
+        self.manager.submit(s, seg)
         return (box, ev) if want else None
 
     def step_async(self, work):
