@@ -12,7 +12,7 @@ front end (4), built as RemoteBackend builds them (untimed). Printed per N: the 
 per tick (p50 / p99, all front ends' messages) and per Append, beside the tick's host critical path.
 
     python bench/engine_ingest.py [--ticks 2000] [--sessions 64,256,1024]
-    PYTHONPATH=/path/to/other/checkout python bench/engine_ingest.py   # another version's code
+    (cd /path/to/other/checkout && python bench/engine_ingest.py)     # another version's code, with its own bench
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import argparse
 import pickle
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +40,8 @@ class IngestHarness(eo.Harness):
         from cloud.backend import LocalBackend
         from cloud.ipc import AppendBatch
 
-        backend = object.__new__(LocalBackend)  # the engine process's backend, around the harness's engine
-        backend.engine, backend.manager, backend.device = self.engine, self.manager, torch.device("cpu")
-        backend._loops = weakref.WeakKeyDictionary()
-        self.batch = AppendBatch(backend, self.packed)
+        self.batch = AppendBatch(LocalBackend.over(self.manager), self.packed)  # the engine process's, around
+        # the harness's engine
         self.ingest: list[tuple[float, int]] = []  # (seconds, Appends) per tick
 
     def submit_decode(self) -> None:

@@ -104,9 +104,21 @@ class LocalBackend:
         p = next(model.parameters())
         pool = KVPool.from_budget(model.config, limits.kv_budget_bytes, limits.block_size, p.dtype, p.device,
                                   kv_heads)
-        self.engine = Engine(model, pool, limits.rows_per_tick, batch_wait=limits.batch_wait,
-                             static_decode=limits.static_decode, overlap=limits.overlap, thread=engine_thread)
-        self.manager = SessionManager(model, limits, self.engine)
+        engine = Engine(model, pool, limits.rows_per_tick, batch_wait=limits.batch_wait,
+                        static_decode=limits.static_decode, overlap=limits.overlap, thread=engine_thread)
+        self._over(SessionManager(model, limits, engine))
+
+    @classmethod
+    def over(cls, manager: SessionManager) -> LocalBackend:
+        """A backend over an existing SessionManager and its engine (bench/engine_ingest.py's harness)."""
+        backend = cls.__new__(cls)
+        backend._over(manager)
+        return backend
+
+    def _over(self, manager: SessionManager) -> None:
+        self.manager, self.engine = manager, manager.engine
+        model = manager.model
+        p = next(model.parameters())
         c = model.config
         self.info = ModelInfo(model.fingerprint, c.split_layer, c.num_hidden_layers, c.hidden_size, c.vocab_size,
                               list(c.exit_layers), self.manager.serves_tokens, self.manager.max_length_cap,
