@@ -220,6 +220,8 @@ def main() -> int:
                     help="serve with this many gRPC front-end processes and one engine process (0: one process)")
     ap.add_argument("--tp", type=int, default=1,
                     help="serve with `coexit serve --tp N` under torchrun (N ranks of the deep layers)")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                    help="`coexit serve --dtype` (auto: bf16 on a GPU, fp32 on a CPU); the plain step uses the same")
     ap.add_argument("--serve-args", default="", help="more `coexit serve` flags, e.g. \"--batch-wait 0\"")
     ap.add_argument("--server-root", help="run `coexit serve` from this checkout instead (a baseline)")
     ap.add_argument("--target", metavar="HOST:PORT",
@@ -234,13 +236,15 @@ def main() -> int:
 
     on_gpu = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
+    if args.dtype != "auto":
+        dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.server_threads)  # the plain step gets the server's compute threads
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else write_shape(args.shape, Path(tmp) / args.shape)
         counts = [int(s) for s in args.sessions.split(",")]
         mport = free_port()
         extra = ["--max-sessions", str(max(counts) + 8), "--kv-budget-mib", "4096" if on_gpu else "1024",
-                 *args.serve_args.split()]
+                 *args.serve_args.split(), *(["--dtype", args.dtype] if args.dtype != "auto" else [])]
         if args.target:
             mport = args.target_metrics_port
         else:  # (an older --server-root takes the same flags)

@@ -13,7 +13,7 @@ from pathlib import Path
 import coexit
 from cloud.auth import Auth
 from cloud.launch import check_port_free
-from cloud.server import serve_forever
+from cloud.server import SERVE_DTYPES, serve_forever
 from cloud.sessions import Limits
 from coexit.errors import UsageError
 
@@ -101,6 +101,9 @@ def main(argv: list[str]) -> int:
                     help="answer GET /healthz over HTTP/1 on this port: 200 while serving, 503 while draining (for "
                          "load balancers without gRPC health checks, e.g. HAProxy; 0: off)")
     ap.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
+    ap.add_argument("--dtype", choices=SERVE_DTYPES, default="auto",
+                    help="what the cloud computes in (auto: the checkpoint's dtype on a GPU, float32 on a CPU; "
+                         "bfloat16 is about 1.7x faster on CPUs with AMX, slower on others)")
     ap.add_argument("--deep-only", action="store_true", help="load only layers [split, L) (no cloud-only mode)")
     ap.add_argument("--token", default=os.environ.get("COEXIT_TOKEN"),
                     help="require this bearer token (default: $COEXIT_TOKEN, else none)")
@@ -125,15 +128,16 @@ def main(argv: list[str]) -> int:
 
         return serve_tensor_parallel(args.model, args.port, args.host, limits, auth, args.deep_only, tls,
                                      args.metrics_port, args.drain_grace, args.health_http_port, args.tp,
-                                     args.tp_timeout)
+                                     args.tp_timeout, dtype=args.dtype)
     if args.frontends > 0:
         from cloud.server import serve_processes
 
         return serve_processes(args.model, args.port, args.host, limits, auth, args.deep_only, tls,
-                               args.metrics_port, args.frontends, args.drain_grace, args.health_http_port)
+                               args.metrics_port, args.frontends, args.drain_grace, args.health_http_port,
+                               dtype=args.dtype)
     try:
         asyncio.run(serve_forever(args.model, args.port, args.host, limits, auth, args.deep_only, tls,
-                                 args.metrics_port, args.drain_grace, args.health_http_port))
+                                 args.metrics_port, args.drain_grace, args.health_http_port, dtype=args.dtype))
     except KeyboardInterrupt:
         pass
     return 0

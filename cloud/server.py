@@ -29,17 +29,31 @@ log = logging.getLogger("coexit.cloud")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coexit"].full_name
 
 
-def load_model(model_dir: str | Path, deep_only: bool = False, dtype=None) -> coexit.EarlyExitLM:
-    """The whole model by default (so the cloud-only baseline works); deep_only keeps just [split, L).
-    dtype None: fp32 on a CPU (bf16 matmuls are several times slower there), the file's dtype on a GPU."""
+SERVE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # `coexit serve --dtype`
+
+
+def serve_dtype(name: str = "auto", on_gpu: bool = False):
+    """The dtype `coexit serve --dtype name` computes in; None: the checkpoint's own. auto: the checkpoint's on a
+    GPU, float32 on a CPU (bf16 matmuls are several times slower on CPUs without AMX; on one with AMX, bfloat16
+    steps about 1.7x faster, bench/results/cloud_load.txt)."""
+    import torch
+
+    if name not in SERVE_DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(SERVE_DTYPES)}, got {name!r}")
+    if name == "auto":
+        return None if on_gpu else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(model_dir: str | Path, deep_only: bool = False, dtype: str = "auto") -> coexit.EarlyExitLM:
+    """The whole model by default (so the cloud-only baseline works); deep_only keeps just [split, L); in the
+    dtype `serve_dtype(dtype)` names."""
     import torch
 
     config = coexit.read_config(model_dir)
     layers = (config.split_layer, config.num_hidden_layers) if deep_only else None
     on_gpu = torch.cuda.is_available()
-    if dtype is None and not on_gpu:
-        dtype = torch.float32
-    return coexit.load(model_dir, layers=layers, dtype=dtype, device="cuda" if on_gpu else "cpu")
+    return coexit.load(model_dir, layers=layers, dtype=serve_dtype(dtype, on_gpu), device="cuda" if on_gpu else "cpu")
 
 
 async def start_server(model: coexit.EarlyExitLM, port: int = 0, host: str = "127.0.0.1",
@@ -167,13 +181,13 @@ def _read_tls(tls_files: tuple[str, str] | None) -> tuple[bytes, bytes] | None:
 
 def _banner(model_dir, host, port, info, layers: tuple[int, int], how: str) -> None:
     print(f"coexit cloud serving {model_dir} on {host}:{port} (layers [{layers[0]}, {layers[1]}), split "
-          f"{info.split_layer}, fingerprint {info.fingerprint[:16]}…; {how})", flush=True)
+          f"{info.split_layer}, {info.dtype}, fingerprint {info.fingerprint[:16]}…; {how})", flush=True)
 
 
 async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None,
                         deep_only: bool, tls_files: tuple[str, str] | None, metrics_port: int = 0,
                         drain_grace_s: float = 10.0, health_http_port: int = 0, backend=None,
-                        how: str = "one process") -> None:
+                        how: str = "one process", dtype: str = "auto") -> None:
     """One process: gRPC, sessions and the engine thread together (on `backend`, a LocalBackend, when given: a
     tensor-parallel rank 0's)."""
     from cloud.backend import LocalBackend
@@ -181,7 +195,7 @@ async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, au
 
     limits = with_identities(limits, auth)
     if backend is None:
-        backend = LocalBackend(load_model(model_dir, deep_only=deep_only), limits)
+        backend = LocalBackend(load_model(model_dir, deep_only=deep_only, dtype=dtype), limits)
     server, bound, service = await serve_backend(backend, port, host, limits, auth, _read_tls(tls_files))
     if health_http_port:
         await serve_health_http(host, health_http_port, lambda: not service.draining)
@@ -197,7 +211,8 @@ async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, au
 # ---- tensor parallelism: one process per rank, started by torchrun ------------------------------------------------
 def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None, deep_only: bool,
                           tls_files: tuple[str, str] | None, metrics_port: int, drain_grace_s: float,
-                          health_http_port: int, tp_size: int, tp_timeout_s: float = 600.0) -> int:
+                          health_http_port: int, tp_size: int, tp_timeout_s: float = 600.0,
+                          dtype: str = "auto") -> int:
     """One rank of `torchrun --nproc_per_node N -m coexit serve --tp N`. Every rank loads its shard of the deep
     layers (cloud/tp.py) and its KV heads' pool and prints its memory; rank 0 serves gRPC and leads the ticks, the
     others replay them (cloud/replica.py). Returns 1 when a rank is lost."""
@@ -216,7 +231,7 @@ def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, 
     on_gpu = torch.cuda.is_available()
     tp = init_tp(tp_size, "cuda" if on_gpu else "cpu", tp_timeout_s)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
-    model = load_sharded(model_dir, tp, deep_only, None if on_gpu else torch.float32, device, local=True)
+    model = load_sharded(model_dir, tp, deep_only, serve_dtype(dtype, on_gpu), device, local=True)
     # the ranks run each tick in step (no lane); CUDA graphs of the collectives are not captured: not yet tested on GPUs
     limits = dataclasses.replace(with_identities(limits, auth), overlap="off",
                                  static_decode="eager" if limits.static_decode == "auto" else limits.static_decode)
@@ -258,7 +273,7 @@ def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, 
 
 
 # ---- several front-end processes and one engine process ---------------------------------------------------------
-def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, ready) -> None:
+def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, ready, dtype="auto") -> None:
     import signal
 
     from cloud.backend import LocalBackend
@@ -268,7 +283,9 @@ def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, read
     die_with_parent(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor stops the engine
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[engine] %(levelname)s %(message)s")
-    backend = LocalBackend(load_model(model_dir, deep_only=deep_only), limits)
+    backend = LocalBackend(load_model(model_dir, deep_only=deep_only, dtype=dtype), limits)
+    model = backend.engine.model
+    print(f"coexit engine process: layers [{model.start}, {model.stop}) in {backend.info.dtype}", flush=True)
     if metrics_port:
         mport = backend.engine.metrics.serve(metrics_port, host)
         print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
@@ -306,7 +323,7 @@ def _frontend_main(address, port, host, limits, auth, tls, drain_grace_s, health
 
 def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None, deep_only: bool,
                     tls_files: tuple[str, str] | None, metrics_port: int, frontends: int,
-                    drain_grace_s: float = 10.0, health_http_port: int = 0) -> int:
+                    drain_grace_s: float = 10.0, health_http_port: int = 0, dtype: str = "auto") -> int:
     """`frontends` gRPC processes sharing `port` (SO_REUSEPORT) in front of one engine process; returns when a
     child dies (exit code 1) or on SIGTERM / Ctrl-C (0)."""
     import multiprocessing as mp
@@ -325,7 +342,7 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: 
     tmp = tempfile.TemporaryDirectory(prefix="coexit-engine-")
     address = f"ipc://{tmp.name}/engine.sock"
     engine = ctx.Process(target=_engine_main, name="coexit-engine",
-                         args=(model_dir, deep_only, limits, address, metrics_port, host, ready))
+                         args=(model_dir, deep_only, limits, address, metrics_port, host, ready, dtype))
     children = [engine]
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
