@@ -132,9 +132,14 @@ class LocalBackend:
     def _get(self, sid: str) -> CloudSession:
         s = self.manager.sessions.get(sid)
         if s is None:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed, evicted or expired; open a new "
-                                                          "session and resend its context")
+            raise self.missing()
         return s
+
+    @staticmethod
+    def missing() -> ServiceError:
+        """The answer to a call for a session this server does not hold."""
+        return ServiceError(grpc.StatusCode.NOT_FOUND, "this session was closed, evicted or expired; open a new "
+                                                       "session and resend its context")
 
     async def open(self, args: OpenArgs) -> SessionHandle:
         if args.resume_id:
@@ -151,24 +156,14 @@ class LocalBackend:
                top_k: int, acct: tuple[int, int], drafts, fill: Tensor | None, waiter) -> AppendOutcome | None:
         """Queue an Append's rows; `waiter` (engine thread) gets its outcome when it wants a token or drafts.
         Returns the outcome now when there is nothing to wait for (discarded rows, or rows without a token)."""
-        segment = self._segment(s, first, rows, want_token, sampling, top_k, acct, drafts, fill, waiter)
+        segment = self.segment(s, first, rows, want_token, sampling, top_k, acct, drafts, fill, waiter)
         if not self.manager.submit(s, segment):
             return AppendOutcome(s.length, discarded=True)
         if want_token or drafts:
             return None
         return AppendOutcome(s.length)  # without a token: computed in the background
 
-    def submit_tokens(self, items: list[tuple[CloudSession, int, Tensor, SamplingParams, tuple[int, int],
-                                              Tensor | None, object]]) -> list:
-        """`submit` for several Appends that each want a plain token ((session, first, rows, sampling, acct, fill,
-        waiter) each, a front end's message), queued in order in one pass (SessionManager.submit_many). Each result
-        is None (queued: its waiter answers), an AppendOutcome (discarded rows), or the exception that refused it."""
-        queued = [(s, self._segment(s, first, rows, True, sampling, 0, acct, (), fill, waiter))
-                  for s, first, rows, sampling, acct, fill, waiter in items]
-        return [AppendOutcome(s.length, discarded=True) if r is False else None if r is True else r
-                for (s, _), r in zip(queued, self.manager.submit_many(queued))]
-
-    def _segment(self, s: CloudSession, first: int, rows: Tensor, want_token: bool, sampling: SamplingParams,
+    def segment(self, s: CloudSession, first: int, rows: Tensor, want_token: bool, sampling: SamplingParams,
                  top_k: int, acct: tuple[int, int], drafts, fill: Tensor | None, waiter) -> Segment:
         """An Append's Segment, its bytes counted to the session and its rows on the engine's device; the waiter
         kept only when the Append waits for something (a token or verdicts)."""

@@ -27,6 +27,7 @@ so a front end's calls reach the engine in the order they were made.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -101,11 +102,15 @@ class PackedReplies:
         self._codes: dict[bytes, int] = {}
 
     def waiter(self, front: bytes, rid: int, session=None) -> PackedWaiter:
+        return self.waiters(front)(rid, session)
+
+    def waiters(self, front: bytes):
+        """A maker of `front`'s waiters, (rid, session) -> PackedWaiter (a message's entries share its front end)."""
         code = self._codes.get(front)
         if code is None:
             code = self._codes[front] = len(self.fronts)
             self.fronts.append(front)
-        return PackedWaiter(self, front, rid, session, code)
+        return functools.partial(PackedWaiter, self, front, code=code)
 
     def flush(self, steady, finished: list) -> None:
         from cloud.engine.engine import Engine
@@ -342,32 +347,33 @@ class AppendBatch:
 
     def submit(self, front: bytes, entries, data) -> list[tuple]:
         """Queue the entries of one message from `front`; returns the replies to send now, (rid, ok, result)."""
-        backend, waiter = self.backend, self.packed.waiter
+        backend = self.backend
+        sessions, segment, waiter = backend.manager.sessions, backend.segment, self.packed.waiters(front)
         entries = pickle.loads(entries)
         buf = bytearray(data)
-        now, items, rids, offset = [], [], [], 0
+        now, queued, rids, offset = [], [], [], 0
         every = _alike(buf, entries)
         every = every.unbind(0) if every is not None else None  # (one call for the entries' views)
         for i, (rid, sid, first, meta, sampling, acct, fill, nbytes) in enumerate(entries):
             rows = every[i] if every is not None else _view(buf, meta, offset, nbytes)
             offset += nbytes + -nbytes % _ALIGN
-            try:
-                s = backend.session(sid)
-            except ServiceError as exc:
+            s = sessions.get(sid)
+            if s is None:
+                exc = backend.missing()
                 now.append((rid, False, (exc.code.name, exc.message)))
                 continue
-            items.append((s, first, rows, sampling, acct, fill, waiter(front, rid, s)))
+            queued.append((s, segment(s, first, rows, True, sampling, 0, acct, (), fill, waiter(rid, s))))
             rids.append(rid)
-        for rid, result in zip(rids, backend.submit_tokens(items)):
-            if result is None:  # queued: answered with its tick's others
+        for rid, (s, _), result in zip(rids, queued, backend.manager.submit_many(queued)):
+            if result is True:  # queued: answered with its tick's others
                 continue
-            if isinstance(result, ServiceError):
+            if result is False:  # discarded (after a rejected draft): answered now
+                now.append((rid, True, AppendOutcome(s.length, discarded=True)))
+            elif isinstance(result, ServiceError):
                 now.append((rid, False, (result.code.name, result.message)))
-            elif isinstance(result, Exception):  # a server fault: the front end answers INTERNAL
+            else:  # a server fault: the front end answers INTERNAL
                 log.error("engine call append failed", exc_info=result)
                 now.append((rid, False, (None, f"{type(result).__name__}: {result}")))
-            else:  # discarded: answered now
-                now.append((rid, True, result))
         return now
 
 
