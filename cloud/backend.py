@@ -166,9 +166,11 @@ class LocalBackend:
     def segment(self, s: CloudSession, first: int, rows: Tensor, want_token: bool, sampling: SamplingParams,
                  top_k: int, acct: tuple[int, int], drafts, fill: Tensor | None, waiter) -> Segment:
         """An Append's Segment, its bytes counted to the session and its rows on the engine's device; the waiter
-        kept only when the Append waits for something (a token or verdicts)."""
+        kept only when the Append waits for something (a token or verdicts). One row that wants a token (a decode
+        row) stays on the host: the engine stages it there and copies a tick's decode rows to the device at once
+        (staging.py), instead of a copy per Append; where such a row takes the general path, the runner moves it."""
         self._account(s, acct)
-        if rows.device != self.device:
+        if rows.device != self.device and not (want_token and rows.shape[0] == 1):
             rows = rows.to(self.device)
         return Segment(first, rows, want_token, sampling, top_k, drafts=list(drafts) if drafts else (), fill=fill,
                        waiter=waiter if want_token or drafts else None)

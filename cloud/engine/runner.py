@@ -232,6 +232,9 @@ class BatchedRunner:
         path's items. Plain prompt chunks among the items ride one mixed pass with the decode rows (mixed.py),
         read in place where they lie in `prompts` (the scheduler's PromptRing, or None); the other items take the
         general path (`run`). Returns the decode rows' output and the items' results in their order."""
+        for it in items:  # (a decode row the backend left on the host, LocalBackend.segment)
+            if it.x.device != self.device:
+                it.x = it.x.to(self.device)
         chunks = [it for it in items if self.mixed is not None and self.mixed.eligible(it)]
         if not chunks:
             return (self.run_steady(slots, rows) if slots is not None else None,

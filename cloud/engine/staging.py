@@ -9,7 +9,9 @@ too, instead of Python passes over its sessions and a cat. A slot's entry stays 
 a session's rows never ride two ticks at once, and one that queues more is no longer plain.
 
 Rows are kept in float32 on the device the rows arrive on: every hidden dtype a client may send converts to it
-exactly, so the step sees the same values as from the rows themselves.
+exactly, so the step sees the same values as from the rows themselves. A server's decode rows arrive on the host
+(LocalBackend.segment leaves them there), so on a GPU a tick's decode rows reach the device in one copy
+(`RowsAt.into`), not one per Append.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class StagedRows:
         rows = segment.rows
         if self.rows is None or slot >= self.rows.shape[0]:
             self._grow(slot + 1, rows[0])
-        if self._host is not None and rows.dtype in _NUMPY_CASTS:  # the submitting thread keeps the GIL
+        if self._host is not None and rows.dtype in _NUMPY_CASTS and rows.device.type == "cpu":  # (the
+            # submitting thread keeps the GIL)
             self._host[slot] = rows.numpy()[0]
         else:
             self.rows[slot] = rows[0]
@@ -63,7 +66,7 @@ class StagedRows:
         top = max(slots)  # (Python's max: numpy's costs more for a message's few hundred)
         if self.rows is None or top >= self.rows.shape[0]:
             self._grow(top + 1, rows[0])
-        if self._host is not None and rows.dtype in _NUMPY_CASTS:
+        if self._host is not None and rows.dtype in _NUMPY_CASTS and rows.device.type == "cpu":
             self._host[idx] = rows.numpy()
         else:
             self.rows[torch.from_numpy(idx).to(self.rows.device)] = rows.to(self.rows)
@@ -116,8 +119,9 @@ class RowsAt:
         return self.buffer.index_select(0, self.index)
 
     def into(self, out: Tensor) -> None:
-        """Copy the rows into out (n, C) (a view; converted when it is not float32)."""
-        if out.dtype == self.buffer.dtype:
+        """Copy the rows into out (n, C) (a view; converted when it is not float32; from the host in one copy when
+        out is on a GPU and the rows were staged on the host, as a server stages them)."""
+        if out.dtype == self.buffer.dtype and out.device == self.buffer.device:
             torch.index_select(self.buffer, 0, self.index, out=out)
         else:
             out.copy_(self.gather())

@@ -73,6 +73,8 @@ class Harness:
             box["out"] = outcome
             ev.set()
 
+        if want and rows.shape[0] == 1:  # a decode row stays on the host, as LocalBackend.segment leaves it (on a
+            rows = rows.cpu()  # GPU the engine stages it there and copies a tick's rows over at once)
         seg = Segment(first, rows, want, sampling, top_k, waiter=waiter if want else None)
         self.manager.submit(s, seg)
         return (box, ev) if want else None
