@@ -303,7 +303,10 @@ class SessionManager:
                 if ok:
                     queued.append((s, segment))
             if queued:
-                self.engine.submit_many(queued)
+                try:
+                    self.engine.submit_many(queued)
+                except Exception as exc:  # a server fault: each of them is answered with it (INTERNAL), none waits
+                    out = [exc if r is True else r for r in out]
         return out
 
     def _check(self, s: CloudSession, segment: Segment) -> None:

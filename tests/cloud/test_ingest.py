@@ -128,3 +128,48 @@ def test_a_turn_of_decode_rows_is_queued_and_staged_in_one_pass_with_each_its_to
             remote.stop()
 
     asyncio.run(main())
+
+
+def test_a_fault_while_queueing_a_message_answers_each_of_its_appends_and_the_server_goes_on(tiny_dir, engine):
+    """A server fault inside the engine's queueing of a message (injected: the scheduler raises once) answers every
+    Append of that message with it (INTERNAL at the front end), none waits for a token that will not come, and the
+    next message is served as before."""
+    address, backend = engine
+    full = coexit.load(tiny_dir)
+    ids = torch.tensor([full.tokenizer.encode("def add(a, b):", add_bos=True)])
+    with torch.no_grad():
+        rows = full.stage(0, full.config.split_layer)(ids).hidden[0]
+        expected = int(full(ids).logits[0, -1].argmax())
+    scheduler = backend.engine.scheduler
+    real = scheduler.submit_many
+    faults = []
+
+    def faulty(items):
+        if not faults:
+            faults.append(len(items))
+            raise RuntimeError("injected fault")
+        return real(items)
+
+    async def main():
+        remote = RemoteBackend(address)
+        await remote.connect()
+        try:
+            sids = [(await remote.open(OpenArgs())).id for _ in range(3)]
+
+            def append(sid, first, x):
+                return remote.append(sid, first, x, True, GREEDY, 0, False, (0, 0))
+
+            scheduler.submit_many = faulty
+            got = await asyncio.wait_for(asyncio.gather(*[append(sid, 0, rows) for sid in sids],
+                                                        return_exceptions=True), 60)
+            assert faults == [3]
+            # a server fault reaches the front end as one (its servicer answers INTERNAL), each its own
+            assert all(type(g) is RuntimeError and "injected fault" in str(g) for g in got), got
+            fresh = (await remote.open(OpenArgs())).id
+            out = await asyncio.wait_for(append(fresh, 0, rows), 60)
+            assert (out.length, out.token_id) == (rows.shape[0], expected)
+        finally:
+            scheduler.submit_many = real
+            remote.stop()
+
+    asyncio.run(main())
