@@ -242,27 +242,41 @@ def _settle(fut: asyncio.Future, outcome: SegmentDone | BaseException) -> None:
 
 
 class _LoopReplies:
-    """Hands the engine thread's outcomes to one event loop: one wake-up per batch of replies, not per Append."""
+    """Hands the engine thread's outcomes to one event loop: one wake-up per tick's replies, not per Append (the
+    engine's in-process fan-out, Engine.deliver, hands a tick's outcomes for one loop over in one `settle_many`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.lock = loop, threading.Lock()
         self.pending: list = []
 
-    def waiter(self, fut: asyncio.Future):
-        def resolve(outcome) -> None:  # engine thread
-            with self.lock:
-                self.pending.append((fut, outcome))
-                first = len(self.pending) == 1
-            if first:
-                self.loop.call_soon_threadsafe(self._flush)
+    def waiter(self, fut: asyncio.Future) -> _Resolver:
+        return _Resolver(self, fut)
 
-        return resolve
+    def settle_many(self, pairs) -> None:
+        """(Engine thread.) Outcomes for several of this loop's waiters, (waiter, outcome) each: one wake-up."""
+        with self.lock:
+            first = not self.pending
+            self.pending.extend((w.fut, outcome) for w, outcome in pairs)
+        if first:
+            self.loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
         with self.lock:
             pending, self.pending = self.pending, []
         for fut, outcome in pending:
             _settle(fut, outcome)
+
+
+class _Resolver:
+    """An Append's waiter in one event loop's `_LoopReplies` (`loop_replies`: Engine.deliver groups by it)."""
+
+    __slots__ = ("loop_replies", "fut")
+
+    def __init__(self, replies: _LoopReplies, fut: asyncio.Future) -> None:
+        self.loop_replies, self.fut = replies, fut
+
+    def __call__(self, outcome) -> None:  # an outcome handed out alone
+        self.loop_replies.settle_many(((self, outcome),))
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -24,6 +24,7 @@ runs here. A session's rows never ride two ticks at once, so tokens are those of
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -429,13 +430,21 @@ class Engine:
 
     @staticmethod
     def deliver(decoded: StepReplies | None, finished: list) -> None:
-        """The in-process fan-out: every Append's waiter gets its own outcome."""
-        if decoded is not None:
-            for waiter, outcome in decoded.outcomes():
+        """The in-process fan-out: every Append's waiter gets its own outcome. Waiters of one event loop (those
+        with a `loop_replies`, cloud/backend.py) get theirs in one hand-over, so the loop wakes once a tick, not
+        once an Append (each wake a write to its self-pipe and a trip of the GIL between the threads)."""
+        groups: dict[int, tuple] = {}
+        for waiter, outcome in itertools.chain(decoded.outcomes() if decoded is not None else (), finished):
+            replies = getattr(waiter, "loop_replies", None)
+            if replies is not None:
+                group = groups.get(id(replies))
+                if group is None:
+                    group = groups[id(replies)] = (replies, [])
+                group[1].append((waiter, outcome))
+            elif waiter is not None:
                 waiter(outcome)
-        for waiter, outcome in finished:
-            if waiter is not None:
-                waiter(outcome)
+        for replies, pairs in groups.values():
+            replies.settle_many(pairs)
 
     def _coalesce(self) -> None:
         """Decode traffic settles into cohorts: the sessions answered by the last tick are still on their round
