@@ -1,6 +1,6 @@
 """The engine's reply fan-out to front-end processes (cloud/ipc.py PackedReplies): a tick's decode rows and its
 other plain-token answers reach each front end in one packed message, in order, with the right fields; other
-answers go alone, pickled."""
+answers go alone, pickled. In one process (Engine.deliver), a tick's answers reach each event loop at once."""
 
 from __future__ import annotations
 
@@ -86,3 +86,34 @@ def test_rows_whose_waiter_is_not_packed_are_answered_in_process_and_the_rest_st
     assert packed == {b"a": [(300, 1, 31)], b"b": [(302, 3, 33)]}
     (done,) = got_alone
     assert done.token.token_id == 2 and torch.equal(done.token.logits, torch.arange(9.0, 18.0))
+
+
+def test_in_one_process_a_ticks_answers_reach_each_event_loop_with_one_wake_up():
+    """The in-process fan-out (Engine.deliver): the answers for one event loop's Appends are handed over at once,
+    one wake-up of that loop per tick (not one per Append), each future with its own outcome, in order; a plain
+    callable waiter is called directly."""
+    import asyncio
+
+    from cloud.backend import _LoopReplies
+    from cloud.engine.engine import Engine
+
+    loops = [asyncio.new_event_loop(), asyncio.new_event_loop()]
+    wakes = []
+    try:
+        for loop in loops:  # each wake-up runs the loop's flush at once, as a running loop's thread may (a wake is
+            # a self-pipe write, during which that thread can take the GIL): the worst case for wake-ups
+            loop.call_soon_threadsafe = lambda fn, *a, _loop=loop: (wakes.append(_loop), fn(*a))
+        replies = [_LoopReplies(loop) for loop in loops]
+        futures = [[loop.create_future() for _ in range(n)] for loop, n in zip(loops, (5, 2))]
+        outcomes = [[object() for _ in fs] for fs in futures]
+        called = []
+        finished = [(r.waiter(f), o) for r, fs, os_ in zip(replies, futures, outcomes) for f, o in zip(fs, os_)]
+        finished += [(None, object()), (called.append, "alone")]
+        Engine.deliver(None, finished[::2] + finished[1::2])  # the loops' answers interleaved
+        assert sorted(map(id, wakes)) == sorted(map(id, loops)), "each loop is woken once"
+        assert called == ["alone"]
+        for fs, os_ in zip(futures, outcomes):
+            assert [f.result() for f in fs] == os_
+    finally:
+        for loop in loops:
+            loop.close()
