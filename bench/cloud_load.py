@@ -203,6 +203,8 @@ def plain_step(model_dir: Path, batch: int, ctx: int, device: str, dtype, gap: f
 
 
 def main() -> int:
+    from cloud.server import SERVE_DTYPES
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="default")
     ap.add_argument("--model", help="serve this checkpoint instead of a random one of --shape")
@@ -220,7 +222,7 @@ def main() -> int:
                     help="serve with this many gRPC front-end processes and one engine process (0: one process)")
     ap.add_argument("--tp", type=int, default=1,
                     help="serve with `coexit serve --tp N` under torchrun (N ranks of the deep layers)")
-    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    ap.add_argument("--dtype", choices=SERVE_DTYPES, default="auto",
                     help="`coexit serve --dtype` (auto: bf16 on a GPU, fp32 on a CPU); the plain step uses the same")
     ap.add_argument("--serve-args", default="", help="more `coexit serve` flags, e.g. \"--batch-wait 0\"")
     ap.add_argument("--server-root", help="run `coexit serve` from this checkout instead (a baseline)")

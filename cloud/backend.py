@@ -149,9 +149,6 @@ class LocalBackend:
                               args.identity, args.kv_fill)
         return SessionHandle(s.id, s.encoding, s.tokens_input, 0, False)
 
-    def session(self, sid: str) -> CloudSession:
-        return self._get(sid)
-
     def submit(self, s: CloudSession, first: int, rows: Tensor, want_token: bool, sampling: SamplingParams,
                top_k: int, acct: tuple[int, int], drafts, fill: Tensor | None, waiter) -> AppendOutcome | None:
         """Queue an Append's rows; `waiter` (engine thread) gets its outcome when it wants a token or drafts.

@@ -240,7 +240,6 @@ class Scheduler:
         """Queue (session, segment) pairs, in order (a front end's message of Appends: one pass). A session whose
         whole queue becomes one plain decode row joins `plain`, its row staged by KV slot (all of them at once)."""
         ready, plain, busy, prompts = self.ready, self.plain, self.busy, self.prompts
-        steady = self.steady_start is not None
         staged, arrivals, stale = [], self._arrivals, False
         for session, segment in items:
             sid, queue, n = session.id, session.queue, segment.n
@@ -259,7 +258,7 @@ class Scheduler:
                 continue
             if sid not in ready:
                 ready[sid] = session
-            if steady and len(queue) == 1 and plain_decode(segment) and self.eligible(session):
+            if self._plain(session):
                 plain[sid] = session
                 staged.append((session.runner.cache.slot, segment))
                 if session.planned:

@@ -42,8 +42,7 @@ class StagedRows:
         rows = segment.rows
         if self.rows is None or slot >= self.rows.shape[0]:
             self._grow(slot + 1, rows[0])
-        if self._host is not None and rows.dtype in _NUMPY_CASTS and rows.device.type == "cpu":  # (the
-            # submitting thread keeps the GIL)
+        if self._by_numpy(rows):
             self._host[slot] = rows.numpy()[0]
         else:
             self.rows[slot] = rows[0]
@@ -66,7 +65,7 @@ class StagedRows:
         top = max(slots)  # (Python's max: numpy's costs more for a message's few hundred)
         if self.rows is None or top >= self.rows.shape[0]:
             self._grow(top + 1, rows[0])
-        if self._host is not None and rows.dtype in _NUMPY_CASTS and rows.device.type == "cpu":
+        if self._by_numpy(rows):
             self._host[idx] = rows.numpy()
         else:
             self.rows[torch.from_numpy(idx).to(self.rows.device)] = rows.to(self.rows)
@@ -74,6 +73,11 @@ class StagedRows:
         self.segments[idx] = np.fromiter(segments, dtype=object, count=len(segments))
         self.temperature[idx] = [seg.sampling.temperature for seg in segments]
         self.keys[idx] = [getattr(seg.waiter, "key", -1) for seg in segments]
+
+    def _by_numpy(self, rows: Tensor) -> bool:
+        """Whether rows are written through the buffer's numpy view (host rows numpy widens exactly; the submitting
+        thread keeps the GIL) rather than by torch."""
+        return self._host is not None and rows.dtype in _NUMPY_CASTS and rows.device.type == "cpu"
 
     def at(self, slots: np.ndarray) -> RowsAt:
         """The staged rows of the sessions at `slots`, in that order, with what was staged beside them (under the
