@@ -150,15 +150,23 @@ class ServerThread:
         self.stop()
 
 
+def stop_signals() -> list[int]:
+    """The signals that stop a server: SIGTERM, SIGINT (also where the shell that started it in the background set
+    it to be ignored: `kill -INT` stops every way of serving alike), and SIGHUP (the terminal closed) unless it was
+    ignored when the process started (`nohup`)."""
+    import signal
+
+    hup = [] if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else [signal.SIGHUP]
+    return [signal.SIGTERM, signal.SIGINT, *hup]
+
+
 async def serve_until_drained(server: grpc.aio.Server, service: CoexitService, grace_s: float) -> None:
     """Serve until SIGTERM (or SIGINT), then drain: health turns NOT_SERVING, new Opens and new Appends get
     UNAVAILABLE (the edge resumes or replays elsewhere), Appends already being computed finish, and streams still
     open when `grace_s` runs out end with UNAVAILABLE."""
-    import signal
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal closed
+    for sig in stop_signals():
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining: %d open streams, grace %.1f s", service.active_streams, grace_s)
@@ -281,7 +289,8 @@ def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, read
     from cloud.launch import die_with_parent
 
     die_with_parent(signal.SIGKILL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor stops the engine
+    for sig in (signal.SIGINT, signal.SIGHUP):  # they reach the whole group: the supervisor stops the engine
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[engine] %(levelname)s %(message)s")
     backend = LocalBackend(load_model(model_dir, deep_only=deep_only, dtype=dtype), limits)
     model = backend.engine.model
@@ -290,7 +299,7 @@ def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, read
         mport = backend.engine.metrics.serve(metrics_port, host)
         print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
     freeze_startup_heap()
-    ready.set()
+    ready.put(str(backend.info.dtype))
     asyncio.run(serve_engine(backend, address))
 
 
@@ -328,6 +337,7 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: 
     child dies (exit code 1) or on SIGTERM / Ctrl-C (0)."""
     import multiprocessing as mp
     import os
+    import queue
     import signal
     import tempfile
     import time
@@ -338,19 +348,24 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: 
     tls = _read_tls(tls_files)
     limits = with_identities(limits, auth)
     ctx = mp.get_context("spawn")
-    ready = ctx.Event()
+    ready = ctx.Queue()  # the engine process's dtype, once it serves
     tmp = tempfile.TemporaryDirectory(prefix="coexit-engine-")
     address = f"ipc://{tmp.name}/engine.sock"
     engine = ctx.Process(target=_engine_main, name="coexit-engine",
                          args=(model_dir, deep_only, limits, address, metrics_port, host, ready, dtype))
     children = [engine]
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    for sig in stop_signals():  # each one drains the front ends and stops the engine, as Ctrl-C does
+        signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         engine.start()
-        while not ready.wait(0.2):
-            if not engine.is_alive():
-                print("coexit: the engine process failed to start", flush=True)
-                return 1
+        while True:
+            try:
+                dtype_used = ready.get(timeout=0.2)
+                break
+            except queue.Empty:
+                if not engine.is_alive():
+                    print("coexit: the engine process failed to start", flush=True)
+                    return 1
         for i in range(frontends):
             front = ctx.Process(target=_frontend_main, name=f"coexit-front-{i}",
                                 args=(address, port, host, limits, auth, tls, drain_grace_s, health_http_port))
@@ -361,7 +376,8 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: 
         config = coexit.read_config(model_dir)
         start = config.split_layer if deep_only else 0
         print(f"coexit cloud serving {model_dir} on {host}:{port} (layers [{start}, {config.num_hidden_layers}), "
-              f"split {config.split_layer}; {frontends} front-end process(es), one engine process)", flush=True)
+              f"split {config.split_layer}, {dtype_used}; {frontends} front-end process(es), one engine process)",
+              flush=True)
         while all(c.is_alive() for c in children):
             time.sleep(0.5)
         dead = [c.name for c in children if not c.is_alive()]

@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coexit: unknown command {name!r}; known: {', '.join(sorted(cmds))}", file=sys.stderr)
         return USAGE_EXIT
     for sig in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C: finally blocks run and children are stopped
-        signal.signal(sig, _raise_interrupt)
+        if signal.getsignal(sig) != signal.SIG_IGN:  # (not SIGHUP under nohup)
+            signal.signal(sig, _raise_interrupt)
     return run(name, cmds[name], rest, debug)
 
 

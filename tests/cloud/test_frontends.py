@@ -1,11 +1,16 @@
 """`coexit serve --frontends 2`: two gRPC front-end processes on one port and one engine process. The same
 tokens as the full model in every mode, errors keep their status codes across the process hop, a session opened
 through one connection resumes through another, the metrics count exactly the tokens served, and killing the
-supervisor takes the whole group down."""
+supervisor takes the whole group down; SIGINT stops it (and a one-process server) even where it was started with
+SIGINT ignored, and SIGHUP does not where it was started under nohup."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -15,7 +20,7 @@ import pytest
 import torch
 
 import coexit
-from cloud.launch import free_port, start_cloud
+from cloud.launch import dies_with_parent, free_port, start_cloud, wait_healthy
 from coexit.decoding import generate_full
 from coexit.exits import ExitPolicy
 from coexit.sampling import SamplingParams
@@ -122,3 +127,56 @@ def test_killing_the_supervisor_stops_the_group(tiny_dir):
         time.sleep(0.2)
     else:
         pytest.fail("front-end processes outlived their supervisor")
+
+
+def start_with_ignored(model_dir, extra_args: list[str], ignored: tuple, out_path) -> tuple[subprocess.Popen, str]:
+    """`coexit serve` started with `ignored` signals set to SIG_IGN, as a shell script's background job (SIGINT)
+    or `nohup` (SIGHUP) starts it; its stdout goes to out_path."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "coexit.cli", "serve", "--model", str(model_dir), "--port", str(port), *extra_args]
+    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignored}  # inherited through exec
+    try:
+        with open(out_path, "w") as out:
+            proc = subprocess.Popen(dies_with_parent(cmd), stdout=out, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_healthy(address, proc=proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, address
+
+
+def healthy(address: str) -> bool:
+    try:
+        CloudLink(address, deadline_s=5).info()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("frontends", [0, 2])
+def test_sigint_stops_a_background_server_and_nohup_keeps_it_through_sighup(tiny_dir, tmp_path, frontends):
+    """A script's background job inherits SIGINT ignored, and `nohup` SIGHUP ignored: `kill -INT` still stops the
+    server (the supervisor draining its front ends), with exit code 0, while a SIGHUP leaves it serving. The
+    supervisor's banner names the dtype the engine process serves in."""
+    extra = ["--frontends", str(frontends)] if frontends else []
+    out = tmp_path / "out.txt"
+    proc, address = start_with_ignored(tiny_dir, extra, (signal.SIGINT, signal.SIGHUP), out)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None and healthy(address), "SIGHUP stopped a server started under nohup"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert not healthy(address)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    banner = [line for line in out.read_text().splitlines() if line.startswith("coexit cloud serving")]
+    assert len(banner) == 1 and ", float32" in banner[0], out.read_text()
