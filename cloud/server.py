@@ -247,7 +247,7 @@ def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, 
     pool = backend.engine.pool
     print(describe(model, tp, pool.num_blocks * pool.bytes_per_block), flush=True)
     if tp.rank != 0:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 drains, then tells the followers to stop
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # rank 0 drains, then tells the followers to stop
             signal.signal(sig, signal.SIG_IGN)
         freeze_startup_heap()
         try:
