@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import sys
 import threading
 from pathlib import Path
 
@@ -150,6 +151,13 @@ class ServerThread:
         self.stop()
 
 
+def say(line: str) -> None:
+    """Print one line in one write: the processes of a server (tensor-parallel ranks, the engine process and front
+    ends) share a stdout, and under PYTHONUNBUFFERED print's separate writes of the text and its newline interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def stop_signals() -> list[int]:
     """The signals that stop a server: SIGTERM, SIGINT (also where the shell that started it in the background set
     it to be ignored: `kill -INT` stops every way of serving alike), and SIGHUP (the terminal closed) unless it was
@@ -188,8 +196,8 @@ def _read_tls(tls_files: tuple[str, str] | None) -> tuple[bytes, bytes] | None:
 
 
 def _banner(model_dir, host, port, info, layers: tuple[int, int], how: str) -> None:
-    print(f"coexit cloud serving {model_dir} on {host}:{port} (layers [{layers[0]}, {layers[1]}), split "
-          f"{info.split_layer}, {info.dtype}, fingerprint {info.fingerprint[:16]}…; {how})", flush=True)
+    say(f"coexit cloud serving {model_dir} on {host}:{port} (layers [{layers[0]}, {layers[1]}), split "
+          f"{info.split_layer}, {info.dtype}, fingerprint {info.fingerprint[:16]}…; {how})")
 
 
 async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None,
@@ -209,7 +217,7 @@ async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, au
         await serve_health_http(host, health_http_port, lambda: not service.draining)
     if metrics_port:
         mport = backend.engine.metrics.serve(metrics_port, host)
-        print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
+        say(f"coexit cloud metrics on http://{host}:{mport}/metrics")
     model = backend.engine.model
     _banner(model_dir, host, bound, service.model_info, (model.start, model.stop), how)
     freeze_startup_heap()
@@ -245,7 +253,7 @@ def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, 
                                  static_decode="eager" if limits.static_decode == "auto" else limits.static_decode)
     backend = LocalBackend(model, limits, kv_heads=kv_heads(model.config, tp), engine_thread=tp.rank == 0)
     pool = backend.engine.pool
-    print(describe(model, tp, pool.num_blocks * pool.bytes_per_block), flush=True)
+    say(describe(model, tp, pool.num_blocks * pool.bytes_per_block))
     if tp.rank != 0:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # rank 0 drains, then tells the followers to stop
             signal.signal(sig, signal.SIG_IGN)
@@ -253,8 +261,7 @@ def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, 
         try:
             follow(backend.manager, tp.cpu_group, device)
         except Exception as exc:
-            print(f"coexit: tensor-parallel rank {tp.rank}: rank 0 is gone ({type(exc).__name__}); stopping",
-                  flush=True)
+            say(f"coexit: tensor-parallel rank {tp.rank}: rank 0 is gone ({type(exc).__name__}); stopping")
             return 1
         return 0
     lost: list[BaseException] = []
@@ -275,7 +282,7 @@ def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, 
     except KeyboardInterrupt:
         pass
     if lost:
-        print(f"coexit: a tensor-parallel rank was lost ({lost[0]}); the server stopped", flush=True)
+        say(f"coexit: a tensor-parallel rank was lost ({lost[0]}); the server stopped")
         return 1
     return 0
 
@@ -294,10 +301,10 @@ def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, read
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[engine] %(levelname)s %(message)s")
     backend = LocalBackend(load_model(model_dir, deep_only=deep_only, dtype=dtype), limits)
     model = backend.engine.model
-    print(f"coexit engine process: layers [{model.start}, {model.stop}) in {backend.info.dtype}", flush=True)
+    say(f"coexit engine process: layers [{model.start}, {model.stop}) in {backend.info.dtype}")
     if metrics_port:
         mport = backend.engine.metrics.serve(metrics_port, host)
-        print(f"coexit cloud metrics on http://{host}:{mport}/metrics", flush=True)
+        say(f"coexit cloud metrics on http://{host}:{mport}/metrics")
     freeze_startup_heap()
     ready.put(str(backend.info.dtype))
     asyncio.run(serve_engine(backend, address))
@@ -364,7 +371,7 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: 
                 break
             except queue.Empty:
                 if not engine.is_alive():
-                    print("coexit: the engine process failed to start", flush=True)
+                    say("coexit: the engine process failed to start")
                     return 1
         for i in range(frontends):
             front = ctx.Process(target=_frontend_main, name=f"coexit-front-{i}",
@@ -375,13 +382,12 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: 
             wait_healthy(f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", timeout_s=600)
         config = coexit.read_config(model_dir)
         start = config.split_layer if deep_only else 0
-        print(f"coexit cloud serving {model_dir} on {host}:{port} (layers [{start}, {config.num_hidden_layers}), "
-              f"split {config.split_layer}, {dtype_used}; {frontends} front-end process(es), one engine process)",
-              flush=True)
+        say(f"coexit cloud serving {model_dir} on {host}:{port} (layers [{start}, {config.num_hidden_layers}), "
+              f"split {config.split_layer}, {dtype_used}; {frontends} front-end process(es), one engine process)")
         while all(c.is_alive() for c in children):
             time.sleep(0.5)
         dead = [c.name for c in children if not c.is_alive()]
-        print(f"coexit: {', '.join(dead)} exited; stopping", flush=True)
+        say(f"coexit: {', '.join(dead)} exited; stopping")
         return 1
     except KeyboardInterrupt:  # SIGTERM / Ctrl-C: the front ends drain first, then the engine stops
         for c in children[1:]:

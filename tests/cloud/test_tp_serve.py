@@ -141,8 +141,9 @@ def test_each_rank_holds_half_the_weights(model_dir):
 
     threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + 120
+    pattern = re.compile(r"rank (\d)/2: decoder layers ([\d.]+) MiB of ([\d.]+) MiB")
     try:
-        while len([x for x in lines if "rank " in x]) < 2:
+        while len(pattern.findall("".join(lines))) < 2:  # (two ranks' lines could share one, were they interleaved)
             try:
                 line = got.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -152,8 +153,8 @@ def test_each_rank_holds_half_the_weights(model_dir):
             lines.append(line)
     finally:
         stop(proc)
-    ranks = [re.search(r"rank (\d)/2: decoder layers ([\d.]+) MiB of ([\d.]+) MiB", x) for x in lines]
-    ranks = [m for m in ranks if m]
+    ranks = [m for x in lines for m in pattern.finditer(x)]
+    assert all(x.count("rank ") <= 1 for x in lines), "two processes' lines interleaved"
     assert sorted(int(m.group(1)) for m in ranks) == [0, 1], lines
     for m in ranks:
         assert float(m.group(2)) == pytest.approx(float(m.group(3)) / 2, rel=0.02), m.group(0)
