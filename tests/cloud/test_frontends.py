@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import coexit
-from cloud.launch import dies_with_parent, free_port, start_cloud, wait_healthy
+from cloud.launch import dies_with_parent, free_port, start_cloud, wait_healthy, wait_until
 from coexit.decoding import generate_full
 from coexit.exits import ExitPolicy
 from coexit.sampling import SamplingParams
@@ -167,7 +167,12 @@ def test_sigint_stops_a_background_server_and_nohup_keeps_it_through_sighup(tiny
     extra = ["--frontends", str(frontends)] if frontends else []
     out = tmp_path / "out.txt"
     proc, address = start_with_ignored(tiny_dir, extra, (signal.SIGINT, signal.SIGHUP), out)
+
+    def banner() -> list[str]:
+        return [line for line in out.read_text().splitlines() if line.startswith("coexit cloud serving")]
+
     try:
+        assert wait_until(banner, 30), out.read_text()  # (the supervisor prints it once its own health check passes)
         proc.send_signal(signal.SIGHUP)
         time.sleep(1.0)
         assert proc.poll() is None and healthy(address), "SIGHUP stopped a server started under nohup"
@@ -178,5 +183,4 @@ def test_sigint_stops_a_background_server_and_nohup_keeps_it_through_sighup(tiny
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    banner = [line for line in out.read_text().splitlines() if line.startswith("coexit cloud serving")]
-    assert len(banner) == 1 and ", float32" in banner[0], out.read_text()
+    assert len(banner()) == 1 and ", float32" in banner()[0], out.read_text()
