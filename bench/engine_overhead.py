@@ -22,7 +22,8 @@ overlaps. Also: process CPU per tick, torch (aten) ops dispatched per tick (coun
 TorchDispatchMode), and the cost per session: the slope b of a least-squares fit a + b·N of the steady critical
 path's p50 over the session counts.
 
-The row budget per tick is 7·N + 256, not the server's default 256: every decode row fits, so N sessions ride
+The row budget per tick is 7·N + 256 (`--row-budget B`: B, as `coexit serve --rows-per-tick B`; with fewer rows than
+sessions they take turns, B a tick), not the server's default 256: every decode row fits, so N sessions ride
 every tick, and so do the churn's prompts (3% of N sessions of 136 rows on average: about 4·N rows a tick), so
 that a session is answered within a tick or two of its prompt and the mix of prompts and decode rows stays the same
 over the run. Sessions are clients that wait for their token: each sends its next row once its last Append was
@@ -148,7 +149,7 @@ class FanOut:
 class Harness:
     """N sessions on a real engine of the code on sys.path, ticked from this thread."""
 
-    def __init__(self, sessions: int, seed: int) -> None:
+    def __init__(self, sessions: int, seed: int, budget: int | None = None) -> None:
         from cloud.engine import engine as engine_mod
         from cloud.engine import graphs as graphs_mod
         from cloud.engine.kv_pool import KVPool
@@ -164,7 +165,7 @@ class Harness:
             mixed_mod.MixedStep._layers = lambda _self, h, *a, **k: (self.clock.device_step(), h)[1]
         except ImportError:
             pass
-        budget = 7 * sessions + 256
+        budget = budget or 7 * sessions + 256
         blocks = (sessions + 64) * (LAYERS - SPLIT) * math.ceil((CTX[1] + 512) / BLOCK) + 64
         self.pool = KVPool(blocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
         self.engine = engine_mod.Engine(self.model, self.pool, budget, batch_wait=0.0, static_decode="eager")
@@ -179,7 +180,7 @@ class Harness:
             from cloud.ipc import PackedReplies
 
             self.packed = PackedReplies(self.fan.push)
-        self.sessions: list = []  # [session, prompt length, decoding]
+        self.sessions: list = []  # [session, prompt length, decoding, cut back to the prompt when next idle]
         self.rid = 0
         try:  # as a serving process does once it has started, where the code does (cloud/engine/heap.py)
             from cloud.engine.heap import freeze_startup_heap
@@ -224,7 +225,7 @@ class Harness:
     def open(self, prompt: int) -> None:
         s = self.manager.open(2048, "fp32", False, False, {})
         self._submit(s, torch.randn(prompt, HIDDEN), 0)
-        self.sessions.append([s, prompt, False])
+        self.sessions.append([s, prompt, False, False])
 
     def close_random(self, k: int) -> None:
         for i in sorted(self.rng.choice(len(self.sessions), size=k, replace=False), reverse=True):
@@ -239,15 +240,28 @@ class Harness:
             s = entry[0]
             if not s.queue:
                 entry[2] = True  # its prompt was answered
+                if entry[3]:
+                    self._cut(entry)
                 self._submit(s, self.rows[self.rid % 4096][None].clone(), s.expected)
 
     def reset_contexts(self) -> None:
-        """Cut every session back to its prompt (untimed), so contexts stay within CTX over many ticks."""
+        """Cut every session back to its prompt (untimed), so contexts stay within CTX over many ticks: now, or,
+        for a session with a row queued (sessions take turns when the row budget is below their number), once it
+        was answered."""
         with self.engine.lock:
-            for s, prompt, decoding in self.sessions:
-                if decoding and not s.queue and s.expected > prompt:
-                    s.runner.truncate(prompt)
-                    s.expected = prompt
+            for entry in self.sessions:
+                if entry[2]:
+                    entry[3] = True
+                    if not entry[0].queue:
+                        self._cut(entry)
+
+    @staticmethod
+    def _cut(entry) -> None:
+        s, prompt = entry[0], entry[1]
+        entry[3] = False
+        if s.expected > prompt:
+            s.runner.truncate(prompt)
+            s.expected = prompt
 
     # ---- one tick ---------------------------------------------------------------------------------------------
     def tick(self) -> dict[str, float]:
@@ -321,8 +335,9 @@ def count_ops(h: Harness, ticks: int, step) -> float:
     return Count.n / ticks
 
 
-def run_variant(variant: str, n: int, ticks: int, warmup: int, window: int, seed: int) -> dict:
-    h = Harness(n, seed)
+def run_variant(variant: str, n: int, ticks: int, warmup: int, window: int, seed: int,
+                budget: int | None = None) -> dict:
+    h = Harness(n, seed, budget)
     try:
         for _ in range(n):
             h.open(int(h.rng.integers(*CTX)))
@@ -395,6 +410,8 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=256, help="ticks between cutting contexts back to the prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--label", default="", help="what code this is (printed)")
+    ap.add_argument("--row-budget", type=int, default=None,
+                    help="rows per tick (the server's --rows-per-tick, 256 by default there); default 7·N + 256")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import cloud
@@ -406,7 +423,8 @@ def main() -> int:
     except (OSError, subprocess.SubprocessError):
         rev = ""
     print(f"# engine_overhead: code {args.label or rev or 'unknown'}; torch {torch.__version__}, 1 thread; "
-          f"{args.ticks} timed ticks per row after {args.warmup} warm-up ticks; times in µs per tick (p50 / p99)")
+          f"{args.ticks} timed ticks per row after {args.warmup} warm-up ticks; row budget "
+          f"{args.row_budget or '7·N + 256'}; times in µs per tick (p50 / p99)")
     print("| variant | sessions | schedule | input build | outputs | reply fan-out | host critical path | "
           "CPU per tick (mean) | torch ops per tick |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -416,7 +434,7 @@ def main() -> int:
         for n in counts:
             if variant == "churn" and n < 2:
                 continue
-            r = run_variant(variant, n, args.ticks, args.warmup, args.window, args.seed)
+            r = run_variant(variant, n, args.ticks, args.warmup, args.window, args.seed, args.row_budget)
             if variant == "steady":
                 steady[n] = r
             else:

@@ -31,7 +31,9 @@ needs one row of budget, which the first round of the fair split grants whenever
 so `next_tick` hands them to the engine's static step as one DecodeBatch (their blocks grown in one allocation)
 and runs the fair split over the other sessions only, with the first round's share the whole set would have had:
 the grants are the same as splitting over everyone. A tick where more sessions are ready than the budget has rows
-splits over everyone in round-robin order, as the general path always did.
+serves the first `row_budget` of them in round-robin order, one row each (what the split over everyone grants
+then), and the plain ones among them still ride the static step: more decode sessions than rows take turns on it
+instead of falling to the general path.
 
 Prompt rows: any other upload of 2 to `row_budget` float32 rows on a CPU is copied, as it is queued, into the
 PromptRing (staging.py), where a mixed tick reads its chunks in place; its region is given back when the segment is
@@ -45,6 +47,7 @@ the plan stale.
 
 from __future__ import annotations
 
+import itertools
 import operator
 import time
 from collections import OrderedDict, deque
@@ -435,21 +438,30 @@ class Scheduler:
                 self._rollbacks.discard(sid)
             if s is not None:
                 self.settled(s)
-        k, plain = len(self.ready), self.plain
-        decode, failures, share = None, [], None
-        if plain and grow_rows is not None and k <= self.row_budget:  # each plain row gets its 1 in round one
-            batch = self._batch.successor(plain) if self._batch is not None else DecodeBatch(list(plain.values()))
-            decode = self._grow_decode(batch, grow, grow_rows, failures, riding)
-            if decode is batch:
-                self.fly(tick, batch.by_id)
-            ready = self.ready  # (by id: the plain sessions' objects are not read)
-            sessions = [ready[sid] for sid in ready if sid not in plain] if len(plain) < k else []
-            budget, share = self.row_budget - len(plain), max(1, self.row_budget // k)
+        k, plain, ready = len(self.ready), self.plain, self.ready
+        decode, failures, share, over = None, [], None, k > self.row_budget
+        if plain and grow_rows is not None:
+            if not over:  # each plain row gets its 1 in round one
+                riders = plain
+                sessions = [ready[sid] for sid in ready if sid not in plain] if len(plain) < k else []
+                budget, share = self.row_budget - len(plain), max(1, self.row_budget // k)
+            else:  # more sessions ready than rows: the first row_budget in round-robin order get one row each, as
+                # the split over everyone grants, and the plain ones among them still ride the static step
+                picked = list(itertools.islice(ready, self.row_budget))
+                riders = {sid: plain[sid] for sid in picked if sid in plain}
+                sessions = [ready[sid] for sid in picked if sid not in riders]
+                budget, share = len(sessions), 1
+            if riders:
+                batch = (self._batch.successor(riders) if self._batch is not None
+                         else DecodeBatch(list(riders.values())))
+                decode = self._grow_decode(batch, grow, grow_rows, failures, riding)
+                if decode is batch:
+                    self.fly(tick, batch.by_id)
         else:
-            sessions, budget = list(self.ready.values()), self.row_budget
+            sessions, budget = list(ready.values()), self.row_budget
         fronts = [s.queue[0] for s in sessions]
         needs = [seg.n - seg.done_rows for seg in fronts]
-        turns = [prompt_turn(seg, self.row_budget) for seg in fronts]
+        turns = None if over else [prompt_turn(seg, self.row_budget) for seg in fronts]  # (over: round-robin only)
         chunks = []  # (session, its front segment, rows granted, first position)
         for s, g in zip(sessions, self.grants(needs, budget, share, turns)):
             if g == 0:

@@ -606,6 +606,50 @@ def test_churn_while_others_decode_equals_sessions_alone(model, static_decode):
         h.close()
 
 
+@pytest.mark.parametrize("static_decode", ["auto", "eager"])
+def test_more_decode_sessions_than_the_row_budget_take_turns_on_the_static_step(model, static_decode):
+    """Ten sessions decode under a budget of 4 rows a tick, one of them sending 2 rows now and then (as after a
+    token that exited on the edge): each round of Appends is served in 3 ticks of at most 4 sessions in
+    round-robin order, the plain decode rows on the static step (alone, or beside the 2-row Append in a mixed pass;
+they fell to the general path before whenever more sessions were ready than the budget has rows), and every
+    token, log-probability and logit equals serving that session alone."""
+    cfg = model.config
+    h = Harness(model, blocks=800, block_size=4, rows_per_tick=4, static_decode=static_decode)
+    graphs = h.engine.runner.graphs
+    try:
+        prompts = list(range(3, 13))
+        sessions = [h.manager.open(128, "fp32", False, False, {}) for _ in prompts]
+        alone = [Alone(model, cfg.split_layer, ExitPolicy()) for _ in prompts]
+        data = [hidden_rows(model, n + 20, seed=40 + i) for i, n in enumerate(prompts)]
+        pos = list(prompts)
+        for a, d, n, out in zip(alone, data, prompts, h.step([(s, d[:n], 0, True, GREEDY)
+                                                               for s, d, n in zip(sessions, data, prompts)])):
+            assert out.token.token_id == a.step(d[:n], 0)[0][0]
+        batched = graphs.replays + h.engine.scheduler.mixed_ticks  # ticks whose decode rows took the static step
+        for step in range(6):
+            work = [(s, d[p:p + (2 if i == 0 and step % 2 else 1)], p, True, GREEDY)
+                    for i, (s, d, p) in enumerate(zip(sessions, data, pos))]
+            ticks = h.engine.ticks
+            outs = h.step(work)
+            assert h.engine.ticks - ticks <= 3, "a round of 10 decode rows took more than 3 ticks of 4 rows"
+            for i, ((_s, x, first, _, _), out) in enumerate(zip(work, outs)):
+                (token, logprob), _, logits = alone[i].step(x, first)
+                assert out.token.token_id == token, (i, step)
+                assert abs(out.token.logprob - logprob) < ATOL
+                torch.testing.assert_close(out.token.logits, logits, atol=ATOL, rtol=0)
+                pos[i] = first + x.shape[0]
+        # every tick (alone, or beside the 2-row Append in a mixed pass); before, only a round's last (2 sessions)
+        assert graphs.replays + h.engine.scheduler.mixed_ticks - batched == 6 * 3, "decode rows took the general path"
+        for s, a in zip(sessions, alone):
+            for layer in range(cfg.split_layer, cfg.num_hidden_layers):
+                for got, want in zip(s.cache.get(layer), a.runner.cache.get(layer)):
+                    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+            h.manager.close(s)
+        assert h.pool.num_free == h.pool.num_blocks - scratch_blocks(static_decode)
+    finally:
+        h.close()
+
+
 def test_prompts_past_the_row_budget_are_served_in_arrival_order_and_read_in_place(model):
     """Prompts that together want more rows than a tick has are served first come, first served while the
     decode sessions get their row every tick: a tick cuts at most its last prompt, whose rest goes first in the
