@@ -7,8 +7,8 @@ order (sessions served this tick move to the back), so a decode row or a few dra
 (segments that fit the budget) wanting more are then served whole, first come, first served, with what is left, and
 only the last one served may be cut: first those of sessions under way that wait for a token (rows that exited on
 the edge, drafts to verify), then new sessions' prompts and uploads that want nothing back; whatever is left after
-them is split max-min fairly over the longer uploads. (With more sessions ready than rows, the round-robin order
-alone decides, as it always did.) A segment longer than its grant runs as chunks over several ticks (no head, no
+them is split max-min fairly over the longer uploads. (With more sessions ready than rows, see "Decode rows apart"
+below; without plain decode rows, the round-robin order alone decides.) A segment longer than its grant runs as chunks over several ticks (no head, no
 exit checks), so a 4,000-row prompt cannot stall other sessions' decode rows, nor the prompts queued after it; its
 last chunk carries the exit checks and the token. Rows parked at a cloud exit are caught up by LayerRunner inside
 the session's next chunk (they ride with it, outside the grant).
@@ -31,9 +31,9 @@ needs one row of budget, which the first round of the fair split grants whenever
 so `next_tick` hands them to the engine's static step as one DecodeBatch (their blocks grown in one allocation)
 and runs the fair split over the other sessions only, with the first round's share the whole set would have had:
 the grants are the same as splitting over everyone. A tick where more sessions are ready than the budget has rows
-serves the first `row_budget` of them in round-robin order, one row each (what the split over everyone grants
-then), and the plain ones among them still ride the static step: more decode sessions than rows take turns on it
-instead of falling to the general path.
+gives the other sessions at least half the rows, split among them as above (so a prompt joining a full house is
+answered in a tick or two, not one row a turn), and the plain decode rows take turns on the static step in the rest,
+in round-robin order (served sessions rejoin at the back), instead of every row falling to the general path.
 
 Prompt rows: any other upload of 2 to `row_budget` float32 rows on a CPU is copied, as it is queued, into the
 PromptRing (staging.py), where a mixed tick reads its chunks in place; its region is given back when the segment is
@@ -438,19 +438,18 @@ class Scheduler:
                 self._rollbacks.discard(sid)
             if s is not None:
                 self.settled(s)
-        k, plain, ready = len(self.ready), self.plain, self.ready
-        decode, failures, share, over = None, [], None, k > self.row_budget
+        k, plain, ready, budget = len(self.ready), self.plain, self.ready, self.row_budget
+        decode, failures, granted = None, [], None
         if plain and grow_rows is not None:
-            if not over:  # each plain row gets its 1 in round one
+            sessions = [ready[sid] for sid in ready if sid not in plain] if len(plain) < k else []
+            if k <= budget:  # each plain row gets its 1 in round one; the rest split with the whole set's share
                 riders = plain
-                sessions = [ready[sid] for sid in ready if sid not in plain] if len(plain) < k else []
-                budget, share = self.row_budget - len(plain), max(1, self.row_budget // k)
-            else:  # more sessions ready than rows: the first row_budget in round-robin order get one row each, as
-                # the split over everyone grants, and the plain ones among them still ride the static step
-                picked = list(itertools.islice(ready, self.row_budget))
-                riders = {sid: plain[sid] for sid in picked if sid in plain}
-                sessions = [ready[sid] for sid in picked if sid not in riders]
-                budget, share = len(sessions), 1
+                granted = self._grants_of(sessions, budget - len(plain), max(1, budget // k))
+            else:  # more sessions ready than rows: the others get at least half the rows (their own split), and
+                # the plain rows take turns in the rest, in round-robin order
+                granted = self._grants_of(sessions, max(budget // 2, budget - len(plain)), None)
+                room = budget - sum(granted)
+                riders = dict(itertools.islice(((sid, plain[sid]) for sid in ready if sid in plain), room))
             if riders:
                 batch = (self._batch.successor(riders) if self._batch is not None
                          else DecodeBatch(list(riders.values())))
@@ -458,12 +457,10 @@ class Scheduler:
                 if decode is batch:
                     self.fly(tick, batch.by_id)
         else:
-            sessions, budget = list(ready.values()), self.row_budget
-        fronts = [s.queue[0] for s in sessions]
-        needs = [seg.n - seg.done_rows for seg in fronts]
-        turns = None if over else [prompt_turn(seg, self.row_budget) for seg in fronts]  # (over: round-robin only)
+            sessions = list(ready.values())
+            granted = self._grants_of(sessions, budget, None)
         chunks = []  # (session, its front segment, rows granted, first position)
-        for s, g in zip(sessions, self.grants(needs, budget, share, turns)):
+        for s, g in zip(sessions, granted):
             if g == 0:
                 continue
             seg = s.queue[0]
@@ -502,6 +499,12 @@ class Scheduler:
         self._batch = decode
         self._replan(None if failures or applied or items else decode)
         return items, decode, failures, applied
+
+    def _grants_of(self, sessions: list, budget: int, share: int | None) -> list[int]:
+        """`grants` for the front segments of `sessions` (their prompts' turns included)."""
+        fronts = [s.queue[0] for s in sessions]
+        return self.grants([seg.n - seg.done_rows for seg in fronts], budget, share,
+                           [prompt_turn(seg, self.row_budget) for seg in fronts])
 
     @staticmethod
     def _grow_decode(batch: DecodeBatch, grow: Callable[[Any, int], bool], grow_rows: Callable[[np.ndarray], bool],

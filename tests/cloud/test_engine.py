@@ -609,36 +609,42 @@ def test_churn_while_others_decode_equals_sessions_alone(model, static_decode):
 @pytest.mark.parametrize("static_decode,overlap", [("auto", "off"), ("eager", "off"), ("auto", "on")])
 def test_more_decode_sessions_than_the_row_budget_take_turns_on_the_static_step(model, static_decode, overlap):
     """Ten sessions decode under a budget of 4 rows a tick, one of them sending 2 rows now and then (as after a
-    token that exited on the edge): each round of Appends is served in 3 ticks of at most 4 sessions in
-    round-robin order, the plain decode rows on the static step (alone, or beside the 2-row Append in a mixed pass;
-they fell to the general path before whenever more sessions were ready than the budget has rows), and every
-    token, log-probability and logit equals serving that session alone."""
+    token that exited on the edge), and an eleventh joins with a 2-row prompt. Each round of Appends is served in 3
+    ticks, the plain decode rows taking turns on the static step in round-robin order (alone, or beside the other
+    rows in a mixed pass; they fell to the general path before whenever more sessions were ready than the budget has
+    rows), while the other rows get at least half of each tick: the newcomer's prompt is computed in one tick (one
+    row a turn before). Every token, log-probability and logit equals serving that session alone."""
     cfg = model.config
     h = Harness(model, blocks=800, block_size=4, rows_per_tick=4, static_decode=static_decode, overlap=overlap)
     graphs = h.engine.runner.graphs
     try:
-        prompts = list(range(3, 13))
+        prompts = list(range(3, 13)) + [2]
         sessions = [h.manager.open(128, "fp32", False, False, {}) for _ in prompts]
         alone = [Alone(model, cfg.split_layer, ExitPolicy()) for _ in prompts]
         data = [hidden_rows(model, n + 20, seed=40 + i) for i, n in enumerate(prompts)]
-        pos = list(prompts)
-        for a, d, n, out in zip(alone, data, prompts, h.step([(s, d[:n], 0, True, GREEDY)
-                                                               for s, d, n in zip(sessions, data, prompts)])):
-            assert out.token.token_id == a.step(d[:n], 0)[0][0]
+        pos = [0] * len(prompts)
+        first = h.step([(s, d[:n], 0, True, GREEDY) for s, d, n in zip(sessions[:10], data, prompts)])
+        for i, out in enumerate(first):
+            assert out.token.token_id == alone[i].step(data[i][:prompts[i]], 0)[0][0]
+            pos[i] = prompts[i]
         batched = graphs.replays + h.engine.scheduler.mixed_ticks  # ticks whose decode rows took the static step
         for step in range(6):
-            work = [(s, d[p:p + (2 if i == 0 and step % 2 else 1)], p, True, GREEDY)
-                    for i, (s, d, p) in enumerate(zip(sessions, data, pos))]
+            # the newcomer's prompt comes in round 2, queued first (so a tick with more sessions than rows has it)
+            order = [10, *range(10)] if step >= 2 else list(range(10))
+            work = [(sessions[i], data[i][pos[i]:pos[i] + (prompts[i] if pos[i] == 0 else 2 if i == 0 and step % 2
+                                                            else 1)], pos[i], True, GREEDY) for i in order]
             outs = h.step(work)
             spans = [out.ticks for out in outs]  # (first, last) tick that computed each Append's rows
             assert max(b for _, b in spans) - min(a for a, _ in spans) <= 2, f"a round took more than 3 ticks: {spans}"
-            for i, ((_s, x, first, _, _), out) in enumerate(zip(work, outs)):
-                (token, logprob), _, logits = alone[i].step(x, first)
+            if step == 2:
+                assert spans[0][0] == spans[0][1], "the newcomer's prompt was not computed in one tick"
+            for i, (_s, x, at, _, _), out in zip(order, work, outs):
+                (token, logprob), _, logits = alone[i].step(x, at)
                 assert out.token.token_id == token, (i, step)
                 assert abs(out.token.logprob - logprob) < ATOL
                 torch.testing.assert_close(out.token.logits, logits, atol=ATOL, rtol=0)
-                pos[i] = first + x.shape[0]
-        # every tick (alone, or beside the 2-row Append in a mixed pass); before, only a round's last (2 sessions)
+                pos[i] = at + x.shape[0]
+        # every tick (alone, or beside the others' rows in a mixed pass); before, only a round's last (2 sessions)
         assert graphs.replays + h.engine.scheduler.mixed_ticks - batched == 6 * 3, "decode rows took the general path"
         for s, a in zip(sessions, alone):
             for layer in range(cfg.split_layer, cfg.num_hidden_layers):
