@@ -197,7 +197,7 @@ def _read_tls(tls_files: tuple[str, str] | None) -> tuple[bytes, bytes] | None:
 
 def _banner(model_dir, host, port, info, layers: tuple[int, int], how: str) -> None:
     say(f"coexit cloud serving {model_dir} on {host}:{port} (layers [{layers[0]}, {layers[1]}), split "
-          f"{info.split_layer}, {info.dtype}, fingerprint {info.fingerprint[:16]}…; {how})")
+        f"{info.split_layer}, {info.dtype}, fingerprint {info.fingerprint[:16]}…; {how})")
 
 
 async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None,
@@ -383,7 +383,7 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: 
         config = coexit.read_config(model_dir)
         start = config.split_layer if deep_only else 0
         say(f"coexit cloud serving {model_dir} on {host}:{port} (layers [{start}, {config.num_hidden_layers}), "
-              f"split {config.split_layer}, {dtype_used}; {frontends} front-end process(es), one engine process)")
+            f"split {config.split_layer}, {dtype_used}; {frontends} front-end process(es), one engine process)")
         while all(c.is_alive() for c in children):
             time.sleep(0.5)
         dead = [c.name for c in children if not c.is_alive()]

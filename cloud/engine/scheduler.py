@@ -8,10 +8,10 @@ order (sessions served this tick move to the back), so a decode row or a few dra
 only the last one served may be cut: first those of sessions under way that wait for a token (rows that exited on
 the edge, drafts to verify), then new sessions' prompts and uploads that want nothing back; whatever is left after
 them is split max-min fairly over the longer uploads. (With more sessions ready than rows, see "Decode rows apart"
-below; without plain decode rows, the round-robin order alone decides.) A segment longer than its grant runs as chunks over several ticks (no head, no
-exit checks), so a 4,000-row prompt cannot stall other sessions' decode rows, nor the prompts queued after it; its
-last chunk carries the exit checks and the token. Rows parked at a cloud exit are caught up by LayerRunner inside
-the session's next chunk (they ride with it, outside the grant).
+below; without plain decode rows, the round-robin order alone decides.) A segment longer than its grant runs as
+chunks over several ticks (no head, no exit checks), so a 4,000-row prompt cannot stall other sessions' decode rows,
+nor the prompts queued after it; its last chunk carries the exit checks and the token. Rows parked at a cloud exit
+are caught up by LayerRunner inside the session's next chunk (they ride with it, outside the grant).
 
 Why first come, first served among prompts rather than an equal split (vLLM's chunked prefill does the same): a
 tick computes as many rows either way, but the prompts queued first are answered sooner instead of all near the
