@@ -9,6 +9,7 @@ Exposed by `coexit serve --metrics-port P` at http://HOST:P/metrics:
   coexit_queue_wait_seconds             histogram: from an Append's arrival to the tick that starts it
   coexit_tokens_total                   tokens produced (rate() gives tokens/s)
   coexit_rows_total                     rows computed
+  coexit_ticks_over_budget_total        ticks with more sessions ready than --rows-per-tick (they took turns)
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class EngineMetrics:
                                         _TIME_BUCKETS, r)
         self.tokens = Counter("coexit_tokens", "tokens produced", registry=r)
         self.rows = Counter("coexit_rows", "rows computed", registry=r)
+        self.over_budget = Counter("coexit_ticks_over_budget", "ticks with more sessions ready than --rows-per-tick "
+                                   "(they took turns)", registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         try:

@@ -223,6 +223,7 @@ class Scheduler:
         self._landing: dict[int, list] = {}  # tick -> PromptRing regions of segments dropped while it ran
         self.steady_ticks = 0  # ticks that reused the plan
         self.mixed_ticks = 0  # ticks with decode rows on the static step beside the general path's chunks
+        self.over_budget_ticks = 0  # ticks with more sessions ready than the row budget (sessions took turns)
 
     def eligible(self, session) -> bool:
         """Whether the session's rows may take the static step: hidden rows over the whole deep range, no cloud
@@ -440,6 +441,8 @@ class Scheduler:
                 self.settled(s)
         k, plain, ready, budget = len(self.ready), self.plain, self.ready, self.row_budget
         decode, failures, granted = None, [], None
+        if k > budget:
+            self.over_budget_ticks += 1
         if plain and grow_rows is not None:
             sessions = [ready[sid] for sid in ready if sid not in plain] if len(plain) < k else []
             if k <= budget:  # each plain row gets its 1 in round one; the rest split with the whole set's share

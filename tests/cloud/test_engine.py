@@ -646,6 +646,9 @@ def test_more_decode_sessions_than_the_row_budget_take_turns_on_the_static_step(
                 pos[i] = at + x.shape[0]
         # every tick (alone, or beside the others' rows in a mixed pass); before, only a round's last (2 sessions)
         assert graphs.replays + h.engine.scheduler.mixed_ticks - batched == 6 * 3, "decode rows took the general path"
+        # the operator sees it: each round's first two ticks had more sessions ready than rows
+        over = h.engine.metrics.registry.get_sample_value("coexit_ticks_over_budget_total")
+        assert over == h.engine.scheduler.over_budget_ticks >= 6 * 2, over
         for s, a in zip(sessions, alone):
             for layer in range(cfg.split_layer, cfg.num_hidden_layers):
                 for got, want in zip(s.cache.get(layer), a.runner.cache.get(layer)):
