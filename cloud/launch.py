@@ -99,14 +99,16 @@ def torchrun(n: int) -> list[str]:
 
 def start_cloud(model_dir, port: int | None = None, extra_args: list[str] | None = None, threads: int = 1,
                 prefix: list[str] | None = None, health_host: str = "127.0.0.1",
-                cwd: str | None = None, root_cert: bytes | None = None) -> tuple[subprocess.Popen, str]:
+                cwd: str | None = None, root_cert: bytes | None = None,
+                stdout=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
     """Returns (process, "HOST:PORT") once the server is healthy. prefix wraps the command (e.g. `ip netns exec`);
-    cwd runs it from another checkout (`python -m` imports from the working directory first)."""
+    cwd runs it from another checkout (`python -m` imports from the working directory first); stdout: where its
+    start-up lines go (a file)."""
     port = port or free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     cmd = [*(prefix or []), sys.executable, "-m", "coexit.cli", "serve", "--model", str(model_dir),
            "--port", str(port), *(extra_args or [])]
-    proc = subprocess.Popen(dies_with_parent(cmd), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(dies_with_parent(cmd), env=env, stdout=stdout, stderr=subprocess.PIPE,
                             cwd=cwd)  # SIGTERM: the orphan drains and exits
     proc.coexit_port = port
     address = f"{health_host}:{port}"

@@ -6,11 +6,9 @@ SIGINT ignored, and SIGHUP does not where it was started under nohup."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -20,7 +18,7 @@ import pytest
 import torch
 
 import coexit
-from cloud.launch import dies_with_parent, free_port, start_cloud, wait_healthy, wait_until
+from cloud.launch import free_port, start_cloud, wait_until
 from coexit.decoding import generate_full
 from coexit.exits import ExitPolicy
 from coexit.sampling import SamplingParams
@@ -132,23 +130,13 @@ def test_killing_the_supervisor_stops_the_group(tiny_dir):
 def start_with_ignored(model_dir, extra_args: list[str], ignored: tuple, out_path) -> tuple[subprocess.Popen, str]:
     """`coexit serve` started with `ignored` signals set to SIG_IGN, as a shell script's background job (SIGINT)
     or `nohup` (SIGHUP) starts it; its stdout goes to out_path."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "coexit.cli", "serve", "--model", str(model_dir), "--port", str(port), *extra_args]
     before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignored}  # inherited through exec
     try:
         with open(out_path, "w") as out:
-            proc = subprocess.Popen(dies_with_parent(cmd), stdout=out, stderr=subprocess.STDOUT,
-                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+            return start_cloud(model_dir, extra_args=extra_args, stdout=out)
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
-    address = f"127.0.0.1:{port}"
-    try:
-        wait_healthy(address, proc=proc)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc, address
 
 
 def healthy(address: str) -> bool:
