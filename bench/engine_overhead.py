@@ -239,9 +239,7 @@ class Harness:
         for entry in self.sessions:
             s = entry[0]
             if not s.queue:
-                entry[2] = True  # its prompt was answered
-                if entry[3]:
-                    self._cut(entry)
+                self._answered(entry)
                 self._submit(s, self.rows[self.rid % 4096][None].clone(), s.expected)
 
     def reset_contexts(self) -> None:
@@ -262,6 +260,13 @@ class Harness:
         if s.expected > prompt:
             s.runner.truncate(prompt)
             s.expected = prompt
+
+    def _answered(self, entry) -> None:
+        """A session's last Append was answered (its prompt, the first time): a cut due is made before its next
+        row."""
+        entry[2] = True
+        if entry[3]:
+            self._cut(entry)
 
     # ---- one tick ---------------------------------------------------------------------------------------------
     def tick(self) -> dict[str, float]:
