@@ -8,7 +8,7 @@ order (sessions served this tick move to the back), so a decode row or a few dra
 only the last one served may be cut: first those of sessions under way that wait for a token (rows that exited on
 the edge, drafts to verify), then new sessions' prompts and uploads that want nothing back; whatever is left after
 them is split max-min fairly over the longer uploads. (With more sessions ready than rows, see "Decode rows apart"
-below; without plain decode rows, the round-robin order alone decides.) A segment longer than its grant runs as
+below, and with more sessions wanting rows than the rows there are, "A burst".) A segment longer than its grant runs as
 chunks over several ticks (no head, no exit checks), so a 4,000-row prompt cannot stall other sessions' decode rows,
 nor the prompts queued after it; its last chunk carries the exit checks and the token. Rows parked at a cloud exit
 are caught up by LayerRunner inside the session's next chunk (they ride with it, outside the grant).
@@ -34,6 +34,13 @@ the grants are the same as splitting over everyone. A tick where more sessions a
 gives the other sessions at least half the rows, split among them as above (so a prompt joining a full house is
 answered in a tick or two, not one row a turn), and the plain decode rows take turns on the static step in the rest,
 in round-robin order (served sessions rejoin at the back), instead of every row falling to the general path.
+
+A burst: more sessions wanting rows than the rows there are (clients reconnecting to a replica, each replaying its
+history). An equal split then gives one row each in turn, so every prompt of the burst is answered at about the
+same late tick; past the clients' deadlines they all give up and replay it all again, and nobody is served
+(bench/burst.py). So all but an eighth of the rows go first come, first served in the same order as above, longer
+uploads included, and the last eighth one row each, in round-robin order, to the sessions not served, so that
+every session moves.
 
 Prompt rows: any other upload of 2 to `row_budget` float32 rows on a CPU is copied, as it is queued, into the
 PromptRing (staging.py), where a mixed tick reads its chunks in place; its region is given back when the segment is
@@ -138,15 +145,18 @@ def plain_decode(seg: Segment) -> bool:
             and seg.top_k == 0)
 
 
+def turn(seg: Segment) -> tuple[bool, int]:
+    """The segment's place in first come, first served order (`grants`): sessions under way that wait for a token
+    or verdicts (rows that exited on the edge, caught up with the next one; drafts to verify) go before the rest
+    (new sessions' prompts; uploads that want nothing back yet, which no client waits on, so a client cannot jump
+    the queue by sending a long prompt as several Appends), each in the order they were queued."""
+    return seg.first == 0 or not (seg.want_token or seg.drafts), seg.arrival
+
+
 def prompt_turn(seg: Segment, row_budget: int) -> tuple[bool, int] | None:
     """The segment's turn among the prompts served first come, first served past the fair share (`grants`), or
-    None for an upload longer than the row budget (split max-min). Sessions under way that wait for a token or
-    verdicts (rows that exited on the edge, caught up with the next one; drafts to verify) go before the rest (new
-    sessions' prompts; uploads that want nothing back yet, which no client waits on, so a client cannot jump the
-    queue by sending a long prompt as several Appends), each in the order they were queued."""
-    if seg.n > row_budget:
-        return None
-    return seg.first == 0 or not (seg.want_token or seg.drafts), seg.arrival
+    None for an upload longer than the row budget (split max-min)."""
+    return None if seg.n > row_budget else turn(seg)
 
 
 class DecodeBatch:
@@ -374,18 +384,29 @@ class Scheduler:
         seg.staged = None
 
     def grants(self, needs: list[int], budget: int | None = None, share: int | None = None,
-               turns: list | None = None) -> list[int]:
+               turns: list | None = None, order: list | None = None) -> list[int]:
         """Split the row budget (or `budget`) over needs (in round-robin order). Round one gives every session up
         to the share (`share`, or an equal split of the budget over the sessions that want rows), in round-robin
         order; then the prompts (a session whose `turns` entry is not None: a segment that fits the row budget)
         that want more than the share get nothing in round one and are served in full, in the order of their
         turns, with what is left (first come, first served: only the last one served may be cut); whatever is
-        left after them is split max-min fairly over the rest (longer uploads). With more sessions wanting rows
-        than the budget has (round one cannot serve them all) there is no second round: the round-robin order
-        decides, prompts included, as over ticks it serves everyone."""
+        left after them is split max-min fairly over the rest (longer uploads).
+
+        With more sessions wanting rows than the budget has (a burst: round one cannot serve them all), all but an
+        eighth of the rows go first come, first served over every session in the order of `order` (each
+        session's `turn`, longer uploads included), and the last eighth one row each, in round-robin order, to
+        the sessions not served, so that every session moves. (Without `order`, the round-robin order alone
+        decides.) An equal split would have every prompt of the burst finish at about the same late tick, past
+        the clients' deadlines, which then give up and replay it all over again (bench/burst.py)."""
         budget, grants = self.row_budget if budget is None else budget, [0] * len(needs)
         wanting = [i for i, n in enumerate(needs) if n > 0]
         if not wanting:
+            return grants
+        if order is not None and len(wanting) > budget:
+            budget -= self._first_come(needs, order, budget - max(1, budget // 8), grants, wanting)
+            rest = [i for i in wanting if grants[i] == 0]
+            for i, g in zip(rest, self.grants([needs[i] for i in rest], budget)):
+                grants[i] = g
             return grants
         share, queue, still = share or max(1, budget // len(wanting)), [], []
         first_come = turns is not None and len(wanting) * share <= budget
@@ -398,9 +419,7 @@ class Scheduler:
             if g < needs[i]:
                 still.append(i)
         if queue:
-            for i in sorted(queue, key=turns.__getitem__):
-                grants[i] = g = min(needs[i], budget)
-                budget -= g
+            budget -= self._first_come(needs, turns, budget, grants, queue)
         wanting = still
         while budget > 0 and wanting:
             share, still = max(1, budget // len(wanting)), []
@@ -412,6 +431,18 @@ class Scheduler:
                     still.append(i)
             wanting = still
         return grants
+
+    @staticmethod
+    def _first_come(needs: list[int], turns: list, budget: int, grants: list[int], queue: list[int]) -> int:
+        """Grant the sessions at `queue` their needs in full, in the order of their turns, while `budget` lasts
+        (only the last one served is cut); returns the rows granted."""
+        left = budget
+        for i in sorted(queue, key=turns.__getitem__):
+            if left <= 0:
+                break
+            grants[i] = g = min(needs[i], left)
+            left -= g
+        return budget - left
 
     def next_tick(self, grow: Callable[[Any, int], bool], tick: int,
                   grow_rows: Callable[[np.ndarray], bool] | None = None,
@@ -506,8 +537,9 @@ class Scheduler:
     def _grants_of(self, sessions: list, budget: int, share: int | None) -> list[int]:
         """`grants` for the front segments of `sessions` (their prompts' turns included)."""
         fronts = [s.queue[0] for s in sessions]
-        return self.grants([seg.n - seg.done_rows for seg in fronts], budget, share,
-                           [prompt_turn(seg, self.row_budget) for seg in fronts])
+        needs = [seg.n - seg.done_rows for seg in fronts]
+        order = list(map(turn, fronts)) if len(sessions) > budget else None  # (a burst)
+        return self.grants(needs, budget, share, [prompt_turn(seg, self.row_budget) for seg in fronts], order)
 
     @staticmethod
     def _grow_decode(batch: DecodeBatch, grow: Callable[[Any, int], bool], grow_rows: Callable[[np.ndarray], bool],

@@ -315,6 +315,13 @@ def test_fair_grants():
     # more sessions than rows: the round-robin order decides, prompts included (served sessions go to the back, so
     # a prompt is not left behind decode rows that fill every tick)
     assert s.grants([30] + [1] * 11, turns=list(range(12))) == [1] * 10 + [0, 0]
+    # a burst (more sessions wanting rows than rows), with every segment's turn (`order`): all but an eighth of the
+    # rows (at least 1) first come, first served, longer uploads included; the rest one row each, in round-robin
+    # order, to the sessions not served
+    s = Scheduler(row_budget=16)
+    order = [(True, 3), (False, 7), (True, 0), (True, 1)] + [(True, 10 + i) for i in range(16)]
+    assert s.grants([6, 3, 40, 1] + [2] * 16, order=order) == [1, 3, 11, 1] + [0] * 16
+    assert s.grants([6, 3, 40, 1] + [2] * 16) == [1] * 16 + [0] * 4  # without turns: one row each
 
 
 def test_prompt_turns_put_sessions_waiting_for_a_token_first_then_arrival_order():
@@ -655,6 +662,49 @@ def test_more_decode_sessions_than_the_row_budget_take_turns_on_the_static_step(
                     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
             h.manager.close(s)
         assert h.pool.num_free == h.pool.num_blocks - scratch_blocks(static_decode)
+    finally:
+        h.close()
+
+
+def test_a_burst_of_new_sessions_past_the_row_budget_is_answered_first_come_first_served(model):
+    """Twelve new sessions queue 5-row prompts at once under a budget of 8 rows a tick (as clients reconnecting to
+    a replica replay their history), then a session under way queues 3 rows that exited on the edge. The burst is
+    served first come, first served with 7 rows a tick and one row in turn to the others. The session under way
+    goes first, in full (the first tick); the first prompt is answered in the second tick and the rest in the
+    order queued, about one a tick, where one row each in turn had every prompt answered in the burst's last
+    ticks. Every token, log-probability and logit equals serving that session alone, and the blocks come back."""
+    cfg = model.config
+    h = Harness(model, blocks=400, block_size=4, rows_per_tick=8, static_decode="eager")
+    try:
+        sessions = [h.manager.open(128, "fp32", False, False, {}) for _ in range(13)]
+        alone = [Alone(model, cfg.split_layer, ExitPolicy()) for _ in sessions]
+        data = [hidden_rows(model, 12, seed=500 + i) for i in range(13)]
+        (out,) = h.step([(sessions[12], data[12][:4], 0, True, GREEDY)])
+        assert out.token.token_id == alone[12].step(data[12][:4], 0)[0][0]
+        with h.engine.lock:  # in one go, so the first tick sees them all
+            waits = [h.submit(s, d[:5], 0) for s, d in zip(sessions[:12], data)]
+            waits.append(h.submit(sessions[12], data[12][4:7], 4))
+        outs = []
+        for box, ev in waits:
+            assert ev.wait(30)
+            outs.append(box["out"])
+        for i, (x, first) in enumerate([(d[:5], 0) for d in data[:12]] + [(data[12][4:7], 4)]):
+            assert isinstance(outs[i], SegmentDone), outs[i]
+            (token, logprob), _, logits = alone[i].step(x, first)
+            assert outs[i].token.token_id == token and abs(outs[i].token.logprob - logprob) < ATOL
+            torch.testing.assert_close(outs[i].token.logits, logits, atol=ATOL, rtol=0)
+        start = min(out.ticks[0] for out in outs)
+        answered = [out.ticks[1] - start for out in outs]
+        assert answered[12] == 0, f"the session under way waited behind the burst: {answered}"
+        assert answered[0] <= 1, f"the first prompt was not answered in the burst's first two ticks: {answered}"
+        assert answered[:12] == sorted(answered[:12]), f"the prompts were not answered in the order queued: {answered}"
+        assert answered[5] <= 4 < answered[11], answered  # about one a tick (one row each: all at ticks 6-8)
+        for s, a in zip(sessions, alone):
+            for layer in range(cfg.split_layer, cfg.num_hidden_layers):
+                for got, want in zip(s.cache.get(layer), a.runner.cache.get(layer)):
+                    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+            h.manager.close(s)
+        assert h.pool.num_free == h.pool.num_blocks - scratch_blocks("eager")
     finally:
         h.close()
 
