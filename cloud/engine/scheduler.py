@@ -37,10 +37,9 @@ in round-robin order (served sessions rejoin at the back), instead of every row 
 
 A burst: more sessions wanting rows than the rows there are (clients reconnecting to a replica, each replaying its
 history). An equal split then gives one row each in turn, so every prompt of the burst is answered at about the
-same late tick; past the clients' deadlines they all give up and replay it all again, and nobody is served
-(bench/burst.py). So all but an eighth of the rows go first come, first served in the same order as above, longer
-uploads included, and the last eighth one row each, in round-robin order, to the sessions not served, so that
-every session moves.
+same late tick, most of them past their clients' deadlines (bench/burst.py). So all but an eighth of the rows go
+first come, first served in the same order as above, longer uploads included, and the last eighth one row each,
+in round-robin order, to the sessions not served, so that every session moves.
 
 Prompt rows: any other upload of 2 to `row_budget` float32 rows on a CPU is copied, as it is queued, into the
 PromptRing (staging.py), where a mixed tick reads its chunks in place; its region is given back when the segment is
@@ -396,8 +395,8 @@ class Scheduler:
         eighth of the rows go first come, first served over every session in the order of `order` (each
         session's `turn`, longer uploads included), and the last eighth one row each, in round-robin order, to
         the sessions not served, so that every session moves. (Without `order`, the round-robin order alone
-        decides.) An equal split would have every prompt of the burst finish at about the same late tick, past
-        the clients' deadlines, which then give up and replay it all over again (bench/burst.py)."""
+        decides.) One row each would have every prompt of the burst answered at about the same late tick
+        (bench/burst.py)."""
         budget, grants = self.row_budget if budget is None else budget, [0] * len(needs)
         wanting = [i for i, n in enumerate(needs) if n > 0]
         if not wanting:
