@@ -534,7 +534,7 @@ class Scheduler:
         return items, decode, failures, applied
 
     def _grants_of(self, sessions: list, budget: int, share: int | None) -> list[int]:
-        """`grants` for the front segments of `sessions` (their prompts' turns included)."""
+        """`grants` for the front segments of `sessions` (their prompts' turns, and in a burst every segment's)."""
         fronts = [s.queue[0] for s in sessions]
         needs = [seg.n - seg.done_rows for seg in fronts]
         order = list(map(turn, fronts)) if len(sessions) > budget else None  # (a burst)
