@@ -1,4 +1,4 @@
-"""Benchmark: how long a burst of new sessions waits for its first token when they outnumber the row budget.
+"""Benchmark: how long new sessions wait for their first token when the rows wanted outnumber the row budget.
 
 A burst is what a replica sees after a neighbour fails, or after it restarts: hundreds of edge clients reconnect
 at once and each replays its history (a prompt of a few hundred rows) before it can decode again. With more
@@ -9,8 +9,11 @@ token, in ticks), and what the sessions that were already decoding got meanwhile
 
 Scenarios (each `--burst` new sessions with prompts uniform in `--prompt` rows, under `--row-budget`):
   alone    the burst, with nothing else on the server;
-  beside   the burst while `--decoding` sessions decode (each sends its next row once answered).
-A new session whose prompt was answered decodes from then on, as its client would.
+  beside   the burst while `--decoding` sessions decode (each sends its next row once answered);
+  one every 4 ticks beside B - B/16
+           a third as many new sessions, one every 4 ticks, each closing once answered, while sessions just under
+           the row budget B in number decode: what the decode rows leave is less than the prompts want.
+In the first two, a new session whose prompt was answered decodes from then on, as its client would.
 
 Printed per scenario: the burst's ticks to first token (p10, p25, p50, mean, p90, max), the share answered within
 `--deadline` ticks (an edge client whose deadline passes, 5 s by default, emits that token from its own layers
@@ -37,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_overhead as eo  # noqa: E402
 
 
-def run(burst: int, prompt: tuple[int, int], decoding: int, budget: int, seed: int) -> dict:
+def run(burst: int, prompt: tuple[int, int], decoding: int, budget: int, seed: int, every: int = 0) -> dict:
+    """One scenario; with `every`, the new sessions come one every `every` ticks instead of at once, and each
+    closes once answered (so the decoding sessions stay as many)."""
     h = eo.Harness(burst + decoding, seed, budget)
     try:
         for _ in range(decoding):
@@ -51,12 +56,18 @@ def run(burst: int, prompt: tuple[int, int], decoding: int, budget: int, seed: i
                 h.submit_decode()
                 h.tick()
                 h.fan.drain()
-        for _ in range(burst):
+        for _ in range(0 if every else burst):
             h.open(int(h.rng.integers(prompt[0], prompt[1] + 1)))
         waiting = h.sessions[decoding:]  # the new sessions not answered yet
-        answered: list[int] = []  # ticks from the burst to each one's first token
-        tokens, gap, since, ticks, host = 0, 0, [0] * decoding, 0, 0.0
-        while waiting:
+        opened = dict.fromkeys(map(id, waiting), 0)  # the tick each came
+        answered: list[int] = []  # ticks from its arrival to each one's first token
+        tokens, gap, since, ticks, host, left = 0, 0, [0] * decoding, 0, 0.0, burst if every else 0
+        while waiting or left:
+            if left and ticks % every == 0:
+                h.open(int(h.rng.integers(prompt[0], prompt[1] + 1)))
+                waiting.append(h.sessions[-1])
+                opened[id(h.sessions[-1])] = ticks
+                left -= 1
             sent = [not h.sessions[i][0].queue for i in range(decoding)]  # answered since their last row
             tokens += sum(sent)
             since = [0 if a else w + 1 for a, w in zip(sent, since)]
@@ -69,7 +80,12 @@ def run(burst: int, prompt: tuple[int, int], decoding: int, budget: int, seed: i
             host += time.perf_counter() - t0
             h.fan.drain()
             ticks += 1
-            answered += [ticks] * sum(not e[0].queue for e in waiting)
+            for e in waiting:
+                if not e[0].queue:
+                    answered.append(ticks - opened[id(e)])
+                    if every:
+                        h.sessions.remove(e)
+                        h.manager.close(e[0])
             waiting = [e for e in waiting if e[0].queue]
         w = np.array(answered, dtype=float)
         return dict(pct=[np.percentile(w, q) for q in (10, 25, 50)], mean=statistics.fmean(w),
@@ -95,8 +111,10 @@ def main() -> int:
     print(f"| scenario | ticks to first token p10 / p25 / p50 / mean / p90 / max | within {args.deadline} ticks "
           "| all answered after | decoding: tokens a tick / longest wait | host time a tick |")
     print("|---|---|---|---|---|---|")
-    for name, decoding in (("alone", 0), ("beside", args.decoding)):
-        r = run(args.burst, (lo, hi), decoding, args.row_budget, args.seed)
+    near = args.row_budget - args.row_budget // 16
+    for name, burst, decoding, every in (("alone", args.burst, 0, 0), ("beside", args.burst, args.decoding, 0),
+                                         (f"one every 4 ticks beside {near}", args.burst // 3, near, 4)):
+        r = run(burst, (lo, hi), decoding, args.row_budget, args.seed, every)
         dec = f"{decoding} sessions: {r['tokens']:.1f} / {r['gap']} ticks" if decoding else "-"
         within = float((r["answered"] <= args.deadline).mean())
         print(f"| {name} | {' / '.join(f'{x:.0f}' for x in r['pct'])} / {r['mean']:.1f} / {r['p90']:.0f} / "

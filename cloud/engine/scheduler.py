@@ -30,10 +30,13 @@ is staged at the session's KV slot (staging.py), so a tick gathers its decode ro
 needs one row of budget, which the first round of the fair split grants whenever the ready sessions fit the budget,
 so `next_tick` hands them to the engine's static step as one DecodeBatch (their blocks grown in one allocation)
 and runs the fair split over the other sessions only, with the first round's share the whole set would have had:
-the grants are the same as splitting over everyone. A tick where more sessions are ready than the budget has rows
-gives the other sessions at least half the rows, split among them as above (so a prompt joining a full house is
-answered in a tick or two, not one row a turn), and the plain decode rows take turns on the static step in the rest,
-in round-robin order (served sessions rejoin at the back), instead of every row falling to the general path.
+while the others' rows fit what the decode rows leave, the grants are the same as splitting over everyone. The
+others may take up to half the rows, though, if the decode rows leave less (and, with more sessions ready than
+rows, split among themselves as above): the plain decode rows then take turns on the static step in the rest, in
+round-robin order (served sessions rejoin at the back), instead of every row falling to the general path. So a
+prompt joining a full house is answered in a tick or two, whether the decode sessions number just under the
+budget or past it; with only what they leave, a 128-row prompt beside 254 decoding sessions under a budget of 256
+waited 64 ticks (two rows a tick), against 1 tick beside 256 (see also bench/burst.py's "one every 4 ticks").
 
 A burst: more sessions wanting rows than the rows there are (clients reconnecting to a replica, each replaying its
 history). An equal split then gives one row each in turn, so every prompt of the burst is answered at about the
@@ -475,14 +478,14 @@ class Scheduler:
             self.over_budget_ticks += 1
         if plain and grow_rows is not None:
             sessions = [ready[sid] for sid in ready if sid not in plain] if len(plain) < k else []
-            if k <= budget:  # each plain row gets its 1 in round one; the rest split with the whole set's share
-                riders = plain
-                granted = self._grants_of(sessions, budget - len(plain), max(1, budget // k))
-            else:  # more sessions ready than rows: the others get at least half the rows (their own split), and
-                # the plain rows take turns in the rest, in round-robin order
-                granted = self._grants_of(sessions, max(budget // 2, budget - len(plain)), None)
-                room = budget - sum(granted)
-                riders = dict(itertools.islice(((sid, plain[sid]) for sid in ready if sid in plain), room))
+            # the others get what the plain rows leave, or up to half the rows if that is more (split as over
+            # everyone: under the budget with the whole set's share); the plain rows ride in the rest, all of them
+            # when they fit, else taking turns in round-robin order
+            granted = self._grants_of(sessions, max(budget // 2, budget - len(plain)),
+                                      max(1, budget // k) if k <= budget else None)
+            room = budget - sum(granted)
+            riders = (plain if room >= len(plain) else
+                      dict(itertools.islice(((sid, plain[sid]) for sid in ready if sid in plain), room)))
             if riders:
                 batch = (self._batch.successor(riders) if self._batch is not None
                          else DecodeBatch(list(riders.values())))

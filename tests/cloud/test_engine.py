@@ -666,6 +666,45 @@ def test_more_decode_sessions_than_the_row_budget_take_turns_on_the_static_step(
         h.close()
 
 
+@pytest.mark.parametrize("static_decode", ["auto", "eager"])
+def test_a_prompt_joining_decode_sessions_just_under_the_row_budget_gets_half_the_rows(model, static_decode):
+    """Seven sessions decode under a budget of 8 rows a tick (all fit) when an eighth joins with a 4-row prompt,
+    queued with their next rows. The prompt gets half the tick's rows, so it is computed in one tick (before, it
+    got the one row the decode rows left, and took four), and the decode rows take turns in the rest: each round
+    is served within two ticks. Every token, log-probability and logit equals serving that session alone, and the
+    blocks come back."""
+    cfg = model.config
+    h = Harness(model, blocks=800, block_size=4, rows_per_tick=8, static_decode=static_decode)
+    try:
+        sessions = [h.manager.open(128, "fp32", False, False, {}) for _ in range(8)]
+        alone = [Alone(model, cfg.split_layer, ExitPolicy()) for _ in sessions]
+        data = [hidden_rows(model, 12, seed=700 + i) for i in range(8)]
+        pos = [0] * 8
+        for step in range(4):  # a round of the 7 (their prompts first); the newcomer's prompt joins round 2
+            order = [7, *range(7)] if step == 2 else list(range(7))
+            work = [(sessions[i], data[i][pos[i]:pos[i] + (4 if pos[i] == 0 else 1)], pos[i], True, GREEDY)
+                    for i in order]
+            outs = h.step(work)
+            spans = [out.ticks for out in outs]
+            if step == 2:
+                assert spans[0][0] == spans[0][1], f"the newcomer's prompt took ticks {spans[0]}"
+            if step >= 1:
+                assert max(b for _, b in spans) - min(a for a, _ in spans) <= 1, f"a round took 3 ticks: {spans}"
+            for i, (_s, x, at, _, _), out in zip(order, work, outs):
+                (token, logprob), _, logits = alone[i].step(x, at)
+                assert out.token.token_id == token and abs(out.token.logprob - logprob) < ATOL, (i, step)
+                torch.testing.assert_close(out.token.logits, logits, atol=ATOL, rtol=0)
+                pos[i] = at + x.shape[0]
+        for s, a in zip(sessions, alone):
+            for layer in range(cfg.split_layer, cfg.num_hidden_layers):
+                for got, want in zip(s.cache.get(layer), a.runner.cache.get(layer)):
+                    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+            h.manager.close(s)
+        assert h.pool.num_free == h.pool.num_blocks - scratch_blocks(static_decode)
+    finally:
+        h.close()
+
+
 def test_a_burst_of_new_sessions_past_the_row_budget_is_answered_first_come_first_served(model):
     """Twelve new sessions queue 5-row prompts at once under a budget of 8 rows a tick (as clients reconnecting to
     a replica replay their history), then a session under way queues 3 rows that exited on the edge. The burst is
