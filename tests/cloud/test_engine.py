@@ -371,7 +371,8 @@ def test_decode_batch_successor_keeps_rows_and_changes_only_what_came_and_went()
 def test_grants_with_decode_rows_apart_equal_grants_over_everyone():
     """The scheduler grants the plain decode rows their one row each and splits the rest over the other sessions
     with the first round's share of the whole set: the same grants as splitting over everyone in round-robin
-    order, whenever the ready sessions fit the budget."""
+    order, whenever the ready sessions fit the budget. (When the others want more than that rest, the scheduler
+    gives them up to half the budget instead: test_a_prompt_joining_decode_sessions_just_under_the_row_budget.)"""
     rng = torch.Generator().manual_seed(3)
     for _ in range(500):
         budget = int(torch.randint(1, 40, (1,), generator=rng))
