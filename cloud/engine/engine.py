@@ -312,7 +312,7 @@ class Engine:
             if decode is not None:
                 self.scheduler.fly(tick, decode.by_id)
             else:
-                over = self.scheduler.over_budget_ticks
+                over, deferred = self.scheduler.over_budget_ticks, self.scheduler.deferred_decode_rows
                 try:
                     items, decode, failures, applied = self.scheduler.next_tick(self._grow, tick, self._grow_rows,
                                                                                 self._grow_many)
@@ -323,6 +323,8 @@ class Engine:
                     finished = [(seg.waiter, SegmentDone(None, 0, 0.0, (tick, tick))) for seg in applied]
                     if self.scheduler.over_budget_ticks != over:
                         self.metrics.over_budget.inc()
+                    if self.scheduler.deferred_decode_rows != deferred:
+                        self.metrics.deferred_decode.inc(self.scheduler.deferred_decode_rows - deferred)
                 finished += [w for s, seg in failures for w in self._fail(s, seg)]
             if decode is None and not items:  # nothing rides this tick (or scheduling failed)
                 self.scheduler.landed(tick)

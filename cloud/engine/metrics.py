@@ -10,6 +10,7 @@ Exposed by `coexit serve --metrics-port P` at http://HOST:P/metrics:
   coexit_tokens_total                   tokens produced (rate() gives tokens/s)
   coexit_rows_total                     rows computed
   coexit_ticks_over_budget_total        ticks with more sessions ready than --rows-per-tick (they took turns)
+  coexit_decode_rows_deferred_total     decode rows left for a later tick for want of rows (prompts took them)
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class EngineMetrics:
         self.rows = Counter("coexit_rows", "rows computed", registry=r)
         self.over_budget = Counter("coexit_ticks_over_budget", "ticks with more sessions ready than --rows-per-tick "
                                    "(they took turns)", registry=r)
+        self.deferred_decode = Counter("coexit_decode_rows_deferred", "decode rows left for a later tick for want "
+                                       "of rows (prompts took them)", registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         try:

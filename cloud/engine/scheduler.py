@@ -237,6 +237,7 @@ class Scheduler:
         self.steady_ticks = 0  # ticks that reused the plan
         self.mixed_ticks = 0  # ticks with decode rows on the static step beside the general path's chunks
         self.over_budget_ticks = 0  # ticks with more sessions ready than the row budget (sessions took turns)
+        self.deferred_decode_rows = 0  # plain decode rows left for a later tick for want of rows
 
     def eligible(self, session) -> bool:
         """Whether the session's rows may take the static step: hidden rows over the whole deep range, no cloud
@@ -487,6 +488,7 @@ class Scheduler:
             room = budget - sum(granted)
             riders = (plain if room >= len(plain) else
                       dict(itertools.islice(((sid, plain[sid]) for sid in ready if sid in plain), room)))
+            self.deferred_decode_rows += len(plain) - len(riders)
             if riders:
                 batch = (self._batch.successor(riders) if self._batch is not None
                          else DecodeBatch(list(riders.values())))

@@ -696,6 +696,9 @@ def test_a_prompt_joining_decode_sessions_just_under_the_row_budget_gets_half_th
                 assert out.token.token_id == token and abs(out.token.logprob - logprob) < ATOL, (i, step)
                 torch.testing.assert_close(out.token.logits, logits, atol=ATOL, rtol=0)
                 pos[i] = at + x.shape[0]
+        # the operator sees it: the joining tick left 3 of the 7 decode rows for the next (8 rows, 4 to the prompt)
+        deferred = h.engine.metrics.registry.get_sample_value("coexit_decode_rows_deferred_total")
+        assert deferred == h.engine.scheduler.deferred_decode_rows == 3, deferred
         for s, a in zip(sessions, alone):
             for layer in range(cfg.split_layer, cfg.num_hidden_layers):
                 for got, want in zip(s.cache.get(layer), a.runner.cache.get(layer)):
