@@ -115,6 +115,18 @@ class Alone:
         return sample(logits, sampling, position=first + x.shape[0]), res.depth, logits
 
 
+def close_checking_kv(h: Harness, model, pairs, static_decode: str) -> None:
+    """Each session's deep-layer KV equals its reference's (served alone); then close them all: every block but
+    the static step's scratch ones comes back."""
+    cfg = model.config
+    for s, alone in pairs:
+        for layer in range(cfg.split_layer, cfg.num_hidden_layers):
+            for got, want in zip(s.cache.get(layer), alone.runner.cache.get(layer)):
+                torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        h.manager.close(s)
+    assert h.pool.num_free == h.pool.num_blocks - scratch_blocks(static_decode)
+
+
 def test_paged_cache_alone_equals_contiguous(model):
     cfg = model.config
     pool = KVPool(64, 4, cfg.num_key_value_heads, cfg.head_dim, torch.float32, DEVICE)
@@ -603,12 +615,7 @@ def test_churn_while_others_decode_equals_sessions_alone(model, static_decode):
         assert h.engine.runner.mixed.continued >= 5, "no chunk continuing a session rode the mixed pass"
         if DEVICE.type == "cpu":  # (rows on a GPU are not staged in the PromptRing)
             assert h.engine.scheduler.prompts.in_place >= 5, "no mixed pass read its prompt rows where they were staged"
-        for s, alone, *_ in live.values():
-            for layer in range(cfg.split_layer, cfg.num_hidden_layers):
-                for got, want in zip(s.cache.get(layer), alone.runner.cache.get(layer)):
-                    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-            h.manager.close(s)
-        assert h.pool.num_free == h.pool.num_blocks - scratch_blocks(static_decode)
+        close_checking_kv(h, model, [(s, alone) for s, alone, *_ in live.values()], static_decode)
         assert h.engine.scheduler.prompts.held == 0, "a prompt's rows were never given back to the ring"
     finally:
         h.close()
@@ -657,12 +664,7 @@ def test_more_decode_sessions_than_the_row_budget_take_turns_on_the_static_step(
         # the operator sees it: each round's first two ticks had more sessions ready than rows
         over = h.engine.metrics.registry.get_sample_value("coexit_ticks_over_budget_total")
         assert over == h.engine.scheduler.over_budget_ticks >= 6 * 2, over
-        for s, a in zip(sessions, alone):
-            for layer in range(cfg.split_layer, cfg.num_hidden_layers):
-                for got, want in zip(s.cache.get(layer), a.runner.cache.get(layer)):
-                    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-            h.manager.close(s)
-        assert h.pool.num_free == h.pool.num_blocks - scratch_blocks(static_decode)
+        close_checking_kv(h, model, zip(sessions, alone), static_decode)
     finally:
         h.close()
 
@@ -699,12 +701,7 @@ def test_a_prompt_joining_decode_sessions_just_under_the_row_budget_gets_half_th
         # the operator sees it: the joining tick left 3 of the 7 decode rows for the next (8 rows, 4 to the prompt)
         deferred = h.engine.metrics.registry.get_sample_value("coexit_decode_rows_deferred_total")
         assert deferred == h.engine.scheduler.deferred_decode_rows == 3, deferred
-        for s, a in zip(sessions, alone):
-            for layer in range(cfg.split_layer, cfg.num_hidden_layers):
-                for got, want in zip(s.cache.get(layer), a.runner.cache.get(layer)):
-                    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-            h.manager.close(s)
-        assert h.pool.num_free == h.pool.num_blocks - scratch_blocks(static_decode)
+        close_checking_kv(h, model, zip(sessions, alone), static_decode)
     finally:
         h.close()
 
@@ -742,12 +739,7 @@ def test_a_burst_of_new_sessions_past_the_row_budget_is_answered_first_come_firs
         assert answered[0] <= 1, f"the first prompt was not answered in the burst's first two ticks: {answered}"
         assert answered[:12] == sorted(answered[:12]), f"the prompts were not answered in the order queued: {answered}"
         assert answered[5] <= 4 < answered[11], answered  # about one a tick (one row each: all at ticks 6-8)
-        for s, a in zip(sessions, alone):
-            for layer in range(cfg.split_layer, cfg.num_hidden_layers):
-                for got, want in zip(s.cache.get(layer), a.runner.cache.get(layer)):
-                    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-            h.manager.close(s)
-        assert h.pool.num_free == h.pool.num_blocks - scratch_blocks("eager")
+        close_checking_kv(h, model, zip(sessions, alone), "eager")
     finally:
         h.close()
 
