@@ -45,13 +45,8 @@ def run(burst: int, prompt: tuple[int, int], decoding: int, budget: int, seed: i
     closes once answered (so the decoding sessions stay as many)."""
     h = eo.Harness(burst + decoding, seed, budget)
     try:
-        for _ in range(decoding):
-            h.open(int(h.rng.integers(*eo.CTX)))
         if decoding:
-            h.engine.scheduler.row_budget = 1 << 30
-            h.tick()  # the decoding sessions' prompts, in one tick
-            h.engine.scheduler.row_budget = budget
-            h.fan.drain()
+            h.open_decoding(decoding)
             for _ in range(4):  # they decode before the burst comes
                 h.submit_decode()
                 h.tick()

@@ -70,12 +70,7 @@ class IngestHarness(eo.Harness):
 def run(n: int, ticks: int, warmup: int, seed: int) -> dict:
     h = IngestHarness(n, seed)
     try:
-        for _ in range(n):
-            h.open(int(h.rng.integers(*eo.CTX)))
-        budget, h.engine.scheduler.row_budget = h.engine.scheduler.row_budget, 1 << 30
-        h.tick()  # the prompts, in one tick
-        h.engine.scheduler.row_budget = budget
-        h.fan.drain()
+        h.open_decoding(n)
         crit = []
         for i in range(warmup + ticks):
             if i % 256 == 255:

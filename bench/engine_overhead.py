@@ -227,6 +227,15 @@ class Harness:
         self._submit(s, torch.randn(prompt, HIDDEN), 0)
         self.sessions.append([s, prompt, False, False])
 
+    def open_decoding(self, n: int) -> None:
+        """Open n sessions with prompts uniform in CTX and serve the prompts in one tick (untimed)."""
+        for _ in range(n):
+            self.open(int(self.rng.integers(*CTX)))
+        budget, self.engine.scheduler.row_budget = self.engine.scheduler.row_budget, 1 << 30
+        self.tick()
+        self.engine.scheduler.row_budget = budget
+        self.fan.drain()
+
     def close_random(self, k: int) -> None:
         for i in sorted(self.rng.choice(len(self.sessions), size=k, replace=False), reverse=True):
             s = self.sessions.pop(i)[0]
@@ -344,12 +353,7 @@ def run_variant(variant: str, n: int, ticks: int, warmup: int, window: int, seed
                 budget: int | None = None) -> dict:
     h = Harness(n, seed, budget)
     try:
-        for _ in range(n):
-            h.open(int(h.rng.integers(*CTX)))
-        budget, h.engine.scheduler.row_budget = h.engine.scheduler.row_budget, 1 << 30
-        h.tick()  # the prompts, in one tick
-        h.engine.scheduler.row_budget = budget
-        h.fan.drain()
+        h.open_decoding(n)
         i = 0
 
         def step(timed: list | None = None) -> None:
