@@ -9,10 +9,10 @@ only the last one served may be cut: first those of sessions under way that wait
 the edge, drafts to verify), then new sessions' prompts and uploads that want nothing back; whatever is left after
 them is split max-min fairly over the longer uploads. (Plain decode rows are split apart, and the others may take
 up to half a tick from them: see "Decode rows apart" below; with more sessions wanting rows than the rows there
-are, "A burst".) A segment longer than its grant runs as
-chunks over several ticks (no head, no exit checks), so a 4,000-row prompt cannot stall other sessions' decode rows,
-nor the prompts queued after it; its last chunk carries the exit checks and the token. Rows parked at a cloud exit
-are caught up by LayerRunner inside the session's next chunk (they ride with it, outside the grant).
+are, "A burst".) A segment longer than its grant runs as chunks over several ticks (no head, no exit checks), so a
+4,000-row prompt cannot stall other sessions' decode rows, nor the prompts queued after it; its last chunk carries
+the exit checks and the token. Rows parked at a cloud exit are caught up by LayerRunner inside the session's next
+chunk (they ride with it, outside the grant).
 
 Why first come, first served among prompts rather than an equal split (vLLM's chunked prefill does the same): a
 tick computes as many rows either way, but the prompts queued first are answered sooner instead of all near the
