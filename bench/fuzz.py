@@ -83,7 +83,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import coexit
-    from cloud.launch import start_cloud
+    from cloud.launch import server_log, start_cloud
     from coexit.tiny import make_checkpoint
     from edge.link import CloudLink
 
@@ -120,8 +120,8 @@ def main() -> int:
             alive = proc.poll() is None
         finally:
             proc.terminate()
-            _, err = proc.communicate(timeout=30)
-    log_lines = len(err.decode(errors="replace").splitlines())
+            proc.wait(timeout=30)
+            log_lines = len(server_log(proc).splitlines())
     print(f"{args.cases} cases in {time.monotonic() - t0:.0f} s; status codes: "
           + ", ".join(f"{k} {v}" for k, v in sorted(codes.items(), key=lambda kv: -kv[1])))
     print(f"server alive: {alive}; statuses other than client faults: {bad}; legitimate session's tokens right "

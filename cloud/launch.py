@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import grpc
@@ -79,8 +80,7 @@ def wait_healthy(address: str, timeout_s: float = 60.0, proc: subprocess.Popen |
     try:
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"the cloud process exited with {proc.returncode}: {err[-2000:]}")
+                raise RuntimeError(f"the cloud process exited with {proc.returncode}: {server_log(proc)[-2000:]}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -97,20 +97,31 @@ def torchrun(n: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "--no-python"]
 
 
+def server_log(proc: subprocess.Popen) -> str:
+    """What a process started by `start_cloud` (or with a piped stderr) has written to stderr so far."""
+    log_file = getattr(proc, "coexit_log", None)
+    if log_file is not None:  # pread: the file offset is the server's own (it shares the open file)
+        fd = log_file.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+    return proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+
+
 def start_cloud(model_dir, port: int | None = None, extra_args: list[str] | None = None, threads: int = 1,
                 prefix: list[str] | None = None, health_host: str = "127.0.0.1",
                 cwd: str | None = None, root_cert: bytes | None = None,
                 stdout=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
     """Returns (process, "HOST:PORT") once the server is healthy. prefix wraps the command (e.g. `ip netns exec`);
     cwd runs it from another checkout (`python -m` imports from the working directory first); stdout: where its
-    start-up lines go (a file)."""
+    start-up lines go (a file). Its log (stderr) goes to an unnamed temporary file that `server_log` reads: a pipe
+    nobody drains would stop the server at its first write past the pipe's 64 KiB."""
     port = port or free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     cmd = [*(prefix or []), sys.executable, "-m", "coexit.cli", "serve", "--model", str(model_dir),
            "--port", str(port), *(extra_args or [])]
-    proc = subprocess.Popen(dies_with_parent(cmd), env=env, stdout=stdout, stderr=subprocess.PIPE,
+    log_file = tempfile.TemporaryFile()
+    proc = subprocess.Popen(dies_with_parent(cmd), env=env, stdout=stdout, stderr=log_file,
                             cwd=cwd)  # SIGTERM: the orphan drains and exits
-    proc.coexit_port = port
+    proc.coexit_port, proc.coexit_log = port, log_file
     address = f"{health_host}:{port}"
     try:
         wait_healthy(address, proc=proc, root_cert=root_cert)
