@@ -59,8 +59,6 @@ def check_tp(args, config) -> None:
     from cloud.tp import check_launch, check_shardable
 
     check_launch(args.tp)
-    if args.frontends:
-        raise UsageError("--frontends with --tp is not supported: a tensor-parallel server serves gRPC from rank 0")
     if args.overlap == "on":
         raise UsageError("--overlap on with --tp is not supported: the ranks run each tick in step")
     check_shardable(config, args.tp)
@@ -96,7 +94,8 @@ def main(argv: list[str]) -> int:
                     help="with --tp: seconds a rank waits for the others (start-up included) before the server stops "
                          "with an error; an idle server's ranks stay in touch meanwhile")
     ap.add_argument("--frontends", type=int, default=0,
-                    help="gRPC front-end processes in front of one engine process (0: one process does all)")
+                    help="gRPC front-end processes in front of one engine process (0: one process does all; with "
+                         "--tp, tensor-parallel rank 0 is the engine process)")
     ap.add_argument("--health-http-port", type=int, default=0,
                     help="answer GET /healthz over HTTP/1 on this port: 200 while serving, 503 while draining (for "
                          "load balancers without gRPC health checks, e.g. HAProxy; 0: off)")
@@ -124,13 +123,13 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.tp > 1:
-        from cloud.server import serve_tensor_parallel
+        from cloud.processes import serve_tensor_parallel
 
         return serve_tensor_parallel(args.model, args.port, args.host, limits, auth, args.deep_only, tls,
                                      args.metrics_port, args.drain_grace, args.health_http_port, args.tp,
-                                     args.tp_timeout, dtype=args.dtype)
+                                     args.tp_timeout, dtype=args.dtype, frontends=args.frontends)
     if args.frontends > 0:
-        from cloud.server import serve_processes
+        from cloud.processes import serve_processes
 
         return serve_processes(args.model, args.port, args.host, limits, auth, args.deep_only, tls,
                                args.metrics_port, args.frontends, args.drain_grace, args.health_http_port,

@@ -1,6 +1,7 @@
-"""Building and running the cloud gRPC server: the Coexit service, grpc.health.v1, reflection, the status/auth
-interceptor, optional TLS, and a background sweeper for idle sessions. `ServerThread` runs one in a background
-thread (tests, benchmarks, the demo)."""
+"""Building and running the cloud gRPC server in one process: the Coexit service, grpc.health.v1, reflection, the
+status/auth interceptor, optional TLS, draining, and a background sweeper for idle sessions. `ServerThread` runs one
+in a background thread (tests, benchmarks, the demo). The layouts over several processes (tensor-parallel ranks,
+front ends in front of an engine process) are in cloud/processes.py."""
 
 from __future__ import annotations
 
@@ -191,11 +192,11 @@ async def serve_until_drained(server: grpc.aio.Server, service: CoexitService, g
     service.stop()
 
 
-def _read_tls(tls_files: tuple[str, str] | None) -> tuple[bytes, bytes] | None:
+def read_tls(tls_files: tuple[str, str] | None) -> tuple[bytes, bytes] | None:
     return (Path(tls_files[0]).read_bytes(), Path(tls_files[1]).read_bytes()) if tls_files else None
 
 
-def _banner(model_dir, host, port, info, layers: tuple[int, int], how: str) -> None:
+def banner(model_dir, host, port, info, layers: tuple[int, int], how: str) -> None:
     say(f"coexit cloud serving {model_dir} on {host}:{port} (layers [{layers[0]}, {layers[1]}), split "
         f"{info.split_layer}, {info.dtype}, fingerprint {info.fingerprint[:16]}…; {how})")
 
@@ -212,196 +213,13 @@ async def serve_forever(model_dir: str, port: int, host: str, limits: Limits, au
     limits = with_identities(limits, auth)
     if backend is None:
         backend = LocalBackend(load_model(model_dir, deep_only=deep_only, dtype=dtype), limits)
-    server, bound, service = await serve_backend(backend, port, host, limits, auth, _read_tls(tls_files))
+    server, bound, service = await serve_backend(backend, port, host, limits, auth, read_tls(tls_files))
     if health_http_port:
         await serve_health_http(host, health_http_port, lambda: not service.draining)
     if metrics_port:
         mport = backend.engine.metrics.serve(metrics_port, host)
         say(f"coexit cloud metrics on http://{host}:{mport}/metrics")
     model = backend.engine.model
-    _banner(model_dir, host, bound, service.model_info, (model.start, model.stop), how)
+    banner(model_dir, host, bound, service.model_info, (model.start, model.stop), how)
     freeze_startup_heap()
     await serve_until_drained(server, service, drain_grace_s)
-
-
-# ---- tensor parallelism: one process per rank, started by torchrun ------------------------------------------------
-def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None, deep_only: bool,
-                          tls_files: tuple[str, str] | None, metrics_port: int, drain_grace_s: float,
-                          health_http_port: int, tp_size: int, tp_timeout_s: float = 600.0,
-                          dtype: str = "auto") -> int:
-    """One rank of `torchrun --nproc_per_node N -m coexit serve --tp N`. Every rank loads its shard of the deep
-    layers (cloud/tp.py) and its KV heads' pool and prints its memory; rank 0 serves gRPC and leads the ticks, the
-    others replay them (cloud/replica.py). Returns 1 when a rank is lost."""
-    import os
-    import signal
-
-    import torch
-
-    from cloud.backend import LocalBackend
-    from cloud.launch import die_with_parent
-    from cloud.replica import Leader, follow
-    from cloud.tp import describe, init_tp, kv_heads, load_sharded
-
-    # torchrun's agent is the parent: if it is killed outright, rank 0 drains and the others go
-    die_with_parent(signal.SIGTERM if os.environ.get("RANK", "0") == "0" else signal.SIGKILL)
-    on_gpu = torch.cuda.is_available()
-    tp = init_tp(tp_size, "cuda" if on_gpu else "cpu", tp_timeout_s)
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
-    model = load_sharded(model_dir, tp, deep_only, serve_dtype(dtype, on_gpu), device, local=True)
-    # the ranks run each tick in step (no lane); CUDA graphs of the collectives are not captured: not yet tested on GPUs
-    limits = dataclasses.replace(with_identities(limits, auth), overlap="off",
-                                 static_decode="eager" if limits.static_decode == "auto" else limits.static_decode)
-    backend = LocalBackend(model, limits, kv_heads=kv_heads(model.config, tp), engine_thread=tp.rank == 0)
-    pool = backend.engine.pool
-    say(describe(model, tp, pool.num_blocks * pool.bytes_per_block))
-    if tp.rank != 0:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # rank 0 drains, then tells the followers to stop
-            signal.signal(sig, signal.SIG_IGN)
-        freeze_startup_heap()
-        try:
-            follow(backend.manager, tp.cpu_group, device)
-        except Exception as exc:
-            say(f"coexit: tensor-parallel rank {tp.rank}: rank 0 is gone ({type(exc).__name__}); stopping")
-            return 1
-        return 0
-    lost: list[BaseException] = []
-
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-
-        def on_lost(exc: BaseException) -> None:  # (engine thread) drain: health NOT_SERVING, then exit 1
-            lost.append(exc)
-            loop.call_soon_threadsafe(os.kill, os.getpid(), signal.SIGTERM)
-
-        Leader(backend.manager, tp.cpu_group, on_lost, tp.timeout_s)
-        await serve_forever(model_dir, port, host, limits, auth, deep_only, tls_files, metrics_port, drain_grace_s,
-                            health_http_port, backend, f"tensor parallel over {tp.world} ranks")
-
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
-    if lost:
-        say(f"coexit: a tensor-parallel rank was lost ({lost[0]}); the server stopped")
-        return 1
-    return 0
-
-
-# ---- several front-end processes and one engine process ---------------------------------------------------------
-def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, ready, dtype="auto") -> None:
-    import signal
-
-    from cloud.backend import LocalBackend
-    from cloud.ipc import serve_engine
-    from cloud.launch import die_with_parent
-
-    die_with_parent(signal.SIGKILL)
-    for sig in (signal.SIGINT, signal.SIGHUP):  # they reach the whole group: the supervisor stops the engine
-        signal.signal(sig, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[engine] %(levelname)s %(message)s")
-    backend = LocalBackend(load_model(model_dir, deep_only=deep_only, dtype=dtype), limits)
-    model = backend.engine.model
-    say(f"coexit engine process: layers [{model.start}, {model.stop}) in {backend.info.dtype}")
-    if metrics_port:
-        mport = backend.engine.metrics.serve(metrics_port, host)
-        say(f"coexit cloud metrics on http://{host}:{mport}/metrics")
-    freeze_startup_heap()
-    ready.put(str(backend.info.dtype))
-    asyncio.run(serve_engine(backend, address))
-
-
-def _frontend_main(address, port, host, limits, auth, tls, drain_grace_s, health_http_port=0) -> None:
-    import signal
-
-    import torch
-
-    from cloud.ipc import RemoteBackend
-    from cloud.launch import die_with_parent
-
-    die_with_parent(signal.SIGKILL)
-    torch.set_num_threads(1)  # a front end only decodes and checks rows
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[front] %(levelname)s %(message)s")
-
-    async def run():
-        backend = RemoteBackend(address)
-        info = await backend.connect()
-        server, _, service = await start_grpc(CoexitService(backend, info, limits), port, host, limits, auth, tls,
-                                              reuse_port=True)
-        if health_http_port:  # every front end answers on the shared port, from its own draining state
-            from cloud.health_http import serve_health_http
-
-            await serve_health_http(host, health_http_port, lambda: not service.draining, reuse_port=True)
-        freeze_startup_heap()
-        await serve_until_drained(server, service, drain_grace_s)
-
-    asyncio.run(run())
-
-
-def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: Auth | None, deep_only: bool,
-                    tls_files: tuple[str, str] | None, metrics_port: int, frontends: int,
-                    drain_grace_s: float = 10.0, health_http_port: int = 0, dtype: str = "auto") -> int:
-    """`frontends` gRPC processes sharing `port` (SO_REUSEPORT) in front of one engine process; returns when a
-    child dies (exit code 1) or on SIGTERM / Ctrl-C (0)."""
-    import multiprocessing as mp
-    import os
-    import queue
-    import signal
-    import tempfile
-    import time
-
-    from cloud.launch import free_port, wait_healthy
-
-    port = port or free_port()
-    tls = _read_tls(tls_files)
-    limits = with_identities(limits, auth)
-    ctx = mp.get_context("spawn")
-    ready = ctx.Queue()  # the engine process's dtype, once it serves
-    tmp = tempfile.TemporaryDirectory(prefix="coexit-engine-")
-    address = f"ipc://{tmp.name}/engine.sock"
-    engine = ctx.Process(target=_engine_main, name="coexit-engine",
-                         args=(model_dir, deep_only, limits, address, metrics_port, host, ready, dtype))
-    children = [engine]
-    for sig in stop_signals():  # each one drains the front ends and stops the engine, as Ctrl-C does
-        signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        engine.start()
-        while True:
-            try:
-                dtype_used = ready.get(timeout=0.2)
-                break
-            except queue.Empty:
-                if not engine.is_alive():
-                    say("coexit: the engine process failed to start")
-                    return 1
-        for i in range(frontends):
-            front = ctx.Process(target=_frontend_main, name=f"coexit-front-{i}",
-                                args=(address, port, host, limits, auth, tls, drain_grace_s, health_http_port))
-            front.start()
-            children.append(front)
-        if tls is None:
-            wait_healthy(f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", timeout_s=600)
-        config = coexit.read_config(model_dir)
-        start = config.split_layer if deep_only else 0
-        say(f"coexit cloud serving {model_dir} on {host}:{port} (layers [{start}, {config.num_hidden_layers}), "
-            f"split {config.split_layer}, {dtype_used}; {frontends} front-end process(es), one engine process)")
-        while all(c.is_alive() for c in children):
-            time.sleep(0.5)
-        dead = [c.name for c in children if not c.is_alive()]
-        say(f"coexit: {', '.join(dead)} exited; stopping")
-        return 1
-    except KeyboardInterrupt:  # SIGTERM / Ctrl-C: the front ends drain first, then the engine stops
-        for c in children[1:]:
-            if c.is_alive():
-                os.kill(c.pid, signal.SIGTERM)
-        for c in children[1:]:
-            c.join(timeout=drain_grace_s + 5)
-        return 0
-    finally:
-        for c in children:
-            if c.is_alive():
-                c.terminate()
-        for c in children:
-            c.join(timeout=5)
-            if c.is_alive():
-                c.kill()
-        tmp.cleanup()

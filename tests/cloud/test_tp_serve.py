@@ -2,7 +2,8 @@
 server in collaborative, cloud-only, lossless and propagate modes (and with cloud exits), with prompts chunked over
 ticks and several sessions per tick, logits within 5e-5 over a prompt and decode steps, each rank's decoder-layer
 weights half of the whole stage's (printed at start), a server idle past its collective timeout still serves, and a
-rank that dies takes the server down with a non-zero exit while the edge carries on alone."""
+rank that dies takes the server down with a non-zero exit while the edge carries on alone; and with `--frontends 2`,
+rank 0 as the engine process behind two front ends: the same tokens, a clean stop, and a lost rank."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 import coexit
-from cloud.launch import free_port, start_cloud, torchrun
+from cloud.launch import free_port, server_log, start_cloud, torchrun, wait_until
 from coexit.exits import ExitPolicy
 from coexit.v1 import coexit_pb2 as pb
 from coexit.v1.convert import tensor_from_proto, tensor_to_proto
@@ -101,6 +102,60 @@ def test_tokens_equal_a_one_process_server_in_every_mode(model_dir, servers):
     assert got["tp1"]["cloud-exits"][2] == [4, 6], got["tp1"]["cloud-exits"]  # the cloud exit and the final head
 
 
+def test_front_ends_before_rank_0_serve_the_same_tokens_and_stop_cleanly(model_dir, servers, tmp_path):
+    """`--tp 2 --frontends 2`: rank 0 is the engine process behind two front-end processes. The same tokens as the
+    one-process server, with two streams per mode at once over the front ends' shared port; SIGTERM drains both
+    front ends and stops both ranks (none reports a lost rank or a dead front end), and no process is left."""
+    with open(tmp_path / "stdout", "wb") as out:  # the ranks' lines
+        proc, address = start_cloud(model_dir, extra_args=["--tp", "2", "--rows-per-tick", "6", "--frontends", "2"],
+                                    prefix=TORCHRUN, threads=1, stdout=out)
+    try:
+        ranks = _children(proc.pid)  # torchrun's children: the ranks; rank 0's: the front ends
+        fronts = [c for r in ranks for c in _children(r)]
+        assert len(ranks) == 2 and len(fronts) >= 2, (ranks, fronts)  # (+ multiprocessing's resource tracker)
+        names = ("collaborative", "cloud-only", "lossless")
+        cfg = coexit.read_config(model_dir)
+        exit_some = ExitPolicy({e: 0.1 for e in cfg.exit_layers if e <= cfg.split_layer})
+        got = {}
+
+        def run(key, addr):
+            got[key] = generate(model_dir, addr, key[0], policy=None if key[0] == "cloud-only" else exit_some)
+
+        keys = [(name, server) for name in names for server in ("tp1", "fronts", "fronts-again")]
+        threads = [threading.Thread(target=run, args=(key, servers["tp1"] if key[1] == "tp1" else address))
+                   for key in keys]
+        for t in threads:  # several streams at once: the front ends share them, the ticks batch them
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert set(got) == set(keys)
+        for name in names:
+            assert got[name, "fronts"] == got[name, "tp1"] and got[name, "fronts-again"] == got[name, "tp1"], name
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)  # (torchrun then exits 1 with its own traceback: see stop)
+        assert wait_until(lambda: not any(_alive(p) for p in [proc.pid, *ranks, *fronts]), 60), "a process outlived it"
+        lines = (tmp_path / "stdout").read_text()
+        assert "tensor parallel over 2 ranks; 2 front-end process(es)" in lines, lines
+        assert not re.search("lost|gone|exited; stopping", lines), lines  # every rank stopped when told to
+        assert len(re.findall(r"\[front\] INFO draining", server_log(proc))) == 2  # both front ends drained
+    finally:
+        stop(proc)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = f"/proc/{pid}/stat"
+    return not (os.path.exists(stat) and open(stat).read().split(")")[1].split()[0] == "Z")
+
+
 def test_logits_within_5e_5(model_dir, servers):
     full = coexit.load(model_dir)
     ids = torch.tensor([full.tokenizer.encode("for i in range(10):\n    print(i)", add_bos=True)])
@@ -180,8 +235,9 @@ def test_an_idle_server_outlives_its_collective_timeout(model_dir):
         stop(proc)
 
 
-def test_a_lost_rank_stops_the_server_and_the_edge_carries_on(model_dir):
-    proc, address = start_tp(model_dir)
+@pytest.mark.parametrize("extra", [[], ["--frontends", "2"]], ids=["one-process-rank-0", "front-ends"])
+def test_a_lost_rank_stops_the_server_and_the_edge_carries_on(model_dir, extra):
+    proc, address = start_tp(model_dir, extra)
     try:
         full = coexit.load(model_dir)
         ids = full.tokenizer.encode("x = 1", add_bos=True)
@@ -192,9 +248,11 @@ def test_a_lost_rank_stops_the_server_and_the_edge_carries_on(model_dir):
         ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                 text=True).stdout.split()]  # torchrun's children: the ranks
         assert len(ranks) == 2, ranks
+        fronts = [c for r in ranks for c in _children(r)]  # (with --frontends: rank 0's children)
         follower = max(ranks)  # started second: rank 1 (either rank's loss must stop the server)
         os.kill(follower, signal.SIGKILL)
         assert proc.wait(60) != 0, "the server did not exit non-zero when a rank was lost"
+        assert wait_until(lambda: not any(map(_alive, fronts)), 30), "a front end outlived the server"
         after = client.generate(ids, 4, policy=ExitPolicy.never(), stop_at_eos=False)  # the edge alone
         assert len(after.tokens) == 4 and after.counters.standalone == 4
         client.close()
