@@ -103,7 +103,10 @@ def server_log(proc: subprocess.Popen) -> str:
     if log_file is not None:  # pread: the file offset is the server's own (it shares the open file)
         fd = log_file.fileno()
         return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
-    return proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.stderr is None:
+        return ""
+    text = proc.stderr.read()  # (bytes, or str from a pipe opened in text mode)
+    return text if isinstance(text, str) else text.decode(errors="replace")
 
 
 def start_cloud(model_dir, port: int | None = None, extra_args: list[str] | None = None, threads: int = 1,

@@ -133,8 +133,8 @@ def _lead_frontends(backend, model_dir, port, host, limits, auth, tls_files, met
                           lambda bound: banner(model_dir, host, bound, backend.info, (model.start, model.stop),
                                                 f"{how}; {frontends} front-end process(es)"))
     finally:
-        for task in asyncio.all_tasks(loop) if engine.is_alive() else ():
-            loop.call_soon_threadsafe(task.cancel)
+        if engine.is_alive():  # (the loop's tasks are listed and cancelled on its own thread)
+            loop.call_soon_threadsafe(lambda: [task.cancel() for task in asyncio.all_tasks(loop)])
         engine.join(timeout=10)
         backend.stop()  # the engine thread: the other ranks are told to stop
         tmp.cleanup()

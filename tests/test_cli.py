@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cloud.launch import free_port, start_cloud, wait_until
+from tests.processes import alive, children
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "models" / "coexit-code-small")
@@ -170,20 +171,6 @@ def test_help_version_and_debug(tmp_path):
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "does not exist" in debug.stderr
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split(")")[1].split()[0] == "Z")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_demo_server_dies_with_the_demo(sig):
     """kill -TERM (and even kill -KILL, or a closed terminal) on the demo leaves no `coexit serve` behind."""
@@ -192,12 +179,12 @@ def test_demo_server_dies_with_the_demo(sig):
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         assert demo.stdout.readline().startswith("starting the cloud service")
-        assert wait_until(lambda: _children(demo.pid), 30)
-        server = _children(demo.pid)[0]
+        assert wait_until(lambda: children(demo.pid), 30)
+        server = children(demo.pid)[0]
         time.sleep(1)
         demo.send_signal(sig)
         demo.wait(timeout=30)
-        assert wait_until(lambda: not _alive(server), 30), "the demo's cloud server outlived it"
+        assert wait_until(lambda: not alive(server), 30), "the demo's cloud server outlived it"
         if sig == signal.SIGTERM:
             err = [ln for ln in demo.stderr.read().splitlines() if ln.strip() and "prompt" not in ln]
             assert demo.returncode == 130 and err == ["coexit demo: interrupted (SIGTERM)"], err
@@ -236,12 +223,12 @@ def test_ctrl_c_in_serve_with_frontends_stops_every_process():
                          start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         wait_healthy(f"127.0.0.1:{port}", timeout_s=120, proc=p)
-        children = _children(p.pid)
-        assert len(children) >= 3  # engine + 2 front ends (+ multiprocessing's resource tracker)
+        kids = children(p.pid)
+        assert len(kids) >= 3  # engine + 2 front ends (+ multiprocessing's resource tracker)
         os.killpg(p.pid, signal.SIGINT)
         _, err = p.communicate(timeout=60)
         assert p.returncode == 0 and "Traceback" not in err, err
-        assert wait_until(lambda: not any(_alive(c) for c in children), 30)
+        assert wait_until(lambda: not any(alive(c) for c in kids), 30)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)

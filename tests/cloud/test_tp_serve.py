@@ -27,6 +27,7 @@ from coexit.v1.convert import tensor_from_proto, tensor_to_proto
 from edge.backends import TorchBackend
 from edge.client import EdgeClient
 from edge.link import CloudLink
+from tests.processes import alive, children
 
 TORCHRUN = torchrun(2)
 
@@ -110,8 +111,8 @@ def test_front_ends_before_rank_0_serve_the_same_tokens_and_stop_cleanly(model_d
         proc, address = start_cloud(model_dir, extra_args=["--tp", "2", "--rows-per-tick", "6", "--frontends", "2"],
                                     prefix=TORCHRUN, threads=1, stdout=out)
     try:
-        ranks = _children(proc.pid)  # torchrun's children: the ranks; rank 0's: the front ends
-        fronts = [c for r in ranks for c in _children(r)]
+        ranks = children(proc.pid)  # torchrun's children: the ranks; rank 0's: the front ends
+        fronts = [c for r in ranks for c in children(r)]
         assert len(ranks) == 2 and len(fronts) >= 2, (ranks, fronts)  # (+ multiprocessing's resource tracker)
         names = ("collaborative", "cloud-only", "lossless")
         cfg = coexit.read_config(model_dir)
@@ -133,27 +134,13 @@ def test_front_ends_before_rank_0_serve_the_same_tokens_and_stop_cleanly(model_d
             assert got[name, "fronts"] == got[name, "tp1"] and got[name, "fronts-again"] == got[name, "tp1"], name
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)  # (torchrun then exits 1 with its own traceback: see stop)
-        assert wait_until(lambda: not any(_alive(p) for p in [proc.pid, *ranks, *fronts]), 60), "a process outlived it"
+        assert wait_until(lambda: not any(alive(p) for p in [proc.pid, *ranks, *fronts]), 60), "a process outlived it"
         lines = (tmp_path / "stdout").read_text()
         assert "tensor parallel over 2 ranks; 2 front-end process(es)" in lines, lines
         assert not re.search("lost|gone|exited; stopping", lines), lines  # every rank stopped when told to
         assert len(re.findall(r"\[front\] INFO draining", server_log(proc))) == 2  # both front ends drained
     finally:
         stop(proc)
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = f"/proc/{pid}/stat"
-    return not (os.path.exists(stat) and open(stat).read().split(")")[1].split()[0] == "Z")
 
 
 def test_logits_within_5e_5(model_dir, servers):
@@ -248,11 +235,11 @@ def test_a_lost_rank_stops_the_server_and_the_edge_carries_on(model_dir, extra):
         ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                 text=True).stdout.split()]  # torchrun's children: the ranks
         assert len(ranks) == 2, ranks
-        fronts = [c for r in ranks for c in _children(r)]  # (with --frontends: rank 0's children)
+        fronts = [c for r in ranks for c in children(r)]  # (with --frontends: rank 0's children)
         follower = max(ranks)  # started second: rank 1 (either rank's loss must stop the server)
         os.kill(follower, signal.SIGKILL)
         assert proc.wait(60) != 0, "the server did not exit non-zero when a rank was lost"
-        assert wait_until(lambda: not any(map(_alive, fronts)), 30), "a front end outlived the server"
+        assert wait_until(lambda: not any(map(alive, fronts)), 30), "a front end outlived the server"
         after = client.generate(ids, 4, policy=ExitPolicy.never(), stop_at_eos=False)  # the edge alone
         assert len(after.tokens) == 4 and after.counters.standalone == 4
         client.close()
