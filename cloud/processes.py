@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import multiprocessing as mp
 import os
 import signal
 import tempfile
 import threading
 import time
 
-import coexit
 from cloud.auth import Auth
 from cloud.engine.heap import freeze_startup_heap
 from cloud.server import (
@@ -82,13 +82,12 @@ def serve_tensor_parallel(model_dir: str, port: int, host: str, limits: Limits, 
         os.kill(os.getpid(), signal.SIGTERM)
 
     how = f"tensor parallel over {tp.world} ranks"
+    Leader(backend.manager, tp.cpu_group, on_lost, tp.timeout_s)
     if frontends:
-        Leader(backend.manager, tp.cpu_group, on_lost, tp.timeout_s)
         code = _lead_frontends(backend, model_dir, port, host, limits, auth, tls_files, metrics_port, frontends,
                                drain_grace_s, health_http_port, how)
     else:
         async def run() -> None:
-            Leader(backend.manager, tp.cpu_group, on_lost, tp.timeout_s)
             await serve_forever(model_dir, port, host, limits, auth, deep_only, tls_files, metrics_port,
                                 drain_grace_s, health_http_port, backend, how)
 
@@ -106,8 +105,6 @@ def _lead_frontends(backend, model_dir, port, host, limits, auth, tls_files, met
     """Tensor-parallel rank 0 as the engine process behind `frontends` front-end processes: the engine's side of
     cloud.ipc runs on a thread of this process, beside the engine thread that leads the other ranks; stopping
     drains the front ends, then stops the engine, which tells the other ranks to stop."""
-    import multiprocessing as mp
-
     from cloud.ipc import serve_engine
 
     _stop_on_signals()
@@ -157,7 +154,7 @@ def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, read
         mport = backend.engine.metrics.serve(metrics_port, host)
         say(f"coexit cloud metrics on http://{host}:{mport}/metrics")
     freeze_startup_heap()
-    ready.put(str(backend.info.dtype))
+    ready.put((backend.info, (model.start, model.stop)))
     asyncio.run(serve_engine(backend, address))
 
 
@@ -191,12 +188,11 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: 
                     drain_grace_s: float = 10.0, health_http_port: int = 0, dtype: str = "auto") -> int:
     """`frontends` gRPC processes sharing `port` (SO_REUSEPORT) in front of one engine process; returns when a
     child dies (exit code 1) or on SIGTERM / Ctrl-C (0)."""
-    import multiprocessing as mp
     import queue
 
     limits = with_identities(limits, auth)
     ctx = mp.get_context("spawn")
-    ready = ctx.Queue()  # the engine process's dtype, once it serves
+    ready = ctx.Queue()  # the engine process's ModelInfo and layers, once it serves
     tmp = tempfile.TemporaryDirectory(prefix="coexit-engine-")
     address = f"ipc://{tmp.name}/engine.sock"
     engine = ctx.Process(target=_engine_main, name="coexit-engine",
@@ -206,19 +202,16 @@ def serve_processes(model_dir: str, port: int, host: str, limits: Limits, auth: 
         engine.start()
         while True:
             try:
-                dtype_used = ready.get(timeout=0.2)
+                info, layers = ready.get(timeout=0.2)
                 break
             except queue.Empty:
                 if not engine.is_alive():
                     say("coexit: the engine process failed to start")
                     return 1
-        config = coexit.read_config(model_dir)
-        start = config.split_layer if deep_only else 0
         return _supervise(ctx, frontends, address, port, host, limits, auth, read_tls(tls_files), drain_grace_s,
-                          health_http_port, engine, lambda bound: say(
-                              f"coexit cloud serving {model_dir} on {host}:{bound} (layers [{start}, "
-                              f"{config.num_hidden_layers}), split {config.split_layer}, {dtype_used}; {frontends} "
-                              f"front-end process(es), one engine process)"))
+                          health_http_port, engine, lambda bound: banner(
+                              model_dir, host, bound, info, layers,
+                              f"{frontends} front-end process(es), one engine process"))
     except KeyboardInterrupt:  # stopped while the engine was starting
         return 0
     finally:
