@@ -21,10 +21,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Linux: receive `sig` when the parent dies (call it in the child: preexec_fn, or a process's target)."""
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
+    """Linux: receive `sig` when the parent dies (call it in the child: preexec_fn, or a process's target). The
+    kernel only signals deaths after the request, so a child that knows its parent's pid (`parent`: a
+    multiprocessing child's `parent_process().pid`) and finds it already gone (it was reparented while the child
+    imported, say) gets `sig` at once instead of outliving it."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
 
 
 def dies_with_parent(cmd: list[str], sig: str = "TERM") -> list[str]:

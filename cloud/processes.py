@@ -143,7 +143,7 @@ def _engine_main(model_dir, deep_only, limits, address, metrics_port, host, read
     from cloud.ipc import serve_engine
     from cloud.launch import die_with_parent
 
-    die_with_parent(signal.SIGKILL)
+    die_with_parent(signal.SIGKILL, mp.parent_process().pid)
     for sig in (signal.SIGINT, signal.SIGHUP):  # they reach the whole group: the supervisor stops the engine
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[engine] %(levelname)s %(message)s")
@@ -164,7 +164,7 @@ def _frontend_main(address, port, host, limits, auth, tls, drain_grace_s, health
     from cloud.ipc import RemoteBackend
     from cloud.launch import die_with_parent
 
-    die_with_parent(signal.SIGKILL)
+    die_with_parent(signal.SIGKILL, mp.parent_process().pid)
     torch.set_num_threads(1)  # a front end only decodes and checks rows
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[front] %(levelname)s %(message)s")
 

@@ -27,6 +27,7 @@ from coexit.v1.convert import tensor_to_proto
 from edge.backends import TorchBackend
 from edge.client import EdgeClient
 from edge.link import CloudError, CloudLink
+from tests.processes import alive, children
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,7 @@ def test_killing_the_supervisor_stops_the_group(tiny_dir):
     port = free_port()
     proc, address = start_cloud(tiny_dir, port, extra_args=["--frontends", "2"])
     assert CloudLink(address).info().num_layers == 6
+    kids = children(proc.pid)  # the engine, both front ends (one may still be starting) and mp's resource tracker
     proc.kill()  # SIGKILL: no cleanup code runs; the children must still go
     proc.wait()
     deadline = time.monotonic() + 10
@@ -125,6 +127,7 @@ def test_killing_the_supervisor_stops_the_group(tiny_dir):
         time.sleep(0.2)
     else:
         pytest.fail("front-end processes outlived their supervisor")
+    assert wait_until(lambda: not any(map(alive, kids)), 60), "a child outlived the supervisor"
 
 
 def start_with_ignored(model_dir, extra_args: list[str], ignored: tuple, out_path) -> tuple[subprocess.Popen, str]:

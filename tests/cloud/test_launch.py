@@ -1,15 +1,22 @@
-"""`start_cloud`, which starts the demo's and the benchmarks' servers: a server whose log outgrows a pipe keeps
-serving, and the log can still be read."""
+"""`cloud.launch`, which starts the demo's and the benchmarks' servers: a server whose log outgrows a pipe keeps
+serving, and the log can still be read; a child whose parent died before it asked to die with it still does."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import grpc
 import pytest
 
 import coexit
-from cloud.launch import server_log, start_cloud
+from cloud.launch import server_log, start_cloud, wait_until
 from coexit.v1 import coexit_pb2 as pb
 from edge.link import CloudError, CloudLink
+from tests.processes import alive
 
 PIPE_BYTES = 65_536  # Linux's default pipe capacity
 
@@ -41,3 +48,30 @@ def test_a_server_keeps_serving_after_its_log_outgrows_a_pipe(tiny_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_child_whose_parent_died_before_it_asked_to_die_with_it_dies(tmp_path):
+    """The kernel signals a parent's death only to children that asked before it (PR_SET_PDEATHSIG). A front end
+    still importing when its supervisor was killed asked too late and served on alone; a child that names its
+    parent (as the front ends and the engine process do) now finds it gone and goes too."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing as mp, os, signal, time
+        from cloud.launch import die_with_parent
+
+        def child():
+            time.sleep(2)  # the parent is gone by then
+            die_with_parent(signal.SIGKILL, mp.parent_process().pid)
+            time.sleep(120)
+
+        if __name__ == "__main__":
+            p = mp.get_context("spawn").Process(target=child)
+            p.start()
+            print(p.pid, flush=True)
+            os._exit(0)
+    """))
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    child = int(out.stdout.split()[0])
+    assert wait_until(lambda: not alive(child), 30), "the child outlived its parent"
